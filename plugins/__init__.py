@@ -1,0 +1,16 @@
+"""pqa_plugins: the built-in components, registered through the same hooks a third-party plugin uses.
+
+Each module holds component classes (``torch.nn.Module`` subclasses of the
+interfaces in ``pqa_core.interfaces``; ``__init__`` keyword arguments are their
+config) and one ``@hookimpl`` function that registers them by name:
+
+- ``selectors``: ``dot``, ``cosine``, ``bilinear``, ``mlp``
+- ``query_encoders``: ``llm_mean``, ``minilm``, ``transformer``
+- ``projections``: ``linear``, ``mlp2x_gelu``
+- ``retrieval_losses``: ``gold_nll``, ``infonce``, ``margin``
+- ``generation_losses``: ``ce``, ``kl_distill``
+
+Constructor parameters named ``d_z``, ``d_model``, ``output_dim``, ``num_tokens``,
+``llm``, ``vocab_size``, ``embedding_std`` or ``pad_token_id`` are supplied by the
+model (see ``pqa_core.plugins.build``); all others are user config.
+"""

@@ -1,0 +1,83 @@
+"""Built-in generation losses: logits ``[B, T, V]`` aligned with labels ``[B, T]`` (-100 = ignore) -> scalar.
+
+Both average over the non-ignored tokens of the whole batch. A batch with no
+non-ignored token gives 0 (connected to the graph), not NaN.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from pqa_core.hookspecs import hookimpl
+from pqa_core.interfaces import GenerationLoss
+
+IGNORE_INDEX = -100
+
+
+def _check(name: str, logits: torch.Tensor, labels: torch.Tensor):
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"{name} loss expects logits [B, T, V] and labels [B, T], got "
+                         f"{tuple(logits.shape)} and {tuple(labels.shape)}")
+
+
+def _token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    keep = labels != IGNORE_INDEX
+    if not bool(keep.any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[keep].float(), labels[keep])
+
+
+class CrossEntropyLoss(GenerationLoss):
+    """Token cross-entropy over the non-ignored labels, mean over tokens."""
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor,
+                teacher_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+        _check("ce", logits, labels)
+        return _token_ce(logits, labels)
+
+
+class KLDistillLoss(GenerationLoss):
+    """``CE + alpha * T^2 * KL(teacher || student)`` at temperature ``T``, on the non-ignored positions.
+
+    The teacher (the LLM reading the gold passage as text) is a fixed target:
+    its logits are detached.
+    """
+
+    needs_teacher = True
+
+    def __init__(self, alpha: float = 1.0, temperature: float = 1.0):
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"kl_distill loss: temperature must be > 0, got {temperature}")
+        self.alpha = float(alpha)
+        self.temperature = float(temperature)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor,
+                teacher_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+        _check("kl_distill", logits, labels)
+        if teacher_logits is None:
+            raise ValueError("kl_distill loss needs teacher_logits (the LLM's logits with the gold passage "
+                             "in context); got None")
+        if teacher_logits.shape != logits.shape:
+            raise ValueError(f"kl_distill loss: teacher_logits shape {tuple(teacher_logits.shape)} "
+                             f"!= logits shape {tuple(logits.shape)}")
+        ce = _token_ce(logits, labels)
+        keep = labels != IGNORE_INDEX
+        if not bool(keep.any()):
+            return ce
+        t = self.temperature
+        student = F.log_softmax(logits[keep].float() / t, dim=-1)
+        teacher = F.log_softmax(teacher_logits[keep].detach().float() / t, dim=-1)
+        kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")  # sum over V, mean over tokens
+        return ce + self.alpha * t * t * kl
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, temperature={self.temperature}"
+
+
+@hookimpl
+def pqa_register_generation_losses(register):
+    register("ce", CrossEntropyLoss)
+    register("kl_distill", KLDistillLoss)

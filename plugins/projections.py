@@ -1,0 +1,92 @@
+"""Built-in projections: doc latent ``z [..., d_z]`` -> ``num_tokens`` soft-prompt embeddings ``[..., num_tokens, d_model]``.
+
+Initialisation: the soft tokens should look like the LLM's real token
+embeddings in scale, so weights are drawn such that the output's std is about
+``embedding_std`` (the std of the LLM's input embedding weights) when ``z``'s
+coordinates have std ``input_std`` (1.0 by default, e.g. ``z ~ N(0, I)``; use
+``1/sqrt(d_z)`` for unit-norm z). Biases start at zero.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pqa_core.hookspecs import hookimpl
+from pqa_core.interfaces import Projection
+
+DEFAULT_EMBEDDING_STD = 0.02
+GELU_SECOND_MOMENT = 0.425  # E[gelu(x)^2] for x ~ N(0, 1)
+
+
+def _check_sizes(name: str, d_z: int, d_model: int, num_tokens: int, input_std: float):
+    if d_z < 1 or d_model < 1 or num_tokens < 1:
+        raise ValueError(f"{name} projection: d_z, d_model and num_tokens must be >= 1, "
+                         f"got {d_z}, {d_model}, {num_tokens}")
+    if not input_std > 0:
+        raise ValueError(f"{name} projection: input_std must be > 0, got {input_std}")
+
+
+class _ProjectionBase(Projection):
+    def _reshape(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat.view(*flat.shape[:-1], self.num_tokens, self.d_model)
+
+    def _check_input(self, z: torch.Tensor):
+        if z.shape[-1] != self.d_z:
+            raise ValueError(f"projection built for d_z={self.d_z}, got z of shape {tuple(z.shape)}")
+
+    def extra_repr(self) -> str:
+        return f"d_z={self.d_z}, num_tokens={self.num_tokens}, d_model={self.d_model}"
+
+
+class LinearProjection(_ProjectionBase):
+    """``Linear(d_z, num_tokens * d_model)``, reshaped to ``[..., num_tokens, d_model]``."""
+
+    def __init__(self, d_z: int, d_model: int, num_tokens: int, embedding_std: Optional[float] = None,
+                 input_std: float = 1.0):
+        super().__init__()
+        _check_sizes("linear", d_z, d_model, num_tokens, input_std)
+        self.d_z, self.d_model, self.num_tokens = int(d_z), int(d_model), int(num_tokens)
+        target = DEFAULT_EMBEDDING_STD if embedding_std is None else float(embedding_std)
+        self.proj = nn.Linear(self.d_z, self.num_tokens * self.d_model)
+        nn.init.normal_(self.proj.weight, std=target / (input_std * math.sqrt(self.d_z)))
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        self._check_input(z)
+        return self._reshape(self.proj(z))
+
+
+class MLP2xGeluProjection(_ProjectionBase):
+    """xRAG's projector: ``Linear(d_z, hidden) -> GELU -> Linear(hidden, num_tokens * d_model)``,
+    ``hidden`` defaulting to ``d_model``."""
+
+    def __init__(self, d_z: int, d_model: int, num_tokens: int, embedding_std: Optional[float] = None,
+                 hidden: Optional[int] = None, input_std: float = 1.0):
+        super().__init__()
+        _check_sizes("mlp2x_gelu", d_z, d_model, num_tokens, input_std)
+        self.d_z, self.d_model, self.num_tokens = int(d_z), int(d_model), int(num_tokens)
+        self.hidden = self.d_model if hidden is None else int(hidden)
+        if self.hidden < 1:
+            raise ValueError(f"mlp2x_gelu projection: hidden must be >= 1, got {hidden}")
+        target = DEFAULT_EMBEDDING_STD if embedding_std is None else float(embedding_std)
+        self.fc1 = nn.Linear(self.d_z, self.hidden)
+        self.fc2 = nn.Linear(self.hidden, self.num_tokens * self.d_model)
+        # pre-activations ~ N(0, 1); then scale the second layer to the target std
+        nn.init.normal_(self.fc1.weight, std=1.0 / (input_std * math.sqrt(self.d_z)))
+        nn.init.zeros_(self.fc1.bias)
+        nn.init.normal_(self.fc2.weight, std=target / math.sqrt(self.hidden * GELU_SECOND_MOMENT))
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        self._check_input(z)
+        return self._reshape(self.fc2(F.gelu(self.fc1(z))))
+
+
+@hookimpl
+def pqa_register_projections(register):
+    register("linear", LinearProjection)
+    register("mlp2x_gelu", MLP2xGeluProjection)

@@ -1,0 +1,125 @@
+"""Built-in selectors: query vectors ``[B, d_q]`` x doc vectors ``[N, d_z]`` -> scores ``[B, N]``.
+
+All of them score as a (possibly transformed) dot product between one vector per
+query and one per document, so scoring every document stays O(B * N * d) and a
+top-k over millions of documents is a matrix product plus ``torch.topk``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pqa_core.hookspecs import hookimpl
+from pqa_core.interfaces import Selector
+
+
+def _check(query_vectors: torch.Tensor, doc_vectors: torch.Tensor, d_q: Optional[int], d_z: Optional[int]):
+    if query_vectors.dim() != 2 or doc_vectors.dim() != 2:
+        raise ValueError(f"selector expects query_vectors [B, d_q] and doc_vectors [N, d_z], got "
+                         f"{tuple(query_vectors.shape)} and {tuple(doc_vectors.shape)}")
+    if d_q is not None and query_vectors.shape[-1] != d_q:
+        raise ValueError(f"selector built for query vectors of size {d_q}, got {query_vectors.shape[-1]}")
+    if d_z is not None and doc_vectors.shape[-1] != d_z:
+        raise ValueError(f"selector built for doc vectors of size {d_z}, got {doc_vectors.shape[-1]}")
+
+
+class DotSelector(Selector):
+    """``q @ z.T``. Needs d_q == d_z. No parameters."""
+
+    def forward(self, query_vectors: torch.Tensor, doc_vectors: torch.Tensor) -> torch.Tensor:
+        _check(query_vectors, doc_vectors, None, None)
+        return query_vectors @ doc_vectors.T
+
+
+class CosineSelector(Selector):
+    """Cosine similarity divided by ``temperature`` (so scores lie in [-1/t, 1/t])."""
+
+    def __init__(self, temperature: float = 0.05):
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"cosine selector: temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    def forward(self, query_vectors: torch.Tensor, doc_vectors: torch.Tensor) -> torch.Tensor:
+        _check(query_vectors, doc_vectors, None, None)
+        q = F.normalize(query_vectors, dim=-1)
+        z = F.normalize(doc_vectors, dim=-1)
+        return (q @ z.T) / self.temperature
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}"
+
+
+class BilinearSelector(Selector):
+    """``q W z``, with a trainable ``W [d_q, d_z]``.
+
+    ``W`` starts as the identity when d_q == d_z (the selector starts as ``dot``),
+    else as a random map with unit-ish gain.
+    """
+
+    def __init__(self, d_z: int, output_dim: Optional[int] = None):
+        super().__init__()
+        d_q = d_z if output_dim is None else output_dim
+        self.d_q, self.d_z = int(d_q), int(d_z)
+        if d_q == d_z:
+            weight = torch.eye(d_z)
+        else:
+            weight = torch.randn(d_q, d_z) / max(d_q, d_z) ** 0.5
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, query_vectors: torch.Tensor, doc_vectors: torch.Tensor) -> torch.Tensor:
+        _check(query_vectors, doc_vectors, self.d_q, self.d_z)
+        # (q W) z^T: transform the B queries, not the N documents
+        return (query_vectors @ self.weight.to(query_vectors.dtype)) @ doc_vectors.T
+
+    def extra_repr(self) -> str:
+        return f"d_q={self.d_q}, d_z={self.d_z}"
+
+
+class _Tower(nn.Module):
+    """``x -> skip(x) + Linear(GELU(Linear(x)))``; the second layer starts at zero, so the tower starts as ``skip``."""
+
+    def __init__(self, d_in: int, hidden: int, d_out: int):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, d_out)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+        self.skip = nn.Identity() if d_in == d_out else nn.Linear(d_in, d_out, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skip(x) + self.fc2(F.gelu(self.fc1(x)))
+
+
+class MLPSelector(Selector):
+    """Two-tower: separate 2-layer GELU MLPs (with residual) on queries and on docs, then a dot product.
+
+    Documents are transformed independently of the query, so scoring stays
+    O(B*N*d) and top-k retrieval over all documents scales. The towers'
+    output layers start at zero, so the selector starts equal to ``dot``
+    (when d_q == d_z).
+    """
+
+    def __init__(self, d_z: int, output_dim: Optional[int] = None, hidden: int = 256):
+        super().__init__()
+        d_q = d_z if output_dim is None else output_dim
+        if hidden < 1:
+            raise ValueError(f"mlp selector: hidden must be >= 1, got {hidden}")
+        self.d_q, self.d_z = int(d_q), int(d_z)
+        self.query_tower = _Tower(self.d_q, hidden, self.d_z)
+        self.doc_tower = _Tower(self.d_z, hidden, self.d_z)
+
+    def forward(self, query_vectors: torch.Tensor, doc_vectors: torch.Tensor) -> torch.Tensor:
+        _check(query_vectors, doc_vectors, self.d_q, self.d_z)
+        return self.query_tower(query_vectors) @ self.doc_tower(doc_vectors).T
+
+
+@hookimpl
+def pqa_register_selectors(register):
+    register("dot", DotSelector)
+    register("cosine", CosineSelector)
+    register("bilinear", BilinearSelector)
+    register("mlp", MLPSelector)
