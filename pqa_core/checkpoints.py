@@ -1,0 +1,264 @@
+"""Checkpoints: safetensors + JSON only, written atomically, verified before loading.
+
+A checkpoint is a folder::
+
+    model.safetensors        doc_vectors, z_to_embedding.*, selector.*, query_encoder.*
+    adapter/                 LoRA adapter (peft save_pretrained, safetensors)
+    optimizer.safetensors    optimizer state tensors, flattened ("state.<param>.<key>")
+    rng.safetensors          torch (and CUDA) RNG state
+    state.json               step, epoch, optimizer param groups, python/numpy RNG, config, model signature
+    MANIFEST.json            sha256 and size of every file above; written last
+
+It is built in a temp folder beside its final place and renamed in one step, so a crash leaves
+either the whole checkpoint or none. Loading checks the manifest first: a torn, truncated or
+edited checkpoint is refused. Nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+
+MANIFEST = "MANIFEST.json"
+FORMAT_VERSION = 1
+
+
+# --- what is saved -----------------------------------------------------------------------------
+def trainable_state(model) -> Dict[str, torch.Tensor]:
+    """The model's own (non-LLM) tensors, by name."""
+    state = {"doc_vectors": model.doc_vectors.detach()}
+    for prefix in ("z_to_embedding", "selector", "query_encoder"):
+        for name, tensor in getattr(model, prefix).state_dict().items():
+            state[f"{prefix}.{name}"] = tensor.detach()
+    return {k: v.contiguous().cpu() for k, v in state.items()}
+
+
+def model_signature(model, config_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """What must match for a checkpoint to fit a model."""
+    model_cfg = config_dict.get("model", {})
+    return {
+        "llm": model_cfg.get("llm"),
+        "num_docs": model.num_docs,
+        "d_z": int(model.doc_vectors.shape[1]),
+        "num_memory_tokens": model_cfg.get("num_memory_tokens"),
+        "components": {k: config_dict.get(k, {}).get("name") for k in ("selector", "query_encoder", "projection")},
+        "lora": bool(model.lora_parameters()),
+    }
+
+
+def _flatten_optimizer(optimizer) -> tuple:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for param_id, param_state in sd["state"].items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{param_id}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{param_id}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> Dict[str, Any]:
+    state: Dict[int, Dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        _, param_id, key = name.split(".", 2)
+        state.setdefault(int(param_id), {})[key] = tensor
+    for name, value in meta.get("scalars", {}).items():
+        param_id, key = name.split(".", 1)
+        state.setdefault(int(param_id), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_state() -> tuple:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    py = random.getstate()
+    np_state = np.random.get_state()
+    meta = {"python": [py[0], list(py[1]), py[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    return tensors, meta
+
+
+def _restore_rng(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    py = meta["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np_state = meta["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+
+
+# --- writing -----------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def save_checkpoint(path, model, optimizer=None, *, step: int, epoch: int, step_in_epoch: int = 0,
+                    config: Optional[Dict[str, Any]] = None, phase: str = "", metrics: Optional[dict] = None,
+                    scheduler=None) -> Path:
+    """Write a checkpoint folder at ``path`` atomically; an existing one there is replaced."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        save_file(trainable_state(model), str(tmp / "model.safetensors"))
+        if model.lora_parameters():
+            model.llm.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
+        state: Dict[str, Any] = {
+            "format": FORMAT_VERSION, "phase": phase, "step": step, "epoch": epoch,
+            "step_in_epoch": step_in_epoch, "metrics": metrics or {}, "config": config or {},
+            "signature": model_signature(model, config or {}),
+        }
+        if optimizer is not None:
+            tensors, meta = _flatten_optimizer(optimizer)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            state["optimizer"] = meta
+        if scheduler is not None:
+            state["scheduler"] = scheduler.state_dict()
+        rng_tensors, rng_meta = _rng_state()
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        state["rng"] = rng_meta
+        (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
+        files = {str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT_VERSION, "files": files}, indent=1))
+        _fsync_tree(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    if torch.is_tensor(value):
+        return value.tolist()
+    raise TypeError(f"not JSON-serialisable in checkpoint state: {type(value).__name__}")
+
+
+# --- reading -----------------------------------------------------------------------------------
+def verify_checkpoint(path) -> Dict[str, Any]:
+    """Check the manifest against every file; returns state.json. Raises CheckpointError if torn/corrupt."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no checkpoint here")
+    manifest_path = path / MANIFEST
+    if not manifest_path.exists():
+        raise CheckpointError(f"{path}: incomplete checkpoint ({MANIFEST} missing; the write was interrupted)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({exc})") from None
+    for name, expected in files.items():
+        file = path / name
+        if not file.exists():
+            raise CheckpointError(f"{file}: listed in {MANIFEST} but missing (torn checkpoint)")
+        if file.stat().st_size != expected["bytes"] or _sha256(file) != expected["sha256"]:
+            raise CheckpointError(f"{file}: contents do not match {MANIFEST} (corrupt or half-written checkpoint)")
+    return json.loads((path / "state.json").read_text())
+
+
+def _load_tensors(file: Path) -> Dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{file}: not a valid safetensors file ({exc})") from None
+
+
+def check_signature(state: Dict[str, Any], model, config: Dict[str, Any], path) -> None:
+    saved, current = state.get("signature", {}), model_signature(model, config)
+    for key in ("llm", "num_docs", "d_z", "num_memory_tokens", "components", "lora"):
+        if saved.get(key) != current.get(key):
+            raise CheckpointError(f"{path}: checkpoint was made for {key}={saved.get(key)!r}, "
+                                  f"this model has {key}={current.get(key)!r}")
+
+
+def load_checkpoint(path, model, optimizer=None, *, config: Optional[Dict[str, Any]] = None,
+                    restore_rng: bool = True, scheduler=None) -> Dict[str, Any]:
+    """Load a verified checkpoint into ``model`` (and optimizer/RNG); returns its state.json."""
+    path = Path(path)
+    state = verify_checkpoint(path)
+    if config is not None:
+        check_signature(state, model, config, path)
+    tensors = _load_tensors(path / "model.safetensors")
+    expected = trainable_state(model)
+    if set(tensors) != set(expected):
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise CheckpointError(f"{path}: checkpoint of another model (missing {missing[:3]}, unexpected {extra[:3]})")
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(f"{path}: {name} has shape {list(tensor.shape)} in the checkpoint, "
+                                  f"{list(expected[name].shape)} in this model")
+    with torch.no_grad():
+        device = model.doc_vectors.device
+        model.doc_vectors.copy_(tensors["doc_vectors"].to(device))
+        for prefix in ("z_to_embedding", "selector", "query_encoder"):
+            sub = {k[len(prefix) + 1:]: v.to(device) for k, v in tensors.items() if k.startswith(prefix + ".")}
+            getattr(model, prefix).load_state_dict(sub, strict=True)
+    adapter = path / "adapter" / "adapter_model.safetensors"
+    if model.lora_parameters():
+        if not adapter.exists():
+            raise CheckpointError(f"{path}: the model has LoRA but the checkpoint has no adapter")
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model.llm, _load_tensors(adapter))
+    if optimizer is not None and "optimizer" in state:
+        optimizer.load_state_dict(_unflatten_optimizer(_load_tensors(path / "optimizer.safetensors"),
+                                                       state["optimizer"]))
+    if scheduler is not None and "scheduler" in state:
+        scheduler.load_state_dict(state["scheduler"])
+    if restore_rng and "rng" in state:
+        _restore_rng(_load_tensors(path / "rng.safetensors"), state["rng"])
+    return state
+
+
+def latest_checkpoint(root) -> Optional[Path]:
+    """The highest-step complete checkpoint under ``root`` (folders named ``step-NNNNNNN``), or None."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    candidates = sorted(p for p in root.glob("step-*") if (p / MANIFEST).exists())
+    return candidates[-1] if candidates else None
+
+
+def step_dir(root, step: int) -> Path:
+    return Path(root) / f"step-{step:07d}"

@@ -1,0 +1,165 @@
+"""The run configuration: plain nested dataclasses built from a nested dict.
+
+Sacred (or a test, or a notebook) hands over a dict such as
+``{"model": {"llm": "tiny"}, "selector": {"name": "cosine", "temperature": 0.05}}``;
+``PQAConfig.from_dict`` fills defaults and rejects unknown keys with their dotted path.
+Component namespaces (selector, query_encoder, ...) are free-form: ``name`` picks the
+plugin, the other keys are its keyword arguments, checked against its signature at build time.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from .errors import UsageError
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = True
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class ModelSettings:
+    llm: str = "smollm2-135m"
+    d_z: int = 384
+    num_memory_tokens: int = 4
+    doc_init: str = "minilm"  # "minilm" (needs d_z=384) or "random" (scaled to the embedding std)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    device: str = "auto"
+
+
+@dataclass
+class DataSettings:
+    corpus: str = "sample:corpus.jsonl"
+    qa: str = "sample:qa_train.jsonl"
+    eval_qa: str = "sample:qa_eval.jsonl"
+    max_doc_tokens: int = 64
+    max_query_tokens: int = 64
+    max_answer_tokens: int = 24
+    prompt: str = "Question: {question}\nAnswer:"
+
+
+@dataclass
+class WriteSettings:
+    epochs: int = 30
+    batch_size: int = 8
+    lr_z: float = 5e-2
+    lr_projection: float = 1e-3
+    lr_lora: float = 1e-3
+    train_lora: bool = False
+    grad_clip: float = 1.0
+    eval_docs: int = 8  # documents decoded greedily each evaluation
+    eval_every: int = 10  # epochs between greedy-reconstruction checks (and the last epoch)
+    checkpoint_every: int = 0  # steps; 0 = only at the end
+
+
+@dataclass
+class ReadSettings:
+    epochs: int = 3
+    batch_size: int = 8
+    lr_z: float = 1e-4
+    lr_lora: float = 5e-5
+    lr_selector: float = 1e-4
+    lr_query_encoder: Optional[float] = None  # None = 0.1 x lr_lora, as the seed notebook
+    lr_projection: Optional[float] = None  # None = lr_lora, as the seed notebook
+    top_k: int = 3
+    retrieval_weight: float = 0.1
+    grad_clip: float = 1.0
+    checkpoint_every: int = 0
+
+
+@dataclass
+class EvalSettings:
+    batch_size: int = 16
+    max_new_tokens: int = 24
+    top_k: Optional[int] = None  # None = read.top_k
+    predictions_file: str = "predictions.jsonl"
+
+
+def _component(name: str, **kwargs) -> Dict[str, Any]:
+    return field(default_factory=lambda: {"name": name, **kwargs})
+
+
+@dataclass
+class PQAConfig:
+    seed: int = 0
+    output_dir: str = "outputs/run"
+    phases: List[str] = field(default_factory=lambda: ["write", "read", "eval"])
+    resume: Optional[str] = None
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    selector: Dict[str, Any] = _component("cosine", temperature=0.05)
+    query_encoder: Dict[str, Any] = _component("minilm")
+    projection: Dict[str, Any] = _component("mlp2x_gelu")
+    retrieval_loss: Dict[str, Any] = _component("gold_nll")
+    generation_loss: Dict[str, Any] = _component("ce")
+    write: WriteSettings = field(default_factory=WriteSettings)
+    read: ReadSettings = field(default_factory=ReadSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+    @classmethod
+    def from_dict(cls, values: Optional[Dict[str, Any]] = None) -> "PQAConfig":
+        return _fill(cls, values or {}, prefix="")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def eval_top_k(self) -> int:
+        return self.eval.top_k or self.read.top_k
+
+
+COMPONENT_SECTIONS = ("selector", "query_encoder", "projection", "retrieval_loss", "generation_loss")
+
+
+def _fill(cls, values: Dict[str, Any], prefix: str):
+    if not isinstance(values, dict):
+        raise UsageError(f"config key {prefix.rstrip('.') or '(root)'!r} must be a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        path = prefix + key
+        if key not in fields:
+            raise UsageError(f"unknown config key {path!r}; known keys under "
+                             f"{prefix.rstrip('.') or 'the root'}: {', '.join(sorted(fields))}")
+        ftype = fields[key].type
+        default = fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING \
+            else fields[key].default
+        if dataclasses.is_dataclass(default):
+            kwargs[key] = _fill(type(default), value, path + ".")
+        elif key in COMPONENT_SECTIONS:
+            if not isinstance(value, dict) or not isinstance(value.get("name", default["name"]), str):
+                raise UsageError(f"config key {path!r} must be a mapping with a string 'name'")
+            kwargs[key] = {**({} if value.get("name", default["name"]) != default["name"] else default), **value}
+        else:
+            kwargs[key] = _coerce(value, default, path, ftype)
+    return cls(**kwargs)
+
+
+def _coerce(value, default, path, ftype):
+    """Type-check a leaf against its default's type (ints accepted for floats)."""
+    if value is None:
+        if default is None or "Optional" in str(ftype):
+            return None
+        raise UsageError(f"config key {path!r} may not be null")
+    if isinstance(default, bool) or "bool" == str(ftype):
+        if not isinstance(value, bool):
+            raise UsageError(f"config key {path!r} must be true/false, got {value!r}")
+        return value
+    expected = type(default) if default is not None else None
+    if expected is None:
+        text = str(ftype)
+        expected = int if "int" in text else float if "float" in text else str if "str" in text else None
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is not None and expected is not list and not isinstance(value, expected):
+        raise UsageError(f"config key {path!r} must be {expected.__name__}, got {value!r}")
+    if isinstance(default, list) and not isinstance(value, (list, tuple)):
+        raise UsageError(f"config key {path!r} must be a list, got {value!r}")
+    return list(value) if isinstance(value, tuple) else value

@@ -1,0 +1,143 @@
+"""One run: load data, build the model, then the configured phases (write -> read -> eval).
+
+Every phase ends in an atomic checkpoint under ``output_dir/checkpoints/<phase>/final``. With
+``resume`` set to an earlier run's output folder, finished phases are loaded instead of re-run
+and an unfinished one continues from its latest step checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from .builder import build_losses, build_model
+from .checkpoints import load_checkpoint
+from .config import PQAConfig
+from .data import ReadPhaseDataset, WritePhaseDataset, load_corpus, load_qa, sample_data_path
+from .errors import UsageError
+from .evaluation import evaluate_qa, evaluate_retrieval
+from .read_phase import ReadPhaseTrainer
+from .training import RunLogger, seed_everything
+from .write_phase import WritePhaseTrainer
+
+log = logging.getLogger(__name__)
+PHASES = ("write", "read", "eval")
+
+
+def resolve_data_path(spec: str) -> Path:
+    """``sample:NAME`` -> the shipped sample file; anything else is a path."""
+    if spec.startswith("sample:"):
+        return sample_data_path(spec[len("sample:"):])
+    return Path(spec).expanduser()
+
+
+class Pipeline:
+    """Holds the loaded data and model so phases can also be run one at a time (notebooks, tests)."""
+
+    def __init__(self, config: PQAConfig, logger: Optional[RunLogger] = None, llm_and_tokenizer=None):
+        for phase in config.phases:
+            if phase not in PHASES:
+                raise UsageError(f"config key 'phases': unknown phase {phase!r}; phases: {', '.join(PHASES)}")
+        self.config = config
+        self.config_dict = config.to_dict()
+        self.logger = logger or RunLogger()
+        self.output_dir = Path(config.resume or config.output_dir)
+        seed_everything(config.seed)
+        self.corpus = load_corpus(resolve_data_path(config.data.corpus))
+        self.train_qa = load_qa(resolve_data_path(config.data.qa), self.corpus)
+        self.eval_qa = load_qa(resolve_data_path(config.data.eval_qa), self.corpus)
+        self.model = build_model(config, self.corpus, llm_and_tokenizer)
+        self.tokenizer = self.model.tokenizer
+        encoder_tokenizer = getattr(self.model.query_encoder, "tokenizer", None)
+        data = config.data
+        retrieval_loss, generation_loss = build_losses(config)
+        self.retrieval_loss, self.generation_loss = retrieval_loss, generation_loss
+        teacher = self.corpus if getattr(generation_loss, "needs_teacher", False) else None
+        self.write_dataset = WritePhaseDataset(self.corpus, self.tokenizer, max_length=data.max_doc_tokens)
+        read_kwargs = dict(encoder_tokenizer=encoder_tokenizer, max_query_length=data.max_query_tokens,
+                           max_answer_length=data.max_answer_tokens, prompt=data.prompt)
+        self.read_dataset = ReadPhaseDataset(self.train_qa, self.tokenizer, teacher_corpus=teacher, **read_kwargs)
+        self.eval_dataset = ReadPhaseDataset(self.eval_qa, self.tokenizer, **read_kwargs)
+        self.timings: Dict[str, float] = {}
+
+    def checkpoint_root(self, phase: str) -> Path:
+        return self.output_dir / "checkpoints" / phase
+
+    def _finished(self, phase: str) -> bool:
+        final = self.checkpoint_root(phase) / "final"
+        if not (final / "MANIFEST.json").exists():
+            return False
+        load_checkpoint(final, self.model, config=self.config_dict, restore_rng=True)
+        log.info("%s phase already finished in %s: loaded it", phase, final)
+        return True
+
+    def run_write(self) -> Dict[str, float]:
+        if self._finished("write"):
+            return {}
+        w = self.config.write
+        trainer = WritePhaseTrainer(self.model, lr_z=w.lr_z, lr_projection=w.lr_projection, lr_lora=w.lr_lora,
+                                    train_lora=w.train_lora, grad_clip=w.grad_clip)
+        return trainer.fit(self.write_dataset, epochs=w.epochs, batch_size=w.batch_size, seed=self.config.seed,
+                           checkpoint_root=self.checkpoint_root("write"), config_dict=self.config_dict,
+                           logger=self.logger, eval_docs=w.eval_docs, eval_every=w.eval_every,
+                           checkpoint_every=w.checkpoint_every)
+
+    def run_read(self) -> Dict[str, float]:
+        if self._finished("read"):
+            return {}
+        r = self.config.read
+        trainer = ReadPhaseTrainer(self.model, retrieval_loss=self.retrieval_loss,
+                                   generation_loss=self.generation_loss, lr_z=r.lr_z, lr_lora=r.lr_lora,
+                                   lr_selector=r.lr_selector, lr_query_encoder=r.lr_query_encoder,
+                                   lr_projection=r.lr_projection, retrieval_weight=r.retrieval_weight,
+                                   top_k=r.top_k, grad_clip=r.grad_clip)
+        k = self.config.eval_top_k
+
+        def epoch_end(epoch: int, step: int) -> Dict[str, float]:
+            return {f"eval_recall@{k}": evaluate_retrieval(self.model, self.eval_dataset, k)}
+
+        return trainer.fit(self.read_dataset, epochs=r.epochs, batch_size=r.batch_size, seed=self.config.seed,
+                           checkpoint_root=self.checkpoint_root("read"), config_dict=self.config_dict,
+                           logger=self.logger, checkpoint_every=r.checkpoint_every, epoch_end_fn=epoch_end)
+
+    def run_eval(self) -> Dict[str, float]:
+        e = self.config.eval
+        path = self.output_dir / e.predictions_file
+        metrics = evaluate_qa(self.model, self.eval_dataset, top_k=self.config.eval_top_k, batch_size=e.batch_size,
+                              max_new_tokens=e.max_new_tokens, predictions_path=str(path),
+                              doc_ids=[d.doc_id for d in self.corpus])
+        self.logger.add_artifact(str(path), "predictions.jsonl")
+        for name, value in metrics.items():
+            self.logger.log_scalar(f"eval.{name}", value, 0)
+        return metrics
+
+    def run(self) -> Dict[str, Any]:
+        """Run the configured phases; returns the eval metrics (or the last phase's metrics)."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.logger.set_info("output_dir", str(self.output_dir.resolve()))
+        result: Dict[str, Any] = {}
+        k = self.config.eval_top_k
+        self.logger.set_info(f"recall@{k}_before_read", evaluate_retrieval(self.model, self.eval_dataset, k))
+        for phase in PHASES:
+            if phase not in self.config.phases:
+                continue
+            start = time.perf_counter()
+            log.info("%s phase: starting", phase)
+            result = getattr(self, f"run_{phase}")()
+            self.timings[phase] = time.perf_counter() - start
+            self.logger.set_info(f"{phase}_seconds", round(self.timings[phase], 2))
+            self.logger.set_info(f"{phase}_metrics", result)
+            if phase != "eval":
+                self.logger.set_info(f"{phase}_checkpoint", str((self.checkpoint_root(phase) / "final").resolve()))
+        (self.output_dir / "result.json").write_text(json.dumps(
+            {"metrics": result, "timings": self.timings}, indent=1))
+        return result
+
+
+def run_pipeline(config, logger: Optional[RunLogger] = None) -> Dict[str, Any]:
+    """Config (PQAConfig or nested dict) -> metrics of the last phase run."""
+    if not isinstance(config, PQAConfig):
+        config = PQAConfig.from_dict(config)
+    return Pipeline(config, logger).run()
