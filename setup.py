@@ -20,7 +20,7 @@ setup(
     package_data={"pqa_core": ["sample_data/*.jsonl", "sample_data/*.md"]},
     install_requires=[
         "torch>=2.2",
-        "transformers>=4.46",
+        "transformers>=4.46,<6",
         "peft>=0.13",
         "safetensors",
         "gguf",

@@ -89,9 +89,10 @@ def _component(name: str, **kwargs) -> Dict[str, Any]:
 @dataclass
 class PQAConfig:
     seed: int = 0
-    output_dir: str = "outputs/run"
+    output_dir: Optional[str] = None  # None = outputs/run (the experiments give each run its own)
     phases: List[str] = field(default_factory=lambda: ["write", "read", "eval"])
-    resume: Optional[str] = None
+    resume: Optional[str] = None  # an earlier run's output folder: continue it where it stopped
+    init_from: Optional[str] = None  # a checkpoint folder or run output folder to start the phases from
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
     selector: Dict[str, Any] = _component("cosine", temperature=0.05)

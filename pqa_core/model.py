@@ -7,6 +7,8 @@ exactly what the same example computes alone.
 """
 from __future__ import annotations
 
+import inspect
+from functools import lru_cache
 from typing import Optional, Tuple
 
 import torch
@@ -14,6 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .interfaces import Projection, QueryEncoder, Selector
+
+
+@lru_cache(maxsize=None)
+def _cache_argument(model_class) -> str:
+    """transformers 5 renamed ``past_key_values`` to ``cache``; use whichever this version takes."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 class ParametricQA(nn.Module):
@@ -117,6 +125,8 @@ class ParametricQA(nn.Module):
         out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=True, logits_to_keep=1)
         past = out.past_key_values
+        base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        cache_arg = _cache_argument(type(base))
         finished = torch.zeros(B, dtype=torch.bool, device=inputs_embeds.device)
         generated = []
         next_pos = position_ids[:, -1:] + 1
@@ -129,7 +139,7 @@ class ParametricQA(nn.Module):
                 break
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
             out = self.llm(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=next_pos,
-                           past_key_values=past, use_cache=True)
+                           use_cache=True, **{cache_arg: past})
             past = out.past_key_values
             next_pos = next_pos + 1
         if not generated:

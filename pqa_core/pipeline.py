@@ -16,7 +16,7 @@ from .builder import build_losses, build_model
 from .checkpoints import load_checkpoint
 from .config import PQAConfig
 from .data import ReadPhaseDataset, WritePhaseDataset, load_corpus, load_qa, sample_data_path
-from .errors import UsageError
+from .errors import CheckpointError, UsageError
 from .evaluation import evaluate_qa, evaluate_retrieval
 from .read_phase import ReadPhaseTrainer
 from .training import RunLogger, seed_everything
@@ -43,7 +43,7 @@ class Pipeline:
         self.config = config
         self.config_dict = config.to_dict()
         self.logger = logger or RunLogger()
-        self.output_dir = Path(config.resume or config.output_dir)
+        self.output_dir = Path(config.resume or config.output_dir or "outputs/run")
         seed_everything(config.seed)
         self.corpus = load_corpus(resolve_data_path(config.data.corpus))
         self.train_qa = load_qa(resolve_data_path(config.data.qa), self.corpus)
@@ -61,6 +61,20 @@ class Pipeline:
         self.read_dataset = ReadPhaseDataset(self.train_qa, self.tokenizer, teacher_corpus=teacher, **read_kwargs)
         self.eval_dataset = ReadPhaseDataset(self.eval_qa, self.tokenizer, **read_kwargs)
         self.timings: Dict[str, float] = {}
+        if config.init_from:
+            self.load_initial(Path(config.init_from))
+
+    def load_initial(self, source: Path) -> None:
+        """Load the model (not the optimizer) from a checkpoint folder or an earlier run's output folder."""
+        candidates = [source] + [source / "checkpoints" / p / "final" for p in ("read", "write")]
+        for candidate in candidates:
+            if (candidate / "MANIFEST.json").exists():
+                load_checkpoint(candidate, self.model, config=self.config_dict, restore_rng=False)
+                self.logger.set_info("initialised_from", str(candidate.resolve()))
+                log.info("model initialised from %s", candidate)
+                return
+        raise CheckpointError(f"{source}: no checkpoint found (looked for MANIFEST.json in "
+                              f"{', '.join(str(c) for c in candidates)})")
 
     def checkpoint_root(self, phase: str) -> Path:
         return self.output_dir / "checkpoints" / phase

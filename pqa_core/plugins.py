@@ -105,6 +105,28 @@ def accepted_parameters(factory: Callable[..., Any]) -> Dict[str, inspect.Parame
     return {n: p for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
+MODEL_CONTEXT = ("d_z", "output_dim", "d_model", "num_tokens", "llm", "vocab_size", "embedding_std", "pad_token_id")
+"""Names the model supplies to factories that declare them; a config may not set these."""
+
+
+def validate(kind: str, name: str, kwargs: Optional[Mapping[str, Any]] = None,
+             context_names=MODEL_CONTEXT) -> Component:
+    """Check a component name and its user kwargs without building it (cheap, before a run starts)."""
+    available = components(kind)
+    if name not in available:
+        raise UsageError(f"unknown {kind} {name!r}; available: {', '.join(sorted(available)) or '(none)'}")
+    component = available[name]
+    params = accepted_parameters(component.factory)
+    user_params = sorted(p for p in params if p not in context_names)
+    for key in kwargs or {}:
+        if key in context_names:
+            raise UsageError(f"{kind} {name!r}: parameter {key!r} is set by the model, not the config")
+        if key not in params:
+            raise UsageError(f"{kind} {name!r} got unexpected parameter {key!r}; "
+                             f"accepted: {', '.join(user_params) or '(none)'}")
+    return component
+
+
 def build(kind: str, name: str, kwargs: Optional[Mapping[str, Any]] = None,
           context: Optional[Mapping[str, Any]] = None):
     """Build component ``name`` of ``kind`` from user ``kwargs``.
@@ -114,22 +136,13 @@ def build(kind: str, name: str, kwargs: Optional[Mapping[str, Any]] = None,
     """
     kwargs = dict(kwargs or {})
     context = dict(context or {})
-    available = components(kind)
-    if name not in available:
-        raise UsageError(f"unknown {kind} {name!r}; available: {', '.join(sorted(available)) or '(none)'}")
-    component = available[name]
+    component = validate(kind, name, kwargs, context_names=tuple(context) or MODEL_CONTEXT)
     params = accepted_parameters(component.factory)
-    user_params = sorted(p for p in params if p not in context)
-    for key in kwargs:
-        if key in context:
-            raise UsageError(f"{kind} {name!r}: parameter {key!r} is set by the model, not the config")
-        if key not in params:
-            raise UsageError(f"{kind} {name!r} got unexpected parameter {key!r}; "
-                             f"accepted: {', '.join(user_params) or '(none)'}")
     call = {k: v for k, v in context.items() if k in params}
     call.update(kwargs)
     missing = [p for p, spec in params.items() if spec.default is inspect.Parameter.empty and p not in call]
     if missing:
+        user_params = sorted(p for p in params if p not in context)
         raise UsageError(f"{kind} {name!r} needs parameter(s) {', '.join(missing)}; "
                          f"accepted: {', '.join(user_params) or '(none)'}")
     return component.factory(**call)

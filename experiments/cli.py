@@ -1,0 +1,97 @@
+"""The ``pqa`` command line: run experiments, list plugins, manage the database, query runs.
+
+Conventions follow git and llm: ``--help`` everywhere, exit 0 on success, 1 on an error,
+2 on a usage error, ``--json`` where scripts read the output, and one line per error
+(a traceback only with ``--debug``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+
+import click
+
+from pqa_core.errors import PqaError
+
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+
+
+class PqaGroup(click.Group):
+    """Turns PqaError into one line on stderr and its exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PqaError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=PqaGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.version_option(package_name="pqa")
+@click.pass_context
+def cli(ctx, debug):
+    """pqa: parametric question answering experiments.
+
+    \b
+    Quick start:
+      pqa run pipeline                 # demo: SmolLM2-135M on the shipped sample
+      pqa run pipeline with smoke      # a fast check on a tiny random model
+      pqa runs list                    # what has run
+      pqa board                        # browse runs in Omniboard
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "transformers", "filelock", "pymongo"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Output JSON.")
+def plugins(as_json):
+    """List installed plugins and the components each registers."""
+    from pqa_core.plugins import plugin_info
+
+    info = plugin_info()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for plugin in info:
+        version = f" {plugin['version']}" if plugin.get("version") else ""
+        click.echo(f"{plugin['name']}{version}")
+        for kind, names in sorted(plugin["components"].items()):
+            click.echo(f"  {kind}: {', '.join(sorted(names))}")
+
+
+def _add_optional_commands():
+    from .cli_run import run
+
+    cli.add_command(run)
+    for module, name in (("cli_db", "db"), ("cli_board", "board"), ("cli_runs", "runs")):
+        try:
+            mod = __import__(f"pqa_experiments.{module}", fromlist=[name])
+        except ImportError:
+            continue
+        cli.add_command(getattr(mod, name))
+    from pqa_core.plugins import load_plugins, pm
+
+    load_plugins()
+    pm.hook.pqa_register_commands(cli=cli)
+
+
+_add_optional_commands()
+
+
+def main():
+    cli(prog_name="pqa")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

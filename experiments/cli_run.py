@@ -1,0 +1,134 @@
+"""``pqa run PHASE [Sacred args]``: validate everything first, then one tracked Sacred run.
+
+Bad config keys, plugin names, plugin kwargs and data files are caught before the run is
+created, so they leave nothing in the database. An unreachable database is reported before
+any training starts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import List, Optional, Tuple
+
+import click
+
+from pqa_core.errors import PqaError, UsageError
+
+log = logging.getLogger(__name__)
+PHASES = ("write", "read", "eval", "pipeline")
+SACRED_COMMANDS = ("print_config", "print_named_configs", "print_dependencies")
+
+
+def split_sacred_args(args: List[str]) -> Tuple[Optional[str], List[str]]:
+    """``[print_config] [with k=v name ...]`` -> (Sacred command or None, the ``with`` items)."""
+    args = list(args)
+    command = None
+    if args and args[0] in SACRED_COMMANDS:
+        command = args.pop(0)
+    if not args:
+        return command, []
+    if args[0] != "with":
+        raise UsageError(f"expected 'with key=value ...' or a named config after the phase, got {args[0]!r}")
+    return command, args[1:]
+
+
+def parse_updates(items: List[str]):
+    """Sacred's own parsing: ``k=v`` (values as Python literals) and bare named configs."""
+    from sacred.arg_parser import get_config_updates
+
+    for item in items:
+        if "=" in item and not item.split("=", 1)[0]:
+            raise UsageError(f"bad override {item!r}: expected key=value")
+    return get_config_updates(items)
+
+
+def preflight(ex, updates, named_configs):
+    """Resolve the full config without observers and check everything that can be checked cheaply."""
+    from pqa_core.config import PQAConfig
+    from pqa_core.data import load_corpus, load_qa
+    from pqa_core.pipeline import resolve_data_path
+    from pqa_core.plugins import validate
+
+    from .sacred_experiments import NAMED_CONFIGS
+
+    for name in named_configs:
+        if name not in NAMED_CONFIGS:
+            raise UsageError(f"unknown named config {name!r}; available: {', '.join(sorted(NAMED_CONFIGS))}")
+    try:
+        run = ex._create_run(config_updates=updates, named_configs=named_configs, options={"--unobserved": True})
+    except KeyError as exc:
+        raise UsageError(f"bad config: {exc}") from None
+    config = PQAConfig.from_dict(dict(run.config))
+    for kind in ("selector", "query_encoder", "projection", "retrieval_loss", "generation_loss"):
+        section = getattr(config, kind)
+        validate(kind, section["name"], {k: v for k, v in section.items() if k != "name"})
+    corpus = load_corpus(resolve_data_path(config.data.corpus))
+    load_qa(resolve_data_path(config.data.qa), corpus)
+    load_qa(resolve_data_path(config.data.eval_qa), corpus)
+    return config
+
+
+def attach_observer(ex, mongo_url: Optional[str], no_db: bool, file_storage: Optional[str]) -> Optional[str]:
+    """Add the observer; returns a redacted description of where the run goes."""
+    if file_storage:
+        from sacred.observers import FileStorageObserver
+
+        ex.observers.append(FileStorageObserver(file_storage))
+        return f"file storage {file_storage}"
+    if no_db:
+        return None
+    from . import db, settings
+    from .observers import make_mongo_observer
+
+    target = settings.resolve_mongo(mongo_url)
+    if target.embedded:
+        db.ensure_running()
+    db.check_reachable(target.url)
+    ex.observers.append(make_mongo_observer(target.url, target.db_name))
+    return f"MongoDB {target.redacted_url} (database {target.db_name})"
+
+
+@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("phase", type=click.Choice(PHASES))
+@click.argument("sacred_args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--mongo-url", envvar=None, help="MongoDB URL (else $PQA_MONGO_URL, the config file, or the embedded server).")
+@click.option("--no-db", is_flag=True, help="Do not record the run anywhere.")
+@click.option("-F", "--file-storage", type=click.Path(file_okay=False), help="Record to a Sacred file-storage folder instead of MongoDB.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+def run(phase, sacred_args, mongo_url, no_db, file_storage, as_json):
+    """Run a Sacred experiment: write, read, eval or pipeline.
+
+    \b
+    Examples:
+      pqa run pipeline
+      pqa run pipeline with smoke
+      pqa run pipeline with selector.name=dot read.top_k=5 model.llm=tiny
+      pqa run read with init_from=outputs/pqa_write/<run> read.epochs=5
+      pqa run pipeline print_config with selector_mlp
+    """
+    from .sacred_experiments import make_experiment
+
+    command, items = split_sacred_args(list(sacred_args))
+    updates, named_configs = parse_updates(items)
+    ex = make_experiment(phase)
+    if command:
+        ex.run(command, config_updates=updates, named_configs=named_configs, options={"--unobserved": True})
+        return
+    preflight(ex, updates, named_configs)
+    where = attach_observer(ex, mongo_url, no_db, file_storage)
+    if where:
+        click.echo(f"recording to {where}", err=True)
+    try:
+        finished = ex.run(config_updates=updates, named_configs=named_configs)
+    except PqaError:
+        raise
+    except KeyboardInterrupt:
+        raise click.Abort()
+    result = finished.result or {}
+    if as_json:
+        click.echo(json.dumps({"run_id": finished._id, "result": result}))
+    else:
+        click.echo(f"run {finished._id} {finished.status}: " +
+                   ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+        if where and where.startswith("MongoDB"):
+            click.echo("browse it: pqa board    query it: pqa runs show " + str(finished._id))

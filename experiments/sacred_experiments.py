@@ -1,0 +1,84 @@
+"""The Sacred experiments users run: ``write``, ``read``, ``eval`` and ``pipeline``.
+
+One config namespace per component kind, so overrides read naturally::
+
+    pqa run pipeline with selector.name=cosine selector.temperature=0.05 read.top_k=10 model.llm=tiny
+
+The defaults are ``pqa_core.config.PQAConfig``'s; named configs hold the common ablations and a
+fast smoke run. Observers are attached by the CLI, never here.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+from sacred import Experiment
+from sacred.utils import apply_backspaces_and_linefeeds
+
+from pqa_core.config import PQAConfig
+
+PHASES_OF = {"write": ["write"], "read": ["read"], "eval": ["eval"], "pipeline": ["write", "read", "eval"]}
+
+SMOKE = {
+    "model": {"llm": "tiny", "num_memory_tokens": 2, "lora": {"r": 4}},
+    "write": {"epochs": 2, "eval_docs": 4, "eval_every": 1},
+    "read": {"epochs": 1},
+    "eval": {"max_new_tokens": 8},
+}
+
+NAMED_CONFIGS: Dict[str, Dict[str, Any]] = {
+    # fast end-to-end check on the random tiny model
+    "smoke": SMOKE,
+    "tiny": {"model": {"llm": "tiny"}},
+    # selector ablations
+    "selector_dot": {"selector": {"name": "dot"}},
+    "selector_cosine": {"selector": {"name": "cosine", "temperature": 0.05}},
+    "selector_bilinear": {"selector": {"name": "bilinear"}},
+    "selector_mlp": {"selector": {"name": "mlp"}},
+    # query encoder ablations
+    "encoder_llm_mean": {"query_encoder": {"name": "llm_mean"}},
+    "encoder_transformer": {"query_encoder": {"name": "transformer"}},
+    # retrieval / generation losses
+    "loss_infonce": {"retrieval_loss": {"name": "infonce", "temperature": 1.0}},
+    "loss_margin": {"retrieval_loss": {"name": "margin", "margin": 1.0}},
+    "distill": {"generation_loss": {"name": "kl_distill", "alpha": 1.0}},
+    # model ablations
+    "no_lora": {"model": {"lora": {"enabled": False}}},
+    "random_init": {"model": {"doc_init": "random"}},
+    "linear_projection": {"projection": {"name": "linear"}},
+    "more_memory": {"model": {"num_memory_tokens": 8}},
+}
+
+
+def default_config(phase: str) -> Dict[str, Any]:
+    config = PQAConfig().to_dict()
+    config["phases"] = list(PHASES_OF[phase])
+    return config
+
+
+def run_output_dir(experiment_name: str, run_id) -> str:
+    """``$PQA_OUTPUT_DIR`` (default ./outputs) / experiment / time-runid."""
+    root = Path(os.environ.get("PQA_OUTPUT_DIR", "outputs"))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return str(root / experiment_name / f"{stamp}-{run_id if run_id is not None else os.getpid()}")
+
+
+def make_experiment(phase: str) -> Experiment:
+    if phase not in PHASES_OF:
+        raise KeyError(phase)
+    # Sacred's own git discovery crashes in a repository without commits; tracking records git state safely
+    ex = Experiment(f"pqa_{phase}", save_git_info=False)
+    ex.captured_out_filter = apply_backspaces_and_linefeeds
+    ex.add_config(default_config(phase))
+    for name, values in NAMED_CONFIGS.items():
+        ex.add_named_config(name, values)
+
+    @ex.main
+    def main(_config, _run):
+        from .tracking import run_pipeline_in_sacred
+
+        return run_pipeline_in_sacred(_config, _run)
+
+    return ex

@@ -1,0 +1,69 @@
+"""The bridge between a Sacred run and ``pqa_core``: a RunLogger that writes to ``_run``,
+data files as resources, git state and the checkpoint location in ``info``."""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any, Dict
+
+from pqa_core.config import PQAConfig
+from pqa_core.pipeline import Pipeline, resolve_data_path
+from pqa_core.training import RunLogger
+
+log = logging.getLogger(__name__)
+
+SACRED_ONLY_KEYS = ()  # keys Sacred adds to the config that PQAConfig does not know
+
+
+class SacredLogger(RunLogger):
+    """Step-wise scalars, artifacts and info, recorded on the Sacred run."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def log_scalar(self, name: str, value: float, step: int) -> None:
+        self.run.log_scalar(name, float(value), step)
+
+    def add_artifact(self, path: str, name=None) -> None:
+        self.run.add_artifact(str(path), name=name)
+
+    def set_info(self, key: str, value: Any) -> None:
+        self.run.info[key] = value
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pqa_config_from_sacred(config: Dict[str, Any]) -> PQAConfig:
+    values = {k: v for k, v in config.items() if k not in SACRED_ONLY_KEYS}
+    return PQAConfig.from_dict(values)
+
+
+def run_pipeline_in_sacred(config: Dict[str, Any], run) -> Dict[str, float]:
+    from .observers import git_info
+    from .sacred_experiments import run_output_dir
+
+    pqa_config = pqa_config_from_sacred(config)
+    if not pqa_config.output_dir and not pqa_config.resume:
+        pqa_config.output_dir = run_output_dir(run.experiment_info["name"], run._id)
+    logger = SacredLogger(run)
+    git = git_info(Path.cwd())
+    run.info["git"] = git
+    data_hashes = {}
+    for key in ("corpus", "qa", "eval_qa"):
+        path = resolve_data_path(getattr(pqa_config.data, key))
+        run.add_resource(str(path))
+        data_hashes[key] = {"path": str(path.resolve()), "sha256": sha256_of(path)}
+    run.info["data"] = data_hashes
+    pipeline = Pipeline(pqa_config, logger)
+    result = pipeline.run()
+    run.info["timings_s"] = {k: round(v, 2) for k, v in pipeline.timings.items()}
+    run.info["checkpoints"] = {p: str((pipeline.checkpoint_root(p) / "final").resolve())
+                               for p in ("write", "read") if (pipeline.checkpoint_root(p) / "final").exists()}
+    return result
