@@ -1,0 +1,81 @@
+"""``pqa board``: browse the Sacred runs in Omniboard, bound to loopback unless asked otherwise.
+
+The main CLI registers this with ``add_command(board)``. The run store is found the same
+way as for every other command (``pqa_experiments.db.ensure_database``, i.e. the
+``settings`` precedence); the embedded SecantusDB server is started on demand when that
+is what the settings resolve to.
+"""
+from __future__ import annotations
+
+import ipaddress
+import webbrowser
+
+import click
+
+from .board import BoardError, parse_basic_auth, redact_url, start_board, stop_board
+
+
+def _resolve(mongo_url: str | None) -> tuple[str, str, str]:
+    """(url, db_name, where it came from) for the run store, started or pinged like other commands."""
+    try:
+        from .db import ensure_database
+    except ImportError:
+        ensure_database = None
+    if ensure_database is not None:
+        target = ensure_database(mongo_url)
+        return target.url, target.db_name, target.source
+    try:
+        from . import settings
+    except ImportError:  # TODO: drop once pqa_experiments.settings has landed everywhere
+        if not mongo_url:
+            raise BoardError("no run store configured: pass --mongo-url mongodb://host:port/db") from None
+        path = mongo_url.split("://", 1)[-1].split("?", 1)[0].partition("/")[2]
+        return mongo_url, path or "pqa", "argument"
+    target = settings.resolve_mongo(mongo_url)
+    if target.embedded:
+        raise BoardError("the embedded run store is not available here (no pqa_experiments.db); pass --mongo-url")
+    return target.url, target.db_name, target.source
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@click.command("board")
+@click.option("--port", type=click.IntRange(0, 65535), default=9000, show_default=True,
+              help="Port for Omniboard (0 picks a free one).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on; anything but loopback exposes the board (it can delete runs).")
+@click.option("--mongo-url", default=None, metavar="URL",
+              help="Run store (default: $PQA_MONGO_URL, the config file, else the embedded server).")
+@click.option("--basic-auth", default=None, metavar="USER:PASSWORD", envvar="PQA_BOARD_BASIC_AUTH",
+              help="Require HTTP basic auth (or set $PQA_BOARD_BASIC_AUTH, which stays out of `ps`).")
+@click.option("--no-browser", is_flag=True, help="Only print the URL; do not open a browser.")
+def board(port: int, host: str, mongo_url: str | None, basic_auth: str | None, no_browser: bool) -> None:
+    """Start Omniboard on the run store, print its URL and keep it running until Ctrl-C.
+
+    Errors are PqaError lines, which the main ``pqa`` group prints with their exit code.
+    """
+    parse_basic_auth(basic_auth)  # a malformed value fails before anything starts
+    url_db, db_name, source = _resolve(mongo_url)
+    if not _is_loopback(host) and not basic_auth:
+        click.echo(f"warning: listening on {host} without --basic-auth: anyone who can reach this "
+                   "port can read and delete runs", err=True)
+    click.echo(f"starting Omniboard for {redact_url(url_db)} (database {db_name!r}, from {source}) ...", err=True)
+    proc, url = start_board(url_db, db_name=db_name, host=host, port=port, basic_auth=basic_auth)
+    click.echo(url)
+    click.echo(f"Omniboard log: {proc.log_path}. Press Ctrl-C to stop.", err=True)
+    if not no_browser:
+        webbrowser.open(url)
+    try:
+        rc = proc.wait()
+    except KeyboardInterrupt:
+        stop_board(proc)
+        click.echo("board stopped", err=True)
+        return
+    raise BoardError(f"Omniboard exited with code {rc} (log: {proc.log_path})")
