@@ -49,6 +49,7 @@ def _database(ctx: click.Context):
         url, name = runs_lib.resolve_store(ctx.meta.get("pqa_runs.mongo_url"), ctx.meta.get("pqa_runs.db_name"))
         ctx.meta["pqa_runs.url"] = url
         ctx.meta["pqa_runs.db"] = runs_lib.open_database(url, name)
+        ctx.call_on_close(ctx.meta["pqa_runs.db"].client.close)
     return ctx.meta["pqa_runs.db"]
 
 
@@ -197,7 +198,7 @@ def runs() -> None:
     """
 
 
-@runs.command("list")
+@runs.command("list", short_help="List runs, newest first, with their main metrics.")
 @click.option("--where", "where", multiple=True, metavar="KEY=VALUE",
               help="Only runs whose config KEY (dotted, e.g. selector.name) equals VALUE; "
                    "values are typed like Sacred's 'with' (5 is a number). Repeatable; "
@@ -230,7 +231,7 @@ def list_runs(ctx, where, status, experiment, limit, as_json, as_csv) -> None:
             "start_time": doc.get("start_time"),
             "stop_time": doc.get("stop_time"),
             "duration_s": runs_lib.duration_s(doc),
-            "config": runs_lib.flatten(doc.get("config") or {}),
+            "config": dict(sorted(runs_lib.flatten(doc.get("config") or {}).items())),
             "result": doc.get("result"),
         } for doc in docs])
         return
@@ -248,14 +249,18 @@ def list_runs(ctx, where, status, experiment, limit, as_json, as_csv) -> None:
     click.echo(_table(headers, rows))
 
 
-@runs.command("show")
+@runs.command("show", short_help="Show one run: config, result, info, metrics, artifacts.")
 @click.argument("run_id", type=int)
 @click.option("--json", "as_json", is_flag=True, help="Output JSON.")
 @_db_options
 @click.pass_context
 @_errors_to_exit_codes
 def show(ctx, run_id, as_json) -> None:
-    """Show one run: config, result, info, final metric values, artifacts."""
+    """Show one run: config, result, info, final metric values, artifacts.
+
+    Config and info are flattened to dotted keys; for each metric series the last
+    value, its step and the number of points are shown.
+    """
     summary = runs_lib.run_summary(_database(ctx), run_id)
     if as_json:
         _dump(summary)
@@ -293,7 +298,7 @@ def _section(title: str, values: Dict[str, Any]) -> None:
         click.echo(f"  {(key or 'value').ljust(width)}  {_fmt(value)}")
 
 
-@runs.command("compare")
+@runs.command("compare", short_help="Compare runs: differing config keys, final metrics.")
 @click.argument("run_ids", type=int, nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Output JSON: {runs, config, result}, values in run order.")
 @click.option("--csv", "as_csv", is_flag=True, help="Output CSV: key, then one column per run.")
@@ -301,7 +306,11 @@ def _section(title: str, values: Dict[str, Any]) -> None:
 @click.pass_context
 @_errors_to_exit_codes
 def compare(ctx, run_ids, as_json, as_csv) -> None:
-    """Compare runs side by side: the config keys that differ, then every final metric."""
+    """Compare runs side by side: differing config keys, then final metrics.
+
+    Rows are config.<key> for each config key whose value is not the same in every run
+    (Sacred's random seed usually is one), then result.<name> for every final metric.
+    """
     _exclusive(ctx, json=as_json, csv=as_csv)
     if len(set(run_ids)) < 2:
         raise click.UsageError("compare needs at least two different run ids", ctx)
