@@ -7,6 +7,9 @@ API (``/api/v1/databases`` and the static bundle stay open, and the API can dele
 
 - forces the listen host (default ``127.0.0.1``) and fails instead of silently moving to
   ``port + 1`` when the port is taken;
+- refuses cross-origin requests and, on loopback, unexpected ``Host`` headers: Omniboard
+  sends ``Access-Control-Allow-Origin: *`` and allows DELETE, so otherwise any web page in
+  the user's browser (or a DNS-rebinding one) could read or delete runs on 127.0.0.1;
 - when ``basic_auth`` is given, answers 401 to every request without the right
   credentials before Omniboard sees it, and also turns on Omniboard's own ``-u`` auth;
 - keeps secrets off the command line (the Mongo URL goes in ``MONGO_URI``, the
@@ -233,20 +236,42 @@ for (const stream of [process.stdout, process.stderr]) {
   };
 }
 
-function gate(server) {
+const loopback = /^(127\.\d+\.\d+\.\d+|localhost|::1)$/.test(host);
+
+function deny(res, status, text, headers = {}) {
+  res.statusCode = status;
+  for (const [k, v] of Object.entries(headers)) res.setHeader(k, v);
+  res.setHeader('Content-Type', 'text/plain');
+  res.end(text + '\n');
+}
+
+// In front of Omniboard's handler: Omniboard answers any origin with CORS '*' and allows
+// DELETE, so without this any web page open in the user's browser could drive the local
+// board (cross-origin requests, or DNS rebinding to 127.0.0.1). Then basic auth, if set.
+function guard(server) {
   const expected = crypto.createHash('sha256').update(auth).digest();
   const handlers = server.listeners('request');
   server.removeAllListeners('request');
   server.on('request', (req, res) => {
-    const m = /^Basic\s+(\S+)\s*$/i.exec(req.headers.authorization || '');
-    const given = m ? Buffer.from(m[1], 'base64').toString('utf8') : '';
-    const digest = crypto.createHash('sha256').update(given).digest();
-    if (!crypto.timingSafeEqual(digest, expected)) {
-      res.statusCode = 401;
-      res.setHeader('WWW-Authenticate', 'Basic realm="pqa board", charset="UTF-8"');
-      res.setHeader('Content-Type', 'text/plain');
-      res.end('Authentication required.\n');
-      return;
+    const port = server.address().port;
+    const hostHeader = (req.headers.host || '').toLowerCase();
+    if (loopback && ![`127.0.0.1:${port}`, `localhost:${port}`, `[::1]:${port}`, `${host}:${port}`].includes(hostHeader)) {
+      return deny(res, 403, 'Forbidden: unexpected Host header.');
+    }
+    const origin = req.headers.origin;
+    if (origin !== undefined) {
+      let originHost = null;
+      try { originHost = new URL(origin).host.toLowerCase(); } catch (e) { /* "null" or junk */ }
+      if (originHost !== hostHeader) return deny(res, 403, 'Forbidden: cross-origin request.');
+    }
+    if (auth) {
+      const m = /^Basic\s+(\S+)\s*$/i.exec(req.headers.authorization || '');
+      const given = m ? Buffer.from(m[1], 'base64').toString('utf8') : '';
+      const digest = crypto.createHash('sha256').update(given).digest();
+      if (!crypto.timingSafeEqual(digest, expected)) {
+        return deny(res, 401, 'Authentication required.',
+                    { 'WWW-Authenticate': 'Basic realm="pqa board", charset="UTF-8"' });
+      }
     }
     for (const h of handlers) h.call(server, req, res);
   });
@@ -257,7 +282,7 @@ net.Server.prototype.listen = function (...args) {
   if (!(this instanceof http.Server)) return listen.apply(this, args);
   const port = Number(args[0]);
   const callback = args.find((a) => typeof a === 'function');
-  if (auth) gate(this);
+  guard(this);
   // Registered before Omniboard's own handler, which would retry on port + 1.
   this.once('error', (e) => {
     console.error(e.code === 'EADDRINUSE' ? `pqa board: ${host}:${port} is already in use`

@@ -151,8 +151,8 @@ def _listen_addresses(port: int) -> set:
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, never via a proxy
 
 
-def _status(url: str, auth: tuple | None = None) -> int:
-    headers = {}
+def _status(url: str, auth: tuple | None = None, **extra_headers) -> int:
+    headers = dict(extra_headers)
     if auth:
         headers["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
     req = urllib.request.Request(url, headers=headers)
@@ -350,6 +350,17 @@ def test_basic_auth_rejects_requests_without_credentials(board, recorded_run):
         assert json.load(resp) == {"count": 1}
     cmdline = Path(f"/proc/{board['proc'].pid}/cmdline").read_bytes()
     assert BOARD_PASSWORD.encode() not in cmdline
+
+
+@needs_board
+def test_cross_origin_and_rebound_host_are_refused(board):
+    """Omniboard says CORS '*' and allows DELETE; the launcher keeps other web pages out."""
+    runs, creds, port = board["url"] + "sacred/api/v1/Runs/count", (BOARD_USER, BOARD_PASSWORD), board["port"]
+    assert _status(runs, creds, Origin=f"http://127.0.0.1:{port}") == 200  # the board's own page
+    assert _status(runs, creds, Origin="http://evil.example") == 403
+    assert _status(runs, creds, Origin="null") == 403
+    assert _status(runs, creds, Host=f"evil.example:{port}") == 403  # DNS rebinding to 127.0.0.1
+    assert _status(runs, creds, Host=f"localhost:{port}") == 200
 
 
 @needs_board
