@@ -3,8 +3,11 @@
 Initialisation: the soft tokens should look like the LLM's real token
 embeddings in scale, so weights are drawn such that the output's std is about
 ``embedding_std`` (the std of the LLM's input embedding weights) when ``z``'s
-coordinates have std ``input_std`` (1.0 by default, e.g. ``z ~ N(0, I)``; use
-``1/sqrt(d_z)`` for unit-norm z). Biases start at zero.
+coordinates have std ``input_std``. Biases start at zero.
+
+``input_std`` defaults to ``embedding_std`` too: that is the scale of the
+model's random doc-vector init (``randn * embedding_std``). For unit-norm z
+(``doc_init: minilm``) set ``input_std`` to ``1/sqrt(d_z)`` (0.051 for d_z=384).
 """
 from __future__ import annotations
 
@@ -22,12 +25,18 @@ DEFAULT_EMBEDDING_STD = 0.02
 GELU_SECOND_MOMENT = 0.425  # E[gelu(x)^2] for x ~ N(0, 1)
 
 
-def _check_sizes(name: str, d_z: int, d_model: int, num_tokens: int, input_std: float):
+def _scales(name: str, d_z: int, d_model: int, num_tokens: int, embedding_std: Optional[float],
+            input_std: Optional[float]):
+    """Validate sizes; return (target output std, expected input std)."""
     if d_z < 1 or d_model < 1 or num_tokens < 1:
         raise ValueError(f"{name} projection: d_z, d_model and num_tokens must be >= 1, "
                          f"got {d_z}, {d_model}, {num_tokens}")
-    if not input_std > 0:
-        raise ValueError(f"{name} projection: input_std must be > 0, got {input_std}")
+    target = DEFAULT_EMBEDDING_STD if embedding_std is None else float(embedding_std)
+    source = target if input_std is None else float(input_std)
+    if not (target > 0 and source > 0):
+        raise ValueError(f"{name} projection: embedding_std and input_std must be > 0, "
+                         f"got {embedding_std}, {input_std}")
+    return target, source
 
 
 class _ProjectionBase(Projection):
@@ -46,11 +55,10 @@ class LinearProjection(_ProjectionBase):
     """``Linear(d_z, num_tokens * d_model)``, reshaped to ``[..., num_tokens, d_model]``."""
 
     def __init__(self, d_z: int, d_model: int, num_tokens: int, embedding_std: Optional[float] = None,
-                 input_std: float = 1.0):
+                 input_std: Optional[float] = None):
         super().__init__()
-        _check_sizes("linear", d_z, d_model, num_tokens, input_std)
+        target, input_std = _scales("linear", d_z, d_model, num_tokens, embedding_std, input_std)
         self.d_z, self.d_model, self.num_tokens = int(d_z), int(d_model), int(num_tokens)
-        target = DEFAULT_EMBEDDING_STD if embedding_std is None else float(embedding_std)
         self.proj = nn.Linear(self.d_z, self.num_tokens * self.d_model)
         nn.init.normal_(self.proj.weight, std=target / (input_std * math.sqrt(self.d_z)))
         nn.init.zeros_(self.proj.bias)
@@ -65,14 +73,13 @@ class MLP2xGeluProjection(_ProjectionBase):
     ``hidden`` defaulting to ``d_model``."""
 
     def __init__(self, d_z: int, d_model: int, num_tokens: int, embedding_std: Optional[float] = None,
-                 hidden: Optional[int] = None, input_std: float = 1.0):
+                 hidden: Optional[int] = None, input_std: Optional[float] = None):
         super().__init__()
-        _check_sizes("mlp2x_gelu", d_z, d_model, num_tokens, input_std)
+        target, input_std = _scales("mlp2x_gelu", d_z, d_model, num_tokens, embedding_std, input_std)
         self.d_z, self.d_model, self.num_tokens = int(d_z), int(d_model), int(num_tokens)
         self.hidden = self.d_model if hidden is None else int(hidden)
         if self.hidden < 1:
             raise ValueError(f"mlp2x_gelu projection: hidden must be >= 1, got {hidden}")
-        target = DEFAULT_EMBEDDING_STD if embedding_std is None else float(embedding_std)
         self.fc1 = nn.Linear(self.d_z, self.hidden)
         self.fc2 = nn.Linear(self.hidden, self.num_tokens * self.d_model)
         # pre-activations ~ N(0, 1); then scale the second layer to the target std
