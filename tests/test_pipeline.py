@@ -1,0 +1,193 @@
+"""End to end on the tiny model and the shipped sample: write -> read -> eval, determinism,
+resume after a crash, a third-party selector used by name, batched generation."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from pqa_core.checkpoints import load_checkpoint, save_checkpoint
+from pqa_core.config import PQAConfig
+from pqa_core.errors import CheckpointError, DataError
+from pqa_core.pipeline import Pipeline
+from pqa_core.training import RecordingLogger
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small matrices: one thread is faster and immune to other processes on the machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_config(tmp_path, **overrides):
+    config = {
+        "seed": 3,
+        "output_dir": str(tmp_path / "run"),
+        "model": {"llm": "tiny", "doc_init": "random", "num_memory_tokens": 2, "lora": {"r": 4}},
+        "query_encoder": {"name": "llm_mean"},
+        "write": {"epochs": 4, "eval_every": 2, "eval_docs": 4, "lr_z": 0.1, "lr_projection": 1e-2},
+        "read": {"epochs": 3, "lr_z": 1e-2, "lr_query_encoder": 1e-2, "lr_lora": 1e-3, "retrieval_weight": 1.0},
+        "eval": {"max_new_tokens": 6},
+    }
+    for key, value in overrides.items():
+        section, _, leaf = key.partition(".")
+        if leaf:
+            config.setdefault(section, {})[leaf] = value
+        else:
+            config[key] = value
+    return PQAConfig.from_dict(config)
+
+
+def epoch_series(logger, name):
+    return [value for _, value in logger.scalars[name]]
+
+
+def test_end_to_end_tiny_learns_and_reports(tmp_path):
+    logger = RecordingLogger()
+    result = Pipeline(tiny_config(tmp_path), logger).run()
+
+    assert set(result) == {"EM", "F1", "substring", "Recall@3"}
+    assert all(math.isfinite(v) and 0 <= v <= 100 for v in result.values())
+    write_losses = epoch_series(logger, "write.epoch_loss")
+    read_losses = epoch_series(logger, "read.epoch_total_loss")
+    assert len(write_losses) == 4 and write_losses[-1] < write_losses[0]
+    assert len(read_losses) == 3 and read_losses[-1] < read_losses[0]
+    # greedy reconstruction is measured, not only teacher-forced accuracy
+    assert "write.greedy_token_acc" in logger.scalars and "write.tf_token_acc" in logger.scalars
+    assert result["Recall@3"] > logger.info["recall@3_before_read"]
+
+    lines = (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 36
+    record = json.loads(lines[0])
+    assert {"question", "answers", "prediction", "selected_ids", "gold_ids", "scores"} <= set(record)
+    assert len(record["selected_ids"]) == 3
+    assert (tmp_path / "run" / "checkpoints" / "read" / "final" / "MANIFEST.json").exists()
+
+
+def short_config(tmp_path, name="run", **overrides):
+    base = {"write.epochs": 2, "read.epochs": 1, "write.eval_docs": 2, "output_dir": str(tmp_path / name)}
+    base.update(overrides)
+    return tiny_config(tmp_path, **base)
+
+
+def test_same_seed_gives_identical_metrics(tmp_path):
+    first = Pipeline(short_config(tmp_path, "a"), RecordingLogger())
+    second = Pipeline(short_config(tmp_path, "b"), RecordingLogger())
+    assert first.run() == second.run()
+    assert torch.equal(first.model.doc_vectors, second.model.doc_vectors)
+    other_seed = Pipeline(short_config(tmp_path, "c", seed=4), RecordingLogger())
+    other_seed.run()
+    assert not torch.equal(first.model.doc_vectors, other_seed.model.doc_vectors)
+
+
+class CrashAt(RecordingLogger):
+    """Simulates a killed process: raises once the given phase reaches the given step."""
+
+    def __init__(self, name, step):
+        super().__init__()
+        self.name, self.step = name, step
+
+    def log_scalar(self, name, value, step):
+        super().log_scalar(name, value, step)
+        if name == self.name and step == self.step:
+            raise KeyboardInterrupt("simulated crash")
+
+
+@pytest.mark.parametrize("crash", [("write.loss", 7), ("read.total_loss", 9)])
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path, crash):
+    overrides = {"write.checkpoint_every": 3, "read.checkpoint_every": 4}
+    reference = Pipeline(short_config(tmp_path, "ref", **overrides), RecordingLogger()).run()
+
+    crashed_config = short_config(tmp_path, "crashed", **overrides)
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(crashed_config, CrashAt(*crash)).run()
+    resumed_config = short_config(tmp_path, "ignored", resume=str(tmp_path / "crashed"), **overrides)
+    logger = RecordingLogger()
+    assert Pipeline(resumed_config, logger).run() == reference
+    phase = crash[0].split(".")[0]
+    assert f"{phase}_resumed_from" in logger.info
+
+
+def test_third_party_selector_is_used_by_name(tmp_path, fake_distribution):
+    pipeline = Pipeline(short_config(tmp_path, selector={"name": "third_party"}), RecordingLogger())
+    assert type(pipeline.model.selector).__name__ == "ThirdPartySelector"
+    result = pipeline.run()
+    assert "Recall@3" in result
+
+
+def test_batched_generation_equals_one_at_a_time(tmp_path):
+    pipeline = Pipeline(short_config(tmp_path), RecordingLogger())
+    model, dataset = pipeline.model, pipeline.eval_dataset
+    model.eval()
+    batch = dataset.collate([dataset[i] for i in range(6)])
+    docs = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11], [1, 3, 5], [2, 4, 6]])
+    together = model.generate(batch["query_ids"], docs, batch["query_mask"], max_new_tokens=5)
+    for i in range(6):
+        single = dataset.collate([dataset[i]])
+        alone = model.generate(single["query_ids"], docs[i:i + 1], single["query_mask"], max_new_tokens=5)
+        assert together[i, :alone.shape[1]].tolist() == alone[0].tolist()
+
+
+def test_out_of_range_gold_id_names_the_example(tmp_path):
+    from pqa_core.read_phase import ReadPhaseTrainer
+    from pqa_core.builder import build_losses
+
+    pipeline = Pipeline(short_config(tmp_path), RecordingLogger())
+    retrieval, generation = build_losses(pipeline.config)
+    trainer = ReadPhaseTrainer(pipeline.model, retrieval_loss=retrieval, generation_loss=generation)
+    scores = torch.zeros(2, pipeline.model.num_docs)
+    gold = torch.tensor([[1, -1], [5, pipeline.model.num_docs]])
+    with pytest.raises(DataError, match="'q-second'"):
+        trainer.compute_retrieval_loss(scores, gold, ["q-first", "q-second"])
+
+
+def test_torn_corrupt_and_mismatched_checkpoints_are_refused(tmp_path):
+    pipeline = Pipeline(short_config(tmp_path), RecordingLogger())
+    model = pipeline.model
+    path = save_checkpoint(tmp_path / "ck", model, step=1, epoch=0, config=pipeline.config_dict)
+    load_checkpoint(path, model, config=pipeline.config_dict)  # a good one loads
+
+    weights = path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="do not match"):
+        load_checkpoint(path, model)
+
+    path = save_checkpoint(tmp_path / "ck2", model, step=1, epoch=0, config=pipeline.config_dict)
+    (path / "MANIFEST.json").unlink()
+    with pytest.raises(CheckpointError, match="incomplete checkpoint"):
+        load_checkpoint(path, model)
+
+    path = save_checkpoint(tmp_path / "ck3", model, step=1, epoch=0, config=pipeline.config_dict)
+    other = dict(pipeline.config_dict, model=dict(pipeline.config_dict["model"], num_memory_tokens=4))
+    with pytest.raises(CheckpointError, match="num_memory_tokens"):
+        load_checkpoint(path, model, config=other)
+
+
+def test_pickle_in_checkpoint_is_never_executed(tmp_path):
+    """A checkpoint whose weights file is a pickle with a payload: refused, payload not run."""
+    import hashlib
+    import pickle
+
+    pipeline = Pipeline(short_config(tmp_path), RecordingLogger())
+    path = save_checkpoint(tmp_path / "ck", pipeline.model, step=1, epoch=0, config=pipeline.config_dict)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = pickle.dumps({"doc_vectors": Payload()})
+    (path / "model.safetensors").write_bytes(evil)
+    manifest = json.loads((path / "MANIFEST.json").read_text())
+    manifest["files"]["model.safetensors"] = {"sha256": hashlib.sha256(evil).hexdigest(), "bytes": len(evil)}
+    (path / "MANIFEST.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="not a valid safetensors file"):
+        load_checkpoint(path, pipeline.model)
+    assert not marker.exists()
