@@ -1,0 +1,76 @@
+"""``pqa db start|stop|status``: manage the embedded SecantusDB run store.
+
+The main CLI mounts it with ``cli.add_command(db)``. Errors are one line on
+stderr and a non-zero exit code (the :class:`PqaError`'s ``exit_code``).
+"""
+from __future__ import annotations
+
+import functools
+import json
+
+import click
+
+from pqa_core.errors import PqaError
+
+from . import db as _db
+
+
+class _OneLine(click.ClickException):
+    """A PqaError shown the click way ("Error: ..."), keeping its exit code."""
+
+    def __init__(self, exc: PqaError | OSError):
+        super().__init__(str(exc) if isinstance(exc, PqaError) else f"{exc.strerror or exc}: {exc.filename or ''}".strip())
+        self.exit_code = getattr(exc, "exit_code", 1)
+
+
+def _one_line_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (PqaError, OSError) as exc:
+            raise _OneLine(exc) from None
+
+    return wrapper
+
+
+@click.group("db")
+def db():
+    """The embedded run store (SecantusDB on 127.0.0.1, data under $PQA_HOME/db)."""
+
+
+@db.command("start")
+@click.option("--port", type=int, default=None, help="Port (default: $PQA_DB_PORT or 27117).")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait for it to answer.")
+@_one_line_errors
+def start(port, timeout):
+    """Start the embedded database (or reuse the running one) and print its URL."""
+    url = _db.ensure_running(port=port, timeout=timeout)
+    st = _db.status()
+    click.echo(f"running: {url} (pid {st['pid']}, data {st['db_dir']})")
+
+
+@db.command("stop")
+@click.option("--timeout", type=float, default=15.0, show_default=True, help="Seconds before SIGKILL.")
+@_one_line_errors
+def stop(timeout):
+    """Stop the embedded database."""
+    click.echo("stopped" if _db.stop(timeout=timeout) else "not running")
+
+
+@db.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_one_line_errors
+def status(as_json):
+    """Show whether the embedded database runs, where, and its files."""
+    st = _db.status()
+    if as_json:
+        click.echo(json.dumps(st, indent=2, sort_keys=True))
+        return
+    if st["running"]:
+        state = "running" if st["answering"] else "running but NOT answering"
+        click.echo(f"{state}: {st['url']} (pid {st['pid']}, since {st['started_at']})")
+    else:
+        click.echo("not running")
+    click.echo(f"data: {st['db_dir']}")
+    click.echo(f"log:  {st['log_file']}")
