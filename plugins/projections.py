@@ -5,9 +5,9 @@ embeddings in scale, so weights are drawn such that the output's std is about
 ``embedding_std`` (the std of the LLM's input embedding weights) when ``z``'s
 coordinates have std ``input_std``. Biases start at zero.
 
-``input_std`` defaults to ``embedding_std`` too: that is the scale of the
-model's random doc-vector init (``randn * embedding_std``). For unit-norm z
-(``doc_init: minilm``) set ``input_std`` to ``1/sqrt(d_z)`` (0.051 for d_z=384).
+``input_std`` is supplied by the model: the measured std of the initial doc
+vectors (``randn * embedding_std`` for random init, about ``1/sqrt(d_z)`` for
+unit-norm MiniLM init). Built alone, it defaults to ``embedding_std``.
 """
 from __future__ import annotations
 

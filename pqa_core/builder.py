@@ -67,10 +67,11 @@ def build_model(config: PQAConfig, documents: List[Document], llm_and_tokenizer=
                    else llm.get_input_embeddings().weight.shape[1],
                    num_tokens=config.model.num_memory_tokens, llm=llm, vocab_size=len(tokenizer),
                    embedding_std=embedding_std, pad_token_id=tokenizer.pad_token_id)
+    doc_init = initial_doc_vectors(config, documents, embedding_std)
+    context["input_std"] = float(doc_init.std()) if doc_init.numel() > 1 else embedding_std
     query_encoder = build_component(config, "query_encoder", context)
     selector = build_component(config, "selector", context)
     projection = build_component(config, "projection", context)
-    doc_init = initial_doc_vectors(config, documents, embedding_std)
     model = ParametricQA(llm, tokenizer, len(documents), d_z, query_encoder, selector, projection, doc_init)
     return model.to(device or resolve_device(config.model.device))
 

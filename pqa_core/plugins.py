@@ -105,7 +105,8 @@ def accepted_parameters(factory: Callable[..., Any]) -> Dict[str, inspect.Parame
     return {n: p for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
-MODEL_CONTEXT = ("d_z", "output_dim", "d_model", "num_tokens", "llm", "vocab_size", "embedding_std", "pad_token_id")
+MODEL_CONTEXT = ("d_z", "output_dim", "d_model", "num_tokens", "llm", "vocab_size", "embedding_std",
+                 "pad_token_id", "input_std")
 """Names the model supplies to factories that declare them; a config may not set these."""
 
 
