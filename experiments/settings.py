@@ -14,12 +14,19 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote
 
 from pqa_core.errors import UsageError
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    try:
+        import tomli as tomllib
+    except ImportError:
+        tomllib = None
 
 DEFAULT_DB_NAME = "pqa"
 DEFAULT_PORT = 27117
@@ -78,6 +85,8 @@ def load_config() -> dict:
         if os.environ.get("PQA_CONFIG"):
             raise UsageError(f"config file {path} (from PQA_CONFIG) does not exist")
         return {}
+    if tomllib is None:
+        raise UsageError(f"reading {path} needs Python 3.11+ or the tomli package")
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)

@@ -253,6 +253,15 @@ def test_daemon_that_dies_at_startup_reports_its_log_tail(clean_env):
     assert db.status(home)["running"] is False
 
 
+def test_daemon_that_does_not_answer_in_time_is_stopped(clean_env):
+    home = clean_env / "pqa"
+    with pytest.raises(PqaError) as err:
+        db.ensure_running(home, port=free_port(), timeout=0.01)
+    text = str(err.value)
+    assert "did not answer" in text and "within 0.01s" in text and "secantusd.log ends with:" in text
+    assert db.status(home)["running"] is False and not (home / "db" / db.STATE_FILE).exists()
+
+
 def test_cli_errors_are_one_line_with_exit_code(clean_env, monkeypatch):
     monkeypatch.setenv("PQA_HOME", str(clean_env / "pqa"))
     monkeypatch.setenv("PQA_DB_PORT", "not-a-port")
