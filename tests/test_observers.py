@@ -96,6 +96,36 @@ def test_long_series_is_split_and_read_back_whole(embedded_db, mongo_client, tmp
     assert {"name": "loss", "id": str(chunks[0]["_id"])} in doc["info"]["metrics"]
 
 
+def test_frequent_heartbeats_store_every_point_once(embedded_db, mongo_client, tmp_path):
+    """Heartbeats every 20 ms write while the run logs: chunk boundaries crossed mid-run, nothing lost or doubled."""
+    import time as _time
+
+    ex = Experiment("beats", save_git_info=False)
+
+    @ex.main
+    def main(_run):
+        for i in range(12_000):
+            _run.log_scalar("a", float(i), i)
+            if i % 3 == 0:
+                _run.log_scalar("b", float(i), i)
+            if i % 1000 == 0:
+                print("step", i)
+                _time.sleep(0.03)
+
+    name = _db_name()
+    obs = make_mongo_observer(embedded_db, name, failure_dir=tmp_path)
+    ex.observers = [obs]
+    run = ex._create_run(options=RUN)
+    run.beat_interval = 0.02
+    run()
+    database = mongo_client[name]
+    doc = database.runs.find_one({"_id": run._id})
+    assert doc["status"] == "COMPLETED" and "step 11000" in doc["captured_out"]
+    assert read_metric(database, run._id, "a")[0] == list(range(12_000))
+    assert read_metric(database, run._id, "b")[0] == list(range(0, 12_000, 3))
+    assert database.metrics.count_documents({"run_id": run._id, "name": "a"}) == 3
+
+
 def test_unstorable_points_fail_the_run_loudly(embedded_db, mongo_client, tmp_path):
     ex = Experiment("unstorable", save_git_info=False)
 
