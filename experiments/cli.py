@@ -51,6 +51,21 @@ def cli(ctx, debug):
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "transformers", "filelock", "pymongo"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _quiet_transformers(debug)
+
+
+def _quiet_transformers(debug: bool) -> None:
+    """Weight-loading bars and deprecation chatter would bury pqa's own progress."""
+    if debug:
+        return
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 @cli.command()

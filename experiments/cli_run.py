@@ -12,7 +12,7 @@ from typing import List, Optional, Tuple
 
 import click
 
-from pqa_core.errors import PqaError, UsageError
+from pqa_core.errors import UsageError
 
 log = logging.getLogger(__name__)
 PHASES = ("write", "read", "eval", "pipeline")
@@ -77,13 +77,10 @@ def attach_observer(ex, mongo_url: Optional[str], no_db: bool, file_storage: Opt
         return f"file storage {file_storage}"
     if no_db:
         return None
-    from . import db, settings
+    from . import db
     from .observers import make_mongo_observer
 
-    target = settings.resolve_mongo(mongo_url)
-    if target.embedded:
-        db.ensure_running()
-    db.check_reachable(target.url)
+    target = db.ensure_database(mongo_url)
     ex.observers.append(make_mongo_observer(target.url, target.db_name))
     return f"MongoDB {target.redacted_url} (database {target.db_name})"
 
@@ -120,10 +117,12 @@ def run(phase, sacred_args, mongo_url, no_db, file_storage, as_json):
         click.echo(f"recording to {where}", err=True)
     try:
         finished = ex.run(config_updates=updates, named_configs=named_configs)
-    except PqaError:
-        raise
     except KeyboardInterrupt:
         raise click.Abort()
+    finally:
+        for observer in ex.observers:
+            if hasattr(observer, "raise_for_losses"):
+                observer.raise_for_losses()
     result = finished.result or {}
     if as_json:
         click.echo(json.dumps({"run_id": finished._id, "result": result}))

@@ -18,10 +18,12 @@ from sacred import Experiment
 from sacred.utils import apply_backspaces_and_linefeeds
 
 from pqa_core.config import PQAConfig
+from pqa_core.plugins import with_component_defaults
 
 PHASES_OF = {"write": ["write"], "read": ["read"], "eval": ["eval"], "pipeline": ["write", "read", "eval"]}
 
 SMOKE = {
+    "threads": 1,
     "model": {"llm": "tiny", "num_memory_tokens": 2, "lora": {"r": 4}},
     "write": {"epochs": 2, "eval_docs": 4, "eval_every": 1},
     "read": {"epochs": 1},
@@ -58,6 +60,17 @@ def default_config(phase: str) -> Dict[str, Any]:
     return config
 
 
+# A Sacred config scope: shows each chosen component's own defaults in the config. It runs after
+# overrides are fixed, so ``selector.name=mlp`` brings in mlp's defaults and drops cosine's
+# ``temperature``; values set explicitly always win. (No docstring: Sacred would print it as config.)
+def component_defaults(selector, query_encoder, projection, retrieval_loss, generation_loss):
+    selector = with_component_defaults("selector", selector)
+    query_encoder = with_component_defaults("query_encoder", query_encoder)
+    projection = with_component_defaults("projection", projection)
+    retrieval_loss = with_component_defaults("retrieval_loss", retrieval_loss)
+    generation_loss = with_component_defaults("generation_loss", generation_loss)
+
+
 def run_output_dir(experiment_name: str, run_id) -> str:
     """``$PQA_OUTPUT_DIR`` (default ./outputs) / experiment / time-runid."""
     root = Path(os.environ.get("PQA_OUTPUT_DIR", "outputs"))
@@ -68,10 +81,12 @@ def run_output_dir(experiment_name: str, run_id) -> str:
 def make_experiment(phase: str) -> Experiment:
     if phase not in PHASES_OF:
         raise KeyError(phase)
-    # Sacred's own git discovery crashes in a repository without commits; tracking records git state safely
-    ex = Experiment(f"pqa_{phase}", save_git_info=False)
+    from . import observers  # noqa: F401  (patches Sacred's git lookup, which crashes in a repo without commits)
+
+    ex = Experiment(f"pqa_{phase}")
     ex.captured_out_filter = apply_backspaces_and_linefeeds
     ex.add_config(default_config(phase))
+    ex.config(component_defaults)
     for name, values in NAMED_CONFIGS.items():
         ex.add_named_config(name, values)
 

@@ -26,7 +26,8 @@ class SacredLogger(RunLogger):
         self.run.log_scalar(name, float(value), step)
 
     def add_artifact(self, path: str, name=None) -> None:
-        self.run.add_artifact(str(path), name=name)
+        content_type = "application/jsonl" if str(path).endswith(".jsonl") else None
+        self.run.add_artifact(str(path), name=name, content_type=content_type)
 
     def set_info(self, key: str, value: Any) -> None:
         self.run.info[key] = value
@@ -46,15 +47,12 @@ def pqa_config_from_sacred(config: Dict[str, Any]) -> PQAConfig:
 
 
 def run_pipeline_in_sacred(config: Dict[str, Any], run) -> Dict[str, float]:
-    from .observers import git_info
     from .sacred_experiments import run_output_dir
 
     pqa_config = pqa_config_from_sacred(config)
     if not pqa_config.output_dir and not pqa_config.resume:
         pqa_config.output_dir = run_output_dir(run.experiment_info["name"], run._id)
     logger = SacredLogger(run)
-    git = git_info(Path.cwd())
-    run.info["git"] = git
     data_hashes = {}
     for key in ("corpus", "qa", "eval_qa"):
         path = resolve_data_path(getattr(pqa_config.data, key))

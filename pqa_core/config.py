@@ -82,20 +82,22 @@ class EvalSettings:
     predictions_file: str = "predictions.jsonl"
 
 
-def _component(name: str, **kwargs) -> Dict[str, Any]:
-    return field(default_factory=lambda: {"name": name, **kwargs})
+def _component(name: str) -> Dict[str, Any]:
+    """A component section: ``name`` plus keyword arguments (the component's own defaults apply)."""
+    return field(default_factory=lambda: {"name": name})
 
 
 @dataclass
 class PQAConfig:
     seed: int = 0
+    threads: int = 0  # torch CPU threads; 0 = torch's default
     output_dir: Optional[str] = None  # None = outputs/run (the experiments give each run its own)
     phases: List[str] = field(default_factory=lambda: ["write", "read", "eval"])
     resume: Optional[str] = None  # an earlier run's output folder: continue it where it stopped
     init_from: Optional[str] = None  # a checkpoint folder or run output folder to start the phases from
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
-    selector: Dict[str, Any] = _component("cosine", temperature=0.05)
+    selector: Dict[str, Any] = _component("cosine")
     query_encoder: Dict[str, Any] = _component("minilm")
     projection: Dict[str, Any] = _component("mlp2x_gelu")
     retrieval_loss: Dict[str, Any] = _component("gold_nll")
@@ -137,7 +139,7 @@ def _fill(cls, values: Dict[str, Any], prefix: str):
         elif key in COMPONENT_SECTIONS:
             if not isinstance(value, dict) or not isinstance(value.get("name", default["name"]), str):
                 raise UsageError(f"config key {path!r} must be a mapping with a string 'name'")
-            kwargs[key] = {**({} if value.get("name", default["name"]) != default["name"] else default), **value}
+            kwargs[key] = {**default, **value}
         else:
             kwargs[key] = _coerce(value, default, path, ftype)
     return cls(**kwargs)

@@ -24,6 +24,10 @@ def _cache_argument(model_class) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
+def _returned_cache(output):
+    return output.cache if "cache" in output.keys() else output.past_key_values
+
+
 class ParametricQA(nn.Module):
     def __init__(self, llm: nn.Module, tokenizer, num_docs: int, d_z: int, query_encoder: QueryEncoder,
                  selector: Selector, projection: Projection, doc_init: Optional[torch.Tensor] = None):
@@ -124,7 +128,7 @@ class ParametricQA(nn.Module):
         B = inputs_embeds.shape[0]
         out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=True, logits_to_keep=1)
-        past = out.past_key_values
+        past = _returned_cache(out)
         base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
         cache_arg = _cache_argument(type(base))
         finished = torch.zeros(B, dtype=torch.bool, device=inputs_embeds.device)
@@ -140,7 +144,7 @@ class ParametricQA(nn.Module):
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
             out = self.llm(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=next_pos,
                            use_cache=True, **{cache_arg: past})
-            past = out.past_key_values
+            past = _returned_cache(out)
             next_pos = next_pos + 1
         if not generated:
             return torch.zeros(B, 0, dtype=torch.long, device=inputs_embeds.device)

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+import torch
+
 from .builder import build_losses, build_model
 from .checkpoints import load_checkpoint
 from .config import PQAConfig
@@ -44,6 +46,8 @@ class Pipeline:
         self.config_dict = config.to_dict()
         self.logger = logger or RunLogger()
         self.output_dir = Path(config.resume or config.output_dir or "outputs/run")
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
         seed_everything(config.seed)
         self.corpus = load_corpus(resolve_data_path(config.data.corpus))
         self.train_qa = load_qa(resolve_data_path(config.data.qa), self.corpus)

@@ -128,6 +128,22 @@ def validate(kind: str, name: str, kwargs: Optional[Mapping[str, Any]] = None,
     return component
 
 
+def component_defaults(kind: str, name: str) -> Dict[str, Any]:
+    """The user-settable parameters of a component and their defaults (for configs to show)."""
+    available = components(kind)
+    if name not in available:
+        return {}
+    params = accepted_parameters(available[name].factory)
+    return {n: p.default for n, p in params.items()
+            if n not in MODEL_CONTEXT and p.default is not inspect.Parameter.empty
+            and isinstance(p.default, (int, float, str, bool, type(None)))}
+
+
+def with_component_defaults(kind: str, section: Mapping[str, Any]) -> Dict[str, Any]:
+    """``section`` with the chosen component's defaults filled in; explicit values win."""
+    return {**component_defaults(kind, section.get("name")), **section}
+
+
 def build(kind: str, name: str, kwargs: Optional[Mapping[str, Any]] = None,
           context: Optional[Mapping[str, Any]] = None):
     """Build component ``name`` of ``kind`` from user ``kwargs``.
