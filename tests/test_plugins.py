@@ -1,7 +1,6 @@
 """The plugin manager: error messages, in-process plugins, third-party entry points, ``plugin_info``."""
 from __future__ import annotations
 
-import textwrap
 import warnings
 
 import pytest
@@ -21,9 +20,7 @@ BUILTINS = {
     "generation_loss": ["ce", "kl_distill"],
 }
 
-BROKEN_EP = "pqa_test_broken_ep"
-GOOD_EP = "pqa_test_good_ep"
-DIST = "pqa-test-fake-plugin"
+from conftest import BROKEN_EP, DIST, GOOD_EP
 
 
 # --------------------------------------------------------------------------- errors
@@ -114,51 +111,6 @@ def test_unregistered_object_is_gone():
 
 
 # --------------------------------------------------------------------------- third-party entry points
-
-
-@pytest.fixture
-def fake_distribution(tmp_path, monkeypatch):
-    """A real installed-looking distribution on sys.path with two ``pqa`` entry points:
-    one whose module raises on import, one that registers selector ``third_party``.
-
-    Resets ``pqa_core.plugins._loaded`` so the entry points are read again, and afterwards
-    unregisters whatever the test loaded and restores the flag and ``PQA_LOAD_PLUGINS``.
-    """
-    (tmp_path / "pqa_test_broken_mod.py").write_text('raise RuntimeError("kaboom from fake plugin")\n')
-    (tmp_path / "pqa_test_good_mod.py").write_text(textwrap.dedent("""
-        from pqa_core.hookspecs import hookimpl
-        from pqa_core.interfaces import Selector
-
-        class ThirdPartySelector(Selector):
-            def forward(self, query_vectors, doc_vectors):
-                return -(query_vectors @ doc_vectors.T)
-
-        @hookimpl
-        def pqa_register_selectors(register):
-            register("third_party", ThirdPartySelector)
-    """))
-    dist_info = tmp_path / "pqa_test_fake_plugin-0.1.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {DIST}\nVersion: 0.1\n")
-    (dist_info / "entry_points.txt").write_text(
-        f"[pqa]\n{BROKEN_EP} = pqa_test_broken_mod\n{GOOD_EP} = pqa_test_good_mod\n")
-
-    plugins.load_plugins()  # make sure the built-ins are registered before the snapshot
-    before = {pm.get_name(p) for p in pm.get_plugins()}
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delenv(plugins.LOAD_PLUGINS_ENV, raising=False)
-    monkeypatch.setattr(plugins, "_loaded", False)  # monkeypatch restores the original value
-    try:
-        yield tmp_path
-    finally:
-        for plugin in list(pm.get_plugins()):
-            name = pm.get_name(plugin)
-            if name not in before:
-                pm.unregister(name=name)
-        import sys
-
-        for module in ("pqa_test_broken_mod", "pqa_test_good_mod"):
-            sys.modules.pop(module, None)
 
 
 def _load_recording_warnings():
