@@ -54,8 +54,21 @@ def preflight(ex, updates, named_configs):
     for name in named_configs:
         if name not in NAMED_CONFIGS:
             raise UsageError(f"unknown named config {name!r}; available: {', '.join(sorted(NAMED_CONFIGS))}")
+    from sacred.utils import ConfigAddedError
+
     try:
         run = ex._create_run(config_updates=updates, named_configs=named_configs, options={"--unobserved": True})
+    except ConfigAddedError as exc:
+        conflicting = list(getattr(exc, "__conflicting_configs__", ()))
+        for key in conflicting:  # let PQAConfig name the key and the known ones
+            nested: dict = {}
+            node = nested
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = None
+            PQAConfig.from_dict(nested)
+        raise UsageError(f"unknown config key(s): {', '.join(conflicting)}") from None
     except KeyError as exc:
         raise UsageError(f"bad config: {exc}") from None
     config = PQAConfig.from_dict(dict(run.config))

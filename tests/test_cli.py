@@ -1,0 +1,152 @@
+"""The ``pqa`` command line as users run it: a subprocess per command, a real embedded
+MongoDB (SecantusDB), and pymongo to check what was stored."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pqa(*args, env_extra=None, timeout=900, check=True):
+    env = dict(os.environ, PQA_PROGRESS="0", PYTHONUNBUFFERED="1")
+    env.update(env_extra or {})
+    proc = subprocess.run([sys.executable, "-m", "pqa_experiments.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=env.get("PQA_TEST_CWD", str(REPO)))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pqa {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def db_url(embedded_db):
+    """The embedded server with a database of this test's own (the URL path names it)."""
+    name = f"pqa_cli_{uuid.uuid4().hex[:8]}"
+    return embedded_db.rstrip("/") + "/" + name, name
+
+
+@pytest.fixture
+def outputs(tmp_path):
+    return {"PQA_OUTPUT_DIR": str(tmp_path / "outputs")}
+
+
+SMOKE = ["with", "smoke"]
+
+
+def test_demo_pipeline_is_recorded_in_mongodb(db_url, outputs, mongo_client):
+    """The README demo (SmolLM2-135M on the sample), shortened to two write and one read epoch."""
+    url, name = db_url
+    proc = pqa("run", "pipeline", "--mongo-url", url, "--json", "with", "write.epochs=2", "read.epochs=1",
+               "write.eval_docs=4", env_extra=outputs)
+    reported = json.loads(proc.stdout.strip().splitlines()[-1])
+    db = mongo_client[name]
+    run = db.runs.find_one({"_id": reported["run_id"]})
+    assert run["status"] == "COMPLETED"
+    assert run["config"]["model"]["llm"] == "smollm2-135m"
+    assert run["config"]["selector"] == {"name": "cosine", "temperature": 0.05}
+    assert set(run["result"]) == {"EM", "F1", "substring", "Recall@3"} == set(reported["result"])
+    metrics = {m["name"]: m for m in db.metrics.find({"run_id": run["_id"]})}
+    assert metrics["write.loss"]["steps"] == list(range(1, 11))  # 36 docs / batch 8 = 5 steps x 2 epochs
+    assert len(metrics["read.total_loss"]["steps"]) == 14
+    assert "write.greedy_token_acc" in metrics and "eval.F1" in metrics
+    artifacts = {a["name"]: a for a in run["artifacts"]}
+    predictions = db["fs.files"].find_one({"_id": artifacts["predictions.jsonl"]["file_id"]})
+    assert predictions["length"] > 1000
+    assert {Path(r[0]).name for r in run["resources"]} == {"corpus.jsonl", "qa_train.jsonl", "qa_eval.jsonl"}
+    assert Path(run["info"]["checkpoints"]["read"]).joinpath("MANIFEST.json").exists()
+    assert run["info"]["data"]["corpus"]["sha256"]
+    assert run["experiment"]["name"] == "pqa_pipeline"
+
+
+def test_two_runs_differing_by_selector_are_compared_side_by_side(db_url, outputs):
+    url, _ = db_url
+    ids = []
+    for selector in ("cosine", "dot"):
+        proc = pqa("run", "pipeline", "--mongo-url", url, "--json", *SMOKE, f"selector.name={selector}",
+                   env_extra=outputs)
+        ids.append(str(json.loads(proc.stdout.strip().splitlines()[-1])["run_id"]))
+    table = json.loads(pqa("runs", "compare", *ids, "--mongo-url", url, "--json").stdout)
+    assert table["config"]["selector.name"] == ["cosine", "dot"]
+    assert set(table["result"]) >= {"EM", "F1", "substring", "Recall@3"}
+    assert all(len(values) == 2 for values in table["result"].values())
+    text = pqa("runs", "compare", *ids, "--mongo-url", url).stdout
+    assert "selector.name" in text and "cosine" in text and "dot" in text
+
+
+def test_password_in_url_is_never_stored(embedded_db, outputs, mongo_client):
+    name = f"pqa_secret_{uuid.uuid4().hex[:8]}"
+    password = "S3cr3t-" + uuid.uuid4().hex
+    mongo_client.admin.command("createUser", "pqa_user", pwd=password, roles=["root"])
+    try:
+        host = embedded_db.split("://", 1)[1].rstrip("/")
+        url = f"mongodb://pqa_user:{password}@{host}/{name}?authSource=admin"
+        proc = pqa("run", "pipeline", "--mongo-url", url, *SMOKE, env_extra=outputs)
+        assert password not in proc.stdout + proc.stderr
+        db = mongo_client[name]
+        assert db.runs.count_documents({}) == 1
+        for collection in db.list_collection_names():
+            for document in db[collection].find():
+                assert password not in json.dumps(document, default=str), collection
+                assert password.encode() not in json.dumps(document, default=str).encode()
+        for chunk in db["fs.chunks"].find():
+            assert password.encode() not in bytes(chunk["data"])
+    finally:
+        mongo_client.admin.command("dropUser", "pqa_user")
+
+
+def test_pip_installed_plugin_is_listed_and_usable_by_name(tmp_path, db_url, outputs):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(REPO / "examples" / "pqa-plugin-example")],
+                   check=True, capture_output=True, timeout=300)
+    env = dict(outputs, PYTHONPATH=os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]))
+    listing = json.loads(pqa("plugins", "--json", env_extra=env).stdout)
+    plugin = next(p for p in listing if p["name"] == "l2_selector")
+    assert plugin["components"] == {"selector": ["l2"]} and plugin["version"] == "0.1.0"
+    assert "l2_selector" not in pqa("plugins", env_extra=dict(env, PQA_LOAD_PLUGINS="")).stdout
+
+    url, name = db_url
+    proc = pqa("run", "pipeline", "--mongo-url", url, "--json", *SMOKE, "selector.name=l2",
+               "selector.temperature=2.0", env_extra=env)
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["result"]["Recall@3"] >= 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["with", "smoke", "selector.name=nope"], "unknown selector 'nope'; available: bilinear, cosine, dot, mlp"),
+    (["with", "smoke", "selector.temp=2"], "selector 'cosine' got unexpected parameter 'temp'; accepted: temperature"),
+    (["with", "smoke", "read.topk=2"], "unknown config key 'read.topk'"),
+    (["with", "no_such_named_config"], "unknown named config 'no_such_named_config'"),
+    (["with", "read.top_k='x'"], "config key 'read.top_k' must be int"),
+])
+def test_usage_errors_are_one_line_exit_2_and_store_nothing(db_url, outputs, mongo_client, args, message):
+    url, name = db_url
+    proc = pqa("run", "pipeline", "--mongo-url", url, *args, env_extra=outputs, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"Error: {proc.stderr.strip().splitlines()[-1][7:]}"
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert mongo_client[name].runs.count_documents({}) == 0
+    assert not Path(outputs["PQA_OUTPUT_DIR"]).exists()
+
+
+def test_unreachable_database_fails_before_training(outputs, tmp_path):
+    from conftest import free_port
+
+    url = f"mongodb://someone:hunter2hunter2@127.0.0.1:{free_port()}/x?serverSelectionTimeoutMS=500"
+    proc = pqa("run", "pipeline", "--mongo-url", url, *SMOKE, env_extra=outputs, check=False)
+    assert proc.returncode == 1
+    assert "hunter2hunter2" not in proc.stderr and "cannot reach" in proc.stderr
+    assert not Path(outputs["PQA_OUTPUT_DIR"]).exists()
+
+
+def test_print_config_and_help():
+    config = pqa("run", "pipeline", "print_config", "with", "selector_mlp", "--no-db").stdout
+    assert "hidden = 256" in config and "name = 'mlp'" in config
+    for command in ([], ["run"], ["runs"], ["db"], ["board"], ["plugins"]):
+        assert "Usage:" in pqa(*command, "--help").stdout
