@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .metrics import compute_em, compute_f1, compute_substring, recall_at_k
-from .training import RunLogger, show_progress, to_device
+from .training import show_progress, to_device
 
 
 def decode_answers(tokenizer, token_ids: torch.Tensor):

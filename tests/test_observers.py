@@ -5,7 +5,6 @@ import importlib.util
 import os
 import secrets as _secrets
 import subprocess
-import sys
 import textwrap
 import uuid
 
