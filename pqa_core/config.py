@@ -55,7 +55,7 @@ class WriteSettings:
     train_lora: bool = False
     grad_clip: float = 1.0
     eval_docs: int = 8  # documents decoded greedily each evaluation
-    eval_every: int = 10  # epochs between greedy-reconstruction checks (and the last epoch)
+    eval_every: int = 1  # epochs between greedy-reconstruction checks (the last epoch always)
     checkpoint_every: int = 0  # steps; 0 = only at the end
 
 
@@ -72,6 +72,7 @@ class ReadSettings:
     retrieval_weight: float = 0.1
     grad_clip: float = 1.0
     checkpoint_every: int = 0
+    eval_every: int = 1  # epochs between full evaluations on the eval questions (0 = Recall@k only)
 
 
 @dataclass

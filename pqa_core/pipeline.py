@@ -114,7 +114,11 @@ class Pipeline:
         k = self.config.eval_top_k
 
         def epoch_end(epoch: int, step: int) -> Dict[str, float]:
-            return {f"eval_recall@{k}": evaluate_retrieval(self.model, self.eval_dataset, k)}
+            if r.eval_every and (epoch % r.eval_every == 0 or epoch == r.epochs):
+                metrics = evaluate_qa(self.model, self.eval_dataset, top_k=k, batch_size=self.config.eval.batch_size,
+                                      max_new_tokens=self.config.eval.max_new_tokens)
+                return {f"eval_{name}": value for name, value in metrics.items()}
+            return {f"eval_Recall@{k}": evaluate_retrieval(self.model, self.eval_dataset, k)}
 
         return trainer.fit(self.read_dataset, epochs=r.epochs, batch_size=r.batch_size, seed=self.config.seed,
                            checkpoint_root=self.checkpoint_root("read"), config_dict=self.config_dict,
@@ -137,7 +141,7 @@ class Pipeline:
         self.logger.set_info("output_dir", str(self.output_dir.resolve()))
         result: Dict[str, Any] = {}
         k = self.config.eval_top_k
-        self.logger.set_info(f"recall@{k}_before_read", evaluate_retrieval(self.model, self.eval_dataset, k))
+        self.logger.set_info(f"Recall@{k}_before_read", evaluate_retrieval(self.model, self.eval_dataset, k))
         for phase in PHASES:
             if phase not in self.config.phases:
                 continue

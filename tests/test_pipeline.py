@@ -59,7 +59,9 @@ def test_end_to_end_tiny_learns_and_reports(tmp_path):
     assert len(read_losses) == 3 and read_losses[-1] < read_losses[0]
     # greedy reconstruction is measured, not only teacher-forced accuracy
     assert "write.greedy_token_acc" in logger.scalars and "write.tf_token_acc" in logger.scalars
-    assert result["Recall@3"] > logger.info["recall@3_before_read"]
+    assert result["Recall@3"] > logger.info["Recall@3_before_read"]
+    # the eval questions are scored after every read epoch, step-wise
+    assert [step for step, _ in logger.scalars["read.eval_F1"]] == [14, 28, 42]
 
     lines = (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 36
