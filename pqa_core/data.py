@@ -396,13 +396,14 @@ class ReadPhaseDataset(torch.utils.data.Dataset):
     def collate(self, batch: List[dict]) -> Dict[str, torch.Tensor]:
         """Tensors padded to the longest item in the batch:
 
-        ``index [B]``; ``query_ids``/``query_mask [B, Lq]`` left-padded; ``answer_ids``/``answer_mask
+        ``index [B]`` and ``example_ids`` (question ids, for error messages); ``query_ids``/``query_mask [B, Lq]`` left-padded; ``answer_ids``/``answer_mask
         [B, La]`` right-padded; ``encoder_ids``/``encoder_mask`` (the encoder tokenizer's own ids and
         padding, else the query tensors); ``gold_doc_ids [B, G]`` gold corpus rows padded with -1;
         with a teacher corpus, ``teacher_ids``/``teacher_mask [B, Lt]`` left-padded.
         """
         pad = _pad_id(self.tokenizer)
-        out = {"index": torch.tensor([item["index"] for item in batch], dtype=torch.long)}
+        out = {"index": torch.tensor([item["index"] for item in batch], dtype=torch.long),
+               "example_ids": [self.examples[item["index"]].id for item in batch]}
         out["query_ids"], out["query_mask"] = pad_sequences([item["query_ids"] for item in batch], pad, "left")
         out["answer_ids"], out["answer_mask"] = pad_sequences([item["answer_ids"] for item in batch], pad, "right")
         if self.encoder_tokenizer is None:

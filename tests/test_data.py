@@ -335,8 +335,9 @@ def read_examples():
 def test_read_phase_collate_padding_sides_and_gold_rows(tokenizer):
     dataset = ReadPhaseDataset(read_examples(), tokenizer)
     batch = dataset.collate([dataset[i] for i in range(3)])
-    assert set(batch) == {"index", "query_ids", "query_mask", "answer_ids", "answer_mask", "encoder_ids",
-                          "encoder_mask", "gold_doc_ids"}
+    assert set(batch) == {"index", "example_ids", "query_ids", "query_mask", "answer_ids", "answer_mask",
+                          "encoder_ids", "encoder_mask", "gold_doc_ids"}
+    assert batch["example_ids"] == [ex.id for ex in dataset.examples[:3]]
     assert batch["index"].tolist() == [0, 1, 2]
     prompts = [f"Question: {e.question}\nAnswer:" for e in dataset.examples]
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
