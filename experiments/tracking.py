@@ -2,11 +2,10 @@
 data files as resources, git state and the checkpoint location in ``info``."""
 from __future__ import annotations
 
-import hashlib
 import logging
-from pathlib import Path
 from typing import Any, Dict
 
+from pqa_core.atomic import sha256_file
 from pqa_core.config import PQAConfig
 from pqa_core.pipeline import Pipeline, resolve_data_path
 from pqa_core.training import RunLogger
@@ -33,14 +32,6 @@ class SacredLogger(RunLogger):
         self.run.info[key] = value
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def pqa_config_from_sacred(config: Dict[str, Any]) -> PQAConfig:
     values = {k: v for k, v in config.items() if k not in SACRED_ONLY_KEYS}
     return PQAConfig.from_dict(values)
@@ -57,7 +48,7 @@ def run_pipeline_in_sacred(config: Dict[str, Any], run) -> Dict[str, float]:
     for key in ("corpus", "qa", "eval_qa"):
         path = resolve_data_path(getattr(pqa_config.data, key))
         run.add_resource(str(path))
-        data_hashes[key] = {"path": str(path.resolve()), "sha256": sha256_of(path)}
+        data_hashes[key] = {"path": str(path.resolve()), "sha256": sha256_file(path)}
     run.info["data"] = data_hashes
     pipeline = Pipeline(pqa_config, logger)
     result = pipeline.run()

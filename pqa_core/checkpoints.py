@@ -15,12 +15,9 @@ edited checkpoint is refused. Nothing is ever unpickled.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -28,6 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_directory, sha256_file
 from .errors import CheckpointError
 
 MANIFEST = "MANIFEST.json"
@@ -104,14 +102,6 @@ def _restore_rng(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> None
 
 
 # --- writing -----------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*")):
         if path.is_file():
@@ -124,9 +114,7 @@ def save_checkpoint(path, model, optimizer=None, *, step: int, epoch: int, step_
                     scheduler=None) -> Path:
     """Write a checkpoint folder at ``path`` atomically; an existing one there is replaced."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         save_file(trainable_state(model), str(tmp / "model.safetensors"))
         if model.lora_parameters():
             model.llm.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
@@ -145,20 +133,10 @@ def save_checkpoint(path, model, optimizer=None, *, step: int, epoch: int, step_
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         state["rng"] = rng_meta
         (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
-        files = {str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+        files = {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT_VERSION, "files": files}, indent=1))
         _fsync_tree(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -192,7 +170,7 @@ def verify_checkpoint(path) -> Dict[str, Any]:
         file = path / name
         if not file.exists():
             raise CheckpointError(f"{file}: listed in {MANIFEST} but missing (torn checkpoint)")
-        if file.stat().st_size != expected["bytes"] or _sha256(file) != expected["sha256"]:
+        if file.stat().st_size != expected["bytes"] or sha256_file(file) != expected["sha256"]:
             raise CheckpointError(f"{file}: contents do not match {MANIFEST} (corrupt or half-written checkpoint)")
     return json.loads((path / "state.json").read_text())
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Tuple
 
 import torch
 
+from .atomic import atomic_directory
 from .errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -47,18 +46,9 @@ def smollm2_dir() -> Path:
     # dequantised weights are plain float tensors; drop the GGUF marker so save_pretrained accepts them
     model.hf_quantizer = None
     model.config.__dict__.pop("quantization_config", None)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    try:
+    with atomic_directory(target, replace=False) as tmp:  # a concurrent converter may win; fine
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
