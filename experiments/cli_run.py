@@ -98,6 +98,16 @@ def attach_observer(ex, mongo_url: Optional[str], no_db: bool, file_storage: Opt
     return f"MongoDB {target.redacted_url} (database {target.db_name})"
 
 
+def interrupt_on_sigterm() -> None:
+    """``kill`` (SIGTERM) ends the run like Ctrl-C, so Sacred stores it as INTERRUPTED, not RUNNING forever."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("phase", type=click.Choice(PHASES))
 @click.argument("sacred_args", nargs=-1, type=click.UNPROCESSED)
@@ -125,6 +135,7 @@ def run(phase, sacred_args, mongo_url, no_db, file_storage, as_json):
         ex.run(command, config_updates=updates, named_configs=named_configs, options={"--unobserved": True})
         return
     preflight(ex, updates, named_configs)
+    interrupt_on_sigterm()
     where = attach_observer(ex, mongo_url, no_db, file_storage)
     if where:
         click.echo(f"recording to {where}", err=True)
