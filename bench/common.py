@@ -1,0 +1,238 @@
+"""What every benchmark shares: the machine description, interleaved timing, result files.
+
+Every figure a benchmark reports is a ratio of two (or more) things timed side by side in one
+process: round r runs A, B, ... then the next round runs them in reverse order, so a slow
+period on a shared machine hits both sides alike. Medians over rounds are reported, with
+the spread of the per-round ratios.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+DEFAULT_OUT = BENCH_DIR / "results"
+
+
+def _lscpu() -> Dict[str, str]:
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if ":" in line:
+            key, value = line.split(":", 1)
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _memory_gib() -> Optional[float]:
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 2 ** 20, 1)
+    except OSError:
+        pass
+    return None
+
+
+DEFAULT_THREADS = 1
+"""Torch threads the benchmarks use unless told otherwise. One, because this machine is shared: with
+other processes on the cores, a 2-thread OpenMP op waits at every barrier for a descheduled thread
+(measured here: a SmolLM2 training step took 8-28 s with 2 threads against a steady 2.2 s with 1).
+``--threads 0`` keeps torch's default."""
+
+
+def set_threads(threads: Optional[int]) -> int:
+    """Use ``threads`` torch threads (0 or None: torch's default); returns the number in force."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    return torch.get_num_threads()
+
+
+def machine_info() -> dict:
+    """CPU model, cores, torch threads, library versions, load average: what a number depends on."""
+    import torch
+
+    cpu = _lscpu()
+    flags = cpu.get("Flags", "").split()
+    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        affinity = os.cpu_count()
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "peft", "faiss", "numpy"):
+        try:
+            module = __import__(name)
+            versions[name] = getattr(module, "__version__", "?")
+        except ImportError:
+            versions[name] = None
+    return {
+        "cpu_model": cpu.get("Model name") or platform.processor() or "unknown",
+        "cpu_vendor": cpu.get("Vendor ID"),
+        "hypervisor": cpu.get("Hypervisor vendor"),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": affinity,
+        "simd": simd,
+        "memory_gib": _memory_gib(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "platform": platform.platform(),
+        "versions": versions,
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def machine_line(machine: dict) -> str:
+    """One markdown line describing the machine."""
+    v = machine["versions"]
+    return (f"{machine['cpu_model']} ({machine.get('cpu_vendor') or '?'}"
+            f"{', ' + machine['hypervisor'] + ' VM' if machine.get('hypervisor') else ''}), "
+            f"{machine['usable_cpus']} usable cores, torch threads {machine['torch_threads']}, "
+            f"{'/'.join(machine['simd']) or 'no AVX'}, {machine['memory_gib']} GiB RAM, "
+            f"torch {v['torch']}, transformers {v.get('transformers')}, "
+            f"load average at start {machine['loadavg_at_start'][0]} (other processes share this machine)")
+
+
+def interleaved(fns: Dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> Dict[str, List[float]]:
+    """Wall seconds of each callable, ``rounds`` times, alternating order A,B,.. / ..,B,A per round."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def ratio_stats(numerator: Sequence[float], denominator: Sequence[float]) -> dict:
+    """Ratio of medians, plus median/min/max of the per-round ratios (the noise)."""
+    per_round = [a / b for a, b in zip(numerator, denominator)]
+    return {"ratio_of_medians": median(numerator) / median(denominator),
+            "per_round_median": median(per_round), "per_round_min": min(per_round), "per_round_max": max(per_round)}
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def cell(x):
+        if isinstance(x, float):
+            return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+        return str(x)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_result(result: dict, markdown: str, out_dir) -> Dict[str, str]:
+    """``out_dir/<name>.json`` and ``out_dir/<name>.md``, each written under a temporary name first."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for ext, text in (("json", json.dumps(result, indent=2, default=_jsonable) + "\n"), ("md", markdown + "\n")):
+        path = out / f"{result['name']}.{ext}"
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+        paths[ext] = str(path)
+    return paths
+
+
+def _jsonable(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def command_line(default: str) -> str:
+    """The command that produced a result: ``PQA_BENCH_COMMAND`` (set by the driver) or ``default``."""
+    return os.environ.get("PQA_BENCH_COMMAND") or default
+
+
+def script_command(script: str, argv: Optional[Sequence[str]] = None) -> str:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return " ".join(["python", f"bench/{script}"] + argv)
+
+
+def quiet_libraries() -> None:
+    """No progress bars or HF info chatter inside timed code."""
+    import logging
+
+    os.environ.setdefault("PQA_PROGRESS", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("transformers", "peft", "pqa_core"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def isolated(run):
+    """Decorator for a benchmark's ``run``: afterwards torch threads, the environment variables and the
+    logging settings that :func:`quiet_libraries` and :func:`set_threads` change are as they were
+    (so a test or a notebook that runs a benchmark in-process is left untouched)."""
+    import functools
+    import logging
+
+    @functools.wraps(run)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        threads = torch.get_num_threads()
+        env = {k: os.environ.get(k) for k in ("PQA_PROGRESS", "TOKENIZERS_PARALLELISM")}
+        levels = {n: logging.getLogger(n).level for n in ("transformers", "peft", "pqa_core")}
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_state = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
+        except ImportError:  # pragma: no cover
+            hf_logging, hf_state = None, None
+        try:
+            return run(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+            for k, v in env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            for n, level in levels.items():
+                logging.getLogger(n).setLevel(level)
+            if hf_logging is not None:
+                hf_logging.set_verbosity(hf_state[0])
+                (hf_logging.enable_progress_bar if hf_state[1] else hf_logging.disable_progress_bar)()
+
+    return wrapper
+
+
+def header(result: dict) -> str:
+    """The lines every benchmark section starts with: command, machine, wall time."""
+    return (f"Command: `{result['command']}`  \n"
+            f"Machine: {machine_line(result['machine'])}  \n"
+            f"Profile: {result['profile']}; this benchmark's wall time {result['wall_s']:.0f} s; "
+            f"load average at end {result.get('loadavg_at_end', ['?'])[0]}")

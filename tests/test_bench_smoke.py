@@ -1,0 +1,88 @@
+"""The benchmarks run end to end at tiny sizes and write their files. No timing is asserted here:
+performance targets live in bench/ and bench/RESULTS.md, never in tests."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pqa_experiments.cli_bench import bench as bench_command
+from pqa_experiments.cli_bench import load_driver
+
+driver = load_driver()  # bench/ from the checkout, importable as ``bench``
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    summary = driver.run_all("smoke", out_dir=out, command="pytest smoke", log=lambda line: None)
+    return out, summary
+
+
+def test_every_benchmark_writes_json_and_markdown(smoke_run):
+    out, summary = smoke_run
+    assert summary["benchmarks"] == list(driver.BENCHMARKS)
+    for name in driver.BENCHMARKS:
+        result = json.loads((out / f"{name}.json").read_text())
+        assert result["name"] == name and result["profile"] == "smoke" and result["command"] == "pytest smoke"
+        assert result["machine"]["torch_threads"] >= 1 and result["machine"]["cpu_model"]
+        md = (out / f"{name}.md").read_text()
+        assert md.startswith("## (") and "| " in md and "Command: `pytest smoke`" in md
+    saved = json.loads((out / "summary.json").read_text())
+    assert set(saved["goals"]) == set(driver.BENCHMARKS)
+    assert "## Goals" in (out / "SUMMARY.md").read_text()
+
+
+def test_results_hold_both_sides_of_each_ratio(smoke_run):
+    out, _ = smoke_run
+    step = json.loads((out / "step_overhead.json").read_text())
+    assert set(step["seconds"]) == {"read_step", "bare_hf_labels", "bare_hf_logits_to_keep"}
+    assert len({len(v) for v in step["seconds"].values()}) == 1
+    assert step["setup"]["sequence_length"] > step["setup"]["top_k"] * step["setup"]["soft_tokens_per_doc"]
+    sel = json.loads((out / "selection_scale.json").read_text())
+    assert {"peak_mm", "exact_topk"} <= set(sel["scale"][0]["seconds"])
+    ev = json.loads((out / "batched_eval.json").read_text())
+    row = ev["rows"][0]
+    assert row["identical_predictions"] <= row["questions"] and len(row["seconds"]["seed_loop"]) >= 1
+
+
+def test_selection_plot_written_when_matplotlib_present(smoke_run):
+    pytest.importorskip("matplotlib")
+    out, _ = smoke_run
+    assert (out / "selection_scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_selection_without_faiss_says_so(tmp_path, monkeypatch):
+    from bench import selection_scale
+
+    monkeypatch.setattr(selection_scale, "_faiss", lambda: None)
+    result = selection_scale.run("smoke", command="x", out_dir=None)
+    assert result["ann"] == [] and "pip install faiss-cpu" in result["faiss_note"]
+    assert result["goals"]["recall"]["met"] is None
+    assert "Skipped: faiss not installed" in selection_scale.markdown(result)
+
+
+def test_chunked_topk_equals_exact_topk():
+    from bench.selection_scale import chunked_topk, exact_topk
+
+    g = torch.Generator().manual_seed(0)
+    q, z = torch.randn(5, 16, generator=g), torch.randn(1000, 16, generator=g)
+    values, indices = chunked_topk(q, z, 7, chunk=128)
+    exact_values, exact_indices = exact_topk(q, z, 7)
+    assert torch.allclose(values, exact_values) and torch.equal(indices, exact_indices)
+
+
+def test_interleaved_alternates_order():
+    calls = []
+    times = driver.common.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                      rounds=3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+
+
+def test_cli_runs_one_benchmark(tmp_path):
+    result = CliRunner().invoke(bench_command, ["--smoke", "--only", "selection_scale", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "selection_scale.json").read_text())
+    assert data["command"] == f"pqa bench --smoke --only selection_scale --out {tmp_path}"
+    assert not (tmp_path / "step_overhead.json").exists()
