@@ -50,7 +50,7 @@ class WriteSettings:
     epochs: int = 30
     batch_size: int = 8
     lr_z: float = 5e-2
-    lr_projection: float = 1e-3
+    lr_projection: float = 3e-2  # measured: 1e-3 converges far slower (write-phase notes in bench/RESULTS.md)
     lr_lora: float = 1e-3
     train_lora: bool = False
     grad_clip: float = 1.0

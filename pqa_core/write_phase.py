@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 class WritePhaseTrainer:
-    def __init__(self, model: ParametricQA, *, lr_z: float = 5e-2, lr_projection: float = 1e-3,
+    def __init__(self, model: ParametricQA, *, lr_z: float = 5e-2, lr_projection: float = 3e-2,
                  lr_lora: float = 1e-3, train_lora: bool = False, grad_clip: float = 1.0):
         self.model = model
         self.grad_clip = grad_clip
