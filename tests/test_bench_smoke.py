@@ -86,3 +86,15 @@ def test_cli_runs_one_benchmark(tmp_path):
     data = json.loads((tmp_path / "selection_scale.json").read_text())
     assert data["command"] == f"pqa bench --smoke --only selection_scale --out {tmp_path}"
     assert not (tmp_path / "step_overhead.json").exists()
+
+
+def test_selection_refresh_recomputes_from_raw_seconds(smoke_run):
+    from bench import selection_scale
+
+    out, _ = smoke_run
+    result = json.loads((out / "selection_scale.json").read_text())
+    before = result["goals"]["efficiency"]["value"]
+    for row in result["scale"]:
+        row["seconds"]["exact_topk"] = [t * 2 for t in row["seconds"]["exact_topk"]]
+    after = selection_scale.refresh(result)["goals"]["efficiency"]["value"]
+    assert after == pytest.approx(before / 2)
