@@ -111,7 +111,8 @@ def render(summary: dict, results: dict, sections, out: Path) -> str:
     letters = {"step_overhead": "(c)", "selection_scale": "(d)", "batched_eval": "(g)"}
     for name, goals in summary["goals"].items():
         for g in goals:
-            value = "skipped" if g["value"] is None else f"{g['value']:.3f}"
+            value = ("skipped" if g["met"] is None else "below the goal at every setting tried") \
+                if g["value"] is None else f"{g['value']:.3f}"
             goal_rows.append([f"{letters.get(name, '')} {name}", g["metric"], g["target"], value,
                               "**met**" if g["met"] else ("skipped" if g["met"] is None else "**NOT met**")])
     lines = [
