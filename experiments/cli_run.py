@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import List, Optional, Tuple
 
 import click
 
-from pqa_core.errors import UsageError
+from pqa_core.errors import CheckpointError, PqaError, UsageError
 
 log = logging.getLogger(__name__)
 PHASES = ("write", "read", "eval", "pipeline")
@@ -98,6 +99,70 @@ def attach_observer(ex, mongo_url: Optional[str], no_db: bool, file_storage: Opt
     return f"MongoDB {target.redacted_url} (database {target.db_name})"
 
 
+def resolve_resume(updates: dict, mongo_url: Optional[str], no_db: bool, file_storage: Optional[str]) -> Optional[int]:
+    """``resume=<run id>`` becomes that run's output folder (its ``info.output_dir``); any ``resume`` must
+    hold a checkpoint. Returns the run id resumed from, when given as one. The resumed run is a new run."""
+    value = updates.get("resume")
+    if value in (None, ""):
+        return None
+    run_id = None
+    if (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value.strip().isdigit()):
+        run_id = int(value)
+        updates["resume"] = _output_dir_of_run(run_id, mongo_url, no_db, file_storage)
+    elif not isinstance(value, str):
+        raise UsageError(f"resume={value!r}: expected a run id or an output folder")
+    folder = Path(updates["resume"]).expanduser()
+    what = f"resume={run_id} (run {run_id}, output folder {folder})" if run_id is not None else f"resume={folder}"
+    if not folder.is_dir():
+        raise CheckpointError(f"{what}: no such folder")
+    if not any((folder / "checkpoints").glob("*/*/MANIFEST.json")):
+        raise CheckpointError(f"{what}: no checkpoint under {folder / 'checkpoints'}; nothing to resume, "
+                              "start the run again instead")
+    return run_id
+
+
+def _output_dir_of_run(run_id: int, mongo_url: Optional[str], no_db: bool, file_storage: Optional[str]) -> str:
+    """The output folder a stored run recorded in ``info.output_dir``."""
+    if file_storage:
+        info_file = Path(file_storage) / str(run_id) / "info.json"
+        if not info_file.exists():
+            raise PqaError(f"resume={run_id}: no run {run_id} in file storage {file_storage}")
+        folder = json.loads(info_file.read_text()).get("output_dir")
+        where = f"file storage {file_storage}"
+    elif no_db:
+        raise UsageError(f"resume={run_id}: a run id is looked up in the run store; with --no-db give the "
+                         "run's output folder (resume=outputs/<experiment>/<run>)")
+    else:
+        import pymongo
+
+        from . import db
+
+        target = db.ensure_database(mongo_url)
+        where = f"{target.redacted_url} (database {target.db_name})"
+        with pymongo.MongoClient(target.url, appname="pqa", serverSelectionTimeoutMS=10_000) as client:
+            try:
+                doc = client[target.db_name]["runs"].find_one({"_id": run_id}, {"info.output_dir": 1})
+            except pymongo.errors.PyMongoError as exc:
+                raise PqaError(f"resume={run_id}: cannot read the run store {where}: "
+                               f"{str(exc).splitlines()[0][:200]}") from None
+        if doc is None:
+            raise PqaError(f"resume={run_id}: no run {run_id} in {where}")
+        folder = (doc.get("info") or {}).get("output_dir")
+    if not folder:
+        raise PqaError(f"resume={run_id}: run {run_id} in {where} recorded no output folder; "
+                       "give the folder instead (resume=outputs/<experiment>/<run>)")
+    return folder
+
+
+def run_failure(ex, exc: Exception) -> PqaError:
+    """An unexpected exception inside a run as one line; the traceback stays in the stored run."""
+    run_id = getattr(ex.current_run, "_id", None)
+    text = str(exc).strip()
+    reason = f"{type(exc).__name__}: {text.splitlines()[0][:500]}" if text else type(exc).__name__
+    run = f"run {run_id}" if run_id is not None else "the run"
+    return PqaError(f"{run} FAILED: {reason} (the traceback is stored with the run; pqa --debug run ... prints it)")
+
+
 def interrupt_on_sigterm() -> None:
     """``kill`` (SIGTERM) ends the run like Ctrl-C, so Sacred stores it as INTERRUPTED, not RUNNING forever."""
     import signal
@@ -124,6 +189,7 @@ def run(phase, sacred_args, mongo_url, no_db, file_storage, as_json):
       pqa run pipeline with smoke
       pqa run pipeline with selector.name=dot read.top_k=5 model.llm=tiny
       pqa run read with init_from=outputs/pqa_write/<run> read.epochs=5
+      pqa run pipeline with smoke resume=7   # continue run 7 (a new run) from its last checkpoint
       pqa run pipeline print_config with selector_mlp
     """
     from .sacred_experiments import make_experiment
@@ -134,15 +200,24 @@ def run(phase, sacred_args, mongo_url, no_db, file_storage, as_json):
     if command:
         ex.run(command, config_updates=updates, named_configs=named_configs, options={"--unobserved": True})
         return
+    resumed_from = resolve_resume(updates, mongo_url, no_db, file_storage)
     preflight(ex, updates, named_configs)
     interrupt_on_sigterm()
     where = attach_observer(ex, mongo_url, no_db, file_storage)
     if where:
         click.echo(f"recording to {where}", err=True)
     try:
-        finished = ex.run(config_updates=updates, named_configs=named_configs)
+        finished = ex.run(config_updates=updates, named_configs=named_configs,
+                          info={"resumed_from_run": resumed_from} if resumed_from is not None else None)
     except KeyboardInterrupt:
         raise click.Abort()
+    except PqaError:
+        raise
+    except Exception as exc:  # a component raising mid-run: Sacred stored it FAILED with the traceback
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None and (ctx.find_root().obj or {}).get("debug"):
+            raise
+        raise run_failure(ex, exc) from None
     finally:
         for observer in ex.observers:
             if hasattr(observer, "raise_for_losses"):
