@@ -1,4 +1,5 @@
-"""``pqa db start|stop|status``: manage the embedded SecantusDB run store.
+"""``pqa db start|stop|status|recover``: manage the embedded SecantusDB run store, and upload
+what runs could not store while it was away.
 
 The main CLI mounts it with ``cli.add_command(db)``. Errors are one line on
 stderr and a non-zero exit code (the :class:`PqaError`'s ``exit_code``).
@@ -74,3 +75,39 @@ def status(as_json):
         click.echo("not running")
     click.echo(f"data: {st['db_dir']}")
     click.echo(f"log:  {st['log_file']}")
+
+
+@db.command("recover")
+@click.option("--mongo-url", default=None, help="MongoDB URL (else $PQA_MONGO_URL, the config file, or the embedded server).")
+@click.option("--dir", "failure_dir", type=click.Path(file_okay=False), default=None,
+              help="Where runs saved what they could not store (default: $PQA_HOME/failed_runs).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_one_line_errors
+def recover(mongo_url, failure_dir, as_json):
+    """Upload metric points, artifacts and run records that runs saved locally while the
+    database was unreachable; each run gets its real final status back. Safe to run again."""
+    import pymongo
+
+    from . import settings
+    from .recovery import recover as _recover
+
+    target = _db.ensure_database(mongo_url)
+    folder = failure_dir or str(settings.data_dir() / "failed_runs")
+    with pymongo.MongoClient(target.url, appname="pqa-recover", serverSelectionTimeoutMS=10_000) as client:
+        report = _recover(client, folder)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=True, default=str))
+    else:
+        for run in report["runs"]:
+            what = (f"{run['points_uploaded']} metric points uploaded ({run['points_already_stored']} already stored), "
+                    f"{run['artifacts_uploaded']} artifacts")
+            if run["recovered"]:
+                click.echo(f"run {run['run_id']} ({run['database']}): {what}; status {run['status']}")
+            else:
+                click.echo(f"run {run['run_id']} ({run['database']}): NOT recovered: {run['error']}", err=True)
+        for line in report["skipped"]:
+            click.echo(f"skipped {line}", err=True)
+        click.echo(f"{report['runs_recovered']} runs recovered, {report['runs_failed']} failed, "
+                   f"{report['points_uploaded']} points uploaded from {report['files']} files in {folder}")
+    if report["runs_failed"]:
+        raise click.exceptions.Exit(1)

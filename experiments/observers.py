@@ -24,7 +24,11 @@ What is fixed, and why:
   lost reply never duplicates points. Whatever is still unwritten when the run
   ends is dumped to ``failure_dir``, the run is stored as FAILED, and
   :meth:`PqaMongoObserver.raise_for_losses` raises. The observer itself never
-  raises from a heartbeat, so Sacred never silently drops it.
+  raises from a heartbeat, so Sacred never silently drops it. An artifact
+  that could not be stored is retried at the next heartbeat and at the end.
+  Dumps are MongoDB extended JSON (never pickle) naming the database, the run
+  and the status the run really ended with; ``pqa db recover``
+  (:mod:`.recovery`) uploads them once the store is back.
 * **Heartbeat race.** Sacred joins the heartbeat thread for only 2 s before
   ``completed_event``; the final metrics flush can take longer. We join the
   stopping heartbeat thread before finishing the run.
@@ -61,9 +65,9 @@ uses it (COLLSCAN), so none is made.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
-import pickle
 import sys
 import threading
 import time
@@ -71,6 +75,7 @@ from pathlib import Path
 
 import pymongo
 import pymongo.errors
+from bson import json_util
 from sacred.observers.mongo import MongoObserver, force_bson_encodeable
 from sacred.serializer import flatten
 from sacred.utils import IntervalTimer, ObserverError
@@ -86,6 +91,9 @@ CAPTURED_OUT_LIMIT = 1_000_000
 MIN_SECRET_LEN = 4
 HEARTBEAT_JOIN_S = 300.0
 FINAL_FLUSH_ATTEMPTS = 3
+DUMP_PREFIX = "pqa_unstored_"
+DUMP_FORMAT = 1
+_dump_counter = itertools.count()
 
 
 # --------------------------------------------------------------------------- git
@@ -240,6 +248,10 @@ class PqaMongoObserver(MongoObserver):
         self._info: dict | None = None
         self._metric_error: BaseException | None = None
         self._warned: set[str] = set()
+        self._pending_artifacts: list[dict] = []
+        self._artifact_error: BaseException | None = None
+        self._final: dict | None = None  # how the run really ended, kept in dumps for ``pqa db recover``
+        self._dumped = False
         self.losses: list[str] = []  # data that did not reach the database (read by raise_for_losses)
 
     def __repr__(self):
@@ -360,6 +372,10 @@ class PqaMongoObserver(MongoObserver):
                 self.run_entry["info"] = flatten(self._info)
             if self._pending:
                 self._record_metric_loss()
+            if self._pending_artifacts:
+                self._retry_artifacts()
+            if self._pending_artifacts:
+                self._record_artifact_loss()
 
     def _record_metric_loss(self) -> None:
         total = sum(len(p[0]) for p in self._pending.values())
@@ -372,16 +388,57 @@ class PqaMongoObserver(MongoObserver):
         )
         self._pending = {}
 
+    def _record_artifact_loss(self) -> None:
+        names = ", ".join(a["name"] for a in self._pending_artifacts)
+        where = self._dump("artifacts", {"run_id": self.run_entry["_id"], "artifacts": self._pending_artifacts,
+                                         "error": repr(self._artifact_error)})
+        self.losses.append(f"artifacts of run {self.run_entry['_id']} ({names}) were not stored: "
+                           f"{self._scrub.text(str(self._artifact_error))[:300]}; saved to {where}")
+        self._pending_artifacts = []
+
+    def _retry_artifacts(self) -> None:
+        """Store artifacts whose first attempt failed; those that fail again stay queued."""
+        with self._lock:
+            pending, self._pending_artifacts = self._pending_artifacts, []
+            for i, artifact in enumerate(pending):
+                try:
+                    self._store_artifact(**artifact)
+                except Exception as exc:  # noqa: BLE001
+                    self._artifact_error = exc
+                    self._pending_artifacts = pending[i:]
+                    return
+
+    def _store_artifact(self, name, filename, metadata=None, content_type=None) -> None:
+        if not any(a.get("name") == name for a in self.run_entry.get("artifacts", [])):
+            super().artifact_event(name, filename, metadata=metadata, content_type=content_type)
+        else:
+            self.save()
+
     def _dump(self, what: str, payload) -> str:
-        """Keep unstored data on local disk (pickle, else repr) and say where."""
+        """Keep unstored data on local disk and say where: MongoDB extended JSON (never pickle, so
+        ``pqa db recover`` runs no code from it), else a readable repr; secrets scrubbed."""
+        record = {
+            "format": DUMP_FORMAT, "kind": what, "run_id": self.run_entry["_id"],
+            "database": self.runs.database.name, "runs_collection": self.runs.name,
+            "metrics_collection": self.metrics.name, "final": self._final, "payload": payload,
+        }  # fmt: skip
         try:
-            os.makedirs(self.failure_dir, exist_ok=True)
-            path = Path(self.failure_dir) / f"pqa_unstored_{what}_run{self.run_entry['_id']}_{int(time.time())}.pickle"
+            os.makedirs(self.failure_dir, mode=0o700, exist_ok=True)  # run data is private
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            name = f"{DUMP_PREFIX}{what}_run{self.run_entry['_id']}_{stamp}_{os.getpid()}_{next(_dump_counter)}"
+            path = Path(self.failure_dir) / f"{name}.json"
             try:
-                data = pickle.dumps(payload)
-            except Exception:  # unpicklable value: keep a readable record instead
-                path, data = path.with_suffix(".txt"), repr(payload).encode()
-            path.write_bytes(self._scrub.data(data) if path.suffix == ".txt" else data)
+                data = json_util.dumps(record, json_options=json_util.RELAXED_JSON_OPTIONS).encode()
+            except Exception:  # a value JSON cannot hold: keep a readable record instead
+                path, data = path.with_suffix(".txt"), repr(record).encode()
+            tmp = path.with_name(f".{path.name}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._scrub.data(data))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # whole or absent: recover never reads half a file
+            self._dumped = self._dumped or path.suffix == ".json"
             return str(path)
         except OSError as exc:
             return f"nowhere ({exc.strerror})"
@@ -394,12 +451,21 @@ class PqaMongoObserver(MongoObserver):
             super().heartbeat_event(info, captured_out, beat_time, result)
         except Exception as exc:  # noqa: BLE001
             self._warn("heartbeat", f"run document not updated: {self._scrub.text(str(exc))[:300]}")
+            return
+        if self._pending_artifacts:
+            self._retry_artifacts()
 
     def artifact_event(self, name, filename, metadata=None, content_type=None):
         try:
             super().artifact_event(name, filename, metadata=metadata, content_type=content_type)
-        except Exception as exc:  # noqa: BLE001 - recorded as a loss, reported at the end
-            self.losses.append(f"artifact {name!r} ({filename}) was not stored: {self._scrub.text(str(exc))[:300]}")
+        except Exception as exc:  # noqa: BLE001 - retried later; a loss (dumped) only if that fails too
+            if any(a.get("name") == name for a in self.run_entry.get("artifacts", [])):
+                return  # stored; only the run document update failed, and the next save carries it
+            with self._lock:
+                self._pending_artifacts.append(
+                    {"name": name, "filename": str(filename), "metadata": metadata, "content_type": content_type})
+                self._artifact_error = exc
+            self._warn("artifact", f"artifact {name!r} not stored yet, will retry: {self._scrub.text(str(exc))[:300]}")
 
     def resource_event(self, filename):
         try:
@@ -408,6 +474,7 @@ class PqaMongoObserver(MongoObserver):
             self.losses.append(f"resource {filename} was not recorded: {self._scrub.text(str(exc))[:300]}")
 
     def completed_event(self, stop_time, result):
+        self._final = {"status": "COMPLETED", "fail_trace": None}
         self._drain_metrics()
         if self.losses:  # finished, but not everything is in the database: say so in the record
             self.run_entry.update(
@@ -417,17 +484,21 @@ class PqaMongoObserver(MongoObserver):
                 fail_trace=["pqa: the run finished but not all of its data was stored:\n"]
                 + [f"pqa: {loss}\n" for loss in self.losses],
             )
-            self.final_save(attempts=10)
+            # The drain has just waited out FINAL_FLUSH_ATTEMPTS server selections: don't wait ten more.
+            down = isinstance(self._metric_error or self._artifact_error, pymongo.errors.ConnectionFailure)
+            self.final_save(attempts=3 if down else 10)
         else:
             super().completed_event(stop_time, result)
         self._raise_losses()
 
     def interrupted_event(self, interrupt_time, status):
+        self._final = {"status": status, "fail_trace": None}
         self._drain_metrics()
         super().interrupted_event(interrupt_time, status)
         self._raise_losses()
 
     def failed_event(self, fail_time, fail_trace):
+        self._final = {"status": "FAILED", "fail_trace": list(fail_trace or [])}
         self._drain_metrics()
         if self.losses:
             fail_trace = list(fail_trace) + [f"pqa: {loss}\n" for loss in self.losses]
@@ -435,15 +506,16 @@ class PqaMongoObserver(MongoObserver):
         self._raise_losses()
 
     def _raise_losses(self):
+        # Said, not raised: Sacred would only log the exception with a traceback. raise_for_losses()
+        # after the run sets the exit code.
         if self.losses:
-            msg = "; ".join(self.losses)
-            print(f"pqa: ERROR: {msg}", file=sys.stderr)
-            raise ObserverError(msg)  # Sacred only logs it; raise_for_losses() sets the exit code
+            print(f"pqa: ERROR: {'; '.join(self.losses)}", file=sys.stderr)
 
     def raise_for_losses(self) -> None:
         """After the run: :class:`PqaError` if any metric, artifact or resource was not stored."""
         if self.losses:
-            raise PqaError("run data not stored: " + "; ".join(self.losses))
+            hint = "; upload it with `pqa db recover` once the database is back" if self._dumped else ""
+            raise PqaError("run data not stored: " + "; ".join(self.losses) + hint)
 
     # -- writes: every run document goes through the scrubber ------------------------------
 
