@@ -97,14 +97,17 @@ class EpochLoop:
         return self.root / "final"
 
     def resume_point(self) -> tuple:
-        """(epoch, step_in_epoch, global_step) to start from, loading the latest checkpoint if any."""
+        """(epoch, step_in_epoch, global_step, the epoch's metric sums so far, steps summed) to start
+        from, loading the latest checkpoint if any; the sums keep a resumed epoch's averages exact."""
         latest = latest_checkpoint(self.root)
         if latest is None:
-            return 0, 0, 0
+            return 0, 0, 0, {}, 0
         state = load_checkpoint(latest, self.model, self.optimizer, config=self.config_dict)
         log.info("%s phase: resuming from %s (step %d)", self.phase, latest, state["step"])
         self.logger.set_info(f"{self.phase}_resumed_from", str(latest))
-        return state["epoch"], state["step_in_epoch"], state["step"]
+        partial = state.get("metrics") or {}
+        return (state["epoch"], state["step_in_epoch"], state["step"], dict(partial.get("epoch_sums") or {}),
+                int(partial.get("epoch_steps") or 0))
 
     def save(self, path, step, epoch, step_in_epoch, metrics=None) -> Path:
         return save_checkpoint(path, self.model, self.optimizer, step=step, epoch=epoch,
@@ -113,14 +116,15 @@ class EpochLoop:
 
     def run(self, dataset, *, epochs: int, batch_size: int, seed: int, step_fn: Callable[[dict], dict],
             epoch_end_fn: Optional[Callable[[int, int], dict]] = None) -> Dict[str, float]:
-        epoch, skip, step = self.resume_point()
+        epoch, skip, step, resumed_sums, resumed_count = self.resume_point()
         batches_per_epoch = (len(dataset) + batch_size - 1) // batch_size
         last: Dict[str, float] = {}
         bar = tqdm(total=epochs * batches_per_epoch, initial=step, desc=f"{self.phase} phase",
                    disable=not show_progress(), dynamic_ncols=True, leave=False)
         while epoch < epochs:
-            sums: Dict[str, float] = {}
-            count = 0
+            sums: Dict[str, float] = resumed_sums
+            count = resumed_count
+            resumed_sums, resumed_count = {}, 0
             for i, batch in enumerate(epoch_loader(dataset, batch_size, seed, epoch)):
                 if i < skip:
                     continue
@@ -133,7 +137,8 @@ class EpochLoop:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if "loss" in k})
                 if self.checkpoint_every and step % self.checkpoint_every == 0:
-                    self.save(step_dir(self.root, step), step, epoch, i + 1)
+                    self.save(step_dir(self.root, step), step, epoch, i + 1,
+                              metrics={"epoch_sums": dict(sums), "epoch_steps": count})
             skip = 0
             epoch += 1
             last = {f"epoch_{k}": v / max(count, 1) for k, v in sums.items()}

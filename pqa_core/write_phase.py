@@ -25,9 +25,9 @@ class WritePhaseTrainer:
         self.grad_clip = grad_clip
         self.device = model.doc_vectors.device
         groups = [("z", [model.doc_vectors], lr_z),
-                  ("projection", model.z_to_embedding.parameters(), lr_projection)]
+                  ("projection", list(model.z_to_embedding.parameters()), lr_projection)]
         if train_lora:
-            groups.append(("lora", model.lora_parameters(), lr_lora))
+            groups.append(("lora", list(model.lora_parameters()), lr_lora))
         self.trainable = [p for _, params, _ in groups for p in params]
         self.optimizer = torch.optim.AdamW(param_groups((n, list(p), lr) for n, p, lr in groups), weight_decay=0.0)
         self.train_lora = train_lora
