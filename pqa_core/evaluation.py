@@ -2,14 +2,18 @@
 
 Unlike the seed notebook (one question at a time, padded to 128), questions go through in
 batches with dynamic padding and the KV cache. Result keys: ``EM``, ``F1``, ``substring``,
-``Recall@{k}``, as percentages.
+``Recall@{k}``, as percentages; with ``with_cost`` also ``latency_ms_per_question`` and
+``prompt_tokens_per_question``. ``score_answers`` is the scoring loop pqa and the controls
+(``pqa_core.controls``) share.
 """
 from __future__ import annotations
 
 import json
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -20,6 +24,88 @@ from .training import show_progress, to_device
 
 def decode_answers(tokenizer, token_ids: torch.Tensor):
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in token_ids.tolist()]
+
+
+@dataclass
+class AnsweredBatch:
+    """What one batch of questions produced; lists run parallel to ``indices``."""
+
+    indices: List[int]  # positions in the examples being scored
+    predictions: List[str]
+    selected: List[List[int]]  # corpus rows read, best first (empty: none)
+    scores: List[Optional[List[float]]]  # the selector's scores of ``selected`` (None: no scores)
+    recalls: List[float]  # gold-document recall of ``selected``, a fraction
+    prompt_tokens: Optional[List[int]] = None  # tokens the LLM read before answering (soft tokens included)
+
+
+def score_answers(examples: Sequence, batches: Iterable[AnsweredBatch], *, top_k: int, num_batches: int = 0,
+                  predictions_path: Optional[str] = None, doc_ids=None,
+                  with_cost: bool = False) -> Tuple[Dict[str, float], float]:
+    """Score answered batches: ``(metrics in percent, wall seconds spent producing the batches)``.
+
+    The seconds are those spent inside ``batches`` (selection, prompt building, generation,
+    decoding), not scoring or writing. The predictions file, when asked for, is written under a
+    temporary name and renamed at the end, so it is never half-written.
+    """
+    sums = {"EM": 0.0, "F1": 0.0, "substring": 0.0, f"Recall@{top_k}": 0.0}
+    prompt_tokens = 0
+    seconds = 0.0
+    tmp_path = None
+    out = None
+    if predictions_path:
+        Path(predictions_path).parent.mkdir(parents=True, exist_ok=True)
+        tmp_path = f"{predictions_path}.tmp-{os.getpid()}"
+        out = open(tmp_path, "w", encoding="utf-8")
+    try:
+        iterator = iter(batches)
+        progress = tqdm(total=num_batches or None, desc="evaluating", disable=not show_progress(), leave=False)
+        while True:
+            start = time.perf_counter()
+            batch = next(iterator, None)
+            seconds += time.perf_counter() - start
+            if batch is None:
+                break
+            progress.update(1)
+            for j, i in enumerate(batch.indices):
+                example = examples[i]
+                prediction = batch.predictions[j]
+                em = compute_em(prediction, example.answers)
+                f1 = compute_f1(prediction, example.answers)
+                sub = compute_substring(prediction, example.answers)
+                sums["EM"] += em
+                sums["F1"] += f1
+                sums["substring"] += sub
+                sums[f"Recall@{top_k}"] += batch.recalls[j]
+                if batch.prompt_tokens is not None:
+                    prompt_tokens += batch.prompt_tokens[j]
+                if out is not None:
+                    sel_rows = batch.selected[j]
+                    record = {
+                        "id": example.id, "question": example.question, "answers": example.answers,
+                        "prediction": prediction,
+                        "selected_ids": [doc_ids[r] for r in sel_rows] if doc_ids is not None else sel_rows,
+                        "gold_ids": list(example.gold_doc_ids), "scores": batch.scores[j],
+                        "em": em, "f1": f1, "substring": sub,
+                    }
+                    if with_cost and batch.prompt_tokens is not None:
+                        record["prompt_tokens"] = batch.prompt_tokens[j]
+                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        progress.close()
+        if out is not None:
+            out.close()
+            os.replace(tmp_path, predictions_path)
+            out = None
+    finally:
+        if out is not None:
+            out.close()
+        if tmp_path and os.path.exists(tmp_path):
+            os.remove(tmp_path)
+    n = max(len(examples), 1)
+    metrics = {k: 100.0 * v / n for k, v in sums.items()}
+    if with_cost:
+        metrics["latency_ms_per_question"] = 1000.0 * seconds / n
+        metrics["prompt_tokens_per_question"] = prompt_tokens / n
+    return metrics, seconds
 
 
 @torch.no_grad()
@@ -38,56 +124,33 @@ def evaluate_retrieval(model, dataset, top_k: int, batch_size: int = 32) -> floa
 
 @torch.no_grad()
 def evaluate_qa(model, dataset, *, top_k: int = 5, batch_size: int = 16, max_new_tokens: int = 24,
-                predictions_path: Optional[str] = None, doc_ids=None) -> Dict[str, float]:
-    """EM / F1 / substring / Recall@k over ``dataset`` (a ReadPhaseDataset), in percent."""
+                predictions_path: Optional[str] = None, doc_ids=None, with_cost: bool = False) -> Dict[str, float]:
+    """EM / F1 / substring / Recall@k over ``dataset`` (a ReadPhaseDataset), in percent.
+
+    ``with_cost`` adds ``latency_ms_per_question`` (wall time of collation, selection, generation and
+    decoding at this batch size, per question) and ``prompt_tokens_per_question`` (``k*m`` soft
+    tokens plus the question's tokens), measured as ``pqa_core.controls.evaluate_control`` measures them.
+    """
     model.eval()
     device = model.doc_vectors.device
     tokenizer = model.tokenizer
-    examples = dataset.examples
-    sums = {"EM": 0.0, "F1": 0.0, "substring": 0.0, f"Recall@{top_k}": 0.0}
-    tmp_path = None
-    out = None
-    if predictions_path:
-        Path(predictions_path).parent.mkdir(parents=True, exist_ok=True)
-        tmp_path = f"{predictions_path}.tmp-{os.getpid()}"
-        out = open(tmp_path, "w", encoding="utf-8")
-    try:
-        order = range(len(dataset))
-        for start in tqdm(range(0, len(dataset), batch_size), desc="evaluating", disable=not show_progress(),
-                          leave=False):
-            idx = list(order[start:start + batch_size])
+
+    def answered():
+        for start in range(0, len(dataset), batch_size):
+            idx = list(range(start, min(start + batch_size, len(dataset))))
             batch = to_device(dataset.collate([dataset[i] for i in idx]), device)
             selected, scores = model.select_documents(batch["encoder_ids"], batch["encoder_mask"], k=top_k)
             generated = model.generate(batch["query_ids"], selected, batch["query_mask"], max_new_tokens=max_new_tokens)
-            predictions = decode_answers(tokenizer, generated)
-            recalls = recall_at_k(selected, batch["gold_doc_ids"]).tolist()
-            top_scores = scores.gather(1, selected).tolist()
-            for j, i in enumerate(idx):
-                example = examples[i]
-                em = compute_em(predictions[j], example.answers)
-                f1 = compute_f1(predictions[j], example.answers)
-                sub = compute_substring(predictions[j], example.answers)
-                sums["EM"] += em
-                sums["F1"] += f1
-                sums["substring"] += sub
-                sums[f"Recall@{top_k}"] += recalls[j]
-                if out is not None:
-                    sel_rows = selected[j].tolist()
-                    out.write(json.dumps({
-                        "id": example.id, "question": example.question, "answers": example.answers,
-                        "prediction": predictions[j],
-                        "selected_ids": [doc_ids[r] for r in sel_rows] if doc_ids is not None else sel_rows,
-                        "gold_ids": list(example.gold_doc_ids), "scores": top_scores[j],
-                        "em": em, "f1": f1, "substring": sub,
-                    }, ensure_ascii=False) + "\n")
-        if out is not None:
-            out.close()
-            os.replace(tmp_path, predictions_path)
-            out = None
-    finally:
-        if out is not None:
-            out.close()
-        if tmp_path and os.path.exists(tmp_path):
-            os.remove(tmp_path)
-    n = max(len(dataset), 1)
-    return {k: 100.0 * v / n for k, v in sums.items()}
+            prompt_tokens = None
+            if with_cost:  # Projection.num_tokens soft tokens per selected document, then the question
+                soft = selected.shape[1] * model.z_to_embedding.num_tokens
+                prompt_tokens = (batch["query_mask"].sum(1) + soft).tolist()
+            yield AnsweredBatch(
+                indices=idx, predictions=decode_answers(tokenizer, generated), selected=selected.tolist(),
+                scores=scores.gather(1, selected).tolist(),
+                recalls=recall_at_k(selected, batch["gold_doc_ids"]).tolist(), prompt_tokens=prompt_tokens)
+
+    metrics, _ = score_answers(dataset.examples, answered(), top_k=top_k,
+                               num_batches=-(-len(dataset) // batch_size), predictions_path=predictions_path,
+                               doc_ids=doc_ids, with_cost=with_cost)
+    return metrics

@@ -34,5 +34,10 @@ def pqa_register_generation_losses(register):
 
 
 @hookspec
+def pqa_register_controls(register):
+    """Register controls: baselines that give the LLM passage text (or nothing) instead of latents."""
+
+
+@hookspec
 def pqa_register_commands(cli):
     """Add subcommands to the ``pqa`` click group."""

@@ -1,13 +1,15 @@
-"""The five component contracts every plugin implements.
+"""The component contracts every plugin implements.
 
-All are ``torch.nn.Module`` subclasses, so their parameters train with the
-model, move with ``.to()`` and save with the checkpoint. Shapes below use
+The five model components are ``torch.nn.Module`` subclasses, so their parameters train with the
+model, move with ``.to()`` and save with the checkpoint. A ``Control`` (a baseline that feeds the
+LLM passage text, or nothing, instead of latents) trains nothing and is a plain object. Shapes below use
 B = batch, N = number of documents, d_q = query-vector size, d_z = doc-vector
 size, m = memory (soft) tokens per document, d_model = LLM hidden size.
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -71,11 +73,63 @@ class GenerationLoss(nn.Module):
         raise NotImplementedError
 
 
+@dataclass
+class ControlInput:
+    """What a control gives the LLM for one question."""
+
+    rows: List[int]  # corpus rows whose text is the context, best first (empty: none)
+    scores: Optional[List[float]]  # the control's scores of ``rows`` (None: it has none)
+    context: Optional[str]  # the passages' text as the LLM reads it (None: no context)
+    prompt: str  # the whole text the LLM reads before answering
+
+
+class Control:
+    """A baseline: which passages' text the LLM reads before the question (``pqa run control``).
+
+    ``index(corpus, tokenizer)`` is called once with the corpus (``pqa_core.data.Document`` list)
+    and the LLM's tokenizer; ``select(examples, k)`` returns, per question (``QAExample``), up to
+    ``k`` corpus rows best first and their scores (or ``None``). ``prepare`` turns that into the
+    prompt ``"Context: <passage>\\n<passage>\\n<prompt>"`` (the distillation teacher's layout) or,
+    with no rows, the bare prompt. ``max_passage_tokens`` (0: no limit) keeps the first that many
+    LLM tokens of each passage.
+    """
+
+    def __init__(self, max_passage_tokens: int = 0):
+        if max_passage_tokens < 0:
+            raise ValueError(f"max_passage_tokens={max_passage_tokens}: expected >= 0 (0 = whole passage)")
+        self.max_passage_tokens = max_passage_tokens
+        self.passages: List[str] = []
+
+    def index(self, corpus: Sequence, tokenizer=None) -> None:
+        texts = [doc.text for doc in corpus]
+        if self.max_passage_tokens and tokenizer is not None:
+            ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+            texts = [text if len(row) <= self.max_passage_tokens
+                     else tokenizer.decode(row[:self.max_passage_tokens]) for text, row in zip(texts, ids)]
+        self.passages = texts
+
+    def select(self, examples: Sequence, k: int):
+        """``(rows [B][<=k], scores [B][<=k] or None)``."""
+        raise NotImplementedError
+
+    def prepare(self, examples: Sequence, k: int, prompt: str = "Question: {question}\nAnswer:") -> List[ControlInput]:
+        rows, scores = self.select(examples, k)
+        out = []
+        for i, example in enumerate(examples):
+            question = prompt.replace("{question}", example.question)  # no str.format: braces stay literal
+            picked = [int(r) for r in rows[i]]
+            context = "\n".join(self.passages[r] for r in picked) if picked else None
+            out.append(ControlInput(picked, None if scores is None else [float(s) for s in scores[i]], context,
+                                    question if context is None else f"Context: {context}\n{question}"))
+        return out
+
+
 COMPONENT_KINDS = {
     "selector": Selector,
     "query_encoder": QueryEncoder,
     "projection": Projection,
     "retrieval_loss": RetrievalLoss,
     "generation_loss": GenerationLoss,
+    "control": Control,
 }
 """Config namespace -> interface class. The config key ``selector.name`` picks a selector, and so on."""

@@ -1,4 +1,5 @@
-"""One run: load data, build the model, then the configured phases (write -> read -> eval).
+"""One run: load data, build the model, then the configured phases (write -> read -> eval), or the
+``control`` phase, which scores a baseline (``pqa_core.controls``) on the eval questions instead.
 
 Every phase ends in an atomic checkpoint under ``output_dir/checkpoints/<phase>/final``. With
 ``resume`` set to an earlier run's output folder, finished phases are loaded instead of re-run
@@ -25,7 +26,7 @@ from .training import RunLogger, seed_everything
 from .write_phase import WritePhaseTrainer
 
 log = logging.getLogger(__name__)
-PHASES = ("write", "read", "eval")
+PHASES = ("write", "read", "eval", "control")
 
 
 def resolve_data_path(spec: str) -> Path:
@@ -135,13 +136,30 @@ class Pipeline:
             self.logger.log_scalar(f"eval.{name}", value, 0)
         return metrics
 
+    def run_control(self) -> Dict[str, float]:
+        """Score the control named in ``config.control`` on the eval questions, as ``run_eval`` scores pqa."""
+        from .controls import build_control, evaluate_control
+
+        e = self.config.eval
+        control = build_control(self.config.control, self.corpus, self.tokenizer)
+        path = self.output_dir / e.predictions_file
+        metrics = evaluate_control(self.model, control, self.eval_qa, top_k=self.config.eval_top_k,
+                                   batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+                                   prompt=self.config.data.prompt, predictions_path=str(path),
+                                   doc_ids=[d.doc_id for d in self.corpus])
+        self.logger.add_artifact(str(path), "predictions.jsonl")
+        for name, value in metrics.items():
+            self.logger.log_scalar(f"eval.{name}", value, 0)
+        return metrics
+
     def run(self) -> Dict[str, Any]:
         """Run the configured phases; returns the eval metrics (or the last phase's metrics)."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.logger.set_info("output_dir", str(self.output_dir.resolve()))
         result: Dict[str, Any] = {}
         k = self.config.eval_top_k
-        self.logger.set_info(f"Recall@{k}_before_read", evaluate_retrieval(self.model, self.eval_dataset, k))
+        if self.config.phases != ["control"]:
+            self.logger.set_info(f"Recall@{k}_before_read", evaluate_retrieval(self.model, self.eval_dataset, k))
         for phase in PHASES:
             if phase not in self.config.phases:
                 continue
@@ -151,7 +169,7 @@ class Pipeline:
             self.timings[phase] = time.perf_counter() - start
             self.logger.set_info(f"{phase}_seconds", round(self.timings[phase], 2))
             self.logger.set_info(f"{phase}_metrics", result)
-            if phase != "eval":
+            if phase in ("write", "read"):
                 self.logger.set_info(f"{phase}_checkpoint", str((self.checkpoint_root(phase) / "final").resolve()))
         (self.output_dir / "result.json").write_text(json.dumps(
             {"metrics": result, "timings": self.timings}, indent=1))

@@ -28,6 +28,7 @@ DEFAULT_PLUGINS = (
     "pqa_plugins.projections",
     "pqa_plugins.retrieval_losses",
     "pqa_plugins.generation_losses",
+    "pqa_plugins.controls",
 )
 
 # config namespace -> hook that registers components of that kind
@@ -37,6 +38,7 @@ KIND_HOOKS = {
     "projection": "pqa_register_projections",
     "retrieval_loss": "pqa_register_retrieval_losses",
     "generation_loss": "pqa_register_generation_losses",
+    "control": "pqa_register_controls",
 }
 
 pm = pluggy.PluginManager("pqa")

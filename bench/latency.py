@@ -1,0 +1,254 @@
+"""(b) Answer latency and prompt tokens per question: pqa (m soft tokens per document) vs text RAG (BM25), same k.
+
+Both sides answer the same held-out questions of the (a) subset one at a time (batch 1: the latency a
+user waits for), with the same LLM and decoding code (``ParametricQA.generate_from``, greedy, KV cache):
+
+- ``pqa``: ``evaluate_qa(..., with_cost=True)``: MiniLM query encoding, cosine top-k over the doc
+  vectors, ``k*m`` soft tokens + the question;
+- ``bm25``: ``evaluate_control`` with the ``bm25`` control: BM25 top-k, ``Context: <k passages>\\n``
+  + the question as text;
+- ``closed_book``: the question alone (the floor: what any reader pays).
+
+Timing does not depend on training, but answer length does, so every answer is forced to exactly
+``G`` new tokens (EOS is never taken as the end): ``G=1`` is the time to the first token (selection +
+prefill), ``G=8`` a short answer (SQuAD gold answers average about 4 SmolLM2 tokens, plus EOS; the
+goal is read here), ``G=24`` the evaluation's ``max_new_tokens``. The model is untrained and has no LoRA (a trained pqa model
+merges its LoRA into the weights to serve, so both sides run the same weights). Rounds are interleaved
+(order reversed every other round); medians, with the per-round spread of the ratios.
+The goal pairs the speedup with quality: F1 comes from ``bench/results/quality.json`` (run (a) first).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import common  # noqa: E402
+from bench import quality  # noqa: E402
+
+NAME = "latency"
+SPEEDUP_GOAL, F1_GOAL = 5.0, 0.8
+ANSWER_TOKENS = 8  # the G the speedup goal is read at
+SYSTEMS = ("pqa", "bm25", "closed_book")
+PROFILES = {
+    "smoke": dict(llm="tiny", data="sample", questions=4, rounds=1, new_tokens=[1, 8], top_k=3),
+    "quick": dict(llm="smollm2-135m", data="squad", articles=2, passages_per_article=4, eval_fraction=0.25,
+                  questions=3, rounds=2, new_tokens=[1, 8], top_k=3),
+    "full": dict(llm="smollm2-135m", data="squad", articles=3, passages_per_article=8, eval_fraction=0.25,
+                 questions=6, rounds=3, new_tokens=[1, 8, 24], top_k=3),
+}
+
+
+class FixedLengthTokenizer:
+    """The LLM's tokenizer with an end-of-sequence id no token has: every answer runs ``max_new_tokens``."""
+
+    eos_token_id = -1
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._tokenizer(*args, **kwargs)
+
+    def __len__(self):
+        return len(self._tokenizer)
+
+
+def _setup(params: dict, tmp: Path):
+    from pqa_core.config import PQAConfig
+    from pqa_core.data import ReadPhaseDataset
+    from pqa_core.pipeline import Pipeline
+
+    data, about = quality.data_paths(params, tmp)
+    config = PQAConfig.from_dict({"seed": 0, "output_dir": str(tmp / "run"), "phases": [],
+                                  "model": {"llm": params["llm"], "device": "cpu", "lora": {"enabled": False}},
+                                  "data": data, "read": {"top_k": params["top_k"]}})
+    pipeline = Pipeline(config)
+    examples = pipeline.eval_qa[:params["questions"]]
+    d = config.data
+    dataset = ReadPhaseDataset(examples, pipeline.tokenizer,
+                               encoder_tokenizer=getattr(pipeline.model.query_encoder, "tokenizer", None),
+                               max_query_length=d.max_query_tokens, max_answer_length=d.max_answer_tokens,
+                               prompt=d.prompt)
+    return config, pipeline, examples, dataset, about
+
+
+def _f1_from_quality(path: Path = common.DEFAULT_OUT / "quality.json"):
+    """F1 and substring of pqa and of BM25 text RAG (its best row: plain LLM or with pqa's LoRA) from (a)."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))["rows"]
+        bm25 = max((n for n in rows if n.split(" ")[0] == "bm25"), key=lambda n: rows[n]["F1"])
+        return {"pqa": rows["pqa"]["F1"], "bm25": rows[bm25]["F1"], "bm25_row": bm25,
+                "pqa_substring": rows["pqa"]["substring"], "bm25_substring": rows[bm25]["substring"]}
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+@common.isolated
+def run(profile: str = "full", command: str | None = None, threads: int | None = common.DEFAULT_THREADS,
+        quality_json: str | None = None, **overrides) -> dict:
+    import torch
+
+    from pqa_core.controls import build_control, evaluate_control
+    from pqa_core.evaluation import evaluate_qa
+
+    common.quiet_libraries()
+    params = {**PROFILES[profile], **overrides}
+    started = time.perf_counter()
+    common.set_threads(threads)
+    machine = common.machine_info()
+    k = params["top_k"]
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        config, pipeline, examples, dataset, about = _setup(params, Path(tmp))
+    model, prompt = pipeline.model.eval(), config.data.prompt
+    real_tokenizer = model.tokenizer
+    model.tokenizer = FixedLengthTokenizer(real_tokenizer)
+    controls = {name: build_control({"name": name}, pipeline.corpus, real_tokenizer) for name in ("bm25", "closed_book")}
+    outputs = {}
+
+    def system(name, new_tokens):
+        def call():
+            if name == "pqa":
+                outputs[name, new_tokens] = evaluate_qa(model, dataset, top_k=k, batch_size=1,
+                                                        max_new_tokens=new_tokens, with_cost=True)
+            else:
+                outputs[name, new_tokens] = evaluate_control(model, controls[name], examples, top_k=k, batch_size=1,
+                                                             max_new_tokens=new_tokens, prompt=prompt)
+        return call
+
+    try:
+        fns = {f"{name}@G={g}": system(name, g) for g in params["new_tokens"] for name in SYSTEMS}
+        warm = examples[:1]  # first calls pay one-off costs (allocations, lazy imports): one question each
+        evaluate_qa(model, type(dataset)(warm, real_tokenizer, encoder_tokenizer=dataset.encoder_tokenizer,
+                                         prompt=prompt), top_k=k, batch_size=1, max_new_tokens=2)
+        for control in controls.values():
+            evaluate_control(model, control, warm, top_k=k, batch_size=1, max_new_tokens=2, prompt=prompt)
+        times = common.interleaved(fns, rounds=params["rounds"], warmup=0)
+    finally:
+        model.tokenizer = real_tokenizer
+    n = len(examples)
+    rows = []
+    for g in params["new_tokens"]:
+        row = {"new_tokens": g, "questions": n, "seconds": {s: times[f"{s}@G={g}"] for s in SYSTEMS},
+               "ms_per_question": {s: 1000 * common.median(times[f"{s}@G={g}"]) / n for s in SYSTEMS},
+               "prompt_tokens_per_question": {s: outputs[s, g]["prompt_tokens_per_question"] for s in SYSTEMS},
+               f"Recall@{k}": {s: outputs[s, g][f"Recall@{k}"] for s in SYSTEMS}}
+        for other in ("bm25", "closed_book"):
+            row[f"{other}_over_pqa"] = common.ratio_stats(times[f"{other}@G={g}"], times[f"pqa@G={g}"])
+        rows.append(row)
+    f1 = _f1_from_quality(Path(quality_json)) if quality_json else _f1_from_quality()
+    answer = next(r for r in rows if r["new_tokens"] == ANSWER_TOKENS)
+    gold_tokens = [len(ids) for ids in real_tokenizer([ex.answers[0] for ex in pipeline.eval_qa],
+                                                      add_special_tokens=False)["input_ids"]]
+    speedup = answer["bm25_over_pqa"]["ratio_of_medians"]
+    f1_ratio = f1["pqa"] / f1["bm25"] if f1 and f1.get("bm25") else None
+    result = {
+        "name": NAME, "profile": profile,
+        "command": command or common.command_line(f"python bench/{NAME}.py --{profile}"),
+        "machine": machine, "params": params, "data": about, "rows": rows, "f1_from_quality": f1,
+        "mean_gold_answer_tokens": sum(gold_tokens) / max(len(gold_tokens), 1),
+        "goals": {
+            "speedup": {"metric": f"bm25 text RAG / pqa answer latency, batch 1, G={answer['new_tokens']} new tokens, "
+                                  f"k={k}", "target": f">= {SPEEDUP_GOAL}", "value": speedup,
+                        "met": speedup >= SPEEDUP_GOAL},
+            "f1": {"metric": f"pqa F1 / bm25 F1 from (a) (row {f1['bm25_row'] if f1 else '?'})",
+                   "target": f">= {F1_GOAL}", "value": f1_ratio,
+                   "met": None if f1_ratio is None else f1_ratio >= F1_GOAL},
+        },
+    }
+    result["wall_s"] = time.perf_counter() - started
+    result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return result
+
+
+def markdown(result: dict) -> str:
+    p, d, goals = result["params"], result["data"], result["goals"]
+    k = p["top_k"]
+    table_rows = []
+    for r in result["rows"]:
+        for s in SYSTEMS:
+            ratio = r.get(f"{s}_over_pqa")
+            table_rows.append([
+                r["new_tokens"], f"**{s}**" if s == "pqa" else s, f"{r['prompt_tokens_per_question'][s]:.0f}",
+                f"{r['ms_per_question'][s]:.0f}",
+                "1 (reference)" if ratio is None else
+                f"**{ratio['ratio_of_medians']:.2f}x** ({ratio['per_round_min']:.2f} .. {ratio['per_round_max']:.2f})",
+                f"{r[f'Recall@{k}'][s]:.0f}"])
+    table = common.md_table(["new tokens G", "system", "prompt tokens/q", "ms/question",
+                             "time / pqa's (per-round range)", f"Recall@{k} (untrained pqa)"], table_rows)
+    speed, f1 = goals["speedup"], goals["f1"]
+    fq = result["f1_from_quality"]
+    f1_text = ("no F1 yet (run `python bench/quality.py` first)" if not fq else
+               f"no F1 ratio: bm25's F1 in (a) is {fq.get('bm25', 0):.1f}" if f1["value"] is None else
+               f"pqa F1 / bm25 F1 from (a) (`{fq['bm25_row']}`) = **{f1['value']:.2f}** (goal >= {F1_GOAL}: "
+               f"**{'met' if f1['met'] else 'NOT met'}**; by substring match "
+               f"{fq['pqa_substring'] / fq['bm25_substring'] if fq['bm25_substring'] else float('nan'):.2f})")
+    both = speed["met"] and bool(f1["met"])
+    by_g = {r["new_tokens"]: r["ms_per_question"] for r in result["rows"]}
+    decode = ""
+    if len(by_g) >= 2:
+        lo, hi = min(by_g), max(by_g)
+        per_token = {s: (by_g[hi][s] - by_g[lo][s]) / (hi - lo) for s in ("pqa", "bm25")}
+        decode = (f" Each further answer token costs about {per_token['pqa']:.0f} ms (pqa) and "
+                  f"{per_token['bm25']:.0f} ms (bm25) at batch 1 on this CPU: decoding reads every weight per token "
+                  f"whatever the prompt, so the prompt saving shows fully in the time to the first token and is "
+                  f"diluted by every token generated after it.")
+    return "\n".join([
+        "## (b) Answer latency and prompt tokens: pqa vs text RAG, same k",
+        "",
+        common.header(result),
+        "",
+        f"{result['rows'][0]['questions']} held-out questions of the (a) subset ({d['passages']} passages), one at a "
+        f"time (batch 1), LLM `{p['llm']}` without LoRA on both sides, k={k}; pqa reads k x 4 soft tokens + the "
+        f"question, bm25 reads `Context: <k whole passages>` + the question. Every answer is forced to exactly G new "
+        f"tokens (G=1: selection + prefill, the time to the first token; the held-out gold answers average "
+        f"{result['mean_gold_answer_tokens']:.1f} tokens, so G={ANSWER_TOKENS} is a short answer with its EOS). "
+        f"{p['rounds']} interleaved rounds after a one-question warm-up.",
+        "",
+        table,
+        "",
+        f"Speedup of pqa over BM25 text RAG at G={ANSWER_TOKENS}: **{speed['value']:.1f}x** "
+        f"(goal >= {SPEEDUP_GOAL:.0f}x: **{'met' if speed['met'] else 'NOT met'}**); {f1_text}. "
+        f"Both together (>= {SPEEDUP_GOAL:.0f}x faster at >= {int(F1_GOAL * 100)}% of text RAG's F1): "
+        f"**{'met' if both else 'NOT met'}**." + decode,
+    ])
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
+    parser.add_argument("--quick", action="store_const", const="quick", dest="profile")
+    parser.add_argument("--smoke", action="store_const", const="smoke", dest="profile")
+    parser.add_argument("--threads", type=int, default=common.DEFAULT_THREADS, help="torch threads (0: torch default)")
+    parser.add_argument("--quality-json", default=None, help="F1 source (default bench/results/quality.json)")
+    parser.add_argument("--out", default=None, help="folder for the JSON and markdown (default bench/results[/profile])")
+    parser.add_argument("--render-only", action="store_true", help="rewrite the markdown from the stored JSON")
+    args = parser.parse_args(argv)
+    out = args.out or (common.DEFAULT_OUT if args.profile == "full" else common.DEFAULT_OUT / args.profile)
+    if args.render_only:
+        result = json.loads((Path(out) / f"{NAME}.json").read_text(encoding="utf-8"))
+    else:
+        result = run(args.profile, threads=args.threads, quality_json=args.quality_json,
+                     command=common.command_line(common.script_command(f"{NAME}.py", argv)))
+    md = markdown(result)
+    common.write_result(result, md, out)
+    if args.profile == "full" and not args.out:
+        quality.update_results_md(NAME, md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Controls (closed book, random, oracle, BM25, dense MiniLM) chosen by name and scored through pqa's
+own generation and metrics path, on the tiny model and the shipped sample; one CLI run; BM25 on SQuAD."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pqa_core import plugins
+from pqa_core.config import PQAConfig
+from pqa_core.controls import build_control, evaluate_control
+from pqa_core.errors import UsageError
+from pqa_core.evaluation import evaluate_qa
+from pqa_core.hookspecs import hookimpl
+from pqa_core.interfaces import COMPONENT_KINDS, Control
+from pqa_core.metrics import compute_em, compute_f1
+from pqa_core.pipeline import Pipeline
+from pqa_core.training import RecordingLogger
+
+REPO = Path(__file__).resolve().parents[1]
+SQUAD = REPO.parent / "shared" / "data" / "squad_v1.1"
+CONTROLS = ("closed_book", "random_docs", "oracle", "bm25", "dense_minilm")
+KEYS = {"EM", "F1", "substring", "Recall@3", "latency_ms_per_question", "prompt_tokens_per_question"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(tmp_path, **control):
+    return PQAConfig.from_dict({
+        "seed": 0, "output_dir": str(tmp_path / "run"), "phases": ["control"],
+        "model": {"llm": "tiny", "doc_init": "random", "num_memory_tokens": 2, "lora": {"enabled": False}},
+        "query_encoder": {"name": "llm_mean"}, "eval": {"max_new_tokens": 4},
+        "control": control or {"name": "bm25"},
+    })
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """The tiny model and the sample, loaded once; each test scores a control on its eval questions."""
+    return Pipeline(tiny_config(tmp_path_factory.mktemp("controls")))
+
+
+def score(pipeline, name, path=None, **kwargs):
+    control = build_control({"name": name, **kwargs}, pipeline.corpus, pipeline.tokenizer)
+    return evaluate_control(pipeline.model, control, pipeline.eval_qa, top_k=3, batch_size=8, max_new_tokens=4,
+                            predictions_path=str(path) if path else None)
+
+
+def test_every_control_registered_by_name_with_the_interface():
+    found = plugins.components("control")
+    assert set(CONTROLS) <= set(found)
+    for name in CONTROLS:
+        assert issubclass(found[name].factory, COMPONENT_KINDS["control"]), name
+        assert found[name].plugin == "pqa_plugins.controls"
+    with pytest.raises(UsageError, match="unknown control 'nope'; available: bm25, closed_book, dense_minilm"):
+        plugins.validate("control", "nope")
+    with pytest.raises(UsageError, match="control 'bm25' got unexpected parameter 'k3'; accepted: b, k1"):
+        plugins.validate("control", "bm25", {"k3": 1})
+
+
+@pytest.mark.parametrize("name", CONTROLS)
+def test_each_control_reports_metrics_latency_and_prompt_tokens(pipeline, name, tmp_path):
+    path = tmp_path / "predictions.jsonl"
+    metrics = score(pipeline, name, path)
+    assert set(metrics) == KEYS
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert all(0 <= metrics[k] <= 100 for k in ("EM", "F1", "substring", "Recall@3"))
+    assert metrics["latency_ms_per_question"] > 0 and metrics["prompt_tokens_per_question"] > 0
+    # the same metrics path as pqa: the file's per-question scores average to the reported ones
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["id"] for r in records] == [ex.id for ex in pipeline.eval_qa]
+    for r in records:
+        assert r["em"] == compute_em(r["prediction"], r["answers"])
+        assert r["f1"] == compute_f1(r["prediction"], r["answers"])
+    assert metrics["F1"] == pytest.approx(100 * sum(r["f1"] for r in records) / len(records))
+    assert metrics["prompt_tokens_per_question"] == pytest.approx(sum(r["prompt_tokens"] for r in records) / len(records))
+    assert all(len(r["selected_ids"]) == (0 if name == "closed_book" else 3 if name != "oracle" else 1)
+               for r in records)
+
+
+def test_closed_book_reads_exactly_pqas_question_prompt(pipeline):
+    control = build_control({"name": "closed_book"}, pipeline.corpus, pipeline.tokenizer)
+    inputs = control.prepare(pipeline.eval_qa, 3, pipeline.config.data.prompt)
+    assert all(item.rows == [] and item.context is None for item in inputs)
+    ids = pipeline.tokenizer([item.prompt for item in inputs], add_special_tokens=False)["input_ids"]
+    assert [list(row) for row in ids] == pipeline.eval_dataset.query_ids
+    metrics = score(pipeline, "closed_book")
+    assert metrics["Recall@3"] == 0
+    assert metrics["prompt_tokens_per_question"] == pytest.approx(
+        sum(map(len, pipeline.eval_dataset.query_ids)) / len(pipeline.eval_qa))
+
+
+def test_oracle_reads_the_gold_passage_and_has_full_recall(pipeline):
+    assert score(pipeline, "oracle")["Recall@3"] == 100.0
+    control = build_control({"name": "oracle"}, pipeline.corpus, pipeline.tokenizer)
+    example = pipeline.eval_qa[0]
+    item = control.prepare([example], 3, "Question: {question}\nAnswer:")[0]
+    gold = pipeline.corpus[example.gold_rows[0]].text
+    assert item.rows == example.gold_rows and item.context == gold
+    assert item.prompt == f"Context: {gold}\nQuestion: {example.question}\nAnswer:"
+
+
+def test_bm25_and_dense_find_gold_passages_far_more_often_than_random(pipeline):
+    recall = {name: score(pipeline, name)["Recall@3"] for name in ("random_docs", "bm25", "dense_minilm")}
+    assert recall["bm25"] >= 80 and recall["dense_minilm"] >= 80
+    assert recall["random_docs"] < 30 < recall["bm25"] - 30
+
+
+def test_random_docs_is_seeded_per_question_not_per_batch(pipeline):
+    a = build_control({"name": "random_docs", "seed": 1}, pipeline.corpus)
+    b = build_control({"name": "random_docs", "seed": 2}, pipeline.corpus)
+    rows, _ = a.select(pipeline.eval_qa, 3)
+    assert rows == a.select(pipeline.eval_qa, 3)[0]
+    assert rows[5:] == a.select(pipeline.eval_qa[5:], 3)[0]
+    assert all(len(set(r)) == 3 for r in rows)
+    assert rows != b.select(pipeline.eval_qa, 3)[0]
+
+
+def test_max_passage_tokens_keeps_the_start_of_each_passage(pipeline):
+    control = build_control({"name": "oracle", "max_passage_tokens": 5}, pipeline.corpus, pipeline.tokenizer)
+    for passage, doc in zip(control.passages, pipeline.corpus):
+        assert doc.text.startswith(passage)
+        assert len(pipeline.tokenizer(passage, add_special_tokens=False)["input_ids"]) <= 5
+    full = score(pipeline, "oracle")["prompt_tokens_per_question"]
+    assert score(pipeline, "oracle", max_passage_tokens=5)["prompt_tokens_per_question"] < full
+
+
+def test_pqa_eval_reports_the_same_cost_fields_only_when_asked(pipeline):
+    k = 3
+    plain = evaluate_qa(pipeline.model, pipeline.eval_dataset, top_k=k, batch_size=8, max_new_tokens=4)
+    costed = evaluate_qa(pipeline.model, pipeline.eval_dataset, top_k=k, batch_size=8, max_new_tokens=4,
+                         with_cost=True)
+    assert set(plain) == {"EM", "F1", "substring", "Recall@3"}
+    assert set(costed) == KEYS
+    soft = k * pipeline.model.z_to_embedding.num_tokens
+    assert costed["prompt_tokens_per_question"] == pytest.approx(
+        soft + sum(map(len, pipeline.eval_dataset.query_ids)) / len(pipeline.eval_qa))
+    assert {k: costed[k] for k in plain} == plain
+
+
+class _FirstDocs(Control):
+    def select(self, examples, k):
+        return [list(range(k)) for _ in examples], None
+
+
+class _ControlPlugin:
+    @hookimpl
+    def pqa_register_controls(self, register):
+        register("first_docs", _FirstDocs)
+
+
+def test_a_plugin_control_is_used_by_name(pipeline):
+    plugins.load_plugins()
+    plugins.pm.register(_ControlPlugin(), name="test_control_plugin")
+    try:
+        metrics = score(pipeline, "first_docs")
+    finally:
+        plugins.pm.unregister(name="test_control_plugin")
+    assert set(metrics) == KEYS
+    first_three = sum(any(r < 3 for r in ex.gold_rows) for ex in pipeline.eval_qa)
+    assert metrics["Recall@3"] == pytest.approx(100 * first_three / len(pipeline.eval_qa))
+
+
+def test_control_phase_is_a_normal_pipeline_run(tmp_path):
+    logger = RecordingLogger()
+    result = Pipeline(tiny_config(tmp_path, name="oracle"), logger).run()
+    assert set(result) == KEYS and result["Recall@3"] == 100.0
+    assert (tmp_path / "run" / "predictions.jsonl").exists() and (tmp_path / "run" / "result.json").exists()
+    assert logger.scalars["eval.Recall@3"] == [(0, 100.0)]
+    assert "control_seconds" in logger.info and "Recall@3_before_read" not in logger.info
+
+
+def test_cli_run_control_bm25(tmp_path):
+    env = dict(os.environ, PQA_PROGRESS="0", PQA_OUTPUT_DIR=str(tmp_path / "outputs"))
+    proc = subprocess.run([sys.executable, "-m", "pqa_experiments.cli", "run", "control", "--no-db", "--json",
+                           "with", "smoke", "control.name=bm25", "read.top_k=2"],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])["result"]
+    assert set(result) == {"EM", "F1", "substring", "Recall@2", "latency_ms_per_question",
+                           "prompt_tokens_per_question"}
+    assert result["Recall@2"] > 80
+    [run_dir] = (tmp_path / "outputs" / "pqa_control").iterdir()
+    assert len((run_dir / "predictions.jsonl").read_text().splitlines()) == 36
+
+
+@pytest.mark.skipif(not (SQUAD / "corpus.jsonl").exists(),
+                    reason=f"SQuAD v1.1 data not found at {SQUAD} (the shared data folder beside the repository)")
+def test_bm25_retrieves_squad_passages():
+    """BM25 over all 1733 SQuAD dev passages (no LLM): the gold passage is usually in the top 5."""
+    from pqa_core.data import load_corpus, load_qa
+
+    corpus = load_corpus(SQUAD / "corpus.jsonl")
+    questions = load_qa(SQUAD / "qa.jsonl", corpus)[::40]
+    control = build_control({"name": "bm25"}, corpus)
+    rows, _ = control.select(questions, 5)
+    recall = sum(bool(set(r) & set(ex.gold_rows)) for r, ex in zip(rows, questions)) / len(questions)
+    random_rows, _ = build_control({"name": "random_docs"}, corpus).select(questions, 5)
+    chance = sum(bool(set(r) & set(ex.gold_rows)) for r, ex in zip(random_rows, questions)) / len(questions)
+    assert recall > 0.6 and chance < 0.05
+
+
+def test_bench_quality_and_latency_scripts_run(tmp_path):
+    """bench/quality.py and bench/latency.py end to end at smoke size (tiny LLM, sample data); no timing asserted."""
+    from pqa_experiments.cli_bench import load_driver
+
+    load_driver()  # puts the checkout's bench/ on sys.path
+    from bench import latency, quality
+
+    q = quality.run("smoke", command="pytest smoke")
+    assert set(q["rows"]) == {"pqa", *CONTROLS, "bm25 +LoRA"} and all(set(r) >= KEYS for r in q["rows"].values())
+    assert q["rows"]["oracle"]["Recall@3"] == 100.0 and q["rows"]["closed_book"]["Recall@3"] == 0.0
+    (tmp_path / "quality.json").write_text(json.dumps(q, default=str))
+    lat = latency.run("smoke", command="pytest smoke", quality_json=str(tmp_path / "quality.json"))
+    assert [r["new_tokens"] for r in lat["rows"]] == [1, 8]
+    row = lat["rows"][0]
+    assert row["prompt_tokens_per_question"]["bm25"] > row["prompt_tokens_per_question"]["pqa"]
+    assert lat["f1_from_quality"]["bm25"] == max(q["rows"]["bm25"]["F1"], q["rows"]["bm25 +LoRA"]["F1"])
+    for md in (quality.markdown(q), latency.markdown(lat)):
+        assert md.startswith("## (") and "Command: `pytest smoke`" in md and "| " in md
