@@ -1,0 +1,460 @@
+"""Faults, through the ``pqa`` CLI as users meet them, against real SecantusDB daemons (never a mock):
+
+* ``kill -9`` at a random step, then ``resume=<run id>``: same result, weights and metric values as an
+  uninterrupted run with the same seed;
+* the database stopped mid-run: restarted while the run goes on (every point lands), or still down
+  when the run ends (points, artifact and run record land in recovery files; ``pqa db recover``
+  uploads them, the run ends COMPLETED);
+* four runs at once against one database;
+* bad input: data lines, MongoDB URL, checkpoints for ``init_from``/``resume``, a plugin that raises.
+
+Every run uses the tiny random model (``with smoke``, one thread). The kill step is drawn at random;
+``PQA_TEST_KILL_SEED`` replays a draw (the seed is in every failure message).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pymongo
+import pytest
+
+from pqa_experiments import db as pqa_db
+from pqa_experiments.observers import read_metric
+
+from conftest import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "pqa_core" / "sample_data"
+# checkpoints every 2 write steps (10 in all) and every 3 read steps (14 in all)
+RUN_ARGS = ["with", "smoke", "threads=1", "write.checkpoint_every=2", "read.checkpoint_every=3"]
+SAFETY_TIMEOUT_S = 900  # only so that a hung run cannot hang the suite; nothing is timed
+
+
+def pqa_env(tmp: Path, **extra) -> dict:
+    env = dict(os.environ, PQA_PROGRESS="0", PYTHONUNBUFFERED="1", PQA_OUTPUT_DIR=str(tmp / "outputs"),
+               PQA_HOME=str(tmp / "pqa_home"))
+    env.pop("PQA_MONGO_URL", None)
+    env.update(extra)
+    return env
+
+
+def pqa(*args, env, check=True):
+    proc = subprocess.run([sys.executable, "-m", "pqa_experiments.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=SAFETY_TIMEOUT_S, cwd=str(REPO))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pqa {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def start_pqa(*args, env, log: Path) -> subprocess.Popen:
+    """A ``pqa`` command in the background, stdout+stderr into ``log`` (read while it runs)."""
+    out = open(log, "w")
+    try:
+        return subprocess.Popen([sys.executable, "-m", "pqa_experiments.cli", *args], stdout=out,
+                                stderr=subprocess.STDOUT, text=True, env=env, cwd=str(REPO))
+    finally:
+        out.close()  # the child has its own copy
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str, log: Path, context: str = "") -> None:
+    """Poll ``condition`` while ``proc`` runs; fail with its output if it ends first."""
+    deadline = time.monotonic() + SAFETY_TIMEOUT_S
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"{context}the run ended (exit {proc.returncode}) before {what}:\n{log.read_text()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{context}gave up waiting for {what}")
+        time.sleep(0.05)
+
+
+def checkpoint_appeared(outputs: Path, phase: str, step: int):
+    return lambda: any(outputs.glob(f"pqa_pipeline/*/checkpoints/{phase}/step-{step:07d}/MANIFEST.json"))
+
+
+def all_metrics(database, run_id) -> dict:
+    """{name: (steps, values)} of a stored run, every chunk of every series."""
+    names = sorted({d["name"] for d in database.metrics.find({"run_id": run_id}, {"name": 1})})
+    return {name: read_metric(database, run_id, name) for name in names}
+
+
+def points(metrics: dict) -> int:
+    return sum(len(steps) for steps, _ in metrics.values())
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def model_files(output_dir: Path) -> dict:
+    final = output_dir / "checkpoints" / "read" / "final"
+    return {name: sha256(final / name) for name in ("model.safetensors", "adapter/adapter_model.safetensors")}
+
+
+@pytest.fixture(scope="module")
+def store(embedded_db):
+    """The session's embedded server with a database of this module's own."""
+    name = f"pqa_rel_{uuid.uuid4().hex[:8]}"
+    client = pymongo.MongoClient(embedded_db, serverSelectionTimeoutMS=10_000)
+    yield {"url": embedded_db.rstrip("/") + "/" + name, "db": client[name]}
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def reference(store, tmp_path_factory):
+    """One uninterrupted run: what every faulted run must end up equal to."""
+    tmp = tmp_path_factory.mktemp("reference")
+    proc = pqa("run", "pipeline", "--mongo-url", store["url"], "--json", *RUN_ARGS, env=pqa_env(tmp))
+    reported = last_json(proc.stdout)
+    doc = store["db"].runs.find_one({"_id": reported["run_id"]})
+    assert doc["status"] == "COMPLETED"
+    metrics = all_metrics(store["db"], doc["_id"])
+    assert metrics["write.loss"][0] == list(range(1, 11)) and metrics["read.total_loss"][0] == list(range(1, 15))
+    return {"run_id": doc["_id"], "result": reported["result"], "metrics": metrics,
+            "output_dir": Path(doc["info"]["output_dir"])}
+
+
+# --------------------------------------------------------------------------- kill -9 and resume
+
+
+def test_kill_9_at_a_random_step_then_resume_by_run_id_equals_an_uninterrupted_run(store, reference, tmp_path):
+    seed = int(os.environ.get("PQA_TEST_KILL_SEED") or random.randrange(1 << 30))
+    rng = random.Random(seed)
+    phase, step = rng.choice([("write", s) for s in (2, 4, 6, 8)] + [("read", s) for s in (3, 6, 9)])
+    delay = rng.uniform(0.0, 0.6)  # into the steps after that checkpoint, possibly into the next one
+    context = f"[PQA_TEST_KILL_SEED={seed}: kill {delay:.2f}s after {phase} step {step}] "
+    env, log = pqa_env(tmp_path), tmp_path / "victim.log"
+    outputs = tmp_path / "outputs"
+
+    victim = start_pqa("run", "pipeline", "--mongo-url", store["url"], "--json", *RUN_ARGS, env=env, log=log)
+    try:
+        wait_for(checkpoint_appeared(outputs, phase, step), victim, f"{phase} step {step}", log, context)
+        time.sleep(delay)
+        assert victim.poll() is None, context + "the run finished before the kill"
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
+    assert victim.returncode == -signal.SIGKILL, context
+
+    dead = store["db"].runs.find_one({"status": "RUNNING"})  # killed: Sacred could not record an end
+    assert dead is not None, context
+    output_dir = Path(dead["info"]["output_dir"])
+    assert not (output_dir / "result.json").exists(), context
+    left = sorted(p.parent.name + "/" + p.name for p in output_dir.glob("checkpoints/*/*") if not p.name.startswith("."))
+    assert left, context
+
+    proc = pqa("run", "pipeline", "--mongo-url", store["url"], "--json", *RUN_ARGS, f"resume={dead['_id']}", env=env)
+    resumed = last_json(proc.stdout)
+    assert resumed["result"] == reference["result"], context + f"checkpoints left by the kill: {left}"
+    assert resumed["run_id"] not in (dead["_id"], reference["run_id"])  # a resumed run is a new run
+    doc = store["db"].runs.find_one({"_id": resumed["run_id"]})
+    assert doc["status"] == "COMPLETED" and doc["config"]["resume"] == str(output_dir)
+    assert doc["info"]["resumed_from_run"] == dead["_id"] and doc["info"]["output_dir"] == str(output_dir)
+    assert f"{phase}_resumed_from" in doc["info"] or f"{phase}/final" in left, context + str(left)
+    # same weights, byte for byte, and the same value at every step the resumed run logged
+    assert model_files(output_dir) == model_files(reference["output_dir"]), context
+    for name, (steps, values) in all_metrics(store["db"], doc["_id"]).items():
+        expected = dict(zip(*reference["metrics"][name]))
+        assert values == [expected[s] for s in steps], context + name
+    for name, total in (("write", 10), ("read", 14)):  # each phase goes on right after its last checkpoint
+        done = [int(c.split("-")[1]) for c in left if c.startswith(f"{name}/step-")]
+        expected_steps = [] if f"{name}/final" in left else list(range(max(done, default=0) + 1, total + 1))
+        assert read_metric(store["db"], doc["_id"], f"{name}.{'loss' if name == 'write' else 'total_loss'}")[0] \
+            == expected_steps, context + str(left)
+    print(f"{context}left {left}; resumed run {doc['_id']} from run {dead['_id']}: result {resumed['result']}")
+
+
+@pytest.mark.parametrize("resume, message", [
+    ("999999", "resume=999999: no run 999999 in mongodb://127.0.0.1:"),
+    ("{empty}", "no checkpoint under"),
+    ("{missing}", "no such folder"),
+])
+def test_resume_of_a_missing_run_or_checkpoint_is_one_line(store, tmp_path, resume, message):
+    (tmp_path / "empty").mkdir()
+    resume = resume.format(empty=tmp_path / "empty", missing=tmp_path / "missing")
+    before = store["db"].runs.count_documents({})
+    proc = pqa("run", "pipeline", "--mongo-url", store["url"], *RUN_ARGS, f"resume={resume}",
+               env=pqa_env(tmp_path), check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("Error: ") and message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert store["db"].runs.count_documents({}) == before
+    assert not (tmp_path / "outputs").exists()
+
+
+# --------------------------------------------------------------------------- the database goes away
+
+
+@pytest.fixture
+def own_db(tmp_path):
+    """A daemon of this test's own, to stop and restart by PID; stopped at the end."""
+    home, port = tmp_path / "db_home", free_port()
+    pqa_db.ensure_running(home, port=port)
+    name = f"pqa_outage_{uuid.uuid4().hex[:8]}"
+    client = pymongo.MongoClient(f"mongodb://127.0.0.1:{port}", serverSelectionTimeoutMS=20_000)
+    yield {"home": home, "port": port, "name": name, "db": client[name], "url": f"mongodb://127.0.0.1:{port}/{name}"}
+    client.close()
+    pqa_db.stop(home)
+
+
+def logged_between(database, run_id, start, end) -> int:
+    """How many stored points of the run were logged between ``start`` and ``end`` (naive UTC)."""
+    names = {d["name"] for d in database.metrics.find({"run_id": run_id}, {"name": 1})}
+    return sum(start <= t <= end for n in names for t in read_metric(database, run_id, n, with_timestamps=True)[2])
+
+
+def assert_same_as_reference(database, run_id, reference) -> int:
+    stored = all_metrics(database, run_id)
+    assert stored == reference["metrics"], {n: len(s) for n, (s, _) in stored.items()}
+    return points(stored)
+
+
+def test_database_stopped_mid_run_and_restarted_loses_no_point(own_db, reference, tmp_path):
+    env, log = pqa_env(tmp_path), tmp_path / "run.log"
+    # A write into the outage gives up after 5 s (default 30 s) and is retried at the next heartbeat
+    # (Sacred: every 10 s) or, once the run ends, up to 3 more times.
+    url = own_db["url"] + "?serverSelectionTimeoutMS=5000"
+    proc = start_pqa("run", "pipeline", "--mongo-url", url, "--json", *RUN_ARGS, env=env, log=log)
+    try:
+        wait_for(checkpoint_appeared(tmp_path / "outputs", "write", 2), proc, "write step 2", log)
+        assert pqa_db.stop(own_db["home"])
+        down = _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)  # Sacred's timestamps are naive UTC
+        # Training goes on; wait until the observer has tried to write into the outage and failed.
+        wait_for(lambda: "not stored yet" in log.read_text() or "run document not updated" in log.read_text(),
+                 proc, "a failed write during the outage", log)
+        pqa_db.ensure_running(own_db["home"], port=own_db["port"])
+        up = _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
+        proc.wait(timeout=SAFETY_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = log.read_text()
+    assert proc.returncode == 0, output
+    run_id = last_json(output)["run_id"]
+    doc = own_db["db"].runs.find_one({"_id": run_id})
+    assert doc["status"] == "COMPLETED" and "fail_trace" not in doc, doc.get("fail_trace")
+    assert doc["result"] == reference["result"]
+    stored = assert_same_as_reference(own_db["db"], run_id, reference)
+    assert stored == points(reference["metrics"])
+    assert not (tmp_path / "pqa_home" / "failed_runs").exists()  # nothing had to be saved aside
+    during = logged_between(own_db["db"], run_id, down, up)
+    assert during > 0
+    print(f"outage mid-run: {points(reference['metrics'])} points logged ({during} while the database was down), "
+          f"{stored} stored")
+
+
+def test_database_down_when_the_run_ends_then_pqa_db_recover(own_db, reference, tmp_path):
+    env, log = pqa_env(tmp_path), tmp_path / "run.log"
+    url = own_db["url"] + "?serverSelectionTimeoutMS=1500"  # it stays down: give up on each write quickly
+    proc = start_pqa("run", "pipeline", "--mongo-url", url, "--json", *RUN_ARGS, env=env, log=log)
+    try:
+        wait_for(checkpoint_appeared(tmp_path / "outputs", "read", 3), proc, "read step 3", log)
+        assert pqa_db.stop(own_db["home"])
+        down = _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
+        proc.wait(timeout=SAFETY_TIMEOUT_S)  # the whole rest of the run, its end included, is in the outage
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = log.read_text()
+    assert proc.returncode == 1, output
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("Error: run data not stored:") and last.endswith("pqa db recover` once the database is back")
+    assert "Traceback" not in output, output[-3000:]
+    failed = tmp_path / "pqa_home" / "failed_runs"
+    dumps = sorted(p.name for p in failed.glob("pqa_unstored_*"))
+    assert {re.match(r"pqa_unstored_(metrics|artifacts|run)_run\d+_", n).group(1) for n in dumps} == \
+        {"metrics", "artifacts", "run"}, dumps
+    assert all(name.endswith(".json") for name in dumps), dumps  # JSON, never pickle
+    saved = {p.name: p.read_bytes() for p in failed.glob("pqa_unstored_*")}
+
+    pqa_db.ensure_running(own_db["home"], port=own_db["port"])
+    database = own_db["db"]
+    run_id = database.runs.find_one({})["_id"]
+    before = points(all_metrics(database, run_id))
+    report = json.loads(pqa("db", "recover", "--mongo-url", own_db["url"], "--json", env=env).stdout)
+    assert report["runs_recovered"] == 1 and report["runs_failed"] == 0 and report["skipped"] == []
+    assert report["points_uploaded"] > 0 and report["artifacts_uploaded"] == 1
+
+    doc = database.runs.find_one({"_id": run_id})
+    assert doc["status"] == "COMPLETED" and "fail_trace" not in doc, doc.get("fail_trace")
+    assert doc["result"] == reference["result"]
+    assert doc["info"]["pqa_recovered"]["points"] == report["points_uploaded"]
+    stored = assert_same_as_reference(database, run_id, reference)
+    assert stored == before + report["points_uploaded"] == points(reference["metrics"])
+    predictions = {a["name"]: a["file_id"] for a in doc["artifacts"]}["predictions.jsonl"]
+    import gridfs
+
+    assert gridfs.GridFS(database).get(predictions).read() == (Path(doc["info"]["output_dir"]) /
+                                                              "predictions.jsonl").read_bytes()
+    assert sorted(p.name for p in (failed / "recovered").iterdir()) == dumps
+    assert not list(failed.glob("pqa_unstored_*"))
+
+    # Idempotent: nothing left to do; and the same files again (a recover cut short) add nothing.
+    again = json.loads(pqa("db", "recover", "--mongo-url", own_db["url"], "--json", env=env).stdout)
+    assert again["files"] == 0 and again["points_uploaded"] == 0
+    for name, data in saved.items():
+        (failed / name).write_bytes(data)
+    replay = json.loads(pqa("db", "recover", "--mongo-url", own_db["url"], "--json", env=env).stdout)
+    assert replay["runs_recovered"] == 1 and replay["points_uploaded"] == 0 and replay["artifacts_uploaded"] == 0
+    assert replay["points_already_stored"] == report["points_uploaded"]
+    assert assert_same_as_reference(database, run_id, reference) == stored
+    assert [a["name"] for a in database.runs.find_one({"_id": run_id})["artifacts"]] == ["predictions.jsonl"]
+    during = logged_between(database, run_id, down, _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None))
+    assert 0 < during <= report["points_uploaded"]
+    print(f"outage at the end: {points(reference['metrics'])} points logged ({during} while the database was down), "
+          f"{before} stored during the run, {report['points_uploaded']} uploaded by pqa db recover, {stored} stored")
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def test_four_runs_at_once_get_unique_ids_and_every_point(store, reference, tmp_path):
+    procs = []
+    for i in range(4):
+        log = tmp_path / f"run{i}.log"
+        procs.append((start_pqa("run", "pipeline", "--mongo-url", store["url"], "--json", *RUN_ARGS,
+                                env=pqa_env(tmp_path), log=log), log))
+    try:
+        for proc, _ in procs:
+            proc.wait(timeout=SAFETY_TIMEOUT_S)
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    outputs = [log.read_text() for _, log in procs]
+    assert [proc.returncode for proc, _ in procs] == [0] * 4, "\n".join(outputs)
+    ids = [last_json(out)["run_id"] for out in outputs]
+    assert len(set(ids)) == 4
+    dirs = set()
+    for run_id in ids:
+        doc = store["db"].runs.find_one({"_id": run_id})
+        assert doc["status"] == "COMPLETED" and doc["result"] == reference["result"]
+        assert_same_as_reference(store["db"], run_id, reference)
+        dirs.add(doc["info"]["output_dir"])
+    assert len(dirs) == 4
+    print(f"4 concurrent runs {ids}: {4 * points(reference['metrics'])} points logged and stored")
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _corpus_with(tmp_path: Path, line_no: int, line: bytes) -> Path:
+    lines = (SAMPLE / "corpus.jsonl").read_bytes().splitlines()
+    lines[line_no - 1] = line
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+@pytest.mark.parametrize("line, message", [
+    (b'{"doc_id": 4, "title": "t", "text": ', ":5: invalid JSON"),
+    (b'{"doc_id": 4, "title": "t"}', ":5: missing field 'text'"),
+    (b'{"doc_id": 4, "title": "t", "text": "caf\xe9"}', ":5: not valid UTF-8"),
+])
+def test_bad_data_line_names_file_line_and_field_and_stores_nothing(store, tmp_path, line, message):
+    corpus = _corpus_with(tmp_path, 5, line)
+    before = store["db"].runs.count_documents({})
+    proc = pqa("run", "pipeline", "--mongo-url", store["url"], *RUN_ARGS, f"data.corpus={corpus}",
+               env=pqa_env(tmp_path), check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"Error: {corpus}{message}"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert store["db"].runs.count_documents({}) == before
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_bad_mongodb_url_is_a_usage_error(tmp_path):
+    proc = pqa("run", "pipeline", "--mongo-url", "http://user:pw-123456@127.0.0.1/x", *RUN_ARGS,
+               env=pqa_env(tmp_path), check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "unsupported MongoDB URL scheme" in proc.stderr and "pw-123456" not in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "outputs").exists()
+
+
+def _corrupt_safetensors(reference, tmp_path) -> Path:
+    """The reference's write checkpoint with garbage for weights and a manifest that agrees with it."""
+    folder = tmp_path / "corrupt"
+    shutil.copytree(reference["output_dir"] / "checkpoints" / "write" / "final", folder)
+    (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}" + os.urandom(64))
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    manifest["files"]["model.safetensors"] = {"sha256": sha256(folder / "model.safetensors"),
+                                              "bytes": (folder / "model.safetensors").stat().st_size}
+    (folder / "MANIFEST.json").write_text(json.dumps(manifest))
+    return folder
+
+
+@pytest.mark.parametrize("case", ["missing", "other_size", "corrupt_safetensors"])
+def test_bad_init_from_checkpoint_is_one_line_exit_1(store, reference, tmp_path, case):
+    if case == "missing":
+        args, message = [f"init_from={tmp_path / 'nothing'}"], "no checkpoint found"
+    elif case == "other_size":
+        args = [f"init_from={reference['output_dir']}", "model.num_memory_tokens=4"]
+        message = "checkpoint was made for num_memory_tokens=2, this model has num_memory_tokens=4"
+    else:
+        args, message = [f"init_from={_corrupt_safetensors(reference, tmp_path)}"], "not a valid safetensors file"
+    proc = pqa("run", "eval", "--mongo-url", store["url"], "--json", *RUN_ARGS, *args,
+               env=pqa_env(tmp_path), check=False)
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and message in last, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+BOOM_PLUGIN = '''
+from pqa_core.hookspecs import hookimpl
+from pqa_core.interfaces import Selector
+
+class BoomSelector(Selector):
+    def forward(self, query_vectors, doc_vectors):
+        raise RuntimeError("boom from the selector plugin")
+
+@hookimpl
+def pqa_register_selectors(register):
+    register("boom", BoomSelector)
+'''
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_plugin_that_raises_mid_run_is_stored_failed_one_line(store, tmp_path, debug):
+    site = tmp_path / "site"
+    (site / "pqa_test_boom-0.1.dist-info").mkdir(parents=True)
+    (site / "pqa_test_boom.py").write_text(textwrap.dedent(BOOM_PLUGIN))
+    (site / "pqa_test_boom-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: pqa-test-boom\nVersion: 0.1\n")
+    (site / "pqa_test_boom-0.1.dist-info" / "entry_points.txt").write_text("[pqa]\nboom = pqa_test_boom\n")
+    env = pqa_env(tmp_path, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    proc = pqa(*(["--debug"] if debug else []), "run", "pipeline", "--mongo-url", store["url"], *RUN_ARGS,
+               "selector.name=boom", env=env, check=False)
+    assert proc.returncode == 1, proc.stderr
+    doc = store["db"].runs.find_one({"config.selector.name": "boom"}, sort=[("_id", -1)])
+    assert doc["status"] == "FAILED" and "boom from the selector plugin" in "".join(doc["fail_trace"])
+    last = proc.stderr.strip().splitlines()[-1]
+    if debug:
+        assert "Traceback" in proc.stderr and last == "RuntimeError: boom from the selector plugin"
+    else:
+        assert "Traceback" not in proc.stderr
+        assert last == (f"Error: run {doc['_id']} FAILED: RuntimeError: boom from the selector plugin "
+                        "(the traceback is stored with the run; pqa --debug run ... prints it)")
+    assert not (tmp_path / "outputs").exists()  # it failed before writing anything: no empty folders left
