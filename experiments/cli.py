@@ -88,7 +88,8 @@ def _add_optional_commands():
     from .cli_run import run
 
     cli.add_command(run)
-    for module, name in (("cli_db", "db"), ("cli_board", "board"), ("cli_runs", "runs")):
+    for module, name in (("cli_db", "db"), ("cli_board", "board"), ("cli_runs", "runs"), ("cli_data", "data"),
+                         ("cli_bench", "bench")):
         try:
             mod = __import__(f"pqa_experiments.{module}", fromlist=[name])
         except ImportError:
