@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from .atomic import sha256_file
 from .errors import DataError, UsageError
 
 SPLIT_MODES = ("article", "question")
@@ -274,14 +275,6 @@ def write_atomically(files: Dict[Path, str]) -> None:
                 pass
 
 
-def _sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def import_squad(file, out_dir, *, mode: str = "article", dev_fraction: float = 0.1, test_fraction: float = 0.1,
                  seed: int = 0) -> dict:
     """Convert ``file`` and write corpus.jsonl, qa_train/dev/test.jsonl and import.json into ``out_dir``.
@@ -297,7 +290,7 @@ def import_squad(file, out_dir, *, mode: str = "article", dev_fraction: float = 
     parts = {name: [q for q, s in zip(data.questions, splits) if s == name] for name in SPLITS}
     summary = {
         "source": os.path.basename(str(file)),
-        "source_sha256": _sha256(file),
+        "source_sha256": sha256_file(file),
         "squad_version": data.version,
         "split_mode": mode,
         "dev_fraction": dev_fraction,
