@@ -1,7 +1,7 @@
 """``pqa run PHASE [Sacred args]``: validate everything first, then one tracked Sacred run.
 
-Bad config keys, plugin names, plugin kwargs and data files are caught before the run is
-created, so they leave nothing in the database. An unreachable database is reported before
+Bad config keys, plugin names, plugin kwargs, data files and the checkpoints ``init_from`` and
+``resume`` would load are caught before the run is created, so they leave nothing in the database. An unreachable database is reported before
 any training starts.
 """
 from __future__ import annotations
@@ -45,9 +45,10 @@ def parse_updates(items: List[str]):
 
 def preflight(ex, updates, named_configs):
     """Resolve the full config without observers and check everything that can be checked cheaply."""
+    from pqa_core.checkpoints import check_loadable
     from pqa_core.config import PQAConfig
     from pqa_core.data import load_corpus, load_qa
-    from pqa_core.pipeline import resolve_data_path
+    from pqa_core.pipeline import checkpoints_to_load, resolve_data_path
     from pqa_core.plugins import validate
 
     from .sacred_experiments import NAMED_CONFIGS
@@ -81,6 +82,8 @@ def preflight(ex, updates, named_configs):
     corpus = load_corpus(resolve_data_path(config.data.corpus))
     load_qa(resolve_data_path(config.data.qa), corpus)
     load_qa(resolve_data_path(config.data.eval_qa), corpus)
+    for checkpoint in checkpoints_to_load(config):  # init_from's and resume's: torn, corrupt, other model
+        check_loadable(checkpoint, config.to_dict(), len(corpus))
     return config
 
 

@@ -11,7 +11,8 @@ A checkpoint is a folder::
 
 It is built in a temp folder beside its final place and renamed in one step, so a crash leaves
 either the whole checkpoint or none. Loading checks the manifest first: a torn, truncated or
-edited checkpoint is refused. Nothing is ever unpickled.
+edited checkpoint is refused. ``check_loadable`` runs those checks, and the model signature's, before
+a run starts; optimizer state of other param groups is refused in one line. Nothing is ever unpickled.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_directory, sha256_file
@@ -44,14 +46,30 @@ def trainable_state(model) -> Dict[str, torch.Tensor]:
 
 def model_signature(model, config_dict: Dict[str, Any]) -> Dict[str, Any]:
     """What must match for a checkpoint to fit a model."""
+    return _signature(config_dict, model.num_docs, int(model.doc_vectors.shape[1]), bool(model.lora_parameters()))
+
+
+def config_signature(config_dict: Dict[str, Any], num_docs: int) -> Dict[str, Any]:
+    """The signature a model built from ``config_dict`` will have, known before building it (``d_z``
+    is None when the config leaves it to the projection, ``model.d_z=0``)."""
     model_cfg = config_dict.get("model", {})
+    return _signature(config_dict, num_docs, model_cfg.get("d_z") or None,
+                      bool(model_cfg.get("lora", {}).get("enabled")))
+
+
+def _signature(config_dict: Dict[str, Any], num_docs: int, d_z, lora: bool) -> Dict[str, Any]:
+    model_cfg = config_dict.get("model", {})
+    lora_cfg = model_cfg.get("lora", {})
     return {
         "llm": model_cfg.get("llm"),
-        "num_docs": model.num_docs,
-        "d_z": int(model.doc_vectors.shape[1]),
+        "num_docs": num_docs,
+        "d_z": d_z,
         "num_memory_tokens": model_cfg.get("num_memory_tokens"),
         "components": {k: config_dict.get(k, {}).get("name") for k in ("selector", "query_encoder", "projection")},
-        "lora": bool(model.lora_parameters()),
+        "lora": lora,
+        # the adapter's tensor shapes (absent from checkpoints written before they were recorded)
+        "lora_r": lora_cfg.get("r") if lora else None,
+        "lora_target_modules": sorted(lora_cfg.get("target_modules") or []) if lora else None,
     }
 
 
@@ -76,6 +94,48 @@ def _unflatten_optimizer(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any])
         param_id, key = name.split(".", 1)
         state.setdefault(int(param_id), {})[key] = value
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _load_optimizer(optimizer, file: Path, meta: Dict[str, Any]) -> None:
+    """Restore the optimizer, or refuse in one line naming ``file``: state saved for other param
+    groups (another model, size or training setting) must not load, nor fail later inside torch."""
+    try:
+        saved = _unflatten_optimizer(_load_tensors(file), meta)
+        problem = _optimizer_mismatch(optimizer.param_groups, saved)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{file}: unreadable optimizer state ({type(exc).__name__}: {exc})") from None
+    if problem is None:
+        try:
+            optimizer.load_state_dict(saved)
+            return
+        except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+            problem = str(exc).strip().splitlines()[0][:300]
+    raise CheckpointError(f"{file}: optimizer state of another model or training setting ({problem}); "
+                          f"saved param groups {_describe_groups(saved['param_groups'])}, "
+                          f"this run has {_describe_groups(optimizer.param_groups)}")
+
+
+def _optimizer_mismatch(groups, saved: Dict[str, Any]) -> Optional[str]:
+    """Why ``saved`` does not fit param groups ``groups`` (None if it does)."""
+    saved_groups = saved["param_groups"]
+    if len(saved_groups) != len(groups):
+        return f"{len(saved_groups)} param groups saved, {len(groups)} here"
+    for i, (group, saved_group) in enumerate(zip(groups, saved_groups)):
+        name = group.get("name", i)
+        if saved_group.get("name", name) != name:
+            return f"param group {i} is {saved_group.get('name')!r} in the checkpoint, {name!r} here"
+        if len(saved_group["params"]) != len(group["params"]):
+            return f"param group {name!r} has {len(saved_group['params'])} tensors saved, {len(group['params'])} here"
+        for param_id, param in zip(saved_group["params"], group["params"]):
+            for key, value in saved["state"].get(param_id, {}).items():
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                    return (f"{key} of a tensor in param group {name!r} has shape {list(value.shape)}, "
+                            f"the tensor has {list(param.shape)}")
+    return None
+
+
+def _describe_groups(groups) -> str:
+    return "[" + ", ".join(f"{g.get('name', i)}: {len(g['params'])} tensors" for i, g in enumerate(groups)) + "]"
 
 
 def _rng_state() -> tuple:
@@ -163,16 +223,43 @@ def verify_checkpoint(path) -> Dict[str, Any]:
         raise CheckpointError(f"{path}: incomplete checkpoint ({MANIFEST} missing; the write was interrupted)")
     try:
         manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError) as exc:
-        raise CheckpointError(f"{manifest_path}: unreadable manifest ({exc})") from None
-    for name, expected in files.items():
+        files = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in manifest["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({type(exc).__name__}: {exc})") from None
+    if "state.json" not in files:
+        raise CheckpointError(f"{manifest_path}: lists no state.json (not a pqa checkpoint)")
+    for name, (size, digest) in files.items():
         file = path / name
         if not file.exists():
             raise CheckpointError(f"{file}: listed in {MANIFEST} but missing (torn checkpoint)")
-        if file.stat().st_size != expected["bytes"] or sha256_file(file) != expected["sha256"]:
+        if file.stat().st_size != size or sha256_file(file) != digest:
             raise CheckpointError(f"{file}: contents do not match {MANIFEST} (corrupt or half-written checkpoint)")
-    return json.loads((path / "state.json").read_text())
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{path / 'state.json'}: not valid JSON ({exc})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path / 'state.json'}: expected a JSON object")
+    return state
+
+
+def check_loadable(path, config_dict: Dict[str, Any], num_docs: int) -> Dict[str, Any]:
+    """What loading would refuse, found before anything is built or stored: a torn or edited
+    checkpoint, a tensor file that is not safetensors, a checkpoint of another model or size.
+    Costs a hash of each file and a read of each tensor header. Returns state.json."""
+    path = Path(path)
+    state = verify_checkpoint(path)
+    for file in sorted(path.rglob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{file}: not a valid safetensors file ({exc})") from None
+    saved, current = state.get("signature", {}), config_signature(config_dict, num_docs)
+    if current["d_z"] is None:  # known once the LLM is loaded; the load itself compares it
+        current["d_z"] = saved.get("d_z")
+    _compare_signatures(saved, current, path)
+    return state
 
 
 def _load_tensors(file: Path) -> Dict[str, torch.Tensor]:
@@ -183,8 +270,14 @@ def _load_tensors(file: Path) -> Dict[str, torch.Tensor]:
 
 
 def check_signature(state: Dict[str, Any], model, config: Dict[str, Any], path) -> None:
-    saved, current = state.get("signature", {}), model_signature(model, config)
-    for key in ("llm", "num_docs", "d_z", "num_memory_tokens", "components", "lora"):
+    _compare_signatures(state.get("signature", {}), model_signature(model, config), path)
+
+
+def _compare_signatures(saved: Dict[str, Any], current: Dict[str, Any], path) -> None:
+    for key in ("llm", "num_docs", "d_z", "num_memory_tokens", "components", "lora", "lora_r",
+                "lora_target_modules"):
+        if key.startswith("lora_") and key not in saved:
+            continue  # recorded only since they were added to the signature
         if saved.get(key) != current.get(key):
             raise CheckpointError(f"{path}: checkpoint was made for {key}={saved.get(key)!r}, "
                                   f"this model has {key}={current.get(key)!r}")
@@ -218,10 +311,13 @@ def load_checkpoint(path, model, optimizer=None, *, config: Optional[Dict[str, A
             raise CheckpointError(f"{path}: the model has LoRA but the checkpoint has no adapter")
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(model.llm, _load_tensors(adapter))
+        try:
+            set_peft_model_state_dict(model.llm, _load_tensors(adapter))
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{adapter}: LoRA adapter of another shape "
+                                  f"({str(exc).strip().splitlines()[-1][:300]})") from None
     if optimizer is not None and "optimizer" in state:
-        optimizer.load_state_dict(_unflatten_optimizer(_load_tensors(path / "optimizer.safetensors"),
-                                                       state["optimizer"]))
+        _load_optimizer(optimizer, path / "optimizer.safetensors", state["optimizer"])
     if scheduler is not None and "scheduler" in state:
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng and "rng" in state:

@@ -11,12 +11,12 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
 from .builder import build_losses, build_model
-from .checkpoints import load_checkpoint
+from .checkpoints import MANIFEST, load_checkpoint
 from .config import PQAConfig
 from .data import ReadPhaseDataset, WritePhaseDataset, load_corpus, load_qa, sample_data_path
 from .errors import CheckpointError, UsageError
@@ -71,15 +71,10 @@ class Pipeline:
 
     def load_initial(self, source: Path) -> None:
         """Load the model (not the optimizer) from a checkpoint folder or an earlier run's output folder."""
-        candidates = [source] + [source / "checkpoints" / p / "final" for p in ("read", "write")]
-        for candidate in candidates:
-            if (candidate / "MANIFEST.json").exists():
-                load_checkpoint(candidate, self.model, config=self.config_dict, restore_rng=False)
-                self.logger.set_info("initialised_from", str(candidate.resolve()))
-                log.info("model initialised from %s", candidate)
-                return
-        raise CheckpointError(f"{source}: no checkpoint found (looked for MANIFEST.json in "
-                              f"{', '.join(str(c) for c in candidates)})")
+        checkpoint = initial_checkpoint(source)
+        load_checkpoint(checkpoint, self.model, config=self.config_dict, restore_rng=False)
+        self.logger.set_info("initialised_from", str(checkpoint.resolve()))
+        log.info("model initialised from %s", checkpoint)
 
     def checkpoint_root(self, phase: str) -> Path:
         return self.output_dir / "checkpoints" / phase
@@ -174,6 +169,35 @@ class Pipeline:
         (self.output_dir / "result.json").write_text(json.dumps(
             {"metrics": result, "timings": self.timings}, indent=1))
         return result
+
+
+def initial_checkpoint(source: Path) -> Path:
+    """``init_from``'s checkpoint: the folder itself, else its run's read or write ``final``. A checkpoint
+    folder without its manifest is returned as it is, so that loading or checking it refuses it as torn."""
+    candidates = [source] + [source / "checkpoints" / p / "final" for p in ("read", "write")]
+    for candidate in candidates:
+        if (candidate / MANIFEST).exists():
+            return candidate
+    if (source / "state.json").exists() or (source / "model.safetensors").exists():
+        return source
+    raise CheckpointError(f"{source}: no checkpoint found (looked for {MANIFEST} in "
+                          f"{', '.join(str(c) for c in candidates)})")
+
+
+def checkpoints_to_load(config: PQAConfig) -> List[Path]:
+    """The checkpoint folders a run of ``config`` will load, so they can be checked before it starts:
+    ``init_from``'s, and with ``resume`` each training phase's ``final`` or else its highest step (a
+    step folder without its manifest is returned too: it is torn, and checking it refuses it)."""
+    found = [initial_checkpoint(Path(config.init_from))] if config.init_from else []
+    for phase in ("write", "read") if config.resume else ():
+        if phase in config.phases:
+            root = Path(config.resume) / "checkpoints" / phase
+            steps = sorted(root.glob("step-*"))
+            if (root / "final").exists():
+                found.append(root / "final")
+            elif steps:
+                found.append(steps[-1])
+    return found
 
 
 def run_pipeline(config, logger: Optional[RunLogger] = None) -> Dict[str, Any]:

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from pqa_core.checkpoints import load_checkpoint, save_checkpoint
+from pqa_core.checkpoints import config_signature, load_checkpoint, model_signature, save_checkpoint
 from pqa_core.config import PQAConfig
 from pqa_core.errors import CheckpointError, DataError
 from pqa_core.pipeline import Pipeline
-from pqa_core.training import RecordingLogger
+from pqa_core.training import RecordingLogger, param_groups
 
 
 @pytest.fixture(autouse=True)
@@ -170,6 +170,46 @@ def test_torn_corrupt_and_mismatched_checkpoints_are_refused(tmp_path):
     other = dict(pipeline.config_dict, model=dict(pipeline.config_dict["model"], num_memory_tokens=4))
     with pytest.raises(CheckpointError, match="num_memory_tokens"):
         load_checkpoint(path, model, config=other)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_signature_known_before_the_model_is_built_is_the_built_models(tmp_path, lora):
+    """The pre-flight check compares a checkpoint with the config's signature: it must be the model's."""
+    pipeline = Pipeline(short_config(tmp_path, model={"llm": "tiny", "doc_init": "random", "num_memory_tokens": 2,
+                                                      "lora": {"r": 4, "enabled": lora}}), RecordingLogger())
+    expected = model_signature(pipeline.model, pipeline.config_dict)
+    assert config_signature(pipeline.config_dict, len(pipeline.corpus)) == expected
+    assert expected["lora"] is lora and expected["lora_r"] == (4 if lora else None)
+
+
+def test_optimizer_state_of_other_param_groups_is_refused_naming_the_file(tmp_path):
+    pipeline = Pipeline(short_config(tmp_path), RecordingLogger())
+    model = pipeline.model
+    projection = list(model.z_to_embedding.parameters())
+
+    def adamw(*groups):
+        return torch.optim.AdamW(param_groups(groups))
+
+    saved_with = adamw(("z", [model.doc_vectors], 0.1), ("projection", projection, 0.1))
+    (model.doc_vectors.sum() + sum(p.sum() for p in projection)).backward()
+    saved_with.step()  # now it holds exp_avg/exp_avg_sq shaped like each tensor
+    path = save_checkpoint(tmp_path / "ck", model, saved_with, step=1, epoch=0, config=pipeline.config_dict)
+    for other, detail in [
+        (adamw(("z", [model.doc_vectors], 0.1)), "2 param groups saved, 1 here"),
+        (adamw(("z", [model.doc_vectors], 0.1), ("lora", model.lora_parameters(), 0.1)),
+         "param group 1 is 'projection' in the checkpoint, 'lora' here"),
+        # torch itself would load this one and fail (or broadcast) at the next step
+        (adamw(("z", [model.doc_vectors], 0.1), ("projection", projection[::-1], 0.1)),
+         "of a tensor in param group 'projection' has shape"),
+    ]:
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(path, model, other, config=pipeline.config_dict)
+        message = str(info.value)
+        assert message.startswith(f"{path / 'optimizer.safetensors'}: optimizer state of another model"), message
+        assert detail in message and "\n" not in message
+    fits = adamw(("z", [model.doc_vectors], 0.1), ("projection", projection, 0.1))
+    load_checkpoint(path, model, fits, config=pipeline.config_dict)
+    assert torch.equal(fits.state_dict()["state"][0]["exp_avg"], saved_with.state_dict()["state"][0]["exp_avg"])
 
 
 def test_pickle_in_checkpoint_is_never_executed(tmp_path):
