@@ -1,11 +1,13 @@
 """``pqa run PHASE [Sacred args]``: validate everything first, then one tracked Sacred run.
 
 Bad config keys, plugin names, plugin kwargs, data files and the checkpoints ``init_from`` and
-``resume`` would load are caught before the run is created, so they leave nothing in the database. An unreachable database is reported before
-any training starts.
+``resume`` would load are caught before the run is created, so they leave nothing in the database.
+A folder another live run writes is refused (its lock), and an unreachable database is reported,
+before any training starts.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -85,6 +87,15 @@ def preflight(ex, updates, named_configs):
     for checkpoint in checkpoints_to_load(config):  # init_from's and resume's: torn, corrupt, other model
         check_loadable(checkpoint, config.to_dict(), len(corpus))
     return config
+
+
+def output_folder_of(config):
+    """The lock of the folder this run will write, when that is known before it starts (resume,
+    output_dir): held from here on, a second process is refused before anything is stored."""
+    from pqa_core.run_lock import output_folder_lock
+
+    folder = config.resume or config.output_dir
+    return output_folder_lock(folder) if folder else contextlib.nullcontext()
 
 
 def attach_observer(ex, mongo_url: Optional[str], no_db: bool, file_storage: Optional[str]) -> Optional[str]:
@@ -168,6 +179,26 @@ def run_failure(ex, exc: Exception) -> PqaError:
     return PqaError(f"{run} FAILED: {reason} (the traceback is stored with the run; pqa --debug run ... prints it)")
 
 
+def tracked_run(ex, updates, named_configs, resumed_from: Optional[int]):
+    """``ex.run`` with its failures as one line; losses of the observer are raised at the end."""
+    try:
+        return ex.run(config_updates=updates, named_configs=named_configs,
+                      info={"resumed_from_run": resumed_from} if resumed_from is not None else None)
+    except KeyboardInterrupt:
+        raise click.Abort()
+    except PqaError:
+        raise
+    except Exception as exc:  # a component raising mid-run: Sacred stored it FAILED with the traceback
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None and (ctx.find_root().obj or {}).get("debug"):
+            raise
+        raise run_failure(ex, exc) from None
+    finally:
+        for observer in ex.observers:
+            if hasattr(observer, "raise_for_losses"):
+                observer.raise_for_losses()
+
+
 def interrupt_on_sigterm() -> None:
     """``kill`` (SIGTERM) ends the run like Ctrl-C, so Sacred stores it as INTERRUPTED, not RUNNING forever."""
     import signal
@@ -207,27 +238,13 @@ def run(phase, sacred_args, mongo_url, no_db, file_storage, as_json):
         ex.run(command, config_updates=updates, named_configs=named_configs, options={"--unobserved": True})
         return
     resumed_from = resolve_resume(updates, mongo_url, no_db, file_storage)
-    preflight(ex, updates, named_configs)
-    interrupt_on_sigterm()
-    where = attach_observer(ex, mongo_url, no_db, file_storage)
-    if where:
-        click.echo(f"recording to {where}", err=True)
-    try:
-        finished = ex.run(config_updates=updates, named_configs=named_configs,
-                          info={"resumed_from_run": resumed_from} if resumed_from is not None else None)
-    except KeyboardInterrupt:
-        raise click.Abort()
-    except PqaError:
-        raise
-    except Exception as exc:  # a component raising mid-run: Sacred stored it FAILED with the traceback
-        ctx = click.get_current_context(silent=True)
-        if ctx is not None and (ctx.find_root().obj or {}).get("debug"):
-            raise
-        raise run_failure(ex, exc) from None
-    finally:
-        for observer in ex.observers:
-            if hasattr(observer, "raise_for_losses"):
-                observer.raise_for_losses()
+    config = preflight(ex, updates, named_configs)
+    with output_folder_of(config):
+        interrupt_on_sigterm()
+        where = attach_observer(ex, mongo_url, no_db, file_storage)
+        if where:
+            click.echo(f"recording to {where}", err=True)
+        finished = tracked_run(ex, updates, named_configs, resumed_from)
     result = finished.result or {}
     if as_json:
         click.echo(json.dumps({"run_id": finished._id, "result": result}))

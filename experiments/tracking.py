@@ -2,11 +2,9 @@
 data files as resources, git state and the checkpoint location in ``info``."""
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 from pqa_core.atomic import sha256_file
 from pqa_core.config import PQAConfig
@@ -58,34 +56,10 @@ def run_pipeline_in_sacred(config: Dict[str, Any], run) -> Dict[str, float]:
     # Store it now, not at the first heartbeat (10 s in): a run killed before that can still be
     # resumed by its id (``resume=<run id>`` reads info.output_dir).
     run._emit_heartbeat()
-    created = _first_missing(output_dir)
-    try:
-        pipeline = Pipeline(pqa_config, logger)
-        result = pipeline.run()
-    except BaseException:
-        if created is not None:  # a run that fails before writing anything leaves no empty folders
-            _remove_empty_dirs(created)
-        raise
+    pipeline = Pipeline(pqa_config, logger)
+    result = pipeline.run()  # holds the folder's lock; a run that fails before writing leaves no folders
     run.info["timings_s"] = {k: round(v, 2) for k, v in pipeline.timings.items()}
     run.info["checkpoints"] = {p: str((pipeline.checkpoint_root(p) / "final").resolve())
                                for p in ("write", "read") if (pipeline.checkpoint_root(p) / "final").exists()}
     return result
 
-
-def _first_missing(path: Path) -> Optional[Path]:
-    """The outermost folder of ``path`` (itself included) that does not exist yet, or None."""
-    missing = None
-    for folder in [path, *path.parents]:
-        if folder.exists():
-            break
-        missing = folder
-    return missing
-
-
-def _remove_empty_dirs(root: Path) -> None:
-    """Remove empty folders under ``root`` (and ``root`` if it ends up empty); files are never touched."""
-    if not root.is_dir():
-        return
-    for folder, _, _ in sorted(os.walk(root), key=lambda w: -len(w[0])):
-        with contextlib.suppress(OSError):
-            os.rmdir(folder)

@@ -3,7 +3,8 @@
 
 Every phase ends in an atomic checkpoint under ``output_dir/checkpoints/<phase>/final``. With
 ``resume`` set to an earlier run's output folder, finished phases are loaded instead of re-run
-and an unfinished one continues from its latest step checkpoint.
+and an unfinished one continues from its latest step checkpoint. A run holds its output folder's
+lock (``run_lock``) while it runs, so no second process writes the same checkpoints.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from .data import ReadPhaseDataset, WritePhaseDataset, load_corpus, load_qa, sam
 from .errors import CheckpointError, UsageError
 from .evaluation import evaluate_qa, evaluate_retrieval
 from .read_phase import ReadPhaseTrainer
+from .run_lock import output_folder_lock
 from .training import RunLogger, seed_everything
 from .write_phase import WritePhaseTrainer
 
@@ -148,8 +150,12 @@ class Pipeline:
         return metrics
 
     def run(self) -> Dict[str, Any]:
-        """Run the configured phases; returns the eval metrics (or the last phase's metrics)."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        """Run the configured phases; returns the eval metrics (or the last phase's metrics).
+        Holds the output folder's lock throughout: no second process writes these checkpoints."""
+        with output_folder_lock(self.output_dir):
+            return self._run_phases()
+
+    def _run_phases(self) -> Dict[str, Any]:
         self.logger.set_info("output_dir", str(self.output_dir.resolve()))
         result: Dict[str, Any] = {}
         k = self.config.eval_top_k
