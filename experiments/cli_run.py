@@ -45,6 +45,19 @@ def parse_updates(items: List[str]):
     return get_config_updates(items)
 
 
+@contextlib.contextmanager
+def quiet_sacred():
+    """Sacred's config warnings (its logger is the root logger) wait for the real run: a refused
+    run is one error line, and an accepted one would print them twice."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def preflight(ex, updates, named_configs):
     """Resolve the full config without observers and check everything that can be checked cheaply."""
     from pqa_core.checkpoints import check_loadable
@@ -61,7 +74,8 @@ def preflight(ex, updates, named_configs):
     from sacred.utils import ConfigAddedError
 
     try:
-        run = ex._create_run(config_updates=updates, named_configs=named_configs, options={"--unobserved": True})
+        with quiet_sacred():
+            run = ex._create_run(config_updates=updates, named_configs=named_configs, options={"--unobserved": True})
     except ConfigAddedError as exc:
         conflicting = list(getattr(exc, "__conflicting_configs__", ()))
         for key in conflicting:  # let PQAConfig name the key and the known ones
