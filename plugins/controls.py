@@ -25,7 +25,7 @@ from pqa_core.interfaces import Control
 
 
 def _title_and_text(doc) -> str:
-    """The text retrieval indexes, as ``pqa_core.builder.initial_doc_vectors`` embeds it."""
+    """The text retrieval indexes, as ``pqa_core.builder.initial_keys`` embeds it."""
     return (doc.title.replace("_", " ") + ". " + doc.text).strip(". ")
 
 

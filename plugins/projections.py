@@ -93,7 +93,79 @@ class MLP2xGeluProjection(_ProjectionBase):
         return self._reshape(self.fc2(F.gelu(self.fc1(z))))
 
 
+class DirectProjection(_ProjectionBase):
+    """No shared map: ``z`` *is* the soft prompt, ``d_z = num_tokens * d_model`` floats reshaped.
+
+    The setting of the Cramming paper (free memory embeddings per document): the most
+    capacity per document a soft prompt of ``num_tokens`` can hold, at the price of
+    ``num_tokens * d_model`` floats per document and no MiniLM initialisation (use
+    ``model.doc_init=random``, which draws z at the LLM's embedding scale; ``model.d_z=0`` sets the size).
+    """
+
+    def __init__(self, d_z: int, d_model: int, num_tokens: int):
+        super().__init__()
+        _scales("direct", d_z, d_model, num_tokens, None, None)
+        self.d_z, self.d_model, self.num_tokens = int(d_z), int(d_model), int(num_tokens)
+        if self.d_z != self.num_tokens * self.d_model:
+            raise ValueError(f"direct projection needs model.d_z = num_memory_tokens x d_model = "
+                             f"{self.num_tokens} x {self.d_model} = {self.num_tokens * self.d_model}, got {self.d_z}")
+
+    @staticmethod
+    def needed_d_z(d_model: int, num_tokens: int, **_) -> int:
+        """The ``model.d_z`` this projection takes (used when the config says ``model.d_z=0``)."""
+        return int(num_tokens) * int(d_model)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        self._check_input(z)
+        return self._reshape(z)
+
+
+class HybridProjection(_ProjectionBase):
+    """z = [retrieval key (``key_dims``) | free content (``num_tokens * d_model``)];
+    soft prompt = ``mlp2x_gelu(key) + free``.
+
+    Why: through a 384-float z and a map shared by all documents, the write phase converges
+    slowly, and the updates it makes to z move the vectors the selector scores, so retrieval
+    learnt from MiniLM is lost (bench/RESULTS.md (a), (f)). Here the key starts as the MiniLM
+    embedding and gives every document a sensible first soft prompt through the map; the free
+    part (zero at the start) holds what that map cannot, as in the ``direct`` setting. With
+    ``detach_key`` (default) the generation loss never moves the key: only the retrieval loss
+    of the read phase does, so the write phase leaves retrieval as it found it.
+    ``model.d_z`` must be ``key_dims + num_memory_tokens x d_model`` (``model.d_z=0`` sets it).
+    """
+
+    def __init__(self, d_z: int, d_model: int, num_tokens: int, embedding_std: Optional[float] = None,
+                 input_std: Optional[float] = None, key_dims: int = 384, hidden: Optional[int] = None,
+                 detach_key: bool = True):
+        super().__init__()
+        _scales("hybrid", d_z, d_model, num_tokens, embedding_std, input_std)
+        self.d_z, self.d_model, self.num_tokens = int(d_z), int(d_model), int(num_tokens)
+        self.key_dims, self.detach_key = int(key_dims), bool(detach_key)
+        needed = self.key_dims + self.num_tokens * self.d_model
+        if self.key_dims < 1 or self.d_z != needed:
+            raise ValueError(f"hybrid projection needs model.d_z = key_dims + num_memory_tokens x d_model = "
+                             f"{self.key_dims} + {self.num_tokens} x {self.d_model} = {needed}, got {self.d_z}")
+        self.key_map = MLP2xGeluProjection(self.key_dims, d_model, num_tokens, embedding_std, hidden, input_std)
+
+    @staticmethod
+    def needed_d_z(d_model: int, num_tokens: int, key_dims: int = 384, **_) -> int:
+        """The ``model.d_z`` this projection takes (used when the config says ``model.d_z=0``)."""
+        return int(key_dims) + int(num_tokens) * int(d_model)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        self._check_input(z)
+        key, free = z[..., :self.key_dims], z[..., self.key_dims:]
+        if self.detach_key:
+            key = key.detach()
+        return self.key_map(key) + self._reshape(free)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", key_dims={self.key_dims}, detach_key={self.detach_key}"
+
+
 @hookimpl
 def pqa_register_projections(register):
     register("linear", LinearProjection)
     register("mlp2x_gelu", MLP2xGeluProjection)
+    register("direct", DirectProjection)
+    register("hybrid", HybridProjection)

@@ -39,18 +39,42 @@ def apply_lora(llm, lora_settings):
     return get_peft_model(llm, lora)
 
 
-def initial_doc_vectors(config: PQAConfig, documents: List[Document], embedding_std: float) -> torch.Tensor:
-    """Doc vectors before training: MiniLM embeddings of the text, or Gaussian at the LLM's embedding scale."""
-    d_z = config.model.d_z
-    if config.model.doc_init == "minilm":
-        from .minilm import MINILM_DIM, embed_texts
+def resolve_d_z(config: PQAConfig, d_model: int) -> int:
+    """``model.d_z``, or with ``model.d_z=0`` the size the projection needs (``needed_d_z`` of its class:
+    ``direct`` and ``hybrid`` hold ``m x d_model`` floats, which depends on the LLM)."""
+    if config.model.d_z:
+        return int(config.model.d_z)
+    name = config.projection["name"]
+    needed = getattr(plugins.components("projection")[name].factory, "needed_d_z", None)
+    if needed is None:
+        raise UsageError(f"model.d_z=0 (the projection's size) but projection {name!r} has no needed_d_z: "
+                         f"set model.d_z")
+    return int(needed(d_model, config.model.num_memory_tokens, **component_kwargs(config.projection)))
 
-        if d_z != MINILM_DIM:
-            raise UsageError(f"model.doc_init='minilm' needs model.d_z={MINILM_DIM}, got {d_z}")
+
+def initial_keys(config: PQAConfig, documents: List[Document], embedding_std: float, d_z: int) -> torch.Tensor:
+    """What z (or its retrieval key) starts from: MiniLM embeddings of the text, or Gaussian noise at
+    the LLM's embedding scale over all of ``d_z``."""
+    if config.model.doc_init == "minilm":
+        from .minilm import embed_texts
+
         return embed_texts([(d.title.replace("_", " ") + ". " + d.text).strip(". ") for d in documents])
     if config.model.doc_init == "random":
         return torch.randn(len(documents), d_z) * embedding_std
     raise UsageError(f"model.doc_init must be 'minilm' or 'random', got {config.model.doc_init!r}")
+
+
+def initial_doc_vectors(config: PQAConfig, keys: torch.Tensor, key_dims: int, d_z: int) -> torch.Tensor:
+    """The doc vector table before training: MiniLM embeddings fill the retrieval key, the rest of z
+    (content only the LLM reads, when the projection splits z) starts at zero."""
+    if config.model.doc_init == "random":
+        return keys
+    if keys.shape[1] != key_dims:
+        raise UsageError(f"model.doc_init='minilm' needs a {keys.shape[1]}-float retrieval key; "
+                         f"got model.d_z={d_z} with projection {config.projection['name']!r} keying on {key_dims}")
+    table = torch.zeros(keys.shape[0], d_z)
+    table[:, :key_dims] = keys
+    return table
 
 
 def build_model(config: PQAConfig, documents: List[Document], llm_and_tokenizer=None,
@@ -62,16 +86,20 @@ def build_model(config: PQAConfig, documents: List[Document], llm_and_tokenizer=
     if config.model.lora.enabled:
         llm = apply_lora(llm, config.model.lora)
     embedding_std = float(llm.get_input_embeddings().weight.detach().float().std())
-    d_z = config.model.d_z
-    context = dict(d_z=d_z, output_dim=d_z, d_model=llm.config.hidden_size if hasattr(llm.config, "hidden_size")
-                   else llm.get_input_embeddings().weight.shape[1],
-                   num_tokens=config.model.num_memory_tokens, llm=llm, vocab_size=len(tokenizer),
+    d_model = llm.config.hidden_size if hasattr(llm.config, "hidden_size") else \
+        llm.get_input_embeddings().weight.shape[1]
+    d_z = resolve_d_z(config, d_model)
+    context = dict(d_z=d_z, output_dim=d_z, d_model=d_model, num_tokens=config.model.num_memory_tokens, llm=llm, vocab_size=len(tokenizer),
                    embedding_std=embedding_std, pad_token_id=tokenizer.pad_token_id)
-    doc_init = initial_doc_vectors(config, documents, embedding_std)
-    context["input_std"] = float(doc_init.std()) if doc_init.numel() > 1 else embedding_std
-    query_encoder = build_component(config, "query_encoder", context)
-    selector = build_component(config, "selector", context)
+    keys = initial_keys(config, documents, embedding_std, d_z)
+    context["input_std"] = float(keys.std()) if keys.numel() > 1 else embedding_std
     projection = build_component(config, "projection", context)
+    key_dims = int(getattr(projection, "key_dims", None) or d_z)
+    doc_init = initial_doc_vectors(config, keys, key_dims, d_z)
+    # the query encoder and the selector see only the retrieval key
+    key_context = {**context, "d_z": key_dims, "output_dim": key_dims}
+    query_encoder = build_component(config, "query_encoder", key_context)
+    selector = build_component(config, "selector", key_context)
     model = ParametricQA(llm, tokenizer, len(documents), d_z, query_encoder, selector, projection, doc_init)
     return model.to(device or resolve_device(config.model.device))
 

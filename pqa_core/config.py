@@ -27,7 +27,7 @@ class LoraSettings:
 @dataclass
 class ModelSettings:
     llm: str = "smollm2-135m"
-    d_z: int = 384
+    d_z: int = 384  # 0 = the size the projection needs (direct, hybrid: they hold m x d_model floats)
     num_memory_tokens: int = 4
     doc_init: str = "minilm"  # "minilm" (needs d_z=384) or "random" (scaled to the embedding std)
     lora: LoraSettings = field(default_factory=LoraSettings)

@@ -38,9 +38,15 @@ class Selector(nn.Module):
 
 
 class Projection(nn.Module):
-    """Doc latents ``z [..., d_z]`` -> soft-prompt embeddings ``[..., m, d_model]`` the LLM reads."""
+    """Doc latents ``z [..., d_z]`` -> soft-prompt embeddings ``[..., m, d_model]`` the LLM reads.
+
+    ``key_dims``: when set, only the first ``key_dims`` coordinates of z are the retrieval key the
+    selector scores (and the query encoder's output size); the rest hold content for the LLM only.
+    None (the default) means the selector scores the whole of z.
+    """
 
     num_tokens: int
+    key_dims: Optional[int] = None
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

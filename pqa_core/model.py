@@ -42,6 +42,9 @@ class ParametricQA(nn.Module):
         if tuple(doc_init.shape) != (num_docs, d_z):
             raise ValueError(f"doc_init has shape {tuple(doc_init.shape)}, expected {(num_docs, d_z)}")
         self.doc_vectors = nn.Parameter(doc_init.clone().float())
+        self.key_dims = int(getattr(projection, "key_dims", None) or d_z)
+        if not 0 < self.key_dims <= d_z:
+            raise ValueError(f"projection key_dims={self.key_dims} must be in 1..d_z={d_z}")
 
     # --- helpers -------------------------------------------------------------------------
     @property
@@ -82,9 +85,13 @@ class ParametricQA(nn.Module):
         return inputs_embeds, attention_mask, position_ids
 
     # --- selection -------------------------------------------------------------------------
+    def retrieval_keys(self) -> torch.Tensor:
+        """What the selector scores: all of z, or its first ``key_dims`` coordinates (a view: gradients flow)."""
+        return self.doc_vectors if self.key_dims == self.doc_vectors.shape[1] else self.doc_vectors[:, :self.key_dims]
+
     def score_documents(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
         query_vectors = self.query_encoder(query_ids, query_mask)
-        return self.selector(query_vectors, self.doc_vectors)
+        return self.selector(query_vectors, self.retrieval_keys())
 
     def select_documents(self, query_ids: torch.Tensor, query_mask: torch.Tensor, k: int
                          ) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -53,6 +53,24 @@ class WritePhaseTrainer:
         return {"loss": loss.item(), "token_acc": accuracy.item()}
 
     @torch.no_grad()
+    def greedy_hits(self, batch) -> tuple:
+        """Decode each document of ``batch`` greedily from its soft prompt alone.
+
+        Returns ``(hits, valid)``, both ``[B, L]`` bools: position t of the text (eos included) was
+        decoded right, and is a real position. Decoding is free-running: a first mistake
+        usually derails the rest, which is why this is the honest reconstruction measure.
+        """
+        self.model.eval()
+        batch = to_device(batch, self.device)
+        target, valid = batch["doc_ids"], batch["doc_mask"].bool()
+        prefix = self.model.soft_prompts(batch["doc_row"][:, None])
+        empty = target[:, :0]
+        generated = self.model.generate_from(prefix, empty, batch["doc_mask"][:, :0], max_new_tokens=target.shape[1])
+        padded = torch.full_like(target, -1)
+        padded[:, :generated.shape[1]] = generated
+        return (padded == target) & valid, valid
+
+    @torch.no_grad()
     def reconstruction(self, dataset, rows, batch_size: int = 8) -> Dict[str, float]:
         """Teacher-forced and greedy token accuracy, and greedy exact match, on documents ``rows``."""
         self.model.eval()
@@ -63,16 +81,9 @@ class WritePhaseTrainer:
             valid = labels != -100
             tf_correct += int(((logits.argmax(-1) == labels) & valid).sum())
             tf_total += int(valid.sum())
-            prefix = self.model.soft_prompts(batch["doc_row"][:, None])
-            empty = batch["doc_ids"][:, :0]
-            target = batch["doc_ids"]
-            generated = self.model.generate_from(prefix, empty, batch["doc_mask"][:, :0],
-                                                 max_new_tokens=target.shape[1])
-            padded = torch.full_like(target, -1)
-            padded[:, :generated.shape[1]] = generated
-            hits = (padded == target) & valid
+            hits, real = self.greedy_hits(batch)
             g_correct += int(hits.sum())
-            exact += int((hits | ~valid).all(dim=1).sum())
+            exact += int((hits | ~real).all(dim=1).sum())
         n = max(len(rows), 1)
         return {"tf_token_acc": tf_correct / max(tf_total, 1), "greedy_token_acc": g_correct / max(tf_total, 1),
                 "greedy_exact": exact / n}

@@ -14,7 +14,7 @@ from pqa_core.plugins import build, components
 BUILTINS = {
     "selector": {"dot", "cosine", "bilinear", "mlp"},
     "query_encoder": {"llm_mean", "minilm", "transformer"},
-    "projection": {"linear", "mlp2x_gelu"},
+    "projection": {"linear", "mlp2x_gelu", "direct", "hybrid"},
     "retrieval_loss": {"gold_nll", "infonce", "margin"},
     "generation_loss": {"ce", "kl_distill"},
 }
@@ -289,6 +289,15 @@ def test_projection_shape_and_scale(name):
     assert _close_to(gaussian(torch.randn(4000, 96)).std().item(), 0.02)
     with pytest.raises(ValueError, match="input_std must be > 0"):
         build("projection", name, {"input_std": 0.0}, context=ctx)
+
+
+def test_direct_projection_is_z_reshaped_and_checks_its_size():
+    proj = build("projection", "direct", context={"d_z": 6, "d_model": 3, "num_tokens": 2, "embedding_std": 0.02})
+    z = torch.arange(12.0).view(2, 6)
+    assert torch.equal(proj(z), z.view(2, 2, 3))
+    assert list(proj.parameters()) == []
+    with pytest.raises(ValueError, match="d_z = num_memory_tokens x d_model = 2 x 3 = 6, got 7"):
+        build("projection", "direct", context={"d_z": 7, "d_model": 3, "num_tokens": 2})
 
 
 def test_projection_matches_tiny_llm_embedding_scale(tiny):

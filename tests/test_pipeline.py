@@ -233,3 +233,57 @@ def test_pickle_in_checkpoint_is_never_executed(tmp_path):
     with pytest.raises(CheckpointError, match="not a valid safetensors file"):
         load_checkpoint(path, pipeline.model)
     assert not marker.exists()
+
+
+def test_hybrid_projection_keys_retrieval_on_minilm_and_write_phase_leaves_it(tmp_path):
+    """z = [384-float MiniLM key | free content]: the selector reads only the key, the write phase
+    trains the content and the shared map but never moves the key (so retrieval is kept)."""
+    from pqa_core.builder import build_model
+    from pqa_core.data import WritePhaseDataset, load_corpus, sample_data_path
+    from pqa_core.write_phase import WritePhaseTrainer
+
+    m, d_model = 2, 64  # the tiny LLM's hidden size
+    config = tiny_config(tmp_path, model={"llm": "tiny", "doc_init": "minilm", "num_memory_tokens": m,
+                                          "d_z": 0, "lora": {"enabled": False}},
+                         projection={"name": "hybrid"}, query_encoder={"name": "minilm"})
+    corpus = load_corpus(sample_data_path("corpus.jsonl"))
+    model = build_model(config, corpus, device=torch.device("cpu"))
+    assert model.key_dims == 384 and model.doc_vectors.shape == (36, 384 + m * d_model)
+    assert torch.count_nonzero(model.doc_vectors[:, 384:]) == 0
+    assert torch.allclose(model.doc_vectors[:, :384].norm(dim=1), torch.ones(36), atol=1e-4)  # MiniLM, unit norm
+    ids = model.query_encoder.tokenizer(["Who founded the city?"], return_tensors="pt")
+    before = model.score_documents(ids["input_ids"], ids["attention_mask"]).detach()
+    with torch.no_grad():  # content coordinates do not change what the selector sees
+        model.doc_vectors[:, 384:] += 1.0
+    assert torch.equal(model.score_documents(ids["input_ids"], ids["attention_mask"]).detach(), before)
+    with torch.no_grad():
+        model.doc_vectors[:, 384:] -= 1.0
+
+    keys, content = model.doc_vectors[:, :384].detach().clone(), model.doc_vectors[:, 384:].detach().clone()
+    mlp = [p.detach().clone() for p in model.z_to_embedding.parameters()]
+    dataset = WritePhaseDataset(corpus[:4], model.tokenizer, max_length=12)
+    trainer = WritePhaseTrainer(model, lr_z=0.1, lr_projection=1e-2)
+    batch = dataset.collate([dataset[i] for i in range(4)])
+    first = trainer.train_step(batch)["loss"]
+    for _ in range(5):
+        last = trainer.train_step(batch)["loss"]
+    assert last < first
+    assert torch.equal(model.doc_vectors[:, :384].detach(), keys)  # the key never moved
+    assert not torch.equal(model.doc_vectors[:4, 384:].detach(), content[:4])  # the content learnt
+    assert torch.equal(model.doc_vectors[4:, 384:].detach(), content[4:])  # only the documents trained on
+    assert any(not torch.equal(p.detach(), q) for p, q in zip(model.z_to_embedding.parameters(), mlp))
+    assert torch.equal(model.score_documents(ids["input_ids"], ids["attention_mask"]).detach(), before)
+
+
+def test_minilm_init_with_a_key_of_the_wrong_size_is_a_usage_error(tmp_path):
+    from pqa_core.builder import build_model
+    from pqa_core.data import load_corpus, sample_data_path
+    from pqa_core.errors import UsageError
+
+    config = tiny_config(tmp_path, model={"llm": "tiny", "doc_init": "minilm", "num_memory_tokens": 2, "d_z": 128,
+                                          "lora": {"enabled": False}}, projection={"name": "direct"})
+    with pytest.raises(UsageError, match="needs a 384-float retrieval key; got model.d_z=128 with projection 'direct'"):
+        build_model(config, load_corpus(sample_data_path("corpus.jsonl")), device=torch.device("cpu"))
+    auto = tiny_config(tmp_path, model={"llm": "tiny", "doc_init": "random", "d_z": 0, "lora": {"enabled": False}})
+    with pytest.raises(UsageError, match="model.d_z=0 .* projection 'mlp2x_gelu' has no needed_d_z: set model.d_z"):
+        build_model(auto, load_corpus(sample_data_path("corpus.jsonl")), device=torch.device("cpu"))

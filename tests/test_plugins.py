@@ -15,7 +15,7 @@ from pqa_core.plugins import build, components, plugin_info, pm
 BUILTINS = {
     "selector": ["bilinear", "cosine", "dot", "mlp"],
     "query_encoder": ["llm_mean", "minilm", "transformer"],
-    "projection": ["linear", "mlp2x_gelu"],
+    "projection": ["direct", "hybrid", "linear", "mlp2x_gelu"],
     "retrieval_loss": ["gold_nll", "infonce", "margin"],
     "generation_loss": ["ce", "kl_distill"],
 }
