@@ -1,6 +1,8 @@
-"""Shared database fixtures: one real SecantusDB daemon per test session (never a mock)."""
+"""Shared fixtures and helpers: one real SecantusDB daemon per test session (never a mock), free ports,
+listening addresses, a fake third-party plugin distribution."""
 from __future__ import annotations
 
+import contextlib
 import socket
 import textwrap
 
@@ -12,6 +14,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def listen_addresses(port: int) -> set:
+    """Local addresses in LISTEN state on ``port``, from /proc/net/tcp{,6} (what ``ss -ltn`` reads)."""
+    found = set()
+    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        with contextlib.suppress(FileNotFoundError), open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                addr_hex, port_hex = local.split(":")
+                if state != "0A" or int(port_hex, 16) != port:
+                    continue
+                raw = bytes.fromhex(addr_hex)
+                # the kernel prints each 32-bit word in host (little-endian) order
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, width, 4))
+                found.add(socket.inet_ntop(socket.AF_INET if width == 4 else socket.AF_INET6, raw))
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,8 @@ import pytest
 from pqa_experiments import board as board_mod
 from pqa_experiments.board import BoardError, start_board, stop_board
 
+from conftest import listen_addresses
+
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
 RUN_NAME = "pqa_board_smoke"
@@ -130,23 +132,6 @@ def board(mongo_url, recorded_run):
 
 
 # --------------------------------------------------------------------------- helpers
-
-def _listen_addresses(port: int) -> set:
-    """Local addresses in LISTEN state on ``port``, from /proc/net/tcp{,6} (what ``ss -ltn`` reads)."""
-    found = set()
-    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
-        with contextlib.suppress(FileNotFoundError), open(table) as f:
-            for line in f.readlines()[1:]:
-                local, state = line.split()[1], line.split()[3]
-                addr_hex, port_hex = local.split(":")
-                if state != "0A" or int(port_hex, 16) != port:
-                    continue
-                raw = bytes.fromhex(addr_hex)
-                # the kernel prints each 32-bit word in host (little-endian) order
-                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, width, 4))
-                found.add(socket.inet_ntop(socket.AF_INET if width == 4 else socket.AF_INET6, raw))
-    return found
-
 
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, never via a proxy
 
@@ -330,7 +315,7 @@ def test_taken_port_is_an_error_not_port_plus_one(mongo_url, recorded_run):
 @needs_board
 def test_board_listens_on_loopback_only(board):
     port = board["port"]
-    assert _listen_addresses(port) == {"127.0.0.1"}
+    assert listen_addresses(port) == {"127.0.0.1"}
     if shutil.which("ss"):
         out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout
         local = {line.split()[3].rsplit(":", 1)[0] for line in out.splitlines() if line.strip()}
@@ -408,6 +393,7 @@ def test_cli_prints_url_and_stops_on_ctrl_c(mongo_url, recorded_run):
     try:
         board_url = proc.stdout.readline().strip()
         assert board_url.startswith("http://127.0.0.1:"), proc.stderr.read() if proc.poll() is not None else board_url
+        assert listen_addresses(int(board_url.rstrip("/").rsplit(":", 1)[1])) == {"127.0.0.1"}  # pqa board's default
         assert _status(board_url + "sacred/api/v1/Runs/count") == 200
     finally:
         proc.send_signal(signal.SIGINT)
@@ -416,6 +402,6 @@ def test_cli_prints_url_and_stops_on_ctrl_c(mongo_url, recorded_run):
     assert "board stopped" in err
     port = int(board_url.rstrip("/").rsplit(":", 1)[1])
     deadline = time.monotonic() + 10
-    while _listen_addresses(port) and time.monotonic() < deadline:
+    while listen_addresses(port) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not _listen_addresses(port), "Omniboard kept running after Ctrl-C"
+    assert not listen_addresses(port), "Omniboard kept running after Ctrl-C"

@@ -16,7 +16,7 @@ from pqa_core.errors import PqaError, UsageError
 from pqa_experiments import db, settings
 from pqa_experiments.cli_db import db as db_cli
 
-from conftest import free_port
+from conftest import free_port, listen_addresses
 
 PASSWORD = "s3cr3t-Pa55"
 
@@ -174,6 +174,7 @@ def test_daemon_start_status_reuse_stop_restart(clean_env, monkeypatch, capsys):
         # A separate, detached process: its own session, not our child.
         assert os.getsid(pid) == pid and os.getsid(pid) != os.getsid(0)
         assert "secantus" in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+        assert listen_addresses(port) == {"127.0.0.1"}  # loopback only, unless the user asks otherwise
 
         with pymongo.MongoClient(url, serverSelectionTimeoutMS=3000) as client:
             client.pqa.things.insert_one({"_id": "kept", "v": 1})

@@ -5,14 +5,17 @@
 * the database stopped mid-run: restarted while the run goes on (every point lands), or still down
   when the run ends (points, artifact and run record land in recovery files; ``pqa db recover``
   uploads them, the run ends COMPLETED);
-* four runs at once against one database;
-* bad input: data lines, MongoDB URL, checkpoints for ``init_from``/``resume``, a plugin that raises.
+* four runs at once against one database; a folder a live run writes is refused to a second process;
+* bad input: data lines, MongoDB URL, checkpoints for ``init_from``/``resume`` (refused before the run
+  is created), optimizer state of another setting (the run stored FAILED), a plugin that raises.
+  Each is one ``Error:`` line with its exit code and no traceback, and leaves nothing behind.
 
 Every run uses the tiny random model (``with smoke``, one thread). The kill step is drawn at random;
 ``PQA_TEST_KILL_SEED`` replays a draw (the seed is in every failure message).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -31,6 +34,7 @@ from pathlib import Path
 import pymongo
 import pytest
 
+from pqa_core.run_lock import LOCK_FILE
 from pqa_experiments import db as pqa_db
 from pqa_experiments.observers import read_metric
 
@@ -67,6 +71,35 @@ def start_pqa(*args, env, log: Path) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT, text=True, env=env, cwd=str(REPO))
     finally:
         out.close()  # the child has its own copy
+
+
+@contextlib.contextmanager
+def background_pqa(*args, env, log: Path):
+    """``start_pqa`` for the block; killed at the end if it still runs (a failing test leaves no run behind)."""
+    proc = start_pqa(*args, env=env, log=log)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def assert_refused(proc, message: str, code: int = 1, only_line: bool = True) -> str:
+    """One clear line: exit ``code``, the last stderr line is ``Error: ...`` and holds ``message``
+    (with ``only_line``, nothing else is on stderr), and no traceback anywhere."""
+    assert proc.returncode == code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("Error: ") and message in lines[-1], proc.stderr
+    assert not only_line or len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    return lines[-1]
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under ``folder`` (hidden ones too) with its size and mtime: equal snapshots, nothing written."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))} if folder.exists() else {}
 
 
 def last_json(stdout: str) -> dict:
@@ -142,17 +175,12 @@ def test_kill_9_at_a_random_step_then_resume_by_run_id_equals_an_uninterrupted_r
     env, log = pqa_env(tmp_path), tmp_path / "victim.log"
     outputs = tmp_path / "outputs"
 
-    victim = start_pqa("run", "pipeline", "--mongo-url", store["url"], "--json", *RUN_ARGS, env=env, log=log)
-    try:
+    with background_pqa("run", "pipeline", "--mongo-url", store["url"], "--json", *RUN_ARGS, env=env, log=log) as victim:
         wait_for(checkpoint_appeared(outputs, phase, step), victim, f"{phase} step {step}", log, context)
         time.sleep(delay)
         assert victim.poll() is None, context + "the run finished before the kill"
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait()
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait()
     assert victim.returncode == -signal.SIGKILL, context
 
     dead = store["db"].runs.find_one({"status": "RUNNING"})  # killed: Sacred could not record an end
@@ -161,6 +189,8 @@ def test_kill_9_at_a_random_step_then_resume_by_run_id_equals_an_uninterrupted_r
     assert not (output_dir / "result.json").exists(), context
     left = sorted(p.parent.name + "/" + p.name for p in output_dir.glob("checkpoints/*/*") if not p.name.startswith("."))
     assert left, context
+    # the dead run's lock file is still there; the kernel released its lock with the process
+    assert (output_dir / LOCK_FILE).read_text().strip() == str(victim.pid), context
 
     proc = pqa("run", "pipeline", "--mongo-url", store["url"], "--json", *RUN_ARGS, f"resume={dead['_id']}", env=env)
     resumed = last_json(proc.stdout)
@@ -169,6 +199,7 @@ def test_kill_9_at_a_random_step_then_resume_by_run_id_equals_an_uninterrupted_r
     doc = store["db"].runs.find_one({"_id": resumed["run_id"]})
     assert doc["status"] == "COMPLETED" and doc["config"]["resume"] == str(output_dir)
     assert doc["info"]["resumed_from_run"] == dead["_id"] and doc["info"]["output_dir"] == str(output_dir)
+    assert not (output_dir / LOCK_FILE).exists()  # the resumed run took the lock, and gave it back at its end
     assert f"{phase}_resumed_from" in doc["info"] or f"{phase}/final" in left, context + str(left)
     # same weights, byte for byte, and the same value at every step the resumed run logged
     assert model_files(output_dir) == model_files(reference["output_dir"]), context
@@ -194,11 +225,9 @@ def test_resume_of_a_missing_run_or_checkpoint_is_one_line(store, tmp_path, resu
     before = store["db"].runs.count_documents({})
     proc = pqa("run", "pipeline", "--mongo-url", store["url"], *RUN_ARGS, f"resume={resume}",
                env=pqa_env(tmp_path), check=False)
-    assert proc.returncode == 1, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("Error: ") and message in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert_refused(proc, message)
     assert store["db"].runs.count_documents({}) == before
-    assert not (tmp_path / "outputs").exists()
+    assert not (tmp_path / "outputs").exists() and snapshot(tmp_path / "empty") == {}
 
 
 # --------------------------------------------------------------------------- the database goes away
@@ -214,6 +243,11 @@ def own_db(tmp_path):
     yield {"home": home, "port": port, "name": name, "db": client[name], "url": f"mongodb://127.0.0.1:{port}/{name}"}
     client.close()
     pqa_db.stop(home)
+
+
+def utc_now() -> _dt.datetime:
+    """Now as Sacred stamps metric points: naive UTC."""
+    return _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
 
 
 def logged_between(database, run_id, start, end) -> int:
@@ -233,21 +267,16 @@ def test_database_stopped_mid_run_and_restarted_loses_no_point(own_db, reference
     # A write into the outage gives up after 5 s (default 30 s) and is retried at the next heartbeat
     # (Sacred: every 10 s) or, once the run ends, up to 3 more times.
     url = own_db["url"] + "?serverSelectionTimeoutMS=5000"
-    proc = start_pqa("run", "pipeline", "--mongo-url", url, "--json", *RUN_ARGS, env=env, log=log)
-    try:
+    with background_pqa("run", "pipeline", "--mongo-url", url, "--json", *RUN_ARGS, env=env, log=log) as proc:
         wait_for(checkpoint_appeared(tmp_path / "outputs", "write", 2), proc, "write step 2", log)
         assert pqa_db.stop(own_db["home"])
-        down = _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)  # Sacred's timestamps are naive UTC
+        down = utc_now()
         # Training goes on; wait until the observer has tried to write into the outage and failed.
         wait_for(lambda: "not stored yet" in log.read_text() or "run document not updated" in log.read_text(),
                  proc, "a failed write during the outage", log)
         pqa_db.ensure_running(own_db["home"], port=own_db["port"])
-        up = _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
+        up = utc_now()
         proc.wait(timeout=SAFETY_TIMEOUT_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     output = log.read_text()
     assert proc.returncode == 0, output
     run_id = last_json(output)["run_id"]
@@ -266,16 +295,11 @@ def test_database_stopped_mid_run_and_restarted_loses_no_point(own_db, reference
 def test_database_down_when_the_run_ends_then_pqa_db_recover(own_db, reference, tmp_path):
     env, log = pqa_env(tmp_path), tmp_path / "run.log"
     url = own_db["url"] + "?serverSelectionTimeoutMS=1500"  # it stays down: give up on each write quickly
-    proc = start_pqa("run", "pipeline", "--mongo-url", url, "--json", *RUN_ARGS, env=env, log=log)
-    try:
+    with background_pqa("run", "pipeline", "--mongo-url", url, "--json", *RUN_ARGS, env=env, log=log) as proc:
         wait_for(checkpoint_appeared(tmp_path / "outputs", "read", 3), proc, "read step 3", log)
         assert pqa_db.stop(own_db["home"])
-        down = _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
+        down = utc_now()
         proc.wait(timeout=SAFETY_TIMEOUT_S)  # the whole rest of the run, its end included, is in the outage
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     output = log.read_text()
     assert proc.returncode == 1, output
     last = output.strip().splitlines()[-1]
@@ -320,7 +344,7 @@ def test_database_down_when_the_run_ends_then_pqa_db_recover(own_db, reference, 
     assert replay["points_already_stored"] == report["points_uploaded"]
     assert assert_same_as_reference(database, run_id, reference) == stored
     assert [a["name"] for a in database.runs.find_one({"_id": run_id})["artifacts"]] == ["predictions.jsonl"]
-    during = logged_between(database, run_id, down, _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None))
+    during = logged_between(database, run_id, down, utc_now())
     assert 0 < during <= report["points_uploaded"]
     print(f"outage at the end: {points(reference['metrics'])} points logged ({during} while the database was down), "
           f"{before} stored during the run, {report['points_uploaded']} uploaded by pqa db recover, {stored} stored")
@@ -330,21 +354,14 @@ def test_database_down_when_the_run_ends_then_pqa_db_recover(own_db, reference, 
 
 
 def test_four_runs_at_once_get_unique_ids_and_every_point(store, reference, tmp_path):
-    procs = []
-    for i in range(4):
-        log = tmp_path / f"run{i}.log"
-        procs.append((start_pqa("run", "pipeline", "--mongo-url", store["url"], "--json", *RUN_ARGS,
-                                env=pqa_env(tmp_path), log=log), log))
-    try:
-        for proc, _ in procs:
+    logs = [tmp_path / f"run{i}.log" for i in range(4)]
+    with contextlib.ExitStack() as stack:
+        procs = [stack.enter_context(background_pqa("run", "pipeline", "--mongo-url", store["url"], "--json",
+                                                    *RUN_ARGS, env=pqa_env(tmp_path), log=log)) for log in logs]
+        for proc in procs:
             proc.wait(timeout=SAFETY_TIMEOUT_S)
-    finally:
-        for proc, _ in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    outputs = [log.read_text() for _, log in procs]
-    assert [proc.returncode for proc, _ in procs] == [0] * 4, "\n".join(outputs)
+    outputs = [log.read_text() for log in logs]
+    assert [proc.returncode for proc in procs] == [0] * 4, "\n".join(outputs)
     ids = [last_json(out)["run_id"] for out in outputs]
     assert len(set(ids)) == 4
     dirs = set()
@@ -357,69 +374,193 @@ def test_four_runs_at_once_get_unique_ids_and_every_point(store, reference, tmp_
     print(f"4 concurrent runs {ids}: {4 * points(reference['metrics'])} points logged and stored")
 
 
+def test_a_folder_a_live_run_writes_is_refused_to_a_second_process(store, tmp_path):
+    """A resume of a run that still runs, by id or folder, and a second run into its folder: each is one
+    line before anything is stored, and the running run goes on undisturbed."""
+    env, log, folder = pqa_env(tmp_path), tmp_path / "victim.log", tmp_path / "shared"
+    slow = [*RUN_ARGS, "write.epochs=1000"]  # still running whatever the machine's load; killed below
+    with background_pqa("run", "pipeline", "--mongo-url", store["url"], "--json", *slow, f"output_dir={folder}",
+                        env=env, log=log) as victim:
+        wait_for(lambda: (folder / "checkpoints" / "write" / "step-0000002" / "MANIFEST.json").exists(), victim,
+                 "write step 2", log)
+        running = store["db"].runs.find_one({"info.output_dir": str(folder.resolve())})
+        assert running["status"] == "RUNNING"
+        before = store["db"].runs.count_documents({})
+        attempts = [[f"resume={running['_id']}"], [f"resume={folder}"], [f"output_dir={folder}"]]
+        procs = [subprocess.Popen([sys.executable, "-m", "pqa_experiments.cli", "run", "pipeline", "--mongo-url",
+                                   store["url"], *slow, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=env, cwd=str(REPO)) for args in attempts]  # at once
+        for proc, args in zip(procs, attempts):
+            out, err = proc.communicate(timeout=SAFETY_TIMEOUT_S)
+            line = assert_refused(subprocess.CompletedProcess(args, proc.returncode, out, err),
+                                  f": in use by another pqa run (pid {victim.pid},")
+            assert line.startswith(f"Error: {folder.resolve() if args[0] == attempts[0][0] else folder}: "), line
+        assert store["db"].runs.count_documents({}) == before
+        assert victim.poll() is None and (folder / LOCK_FILE).read_text().strip() == str(victim.pid)
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
+    print(f"folder in use: {len(attempts)} attempts refused while run {running['_id']} (pid {victim.pid}) ran")
+
+
 # --------------------------------------------------------------------------- bad input
 
+HUGE = b"<a 100 MB line>"
 
-def _corpus_with(tmp_path: Path, line_no: int, line: bytes) -> Path:
-    lines = (SAMPLE / "corpus.jsonl").read_bytes().splitlines()
-    lines[line_no - 1] = line
-    path = tmp_path / "corpus.jsonl"
-    path.write_bytes(b"\n".join(lines) + b"\n")
+
+def _data_file_with(tmp_path: Path, sample: str, line_no, line: bytes) -> Path:
+    """The sample file with line ``line_no`` replaced (``None``: the file emptied; ``HUGE``: a 100 MB line)."""
+    lines = (SAMPLE / sample).read_bytes().splitlines()
+    path = tmp_path / sample
+    with open(path, "wb") as out:
+        for number, text in enumerate(lines if line_no is not None else [], start=1):
+            if number != line_no:
+                out.write(text + b"\n")
+            elif line is HUGE:
+                out.write(b'{"doc_id": 4, "title": "t", "text": "')
+                for _ in range(100):
+                    out.write(b"x" * (1 << 20))
+                out.write(b'"}\n')
+            else:
+                out.write(line + b"\n")
     return path
 
 
-@pytest.mark.parametrize("line, message", [
-    (b'{"doc_id": 4, "title": "t", "text": ', ":5: invalid JSON"),
-    (b'{"doc_id": 4, "title": "t"}', ":5: missing field 'text'"),
-    (b'{"doc_id": 4, "title": "t", "text": "caf\xe9"}', ":5: not valid UTF-8"),
-])
-def test_bad_data_line_names_file_line_and_field_and_stores_nothing(store, tmp_path, line, message):
-    corpus = _corpus_with(tmp_path, 5, line)
+def _qa_line(**fields) -> bytes:
+    line = {"id": "bad", "question": "When was Marrowick founded?", "answers": ["1712"], "gold_doc_ids": [0]}
+    return json.dumps({**line, **fields}).encode()
+
+
+@pytest.mark.parametrize("sample, line_no, line, message", [
+    ("corpus.jsonl", 5, b'{"doc_id": 4, "title": "t", "text": ', ":5: invalid JSON"),
+    ("corpus.jsonl", 5, b'{"doc_id": 4, "title": "t"}', ":5: missing field 'text'"),
+    ("corpus.jsonl", 5, b'{"doc_id": 4, "title": "t", "text": 7}', ":5: field 'text': expected a string, got integer"),
+    ("corpus.jsonl", None, b"", ": corpus is empty"),
+    ("corpus.jsonl", 5, b'{"doc_id": 0, "text": "again"}', ":5: field 'doc_id': duplicate doc id 0 (first on line 1)"),
+    ("qa_train.jsonl", 3, _qa_line(gold_doc_ids=[36]),
+     ":3: field 'gold_doc_ids': doc id 36 is not in the corpus (36 documents)"),
+    ("qa_eval.jsonl", 2, _qa_line(answers=["1712", 1712]), ":2: field 'answers': item 1 is integer, expected a string"),
+    ("corpus.jsonl", 5, b'{"doc_id": 4, "title": "t", "text": "caf\xe9"}', ":5: not valid UTF-8"),
+    ("corpus.jsonl", 5, HUGE, ":5: line is longer than the limit of 16777216 bytes"),
+], ids=["malformed-json", "missing-field", "wrong-type", "empty-corpus", "duplicate-doc-id", "gold-id-out-of-range",
+        "answers-not-strings", "non-utf8", "100MB-line"])
+def test_bad_data_line_names_file_line_and_field_and_stores_nothing(store, tmp_path, sample, line_no, line, message):
+    path = _data_file_with(tmp_path, sample, line_no, line)
+    key = {"corpus.jsonl": "corpus", "qa_train.jsonl": "qa", "qa_eval.jsonl": "eval_qa"}[sample]
     before = store["db"].runs.count_documents({})
-    proc = pqa("run", "pipeline", "--mongo-url", store["url"], *RUN_ARGS, f"data.corpus={corpus}",
-               env=pqa_env(tmp_path), check=False)
-    assert proc.returncode == 1, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"Error: {corpus}{message}"), proc.stderr
-    assert "Traceback" not in proc.stderr
+    try:
+        proc = pqa("run", "pipeline", "--mongo-url", store["url"], *RUN_ARGS, f"data.{key}={path}",
+                   env=pqa_env(tmp_path), check=False)
+    finally:
+        path.unlink()  # 100 MB is too much to keep among pytest's last runs
+    assert assert_refused(proc, message).startswith(f"Error: {path}{message}")
     assert store["db"].runs.count_documents({}) == before
     assert not (tmp_path / "outputs").exists()
+
+
+def test_debug_prints_the_traceback_of_a_refused_input(store, tmp_path):
+    path = _data_file_with(tmp_path, "corpus.jsonl", 5, b'{"doc_id": 4}')
+    proc = pqa("--debug", "run", "pipeline", "--mongo-url", store["url"], *RUN_ARGS, f"data.corpus={path}",
+               env=pqa_env(tmp_path), check=False)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"pqa_core.errors.DataError: {path}:5: missing field 'text'"
 
 
 def test_bad_mongodb_url_is_a_usage_error(tmp_path):
     proc = pqa("run", "pipeline", "--mongo-url", "http://user:pw-123456@127.0.0.1/x", *RUN_ARGS,
                env=pqa_env(tmp_path), check=False)
-    assert proc.returncode == 2, proc.stderr
-    assert "unsupported MongoDB URL scheme" in proc.stderr and "pw-123456" not in proc.stderr
-    assert "Traceback" not in proc.stderr and not (tmp_path / "outputs").exists()
+    assert_refused(proc, "unsupported MongoDB URL scheme", code=2)
+    assert "pw-123456" not in proc.stderr and not (tmp_path / "outputs").exists()
 
 
-def _corrupt_safetensors(reference, tmp_path) -> Path:
-    """The reference's write checkpoint with garbage for weights and a manifest that agrees with it."""
-    folder = tmp_path / "corrupt"
-    shutil.copytree(reference["output_dir"] / "checkpoints" / "write" / "final", folder)
-    (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}" + os.urandom(64))
-    manifest = json.loads((folder / "MANIFEST.json").read_text())
-    manifest["files"]["model.safetensors"] = {"sha256": sha256(folder / "model.safetensors"),
-                                              "bytes": (folder / "model.safetensors").stat().st_size}
-    (folder / "MANIFEST.json").write_text(json.dumps(manifest))
-    return folder
+def _rewrite(folder: Path, name: str, data: bytes, manifest_agrees: bool = True) -> None:
+    """Replace ``folder/name``; with ``manifest_agrees`` the manifest is edited to match (only the file's
+    own check can find it), else the manifest still describes the old file (a half-written one)."""
+    (folder / name).write_bytes(data)
+    if manifest_agrees:
+        manifest = json.loads((folder / "MANIFEST.json").read_text())
+        manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        (folder / "MANIFEST.json").write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("case", ["missing", "other_size", "corrupt_safetensors"])
-def test_bad_init_from_checkpoint_is_one_line_exit_1(store, reference, tmp_path, case):
+class _Payload:
+    """Unpickling this creates the file named by ``marker``: the proof that pickled code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _bad_checkpoint(reference, tmp_path, case: str, how: str):
+    """(Sacred args, the message, the folder that must stay untouched) for one bad checkpoint given to
+    ``init_from`` (a write step checkpoint) or ``resume`` (a run folder whose last checkpoint it is)."""
     if case == "missing":
-        args, message = [f"init_from={tmp_path / 'nothing'}"], "no checkpoint found"
-    elif case == "other_size":
-        args = [f"init_from={reference['output_dir']}", "model.num_memory_tokens=4"]
-        message = "checkpoint was made for num_memory_tokens=2, this model has num_memory_tokens=4"
-    else:
-        args, message = [f"init_from={_corrupt_safetensors(reference, tmp_path)}"], "not a valid safetensors file"
-    proc = pqa("run", "eval", "--mongo-url", store["url"], "--json", *RUN_ARGS, *args,
+        return [f"{how}={tmp_path / 'nothing'}"], "no checkpoint found", tmp_path / "nothing"
+    run = tmp_path / "crashed"
+    folder = run / "checkpoints" / "write" / "step-0000004"
+    shutil.copytree(reference["output_dir"] / "checkpoints" / "write" / "step-0000004", folder)
+    args, message = [], None
+    if case == "other_size":
+        args, message = ["model.num_memory_tokens=4"], \
+            f"{folder}: checkpoint was made for num_memory_tokens=2, this model has num_memory_tokens=4"
+    elif case == "other_model":
+        args, message = ["model.llm=smollm2-135m"], \
+            f"{folder}: checkpoint was made for llm='tiny', this model has llm='smollm2-135m'"
+    elif case == "other_lora_rank":
+        args, message = ["model.lora.r=8"], f"{folder}: checkpoint was made for lora_r=4, this model has lora_r=8"
+    elif case == "corrupt_safetensors":
+        _rewrite(folder, "model.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}" + os.urandom(64))
+        message = f"{folder / 'model.safetensors'}: not a valid safetensors file"
+    elif case == "pickle":
+        import pickle
+
+        _rewrite(folder, "model.safetensors", pickle.dumps({"doc_vectors": _Payload(tmp_path / "pwned")}))
+        message = f"{folder / 'model.safetensors'}: not a valid safetensors file"
+    elif case == "half_written":
+        data = (folder / "model.safetensors").read_bytes()
+        _rewrite(folder, "model.safetensors", data[:len(data) // 2], manifest_agrees=False)
+        message = f"{folder / 'model.safetensors'}: contents do not match MANIFEST.json"
+    elif case == "torn":
+        if how == "resume":  # a later step folder without its manifest: the last checkpoint is torn
+            folder = folder.with_name("step-0000006")
+            shutil.copytree(reference["output_dir"] / "checkpoints" / "write" / "step-0000006", folder)
+        (folder / "MANIFEST.json").unlink()
+        message = f"{folder}: incomplete checkpoint (MANIFEST.json missing"
+    return [f"{how}={run if how == 'resume' else folder}", *args], message, run
+
+
+@pytest.mark.parametrize("how, case", [
+    *[("init_from", case) for case in ("missing", "other_size", "other_model", "other_lora_rank",
+                                       "corrupt_safetensors", "pickle", "half_written", "torn")],
+    *[("resume", case) for case in ("other_size", "corrupt_safetensors", "half_written", "torn")],
+])
+def test_bad_checkpoint_is_one_line_before_the_run_is_created(store, reference, tmp_path, how, case):
+    args, message, folder = _bad_checkpoint(reference, tmp_path, case, how)
+    before, files = store["db"].runs.count_documents({}), snapshot(folder)
+    proc = pqa("run", "eval" if how == "init_from" else "pipeline", "--mongo-url", store["url"], "--json", *RUN_ARGS,
+               *args, env=pqa_env(tmp_path), check=False)
+    assert_refused(proc, message)
+    assert store["db"].runs.count_documents({}) == before  # refused before the run was created
+    assert not (tmp_path / "outputs").exists() and snapshot(folder) == files  # nothing written, no lock left
+    assert not (tmp_path / "pwned").exists()  # the pickle was never unpickled
+
+
+def test_optimizer_state_of_another_setting_is_stored_failed_one_line(store, reference, tmp_path):
+    """Saved without LoRA in the write optimizer, resumed with it: the same model, other param groups.
+    Only the built optimizer shows it, so the run starts, and is stored FAILED with the one-line reason."""
+    run = tmp_path / "crashed"
+    step = run / "checkpoints" / "write" / "step-0000004"
+    shutil.copytree(reference["output_dir"] / "checkpoints" / "write" / "step-0000004", step)
+    files = snapshot(run)
+    proc = pqa("run", "pipeline", "--mongo-url", store["url"], *RUN_ARGS, f"resume={run}", "write.train_lora=True",
                env=pqa_env(tmp_path), check=False)
-    assert proc.returncode == 1, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("Error: ") and message in last, proc.stderr
-    assert "Traceback" not in proc.stderr
+    line = assert_refused(proc, f"{step / 'optimizer.safetensors'}: optimizer state of another model or training "
+                                "setting (2 param groups saved, 3 here)", only_line=False)
+    assert line.startswith(f"Error: {step / 'optimizer.safetensors'}") and "lora: " in line  # names the groups
+    doc = store["db"].runs.find_one({"config.resume": str(run)}, sort=[("_id", -1)])
+    assert doc["status"] == "FAILED" and line[len("Error: "):] in doc["fail_trace"][-1]
+    assert snapshot(run) == files  # nothing written into the folder, the lock file gone
     assert not (tmp_path / "outputs").exists()
 
 
@@ -437,14 +578,19 @@ def pqa_register_selectors(register):
 '''
 
 
-@pytest.mark.parametrize("debug", [False, True])
-def test_plugin_that_raises_mid_run_is_stored_failed_one_line(store, tmp_path, debug):
+def _installed_boom_plugin(tmp_path: Path) -> str:
+    """A distribution with a ``pqa`` entry point registering selector ``boom``; returns its site folder."""
     site = tmp_path / "site"
     (site / "pqa_test_boom-0.1.dist-info").mkdir(parents=True)
     (site / "pqa_test_boom.py").write_text(textwrap.dedent(BOOM_PLUGIN))
     (site / "pqa_test_boom-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: pqa-test-boom\nVersion: 0.1\n")
     (site / "pqa_test_boom-0.1.dist-info" / "entry_points.txt").write_text("[pqa]\nboom = pqa_test_boom\n")
-    env = pqa_env(tmp_path, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    return str(site)
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_plugin_that_raises_mid_run_is_stored_failed_one_line(store, tmp_path, debug):
+    env = pqa_env(tmp_path, PYTHONPATH=os.pathsep.join([_installed_boom_plugin(tmp_path), os.environ.get("PYTHONPATH", "")]))
     proc = pqa(*(["--debug"] if debug else []), "run", "pipeline", "--mongo-url", store["url"], *RUN_ARGS,
                "selector.name=boom", env=env, check=False)
     assert proc.returncode == 1, proc.stderr
@@ -454,7 +600,16 @@ def test_plugin_that_raises_mid_run_is_stored_failed_one_line(store, tmp_path, d
     if debug:
         assert "Traceback" in proc.stderr and last == "RuntimeError: boom from the selector plugin"
     else:
-        assert "Traceback" not in proc.stderr
+        assert_refused(proc, f"run {doc['_id']} FAILED", only_line=False)
         assert last == (f"Error: run {doc['_id']} FAILED: RuntimeError: boom from the selector plugin "
                         "(the traceback is stored with the run; pqa --debug run ... prints it)")
     assert not (tmp_path / "outputs").exists()  # it failed before writing anything: no empty folders left
+
+
+def test_pqa_load_plugins_empty_turns_off_an_installed_plugin(store, tmp_path):
+    env = pqa_env(tmp_path, PQA_LOAD_PLUGINS="",
+                  PYTHONPATH=os.pathsep.join([_installed_boom_plugin(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    before = store["db"].runs.count_documents({})
+    proc = pqa("run", "pipeline", "--mongo-url", store["url"], *RUN_ARGS, "selector.name=boom", env=env, check=False)
+    assert_refused(proc, "unknown selector 'boom'; available: bilinear, cosine, dot, mlp", code=2)
+    assert store["db"].runs.count_documents({}) == before and not (tmp_path / "outputs").exists()
