@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -110,11 +109,8 @@ def run(profile: str = "quick", command: str | None = None, threads: int | None 
         **overrides) -> dict:
     import torch
 
-    common.quiet_libraries()
-    params = {**PROFILES[profile], **overrides}
-    started = time.perf_counter()
-    common.set_threads(threads)
-    machine = common.machine_info()
+    bench = common.Bench(NAME, profile, PROFILES, overrides, threads, command)
+    params = bench.params
     rows = []
     for llm_name, n_questions, batch_sizes in params["models"]:
         torch.manual_seed(0)
@@ -148,63 +144,40 @@ def run(profile: str = "quick", command: str | None = None, threads: int | None 
     default_rows = [r for r in rows if r["batch_size"] == DEFAULT_BATCH] or rows
     real = [r for r in default_rows if r["llm"] != "tiny"]
     headline = min(r["speedup"] for r in (real or default_rows))
-    result = {
-        "name": NAME, "profile": profile, "command": command or common.command_line(f"python bench/{NAME}.py --{profile}"),
-        "machine": machine, "params": params, "rows": rows,
+    return bench.finish({
+        "rows": rows,
         "goal": {"metric": f"seed loop time / batched time at batch {DEFAULT_BATCH} (SmolLM2; tiny when only tiny ran)",
                  "target": f">= {GOAL}",
                  "value": headline, "met": headline >= GOAL},
-    }
-    result["wall_s"] = time.perf_counter() - started
-    result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    return result
+    })
 
 
 def markdown(result: dict) -> str:
     p, goal = result["params"], result["goal"]
     rows = [[r["llm"], r["questions"], r["batch_size"], f"{r['seed_loop_s']:.2f}", f"{r['batched_s']:.2f}",
              f"{r['questions'] / r['seed_loop_s']:.1f}", f"{r['questions'] / r['batched_s']:.1f}",
-             f"**{r['speedup']:.1f}x**", f"{r['speedup_range'][0]:.1f} .. {r['speedup_range'][1]:.1f}",
+             f"**{r['speedup']:.1f}x**", common.span(*r["speedup_range"], ".1f"),
              f"{r['seed_mean_new_tokens']:.1f}", f"{r['identical_predictions']}/{r['questions']}"]
             for r in result["rows"]]
     table = common.md_table(["LLM", "questions", "batch", "seed loop s", "batched s", "seed q/s", "batched q/s",
                              "speedup", "per-round range", "new tokens/q (seed)", "same predictions"], rows)
-    return "\n".join([
-        "## (g) Batched evaluation vs the seed's per-question loop",
-        "",
-        common.header(result),
-        "",
+    return common.section(
+        "(g) Batched evaluation vs the seed's per-question loop", result,
         f"Questions of the shipped sample (`pqa_core/sample_data`, eval then train), untrained models built from the "
         f"default config (MiniLM query encoder, cosine selector, LoRA on), top_k={p['top_k']}, 4 soft tokens per "
         f"document; **both sides generate at most {p['max_new_tokens']} new tokens** (greedy, KV cache, stop at EOS); "
         f"seed loop: batch 1, question padded to {SEED_MAX_LENGTH} tokens; batched: `evaluate_qa` (predictions file "
         f"written) with the batch size in the table (pqa's default is {DEFAULT_BATCH}), dynamic padding; a batch "
         f"decodes until its last row stops. {p['rounds']} interleaved rounds after {p['warmup']} warm-up.",
-        "",
         table,
-        "",
-        f"Goal: batched >= {GOAL:.0f}x faster: **{goal['value']:.1f}x, {'met' if goal['met'] else 'NOT met'}** "
+        f"Goal: batched >= {GOAL:.0f}x faster: **{goal['value']:.1f}x, {common.verdict(goal['met'])}** "
         f"({goal['metric']}). \"same predictions\" counts questions where both sides produced the same answer text: "
         f"the padding to 128 tokens changes nothing but the cost, up to float rounding in long pads.",
-    ])
+    )
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
-    parser.add_argument("--quick", action="store_const", const="quick", dest="profile")
-    parser.add_argument("--full", action="store_const", const="full", dest="profile")
-    parser.add_argument("--threads", type=int, default=common.DEFAULT_THREADS, help="torch threads (0: torch default)")
-    parser.add_argument("--out", default=None, help="folder for the JSON and markdown (default bench/results[/quick])")
-    args = parser.parse_args(argv)
-    result = run(args.profile, threads=args.threads, command=common.command_line(common.script_command(f"{NAME}.py", argv)))
-    out = args.out or (common.DEFAULT_OUT if args.profile == "full" else common.DEFAULT_OUT / args.profile)
-    md = markdown(result)
-    common.write_result(result, md, out)
-    print(md)
-    return 0
+    return common.script_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

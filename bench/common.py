@@ -20,6 +20,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 DEFAULT_OUT = BENCH_DIR / "results"
+RESULTS_MD = BENCH_DIR / "RESULTS.md"
+
+
+def default_out(profile: str) -> Path:
+    """Where a profile's results go: ``bench/results`` (full, the files RESULTS.md is built from), else
+    ``bench/results/<profile>``."""
+    return DEFAULT_OUT if profile == "full" else DEFAULT_OUT / profile
 
 
 def _lscpu() -> Dict[str, str]:
@@ -236,3 +243,95 @@ def header(result: dict) -> str:
             f"Machine: {machine_line(result['machine'])}  \n"
             f"Profile: {result['profile']}; this benchmark's wall time {result['wall_s']:.0f} s; "
             f"load average at end {result.get('loadavg_at_end', ['?'])[0]}")
+
+
+class Bench:
+    """What every benchmark's ``run`` starts and ends with.
+
+    Starting: quiet libraries, the profile's parameters (with ``overrides``), torch threads, the
+    machine description; ``finish`` puts the fields every result starts with (name, profile, command,
+    machine, params) before the benchmark's own and adds its wall time and the load average at the end.
+    """
+
+    def __init__(self, name: str, profile: str, profiles: dict, overrides: dict, threads: Optional[int],
+                 command: Optional[str]):
+        quiet_libraries()
+        self.name, self.profile = name, profile
+        self.params = {**profiles[profile], **overrides}
+        self.started = time.perf_counter()
+        self.threads = set_threads(threads)
+        self.machine = machine_info()
+        self.command = command or command_line(f"python bench/{name}.py --{profile}")
+
+    def head(self) -> dict:
+        return {"name": self.name, "profile": self.profile, "command": self.command, "machine": self.machine,
+                "params": self.params}
+
+    def finish(self, fields: dict) -> dict:
+        result = {**self.head(), **fields}
+        result["wall_s"] = time.perf_counter() - self.started
+        result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        return result
+
+
+def verdict(met) -> str:
+    return "met" if met else "NOT met"
+
+
+def span(low: float, high: float, fmt: str = ".2f") -> str:
+    """A per-round range as the tables print it: ``low .. high``."""
+    return f"{low:{fmt}} .. {high:{fmt}}"
+
+
+def ratio_span(stats: dict, fmt: str = ".2f") -> str:
+    """The range of the per-round ratios of :func:`ratio_stats`."""
+    return span(stats["per_round_min"], stats["per_round_max"], fmt)
+
+
+def section(title: str, result: dict, *blocks: str) -> str:
+    """A benchmark's markdown: ``## title``, the :func:`header` lines, then the blocks, one blank line apart."""
+    return "\n\n".join([f"## {title}", header(result), *blocks])
+
+
+def script_main(module, argv=None, add_arguments=None, run_kwargs=None) -> int:
+    """The command line every benchmark script shares::
+
+        python bench/<name>.py [--quick | --full | --smoke] [--threads N] [--out DIR] [--render-only]
+
+    Runs ``module.run`` (or, with ``--render-only``, reads the stored JSON back), writes
+    ``<out>/<name>.json`` and ``.md`` and prints the markdown. A result written to ``bench/results``
+    (the full profile's default folder) also re-renders ``bench/RESULTS.md`` from every result file
+    there, so every other section is kept. ``add_arguments(parser)`` adds a script's own options,
+    ``run_kwargs(args, out)`` turns them into keyword arguments of ``run``.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description=module.__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=sorted(module.PROFILES), default="full")
+    for profile in ("quick", "full", "smoke"):
+        if profile in module.PROFILES:
+            parser.add_argument(f"--{profile}", action="store_const", const=profile, dest="profile")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                        help="torch threads, faiss's too where used (0: torch's default)")
+    parser.add_argument("--out", default=None, help="folder for the JSON, markdown and PNG "
+                                                    "(default bench/results, or bench/results/<profile>)")
+    parser.add_argument("--render-only", action="store_true",
+                        help="measure nothing: rewrite the markdown (and RESULTS.md) from the stored JSON")
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    out = Path(args.out) if args.out else default_out(args.profile)
+    if args.render_only:
+        result = json.loads((out / f"{module.NAME}.json").read_text(encoding="utf-8"))
+    else:
+        result = module.run(args.profile, threads=args.threads,
+                            command=command_line(script_command(f"{module.NAME}.py", argv)),
+                            **(run_kwargs(args, out) if run_kwargs is not None else {}))
+    md = module.markdown(result)
+    write_result(result, md, out)
+    if out.resolve() == DEFAULT_OUT.resolve():
+        from bench import run as driver
+
+        driver.rerender(out)
+    print(md)
+    return 0

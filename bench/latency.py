@@ -20,10 +20,8 @@ The goal pairs the speedup with quality: F1 comes from ``bench/results/quality.j
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -101,11 +99,8 @@ def run(profile: str = "full", command: str | None = None, threads: int | None =
     from pqa_core.controls import build_control, evaluate_control
     from pqa_core.evaluation import evaluate_qa
 
-    common.quiet_libraries()
-    params = {**PROFILES[profile], **overrides}
-    started = time.perf_counter()
-    common.set_threads(threads)
-    machine = common.machine_info()
+    bench = common.Bench(NAME, profile, PROFILES, overrides, threads, command)
+    params = bench.params
     k = params["top_k"]
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
@@ -152,10 +147,8 @@ def run(profile: str = "full", command: str | None = None, threads: int | None =
                                                       add_special_tokens=False)["input_ids"]]
     speedup = answer["bm25_over_pqa"]["ratio_of_medians"]
     f1_ratio = f1["pqa"] / f1["bm25"] if f1 and f1.get("bm25") else None
-    result = {
-        "name": NAME, "profile": profile,
-        "command": command or common.command_line(f"python bench/{NAME}.py --{profile}"),
-        "machine": machine, "params": params, "data": about, "rows": rows, "f1_from_quality": f1,
+    return bench.finish({
+        "data": about, "rows": rows, "f1_from_quality": f1,
         "mean_gold_answer_tokens": sum(gold_tokens) / max(len(gold_tokens), 1),
         "goals": {
             "speedup": {"metric": f"bm25 text RAG / pqa answer latency, batch 1, G={answer['new_tokens']} new tokens, "
@@ -165,10 +158,7 @@ def run(profile: str = "full", command: str | None = None, threads: int | None =
                    "target": f">= {F1_GOAL}", "value": f1_ratio,
                    "met": None if f1_ratio is None else f1_ratio >= F1_GOAL},
         },
-    }
-    result["wall_s"] = time.perf_counter() - started
-    result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    return result
+    })
 
 
 def markdown(result: dict) -> str:
@@ -182,7 +172,7 @@ def markdown(result: dict) -> str:
                 r["new_tokens"], f"**{s}**" if s == "pqa" else s, f"{r['prompt_tokens_per_question'][s]:.0f}",
                 f"{r['ms_per_question'][s]:.0f}",
                 "1 (reference)" if ratio is None else
-                f"**{ratio['ratio_of_medians']:.2f}x** ({ratio['per_round_min']:.2f} .. {ratio['per_round_max']:.2f})",
+                f"**{ratio['ratio_of_medians']:.2f}x** ({common.ratio_span(ratio)})",
                 f"{r[f'Recall@{k}'][s]:.0f}"])
     table = common.md_table(["new tokens G", "system", "prompt tokens/q", "ms/question",
                              "time / pqa's (per-round range)", f"Recall@{k} (untrained pqa)"], table_rows)
@@ -191,7 +181,7 @@ def markdown(result: dict) -> str:
     f1_text = ("no F1 yet (run `python bench/quality.py` first)" if not fq else
                f"no F1 ratio: bm25's F1 in (a) is {fq.get('bm25', 0):.1f}" if f1["value"] is None else
                f"pqa F1 / bm25 F1 from (a) (`{fq['bm25_row']}`) = **{f1['value']:.2f}** (goal >= {F1_GOAL}: "
-               f"**{'met' if f1['met'] else 'NOT met'}**; by substring match "
+               f"**{common.verdict(f1['met'])}**; by substring match "
                f"{fq['pqa_substring'] / fq['bm25_substring'] if fq['bm25_substring'] else float('nan'):.2f})")
     both = speed["met"] and bool(f1["met"])
     by_g = {r["new_tokens"]: r["ms_per_question"] for r in result["rows"]}
@@ -203,51 +193,28 @@ def markdown(result: dict) -> str:
                   f"{per_token['bm25']:.0f} ms (bm25) at batch 1 on this CPU: decoding reads every weight per token "
                   f"whatever the prompt, so the prompt saving shows fully in the time to the first token and is "
                   f"diluted by every token generated after it.")
-    return "\n".join([
-        "## (b) Answer latency and prompt tokens: pqa vs text RAG, same k",
-        "",
-        common.header(result),
-        "",
+    return common.section(
+        "(b) Answer latency and prompt tokens: pqa vs text RAG, same k", result,
         f"{result['rows'][0]['questions']} held-out questions of the (a) subset ({d['passages']} passages), one at a "
         f"time (batch 1), LLM `{p['llm']}` without LoRA on both sides, k={k}; pqa reads k x 4 soft tokens + the "
         f"question, bm25 reads `Context: <k whole passages>` + the question. Every answer is forced to exactly G new "
         f"tokens (G=1: selection + prefill, the time to the first token; the held-out gold answers average "
         f"{result['mean_gold_answer_tokens']:.1f} tokens, so G={ANSWER_TOKENS} is a short answer with its EOS). "
         f"{p['rounds']} interleaved rounds after a one-question warm-up.",
-        "",
         table,
-        "",
         f"Speedup of pqa over BM25 text RAG at G={ANSWER_TOKENS}: **{speed['value']:.1f}x** "
-        f"(goal >= {SPEEDUP_GOAL:.0f}x: **{'met' if speed['met'] else 'NOT met'}**); {f1_text}. "
+        f"(goal >= {SPEEDUP_GOAL:.0f}x: **{common.verdict(speed['met'])}**); {f1_text}. "
         f"Both together (>= {SPEEDUP_GOAL:.0f}x faster at >= {int(F1_GOAL * 100)}% of text RAG's F1): "
-        f"**{'met' if both else 'NOT met'}**." + decode,
-    ])
+        f"**{common.verdict(both)}**." + decode,
+    )
 
 
 def main(argv=None) -> int:
-    import argparse
+    def add_arguments(parser):
+        parser.add_argument("--quality-json", default=None, help="F1 source (default bench/results/quality.json)")
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
-    parser.add_argument("--quick", action="store_const", const="quick", dest="profile")
-    parser.add_argument("--smoke", action="store_const", const="smoke", dest="profile")
-    parser.add_argument("--threads", type=int, default=common.DEFAULT_THREADS, help="torch threads (0: torch default)")
-    parser.add_argument("--quality-json", default=None, help="F1 source (default bench/results/quality.json)")
-    parser.add_argument("--out", default=None, help="folder for the JSON and markdown (default bench/results[/profile])")
-    parser.add_argument("--render-only", action="store_true", help="rewrite the markdown from the stored JSON")
-    args = parser.parse_args(argv)
-    out = args.out or (common.DEFAULT_OUT if args.profile == "full" else common.DEFAULT_OUT / args.profile)
-    if args.render_only:
-        result = json.loads((Path(out) / f"{NAME}.json").read_text(encoding="utf-8"))
-    else:
-        result = run(args.profile, threads=args.threads, quality_json=args.quality_json,
-                     command=common.command_line(common.script_command(f"{NAME}.py", argv)))
-    md = markdown(result)
-    common.write_result(result, md, out)
-    if args.profile == "full" and not args.out:
-        quality.update_results_md(NAME, md)
-    print(md)
-    return 0
+    return common.script_main(sys.modules[__name__], argv, add_arguments=add_arguments,
+                              run_kwargs=lambda args, out: {"quality_json": args.quality_json})
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ evaluation batch size (16) on whatever this machine was doing; ``bench/latency.p
 from __future__ import annotations
 
 import json
-import os
-import re
 import sys
 import tempfile
 import time
@@ -43,7 +41,6 @@ PROFILES = {
                  read_epochs=3, top_k=3, max_new_tokens=24, eval_fraction=0.25,
                  lora_controls=["closed_book", "oracle", "bm25", "dense_minilm"]),
 }
-MARK = "<!-- bench/{name}.py: this section is rewritten by that script -->"
 
 
 def squad_subset(out_dir: Path, articles: int, passages_per_article: int, eval_fraction: float, seed: int = 0,
@@ -102,25 +99,6 @@ def pqa_config(params: dict, data: dict, output_dir: str):
     })
 
 
-def update_results_md(name: str, markdown: str, path: Path = common.BENCH_DIR / "RESULTS.md") -> None:
-    """Put ``markdown`` into ``bench/RESULTS.md`` as this script's own section: replaced where its marker
-    already stands (up to the next ``## `` heading), appended otherwise. Other sections are left alone."""
-    mark = MARK.format(name=name)
-    text = path.read_text(encoding="utf-8") if path.exists() else "# pqa benchmarks\n"
-    block = f"{mark}\n{markdown.strip()}\n"
-    if mark in text:
-        start = text.index(mark)
-        own = text.index("\n## ", start) + 1 if "\n## " in text[start:] else len(text)  # this section's heading
-        ends = [m.start() + 1 for m in re.finditer(r"\n(## |<!-- bench/)", text[own + 1:])]
-        end = own + 1 + ends[0] if ends else len(text)
-        text = text[:start] + block + ("\n" + text[end:] if end < len(text) else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 @common.isolated
 def run(profile: str = "full", command: str | None = None, threads: int | None = common.DEFAULT_THREADS,
         **overrides) -> dict:
@@ -129,11 +107,8 @@ def run(profile: str = "full", command: str | None = None, threads: int | None =
     from pqa_core.pipeline import Pipeline
     from pqa_core.training import RecordingLogger
 
-    common.quiet_libraries()
-    params = {**PROFILES[profile], **overrides}
-    started = time.perf_counter()
-    common.set_threads(threads)
-    machine = common.machine_info()
+    bench = common.Bench(NAME, profile, PROFILES, overrides, threads, command)
+    params = bench.params
     with tempfile.TemporaryDirectory() as tmp:
         data, about = data_paths(params, Path(tmp))
         config = pqa_config(params, data, str(Path(tmp) / "run"))
@@ -180,19 +155,14 @@ def run(profile: str = "full", command: str | None = None, threads: int | None =
         value = rows["pqa"][metric] / rows[best][metric] if rows[best][metric] else None
         goals[metric] = {"metric": f"pqa {metric} / best text-RAG {metric} ({best}), k={k}", "target": ">= 0.8",
                          "value": value, "met": value is not None and value >= 0.8}
-    result = {
-        "name": NAME, "profile": profile,
-        "command": command or common.command_line(f"python bench/{NAME}.py --{profile}"),
-        "machine": machine, "params": params, "data": about, "rows": rows,
+    return bench.finish({
+        "data": about, "rows": rows,
         "pqa_training": {"seconds": train_s, "write_greedy_token_acc_last": write_acc[-1] if write_acc else None,
                          "read_recall_per_epoch": recall_epochs,
                          "recall_before_write": logger.info.get(f"Recall@{k}_before_read"),
                          "timings_s": dict(pipeline.timings)},
         "goals": goals,
-    }
-    result["wall_s"] = time.perf_counter() - started
-    result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    return result
+    })
 
 
 class _nothing:
@@ -219,13 +189,9 @@ def markdown(result: dict) -> str:
 
     def verdict(g):
         value = "n/a" if g["value"] is None else f"{g['value']:.2f}"
-        return f"{g['metric']}: **{value}** (goal >= 0.8: **{'met' if g['met'] else 'NOT met'}**)"
+        return f"{g['metric']}: **{value}** (goal >= 0.8: **{common.verdict(g['met'])}**)"
 
-    return "\n".join([
-        "## (a) Answer quality: pqa vs controls on a SQuAD subset",
-        "",
-        common.header(result),
-        "",
+    return common.section("(a) Answer quality: pqa vs controls on a SQuAD subset", result, "\n".join([
         (f"Data: the shipped sample ({d['passages']} invented passages), " if p["data"] == "sample" else
          f"Data: {d['passages']} passages ({', '.join(d['articles'])}; the first {p['passages_per_article']} of each "
          f"article) of SQuAD v1.1 dev, their questions split per passage: ")
@@ -253,32 +219,11 @@ def markdown(result: dict) -> str:
         "",
         "A CPU-sized budget (a few write epochs on 64-token passage prefixes, a short read phase): pqa's documents "
         "hold only what the write phase put in them, so this is a floor for pqa, not its ceiling. Latency: see (b).",
-    ])
+    ]))
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
-    parser.add_argument("--quick", action="store_const", const="quick", dest="profile")
-    parser.add_argument("--smoke", action="store_const", const="smoke", dest="profile")
-    parser.add_argument("--threads", type=int, default=common.DEFAULT_THREADS, help="torch threads (0: torch default)")
-    parser.add_argument("--out", default=None, help="folder for the JSON and markdown (default bench/results[/profile])")
-    parser.add_argument("--render-only", action="store_true", help="rewrite the markdown from the stored JSON")
-    args = parser.parse_args(argv)
-    out = args.out or (common.DEFAULT_OUT if args.profile == "full" else common.DEFAULT_OUT / args.profile)
-    if args.render_only:
-        result = json.loads((Path(out) / f"{NAME}.json").read_text(encoding="utf-8"))
-    else:
-        result = run(args.profile, threads=args.threads,
-                     command=common.command_line(common.script_command(f"{NAME}.py", argv)))
-    md = markdown(result)
-    common.write_result(result, md, out)
-    if args.profile == "full" and not args.out:
-        update_results_md(NAME, md)
-    print(md)
-    return 0
+    return common.script_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

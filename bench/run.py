@@ -1,11 +1,16 @@
-"""Run pqa's benchmarks: ``python bench/run.py [--quick]`` (or ``pqa bench [--quick]``).
+"""Run pqa's benchmarks: ``python bench/run.py [--quick]`` (or ``pqa bench [--quick]``), and build
+``bench/RESULTS.md`` from the result files.
 
 Each benchmark writes ``<out>/<name>.json`` and ``<out>/<name>.md`` (selection_scale also a PNG);
-the run writes ``<out>/summary.json`` and ``<out>/SUMMARY.md``. The full run with the default
-output folder also rewrites ``bench/RESULTS.md`` (every table with the command that made it).
+the run writes ``<out>/summary.json`` and ``<out>/SUMMARY.md``. ``bench/RESULTS.md`` is rendered
+from every result pair in ``bench/results`` (the full profile's folder), whichever command wrote it:
+this driver's benchmarks (c, d, g) and the scripts run on their own (a ``bench/quality.py``,
+b ``bench/latency.py``, f ``bench/write_capacity.py``), in letter order, each section with the
+command that produced it, and one goals table over all of them. A run that writes into
+``bench/results`` (and ``--render-only``) re-renders it, so no section is ever dropped.
 
 Profiles: ``quick`` (a few minutes: smaller N, fewer rounds, fewer questions), ``full`` (the
-default; ~20 minutes on a 2-core machine), ``smoke`` (tiny sizes, seconds: the tests use it).
+default), ``smoke`` (tiny sizes, seconds: the tests use it).
 """
 from __future__ import annotations
 
@@ -20,9 +25,13 @@ if __package__ in (None, ""):
 
 from bench import common  # noqa: E402
 
-BENCHMARKS = ("step_overhead", "selection_scale", "batched_eval")
+BENCHMARKS = ("step_overhead", "selection_scale", "batched_eval")  # what run_all runs
+# Every section of RESULTS.md, by its item letter in the benchmark issue; (a), (b) and (f) run on their own.
+SECTIONS = {"quality": "a", "latency": "b", "step_overhead": "c", "selection_scale": "d", "tracking_overhead": "e",
+            "write_capacity": "f", "batched_eval": "g"}
 PROFILES = ("smoke", "quick", "full")
-RESULTS_MD = common.BENCH_DIR / "RESULTS.md"
+RESULTS_MD = common.RESULTS_MD
+default_out = common.default_out
 
 
 def _module(name: str):
@@ -31,16 +40,14 @@ def _module(name: str):
     return importlib.import_module(f"bench.{name}")
 
 
-def default_out(profile: str) -> Path:
-    return common.DEFAULT_OUT if profile == "full" else common.DEFAULT_OUT / profile
-
-
 def goals_of(result: dict):
-    """(metric, target, value, met) rows of one benchmark result."""
+    """(metric, target, value, met) rows of one benchmark result (none when it states no goal)."""
     if "goals" in result:
         items = result["goals"].values()
-    else:
+    elif "goal" in result:
         items = [result["goal"]]
+    else:
+        items = []
     return [(g["metric"], g["target"], g["value"], g["met"]) for g in items]
 
 
@@ -56,19 +63,17 @@ def run_all(profile: str = "quick", only=None, threads=common.DEFAULT_THREADS, o
     out = Path(out_dir) if out_dir else default_out(profile)
     out.mkdir(parents=True, exist_ok=True)
     if write_results_md is None:
-        write_results_md = profile == "full" and out.resolve() == common.DEFAULT_OUT.resolve() and not only
+        write_results_md = out.resolve() == common.DEFAULT_OUT.resolve()
     started = time.perf_counter()
-    results, sections = {}, []
+    results = {}
     for name in names:
         module = _module(name)
         log(f"[bench] {name} ({profile}) ...")
         t0 = time.perf_counter()
         kwargs = {"out_dir": out} if name == "selection_scale" else {}
         result = module.run(profile, command=command, threads=threads, **kwargs)
-        md = module.markdown(result)
-        common.write_result(result, md, out)
+        common.write_result(result, module.markdown(result), out)
         results[name] = result
-        sections.append(md)
         log(f"[bench] {name}: {time.perf_counter() - t0:.0f} s; " + "; ".join(
             f"{metric}: {value if value is None else round(value, 3)} ({'met' if met else 'NOT met'})"
             for metric, _, value, met in goals_of(result)))
@@ -78,14 +83,9 @@ def run_all(profile: str = "quick", only=None, threads=common.DEFAULT_THREADS, o
                "goals": {name: [dict(zip(("metric", "target", "value", "met"), g)) for g in goals_of(r)]
                          for name, r in results.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
-    summary_md = render(summary, results, sections, out)
-    (out / "SUMMARY.md").write_text(summary_md, encoding="utf-8")
+    written = rerender(out, results_md=write_results_md)
     if write_results_md:
-        tmp = RESULTS_MD.with_name(f".RESULTS.md.tmp-{os.getpid()}")
-        # RESULTS.md sits in bench/, the PNGs in bench/results/
-        tmp.write_text(_link_images(summary_md), encoding="utf-8")
-        os.replace(tmp, RESULTS_MD)
-        log(f"[bench] wrote {RESULTS_MD}")
+        log(f"[bench] wrote {written}")
     log(f"[bench] done in {wall:.0f} s; results in {out}")
     return summary
 
@@ -101,20 +101,70 @@ def _quick_wall() -> str:
     path = default_out("quick") / "summary.json"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return f"{data['wall_s'] / 60:.1f} min (`{data['command']}`, {data['threads']} thread(s))"
+        items = ", ".join(f"({SECTIONS.get(n, '?')})" for n in data["benchmarks"])
+        return (f"{data['wall_s'] / 60:.1f} min for {items} (`{data['command']}`, {data['threads']} thread(s)); "
+                f"results in `bench/results/quick/`")
     except (OSError, ValueError, KeyError):
         return "not recorded (run `pqa bench --quick` to record it in bench/results/quick/summary.json)"
 
 
-def render(summary: dict, results: dict, sections, out: Path) -> str:
-    goal_rows = []
-    letters = {"step_overhead": "(c)", "selection_scale": "(d)", "batched_eval": "(g)"}
-    for name, goals in summary["goals"].items():
-        for g in goals:
-            value = ("skipped" if g["met"] is None else "below the goal at every setting tried") \
-                if g["value"] is None else f"{g['value']:.3f}"
-            goal_rows.append([f"{letters.get(name, '')} {name}", g["metric"], g["target"], value,
-                              "**met**" if g["met"] else ("skipped" if g["met"] is None else "**NOT met**")])
+def load_results(out: Path):
+    """``(letter, name, result, markdown)`` of every ``<name>.json`` + ``<name>.md`` pair in ``out``, in letter
+    order (benchmarks this driver does not know come last, by name)."""
+    found = []
+    for path in sorted(Path(out).glob("*.json")):
+        md = path.with_suffix(".md")
+        if path.name == "summary.json" or not md.exists():
+            continue
+        try:
+            result = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            continue
+        if result.get("name") != path.stem:
+            continue
+        found.append((SECTIONS.get(path.stem, "~"), path.stem, result, md.read_text(encoding="utf-8").rstrip("\n")))
+    return sorted(found, key=lambda item: (item[0], item[1]))
+
+
+def _where(out: Path) -> str:
+    try:
+        return str(Path(out).resolve().relative_to(common.REPO_ROOT)) + "/"
+    except ValueError:
+        return str(out) + "/"
+
+
+def _goal_value(g: dict) -> str:
+    if g["value"] is not None:
+        return f"{g['value']:.3f}"
+    return "skipped" if g["met"] is None else "below the goal at every setting tried"
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def render(out: Path) -> str:
+    """The markdown of every result in ``out``: how to run, which command made each section, the goals, the
+    sections in letter order, and notes."""
+    found = load_results(out)
+    threads = sorted({r["machine"].get("torch_threads") for _, _, r, _ in found} - {None})
+    item = {name: f"({letter})" if letter != "~" else "" for letter, name, _, _ in found}
+    made_by = [[f"{item[name]} {name}", f"`{r['command']}`", r["profile"], _minutes(r["wall_s"])]
+               for _, name, r, _ in found]
+    goal_rows = [[f"{item[name]} {name}", metric, target, _goal_value({"value": value, "met": met}),
+                  "**met**" if met else ("skipped" if met is None else "**NOT met**")]
+                 for _, name, r, _ in found for metric, target, value, met in goals_of(r)]
+    how = [
+        "pip install faiss-cpu matplotlib   # optional (the 'bench' extra): ANN rows and the PNG are skipped without them",
+        "pqa bench --quick                  # or: python bench/run.py --quick   (c, d, g; in bench/results/quick/)",
+        "pqa bench                          # or: python bench/run.py           (c, d, g; full profile)",
+        "pqa bench --only selection_scale   # one of them; also: python bench/selection_scale.py [--quick]",
+        "python bench/quality.py            # (a) pqa vs the controls on a SQuAD subset (../shared/data/squad_v1.1)",
+        "python bench/latency.py            # (b) latency; reads (a)'s F1 from bench/results/quality.json",
+    ]
+    if "write_capacity" in item:
+        how.append("python bench/write_capacity.py     # (f) write-phase capacity vs memory tokens m")
+    how.append("python bench/run.py --render-only  # rebuild this file from bench/results/*.json|md, measuring nothing")
     lines = [
         "# pqa benchmarks",
         "",
@@ -122,32 +172,34 @@ def render(summary: dict, results: dict, sections, out: Path) -> str:
         "order reversed every other round, medians reported with the per-round spread), on the machine "
         "described in each section. This machine is shared with other processes, so absolute times drift; "
         "the ratios are what to read. Torch runs with "
-        f"{summary['threads'] or 'its default number of'} thread(s): on a busy 2-core machine a 2-thread "
+        f"{'/'.join(map(str, threads)) or 'its default number of'} thread(s): on a busy 2-core machine a 2-thread "
         "OpenMP op stalls at every barrier (a SmolLM2 training step took 8-28 s with 2 threads against a "
         "steady 2.2 s with 1); `--threads 0` uses torch's default.",
         "",
         "## How to run",
         "",
         "```",
-        "pip install faiss-cpu matplotlib   # optional (the 'bench' extra): ANN rows and the PNG are skipped without them",
-        "pqa bench --quick                  # or: python bench/run.py --quick   (results in bench/results/quick/)",
-        "pqa bench                          # or: python bench/run.py           (full; rewrites this file)",
-        "pqa bench --only selection_scale   # one benchmark; also: python bench/selection_scale.py --quick",
-        "python bench/run.py --render-only  # rebuild this file from bench/results/*.json|md, measuring nothing",
+        *how,
         "```",
         "",
-        f"- This file: `{summary['command']}`, profile `{summary['profile']}`, wall time "
-        f"**{summary['wall_s'] / 60:.1f} min**.",
-        f"- Quick run: {_quick_wall()}.",
-        f"- Raw numbers (every round's seconds): `bench/results/{'' if summary['profile'] == 'full' else summary['profile'] + '/'}"
-        f"<name>.json`.",
+        "Every script takes `--quick`, `--smoke`, `--threads N`, `--out DIR` and `--render-only` (rewrite its "
+        "markdown from its JSON). Whatever writes into `bench/results/` (a script's full profile, `pqa bench`, "
+        "`--render-only`) rebuilds this file from all the result files there, so each section keeps the command "
+        "that produced it.",
+        "",
+        f"- Raw numbers (every round's seconds): `{_where(out)}<name>.json`.",
+        f"- Last quick run: {_quick_wall()}.",
+        "",
+        "## What produced each section",
+        "",
+        common.md_table(["item", "command", "profile", "wall time"], made_by),
         "",
         "## Goals",
         "",
         common.md_table(["item", "measured", "goal", "value", "verdict"], goal_rows),
         "",
     ]
-    for md in sections:
+    for _, _, _, md in found:
         lines += [md, ""]
     lines += NOTES
     return "\n".join(lines)
@@ -189,19 +241,24 @@ NOTES = [
 ]
 
 
-def rerender(out_dir=None) -> Path:
-    """Rebuild SUMMARY.md (and, for the full results folder, RESULTS.md) from the files a run left."""
+def rerender(out_dir=None, results_md=None) -> Path:
+    """Rebuild ``<out>/SUMMARY.md`` from the result files in ``out`` and, for ``bench/results`` (or when
+    ``results_md`` says so), ``bench/RESULTS.md``; returns the path of the last file written."""
     out = Path(out_dir) if out_dir else default_out("full")
-    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    sections = [(out / f"{name}.md").read_text(encoding="utf-8").rstrip("\n") for name in summary["benchmarks"]]
-    text = render(summary, {}, sections, out)
-    (out / "SUMMARY.md").write_text(text, encoding="utf-8")
-    if out.resolve() == common.DEFAULT_OUT.resolve() and summary["profile"] == "full":
-        tmp = RESULTS_MD.with_name(f".RESULTS.md.tmp-{os.getpid()}")
-        tmp.write_text(_link_images(text), encoding="utf-8")
-        os.replace(tmp, RESULTS_MD)
+    text = render(out)
+    _write_atomic(out / "SUMMARY.md", text)
+    if results_md is None:
+        results_md = out.resolve() == common.DEFAULT_OUT.resolve()
+    if results_md:
+        _write_atomic(RESULTS_MD, _link_images(text))
         return RESULTS_MD
     return out / "SUMMARY.md"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def main(argv=None, command: str | None = None) -> int:
@@ -215,7 +272,8 @@ def main(argv=None, command: str | None = None) -> int:
                         help=f"torch/faiss threads (default {common.DEFAULT_THREADS}; 0: torch's default)")
     parser.add_argument("--out", default=None, help="output folder (default bench/results, quick: bench/results/quick)")
     parser.add_argument("--render-only", action="store_true",
-                        help="measure nothing: rebuild SUMMARY.md / RESULTS.md from the JSON and markdown in --out")
+                        help="measure nothing: rebuild SUMMARY.md (and, for bench/results, RESULTS.md) from the "
+                             "JSON and markdown in --out")
     args = parser.parse_args(argv)
     if args.render_only:
         print(rerender(args.out or default_out(args.profile)))

@@ -237,11 +237,8 @@ def run(profile: str = "quick", command: str | None = None, threads: int | None 
 
     from pqa_plugins.selectors import CosineSelector
 
-    common.quiet_libraries()
-    params = {**PROFILES[profile], **overrides}
-    started = time.perf_counter()
-    threads_in_force = common.set_threads(threads)
-    machine = common.machine_info()
+    bench = common.Bench(NAME, profile, PROFILES, overrides, threads, command)
+    params, threads_in_force = bench.params, bench.threads
     B, d, k, chunk = params["batch"], params["dim"], params["k"], params["chunk"]
     a = torch.randn(params["peak_n"], params["peak_n"])
     b = torch.randn(params["peak_n"], params["peak_n"])
@@ -281,8 +278,7 @@ def run(profile: str = "quick", command: str | None = None, threads: int | None 
     ann_n = max(n for kind, n in params["ann"] if kind == "clustered")
     ann_at_max = best.get(ann_n)
     result = {
-        "name": NAME, "profile": profile, "command": command or common.command_line(f"python bench/{NAME}.py --{profile}"),
-        "machine": machine, "params": params, "scale": scale_rows, "ann": ann_rows, "faiss_note": faiss_note,
+        **bench.head(), "scale": scale_rows, "ann": ann_rows, "faiss_note": faiss_note,
         "goals": {
             "efficiency": {"metric": f"exact_topk FLOP/s / torch.mm peak at N={max(params['sizes'])}",
                            "target": f">= {GOAL_EFFICIENCY}", "value": headline, "met": headline >= GOAL_EFFICIENCY},
@@ -296,9 +292,7 @@ def run(profile: str = "quick", command: str | None = None, threads: int | None 
     }
     if out_dir is not None:
         result["plot"] = plot(result, Path(out_dir))
-    result["wall_s"] = time.perf_counter() - started
-    result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    return result
+    return bench.finish(result)
 
 
 def refresh(result: dict) -> dict:
@@ -375,15 +369,11 @@ def markdown(result: dict) -> str:
         for name in FORMS:
             v = r["variants"][name]
             rows.append([f"{r['N']:,}", name, f"{v['median_ms']:.2f}", f"{v['gflops']:.1f}", f"{r['peak_gflops']:.1f}",
-                         f"{v['efficiency']:.0%}", f"{v['efficiency_range'][0]:.0%} .. {v['efficiency_range'][1]:.0%}"])
+                         f"{v['efficiency']:.0%}", common.span(*v["efficiency_range"], ".0%")])
     scale_table = common.md_table(["N", "form", "median ms", "GFLOP/s", "peak GFLOP/s", "of peak", "per-round range"],
                                   rows)
     eff = goals["efficiency"]
     lines = [
-        "## (d) Selection at scale",
-        "",
-        common.header(result),
-        "",
         f"B={p['batch']} queries, d={p['dim']}, top-{p['k']}, fp32; peak = `torch.mm` of two {p['peak_n']}x{p['peak_n']} "
         f"matrices timed in the same interleaved rounds ({p['rounds']} rounds after {p['warmup']} warm-up); "
         f"chunked form uses blocks of {p['chunk']:,} rows. \"of peak\" = median GFLOP/s / median peak GFLOP/s; "
@@ -392,7 +382,7 @@ def markdown(result: dict) -> str:
         scale_table,
         "",
         f"Goal: exact top-k selection at >= {GOAL_EFFICIENCY:.0%} of the matmul peak: at N={max(p['sizes']):,} "
-        f"**{eff['value']:.0%}, {'met' if eff['met'] else 'NOT met'}**.",
+        f"**{eff['value']:.0%}, {common.verdict(eff['met'])}**.",
     ]
     if result.get("plot"):
         lines += ["", f"![selection at scale]({Path(result['plot']).name})"]
@@ -402,7 +392,7 @@ def markdown(result: dict) -> str:
     else:
         ann = [[r["dataset"], f"{r['N']:,}", r["nlist"], r["nprobe"], f"{r['recall_at_10']:.3f}",
                 f"{r['exact_ms']:.2f}", f"{r['faiss_ms']:.2f}", f"{r['speedup']:.1f}x",
-                f"{r['speedup_range'][0]:.1f} .. {r['speedup_range'][1]:.1f}", f"{r['build_s']:.1f}"]
+                common.span(*r["speedup_range"], ".1f"), f"{r['build_s']:.1f}"]
                for r in result["ann"]]
         lines.append(common.md_table(["vectors", "N", "nlist", "nprobe", "recall@10", "exact ms", "faiss ms",
                                       "speedup", "per-round range", "build s"], ann))
@@ -412,26 +402,11 @@ def markdown(result: dict) -> str:
         ann_n = max(n for kind, n in p["ann"] if kind == "clustered")
         lines += ["", f"Goal: recall@10 >= {GOAL_RECALL} (clustered queries, N={ann_n:,}): {verdict}. "
                   f"{p['recall_queries']} recall queries; speed timed on the first {p['batch']}."]
-    return "\n".join(lines)
+    return common.section("(d) Selection at scale", result, "\n".join(lines))
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
-    parser.add_argument("--quick", action="store_const", const="quick", dest="profile")
-    parser.add_argument("--full", action="store_const", const="full", dest="profile")
-    parser.add_argument("--threads", type=int, default=common.DEFAULT_THREADS, help="torch/faiss threads (0: default)")
-    parser.add_argument("--out", default=None, help="folder for the JSON, markdown and PNG")
-    args = parser.parse_args(argv)
-    out = Path(args.out) if args.out else (common.DEFAULT_OUT if args.profile == "full" else common.DEFAULT_OUT / args.profile)
-    result = run(args.profile, threads=args.threads, out_dir=out,
-                 command=common.command_line(common.script_command(f"{NAME}.py", argv)))
-    md = markdown(result)
-    common.write_result(result, md, out)
-    print(md)
-    return 0
+    return common.script_main(sys.modules[__name__], argv, run_kwargs=lambda args, out: {"out_dir": out})
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ that ratio isolates what pqa's own machinery (selection, soft prompts, extra par
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -109,11 +108,8 @@ def run(profile: str = "quick", command: str | None = None, threads: int | None 
         **overrides) -> dict:
     import torch
 
-    common.quiet_libraries()
-    params = {**PROFILES[profile], **overrides}
-    started = time.perf_counter()
-    common.set_threads(threads)
-    machine = common.machine_info()
+    bench = common.Bench(NAME, profile, PROFILES, overrides, threads, command)
+    params = bench.params
     torch.manual_seed(0)
     config, model, trainer, batch = _setup(params["llm"], params["batch_size"])
     soft_tokens = config.read.top_k * config.model.num_memory_tokens
@@ -125,9 +121,7 @@ def run(profile: str = "quick", command: str | None = None, threads: int | None 
     vs_keep = common.ratio_stats(times["read_step"], times["bare_hf_logits_to_keep"])
     trainable_read = sum(p.numel() for p in trainer.trainable)
     trainable_lora = sum(p.numel() for p in model.lora_parameters())
-    result = {
-        "name": NAME, "profile": profile, "command": command or common.command_line(f"python bench/{NAME}.py --{profile}"),
-        "machine": machine, "params": params,
+    return bench.finish({
         "setup": {"llm": params["llm"], "lora": True, "top_k": config.read.top_k,
                   "soft_tokens_per_doc": config.model.num_memory_tokens, "num_docs": model.num_docs,
                   "query_encoder": config.query_encoder["name"], "selector": config.selector["name"],
@@ -140,10 +134,7 @@ def run(profile: str = "quick", command: str | None = None, threads: int | None 
         "ratio_vs_bare_logits_to_keep": vs_keep,
         "goal": {"metric": "read_step / bare_hf_labels (median)", "target": f"<= {GOAL}",
                  "value": vs_labels["ratio_of_medians"], "met": vs_labels["ratio_of_medians"] <= GOAL},
-    }
-    result["wall_s"] = time.perf_counter() - started
-    result["loadavg_at_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
-    return result
+    })
 
 
 def markdown(result: dict) -> str:
@@ -152,49 +143,29 @@ def markdown(result: dict) -> str:
     rows = [
         ["read-phase step (`ReadPhaseTrainer.train_step`)", m["read_step"] * 1000, "1", "-"],
         ["bare HF step, `llm(input_ids, labels=...)`", m["bare_hf_labels"] * 1000,
-         f"{lab['ratio_of_medians']:.3f}", f"{lab['per_round_min']:.2f} .. {lab['per_round_max']:.2f}"],
+         f"{lab['ratio_of_medians']:.3f}", common.ratio_span(lab)],
         ["bare HF step, `logits_to_keep=T+1` + CE", m["bare_hf_logits_to_keep"] * 1000,
-         f"{keep['ratio_of_medians']:.3f}", f"{keep['per_round_min']:.2f} .. {keep['per_round_max']:.2f}"],
+         f"{keep['ratio_of_medians']:.3f}", common.ratio_span(keep)],
     ]
     table = common.md_table(["step", "median ms", "read step / this", "per-round ratio range"], rows)
-    verdict = "met" if goal["met"] else "NOT met"
-    return "\n".join([
-        "## (c) Training-step overhead",
-        "",
-        common.header(result),
-        "",
+    return common.section(
+        "(c) Training-step overhead", result,
         f"{s['llm']} with LoRA, top_k={s['top_k']}, m={s['soft_tokens_per_doc']} soft tokens per document, "
         f"query encoder `{s['query_encoder']}`, selector `{s['selector']}` over {s['num_docs']} doc vectors, "
         f"projection `{s['projection']}`; batch {s['batch_size']} x {s['sequence_length']} positions "
         f"({s['top_k'] * s['soft_tokens_per_doc']} soft + question + {s['answer_tokens']} answer) on both sides; "
         f"{result['params']['rounds']} interleaved rounds after {result['params']['warmup']} warm-up. "
         f"Trainable parameters: {s['trainable_params_read_step']:,} (read step) vs {s['trainable_params_bare']:,} (LoRA only).",
-        "",
         table,
-        "",
-        f"Goal: read step / bare HF step <= {GOAL}: **{goal['value']:.3f}, {verdict}**. "
+        f"Goal: read step / bare HF step <= {GOAL}: **{goal['value']:.3f}, {common.verdict(goal['met'])}**. "
         f"Against a bare step that also keeps only the answer logits, the ratio is "
         f"{keep['ratio_of_medians']:.3f}: that is the cost of selection (MiniLM encoding, scores, top-k), "
         f"the projection to soft tokens and the extra parameters alone.",
-    ])
+    )
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
-    parser.add_argument("--quick", action="store_const", const="quick", dest="profile")
-    parser.add_argument("--full", action="store_const", const="full", dest="profile")
-    parser.add_argument("--threads", type=int, default=common.DEFAULT_THREADS, help="torch threads (0: torch default)")
-    parser.add_argument("--out", default=None, help="folder for the JSON and markdown (default bench/results[/quick])")
-    args = parser.parse_args(argv)
-    result = run(args.profile, threads=args.threads, command=common.command_line(common.script_command(f"{NAME}.py", argv)))
-    out = args.out or (common.DEFAULT_OUT if args.profile == "full" else common.DEFAULT_OUT / args.profile)
-    md = markdown(result)
-    common.write_result(result, md, out)
-    print(md)
-    return 0
+    return common.script_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

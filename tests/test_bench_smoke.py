@@ -46,6 +46,41 @@ def test_results_hold_both_sides_of_each_ratio(smoke_run):
     assert row["identical_predictions"] <= row["questions"] and len(row["seconds"]["seed_loop"]) >= 1
 
 
+def test_results_md_keeps_every_section(smoke_run, tmp_path):
+    """RESULTS.md is rendered from every result file in the folder, whichever script wrote it, in letter order."""
+    out, _ = smoke_run
+    for path in out.iterdir():
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    own = {"quality": ("(a) Answer quality", {"F1": {"metric": "pqa F1 / rag F1", "target": ">= 0.8", "value": 0.5,
+                                                     "met": False}}),
+           "write_capacity": ("(f) Write-phase capacity", None)}
+    for name, (title, goals) in own.items():
+        result = {"name": name, "profile": "full", "command": f"python bench/{name}.py", "wall_s": 60.0,
+                  "machine": {"torch_threads": 1}, **({"goals": goals} if goals else {})}
+        (tmp_path / f"{name}.json").write_text(json.dumps(result))
+        (tmp_path / f"{name}.md").write_text(f"## {title}\n\nCommand: `python bench/{name}.py`\n")
+    driver.rerender(tmp_path, results_md=False)
+    text = (tmp_path / "SUMMARY.md").read_text()
+    headings = [line[3:6] for line in text.splitlines() if line.startswith("## (")]
+    assert headings == ["(a)", "(c)", "(d)", "(f)", "(g)"]
+    assert "| (a) quality | pqa F1 / rag F1 | >= 0.8 | 0.500 | **NOT met** |" in text
+    assert "| (f) write_capacity | `python bench/write_capacity.py` | full | 60 s |" in text
+    goal_rows = [line for line in text.split("## Goals")[1].split("\n## ")[0].splitlines() if line.startswith("| (")]
+    assert len(goal_rows) == 1 + sum(len(driver.goals_of(json.loads((out / f"{n}.json").read_text())))
+                                     for n in driver.BENCHMARKS)
+
+
+def test_script_render_only_rewrites_markdown_from_json(smoke_run, tmp_path):
+    from bench import common, step_overhead
+
+    out, _ = smoke_run
+    for ext in ("json", "md"):
+        (tmp_path / f"step_overhead.{ext}").write_bytes((out / f"step_overhead.{ext}").read_bytes())
+    (tmp_path / "step_overhead.md").write_text("stale")
+    assert common.script_main(step_overhead, ["--render-only", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "step_overhead.md").read_text() == (out / "step_overhead.md").read_text()
+
+
 def test_selection_plot_written_when_matplotlib_present(smoke_run):
     pytest.importorskip("matplotlib")
     out, _ = smoke_run
