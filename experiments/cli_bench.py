@@ -37,7 +37,8 @@ def load_driver():
 
 @click.command("bench")
 @click.option("--quick", is_flag=True, help="The fast subset (a few minutes); results in bench/results/quick/.")
-@click.option("--only", multiple=True, type=click.Choice(["step_overhead", "selection_scale", "batched_eval"]),
+@click.option("--only", multiple=True,
+              type=click.Choice(["step_overhead", "selection_scale", "tracking_overhead", "batched_eval"]),
               help="Run just this benchmark (repeatable).")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="Torch/faiss threads; 0 keeps torch's default (1 is steadier on a shared machine).")
@@ -51,9 +52,12 @@ def bench(quick, only, threads, out, smoke):
     (c) read-phase training step vs a bare HF step of the same LLM (goal <= 1.15)
     (d) top-k selection over 10^4..10^6 doc vectors vs the matmul peak (goal >= 60%),
         and a faiss IVF index: recall@10 vs exact (goal >= 0.95) and its speedup
+    (e) the same pqa run with and without the MongoDB observer (goal <= 1.03)
     (g) batched evaluation vs the seed's per-question loop padded to 128 (goal >= 10x)
 
-    Writes <out>/<name>.json, .md, a PNG, SUMMARY.md; the full run also rewrites bench/RESULTS.md.
+    Writes <out>/<name>.json, .md, a PNG, SUMMARY.md; results written to bench/results also
+    rebuild bench/RESULTS.md from every result file there ((a), (b), (f) come from their own
+    scripts: python bench/quality.py, latency.py, write_capacity.py).
     """
     driver = load_driver()
     profile = "smoke" if smoke else "quick" if quick else "full"

@@ -46,6 +46,20 @@ def test_results_hold_both_sides_of_each_ratio(smoke_run):
     assert row["identical_predictions"] <= row["questions"] and len(row["seconds"]["seed_loop"]) >= 1
 
 
+def test_tracking_overhead_stores_every_logged_point(smoke_run):
+    out, _ = smoke_run
+    result = json.loads((out / "tracking_overhead.json").read_text())
+    assert set(result["seconds"]) == {"no_observer", "mongo_observer"}
+    assert len({len(v) for v in result["seconds"].values()}) == 1
+    observed = [r for r in result["runs"] if r["side"] == "mongo_observer"]
+    assert observed and all(r["stored"]["status"] == "COMPLETED" and r["stored"]["equal"] for r in observed)
+    assert all(r["stored"]["points_stored"] == r["points_logged"] > 0 for r in observed)
+    assert result["points"]["all_equal"] and len(result["points"]["logged_per_run"]) == 1  # both sides: same run
+    assert all(r["run_id"] is None for r in result["runs"] if r["side"] == "no_observer")
+    assert "--no-db" in result["setup"]["commands"]["no_observer"]
+    assert f"**{len(observed)} of {len(observed)} runs equal**" in (out / "tracking_overhead.md").read_text()
+
+
 def test_results_md_keeps_every_section(smoke_run, tmp_path):
     """RESULTS.md is rendered from every result file in the folder, whichever script wrote it, in letter order."""
     out, _ = smoke_run
@@ -62,7 +76,7 @@ def test_results_md_keeps_every_section(smoke_run, tmp_path):
     driver.rerender(tmp_path, results_md=False)
     text = (tmp_path / "SUMMARY.md").read_text()
     headings = [line[3:6] for line in text.splitlines() if line.startswith("## (")]
-    assert headings == ["(a)", "(c)", "(d)", "(f)", "(g)"]
+    assert headings == ["(a)", "(c)", "(d)", "(e)", "(f)", "(g)"]
     assert "| (a) quality | pqa F1 / rag F1 | >= 0.8 | 0.500 | **NOT met** |" in text
     assert "| (f) write_capacity | `python bench/write_capacity.py` | full | 60 s |" in text
     goal_rows = [line for line in text.split("## Goals")[1].split("\n## ")[0].splitlines() if line.startswith("| (")]
