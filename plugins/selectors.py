@@ -6,6 +6,7 @@ top-k over millions of documents is a matrix product plus ``torch.topk``.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -35,19 +36,54 @@ class DotSelector(Selector):
 
 
 class CosineSelector(Selector):
-    """Cosine similarity divided by ``temperature`` (so scores lie in [-1/t, 1/t])."""
+    """Cosine similarity divided by ``temperature`` (so scores lie in [-1/t, 1/t]).
+
+    Normalising the N doc vectors costs more than the score matmul itself at large N (it reads and
+    writes the whole matrix), so while no gradient has to reach them (evaluation, ``torch.no_grad``,
+    frozen doc vectors) the normalised matrix is kept and reused until the doc vectors change: the
+    cache is keyed on the tensor (a weak reference to it, or to the tensor it is a view of), its
+    storage address, layout and version counter (every in-place update, an optimizer step or
+    ``load_state_dict`` included, bumps it). It holds one normalised copy of the doc vectors.
+    With gradients flowing to the doc vectors (training), they are normalised on every call.
+    """
 
     def __init__(self, temperature: float = 0.05):
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"cosine selector: temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
+        self._cache = None  # (weak reference to the base tensor, key, normalised doc vectors)
 
     def forward(self, query_vectors: torch.Tensor, doc_vectors: torch.Tensor) -> torch.Tensor:
         _check(query_vectors, doc_vectors, None, None)
-        q = F.normalize(query_vectors, dim=-1)
-        z = F.normalize(doc_vectors, dim=-1)
-        return (q @ z.T) / self.temperature
+        # scale the B queries, not the B x N scores
+        q = F.normalize(query_vectors, dim=-1) / self.temperature
+        return q @ self.normalized_docs(doc_vectors).T
+
+    def normalized_docs(self, doc_vectors: torch.Tensor) -> torch.Tensor:
+        """``F.normalize(doc_vectors, dim=-1)``, from the cache when that is safe and up to date."""
+        if torch.is_grad_enabled() and doc_vectors.requires_grad:
+            self._cache = None  # training: the gradient must flow through the normalisation
+            return F.normalize(doc_vectors, dim=-1)
+        if torch.is_inference_mode_enabled():  # its result could not be saved for a later backward
+            return F.normalize(doc_vectors, dim=-1)
+        base = doc_vectors._base if doc_vectors._base is not None else doc_vectors
+        try:
+            key = (doc_vectors.data_ptr(), doc_vectors._version, tuple(doc_vectors.shape), doc_vectors.stride(),
+                   doc_vectors.storage_offset(), doc_vectors.dtype, doc_vectors.device)
+        except RuntimeError:  # an inference-mode tensor has no version counter: nothing to key on
+            return F.normalize(doc_vectors, dim=-1)
+        cached = self._cache
+        if cached is not None and cached[0]() is base and cached[1] == key:
+            return cached[2]
+        z = F.normalize(doc_vectors.detach(), dim=-1)
+        self._cache = (weakref.ref(base), key, z)
+        return z
+
+    def __getstate__(self):  # pickling (torch.save of the module): a weak reference cannot be pickled
+        state = self.__dict__.copy()
+        state["_cache"] = None
+        return state
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
