@@ -147,9 +147,10 @@ def render(out: Path) -> str:
     """The markdown of every result in ``out``: how to run, which command made each section, the goals, the
     sections in letter order, and notes."""
     found = load_results(out)
-    threads = sorted({r["machine"].get("torch_threads") for _, _, r, _ in found} - {None})
+    threads = sorted({(r.get("machine") or {}).get("torch_threads") for _, _, r, _ in found} - {None})
     item = {name: f"({letter})" if letter != "~" else "" for letter, name, _, _ in found}
-    made_by = [[f"{item[name]} {name}", f"`{r['command']}`", r["profile"], _minutes(r["wall_s"])]
+    made_by = [[f"{item[name]} {name}", f"`{r.get('command', '?')}`", r.get("profile", "?"),
+                _minutes(r["wall_s"]) if isinstance(r.get("wall_s"), (int, float)) else "?"]
                for _, name, r, _ in found]
     goal_rows = [[f"{item[name]} {name}", metric, target, _goal_value({"value": value, "met": met}),
                   "**met**" if met else ("skipped" if met is None else "**NOT met**")]
