@@ -147,3 +147,31 @@ def test_selection_refresh_recomputes_from_raw_seconds(smoke_run):
         row["seconds"]["exact_topk"] = [t * 2 for t in row["seconds"]["exact_topk"]]
     after = selection_scale.refresh(result)["goals"]["efficiency"]["value"]
     assert after == pytest.approx(before / 2)
+
+
+def test_write_capacity_prefix_measure():
+    from bench.write_capacity import first_mistakes, prefix_capacity
+
+    hits = torch.tensor([[1, 1, 1, 1, 0, 1], [1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    valid = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    # pooled accuracy over the first l positions: 1, 1, 1, 1, 9/10, 10/11
+    assert prefix_capacity(hits, valid) == 6
+    assert prefix_capacity(hits, valid, target=0.95) == 4
+    assert prefix_capacity(~hits & valid, valid) == 0
+    assert first_mistakes(hits, valid) == [4, 5]  # the second passage is rebuilt whole
+
+
+def test_write_capacity_smoke_runs_every_setting(tmp_path):
+    from bench import write_capacity
+
+    result = write_capacity.run("smoke", command="pytest smoke")
+    assert [(s["projection"], s["m"]) for s in result["settings"]] == [("direct", 1), ("direct", 4),
+                                                                        ("mlp2x_gelu", 4), ("hybrid", 4)]
+    tiny_d_model = 64
+    assert [s["floats_per_doc"] for s in result["settings"]] == [tiny_d_model, 4 * tiny_d_model, 384,
+                                                                 384 + 4 * tiny_d_model]
+    for setting in result["settings"]:
+        assert [c["step"] for c in setting["curve"]] == [2, 4]
+        assert 0 <= setting["capacity"] <= setting["tokens_per_doc"]
+    md = write_capacity.markdown(result)
+    assert md.startswith("## (f) Write-phase capacity") and "| `hybrid` | 4 |" in md

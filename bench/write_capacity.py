@@ -1,0 +1,188 @@
+"""(f) Write-phase capacity: how many tokens of a document m memory tokens let the LLM rebuild greedily.
+
+For each setting (projection, m) the write phase (pqa's ``WritePhaseTrainer``: AdamW over the
+doc vectors and the projection, the LLM frozen) trains on the same D passages of SQuAD, each cut
+to its first L tokens + eos, full batch, for a fixed number of steps. Every few steps each passage
+is decoded greedily from its soft prompt alone (free-running: a first mistake usually derails the
+rest). Reported per setting:
+
+- capacity: the largest prefix length l such that greedy token accuracy over the first l tokens
+  of every passage (pooled) is >= 90%; the figure the Cramming paper reports (80 tokens per
+  vector for Pythia-160M after thousands of steps per text);
+- tokens per memory vector (capacity / m), the correct prefix before the first mistake (median),
+  passages rebuilt exactly, greedy and teacher-forced token accuracy over all L tokens;
+- wall seconds per step.
+
+Settings: ``direct`` (z is the soft prompt itself, m x d_model free floats per document: the
+Cramming setting, the most a soft prompt can hold) for several m, against pqa's default
+(``mlp2x_gelu`` from a 384-float z initialised from MiniLM) and ``hybrid`` (a MiniLM key through
+the shared map plus m x d_model free floats) at the default m. A fixed step budget
+is a CPU-sized budget: capacities here are what that budget reaches, a floor, not the ceiling.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import common  # noqa: E402
+
+NAME = "write_capacity"
+TARGET = 0.9
+SQUAD_CORPUS = common.REPO_ROOT.parent / "shared" / "data" / "squad_v1.1" / "corpus.jsonl"
+# (projection, m, lr_z, lr_projection); None = pqa's write defaults (lr_z 5e-2 for every setting here)
+DEFAULT_SETTING = ("mlp2x_gelu", 4, None, None)  # None = pqa's write defaults
+PROFILES = {
+    "smoke": dict(llm="tiny", docs=2, doc_tokens=12, steps=4, eval_every=2,
+                  settings=[("direct", 1, None, None), ("direct", 4, None, None), DEFAULT_SETTING,
+                            ("hybrid", 4, None, None)]),
+    "quick": dict(llm="smollm2-135m", docs=2, doc_tokens=32, steps=30, eval_every=15,
+                  settings=[("direct", 1, None, None), ("direct", 4, None, None), DEFAULT_SETTING,
+                            ("hybrid", 4, None, None)]),
+    "full": dict(llm="smollm2-135m", docs=4, doc_tokens=64, steps=90, eval_every=30,
+                 settings=[("direct", 1, None, None), ("direct", 4, None, None), ("direct", 16, None, None),
+                           DEFAULT_SETTING, ("hybrid", 4, None, None)]),
+}
+
+
+def prefix_capacity(hits, valid, target: float = TARGET) -> int:
+    """Largest l with pooled greedy accuracy over every passage's first l positions >= target (0 if none)."""
+    import torch
+
+    correct = torch.cumsum((hits & valid).sum(0), 0).float()
+    counted = torch.cumsum(valid.sum(0), 0).float().clamp(min=1)
+    ok = (correct / counted >= target).nonzero()
+    return int(ok.max()) + 1 if len(ok) else 0
+
+
+def first_mistakes(hits, valid):
+    """Per passage: the number of leading positions decoded right."""
+    wrong = ~hits & valid
+    length = valid.sum(1)
+    first = wrong.float().argmax(1)
+    return [int(length[i]) if not bool(wrong[i].any()) else int(first[i]) for i in range(hits.shape[0])]
+
+
+def load_passages(tokenizer, docs: int, doc_tokens: int):
+    """The first ``docs`` passages with at least ``doc_tokens`` tokens: SQuAD when present, else the sample."""
+    from pqa_core.data import load_corpus, sample_data_path
+
+    source = SQUAD_CORPUS if SQUAD_CORPUS.exists() else Path(sample_data_path("corpus.jsonl"))
+    chosen = [d for d in load_corpus(str(source))
+              if len(tokenizer(d.text, add_special_tokens=False)["input_ids"]) >= doc_tokens][:docs]
+    if len(chosen) < docs:
+        raise SystemExit(f"{source}: only {len(chosen)} passages have >= {doc_tokens} tokens, {docs} needed")
+    return chosen, source
+
+
+def run_setting(llm_and_tokenizer, passages, params, setting, seed: int = 0):
+    import torch
+
+    from pqa_core.builder import build_model
+    from pqa_core.config import PQAConfig, WriteSettings
+    from pqa_core.data import WritePhaseDataset
+    from pqa_core.write_phase import WritePhaseTrainer
+
+    projection, m, lr_z, lr_projection = setting
+    llm, tokenizer = llm_and_tokenizer
+    model_cfg = {"llm": params["llm"], "num_memory_tokens": m, "lora": {"enabled": False}, "device": "cpu"}
+    if projection in ("direct", "hybrid"):  # d_z=0: the size the projection needs (m x d_model free floats)
+        model_cfg.update(d_z=0, doc_init="random" if projection == "direct" else "minilm")
+    config = PQAConfig.from_dict({"seed": seed, "model": model_cfg, "projection": {"name": projection}})
+    defaults = WriteSettings()
+    lr_z = defaults.lr_z if lr_z is None else lr_z
+    lr_projection = defaults.lr_projection if lr_projection is None else lr_projection
+    model = build_model(config, passages, llm_and_tokenizer, device=torch.device("cpu"))
+    dataset = WritePhaseDataset(passages, tokenizer, max_length=params["doc_tokens"])
+    batch = dataset.collate([dataset[i] for i in range(len(dataset))])
+    trainer = WritePhaseTrainer(model, lr_z=lr_z, lr_projection=lr_projection)
+    curve, train_s = [], 0.0
+    for step in range(1, params["steps"] + 1):
+        start = time.perf_counter()
+        stats = trainer.train_step(batch)
+        train_s += time.perf_counter() - start
+        if step % params["eval_every"] == 0 or step == params["steps"]:
+            hits, valid = trainer.greedy_hits(batch)
+            prefixes = first_mistakes(hits, valid)
+            curve.append({"step": step, "loss": stats["loss"], "tf_token_acc": stats["token_acc"],
+                          "greedy_token_acc": float((hits & valid).sum() / valid.sum()),
+                          "capacity": prefix_capacity(hits, valid),
+                          "first_mistake_median": float(torch.tensor(prefixes, dtype=torch.float).median()),
+                          "exact": sum(int(p == int(n)) for p, n in zip(prefixes, valid.sum(1))),
+                          "first_mistakes": prefixes})
+    final = curve[-1]
+    floats_per_doc = int(model.doc_vectors.shape[1])
+    return {"projection": projection, "m": m, "lr_z": lr_z,
+            "lr_projection": None if projection == "direct" else lr_projection,
+            "floats_per_doc": floats_per_doc, "curve": curve, "capacity": final["capacity"],
+            "tokens_per_vector": final["capacity"] / m, "s_per_step": train_s / params["steps"],
+            "tokens_per_doc": int(batch["doc_mask"].sum(1).min())}
+
+
+@common.isolated
+def run(profile: str = "full", command: str | None = None, threads: int | None = common.DEFAULT_THREADS,
+        **overrides) -> dict:
+    from pqa_core.llm import load_llm
+
+    bench = common.Bench(NAME, profile, PROFILES, overrides, threads, command)
+    params = bench.params
+    llm_and_tokenizer = load_llm(params["llm"])
+    passages, source = load_passages(llm_and_tokenizer[1], params["docs"], params["doc_tokens"])
+    settings = [run_setting(llm_and_tokenizer, passages, params, tuple(s)) for s in params["settings"]]
+    default = next(s for s in settings if (s["projection"], s["m"]) == DEFAULT_SETTING[:2])
+    direct_same_m = next((s for s in settings if s["projection"] == "direct" and s["m"] == default["m"]), None)
+    return bench.finish({
+        "data": {"source": os.path.relpath(source, common.REPO_ROOT), "passages": [str(p.doc_id) for p in passages]},
+        "settings": settings,
+        "default_vs_direct_same_m": None if direct_same_m is None or not direct_same_m["capacity"]
+        else default["capacity"] / direct_same_m["capacity"],
+    })
+
+
+def markdown(result: dict) -> str:
+    p = result["params"]
+    rows = []
+    for s in result["settings"]:
+        last = s["curve"][-1]
+        label = f"`{s['projection']}`" + (" (pqa default)" if (s["projection"], s["m"]) == DEFAULT_SETTING[:2] else "")
+        lrs = f"{s['lr_z']:g}" + ("" if s["lr_projection"] is None else f" / {s['lr_projection']:g}")
+        rows.append([label, s["m"], f"{s['floats_per_doc']:,}", lrs, f"**{s['capacity']}**",
+                     f"{s['tokens_per_vector']:.1f}", f"{last['first_mistake_median']:.0f}",
+                     f"{last['exact']}/{len(result['data']['passages'])}",
+                     f"{last['greedy_token_acc']:.2f}", f"{last['tf_token_acc']:.2f}",
+                     " / ".join(str(c["capacity"]) for c in s["curve"]), f"{s['s_per_step']:.1f}"])
+    table = common.md_table(["projection", "m", "floats/doc", "lr z / proj", "capacity (tokens at >= 90%)",
+                             "tokens per vector", "first mistake (median)", "exact", "greedy acc", "teacher-forced acc",
+                             f"capacity at steps {', '.join(str(c['step']) for c in result['settings'][0]['curve'])}",
+                             "s/step"], rows)
+    ratio = result["default_vs_direct_same_m"]
+    return common.section(
+        "(f) Write-phase capacity vs memory tokens m", result,
+        f"Data: {p['docs']} passages of `{result['data']['source']}` ({', '.join(result['data']['passages'])}), "
+        f"each cut to its first {p['doc_tokens']} tokens + eos; LLM `{p['llm']}` frozen; pqa's `WritePhaseTrainer` "
+        f"(AdamW, grad clip 1.0), full batch, **{p['steps']} steps per setting**, greedy decoding from the soft prompt "
+        f"alone every {p['eval_every']} steps. Capacity = the longest prefix whose pooled greedy token accuracy "
+        f"over all passages is >= {TARGET:.0%} (the Cramming paper's measure; it reports ~80 tokens per vector for "
+        "Pythia-160M with thousands of steps per text).",
+        table,
+        ("pqa default capacity / `direct` capacity at the same m: "
+         + (f"**{ratio:.2f}**" if ratio is not None else "not defined (direct reached 0)") + "."),
+        f"A {p['steps']}-step budget per setting on this CPU is far below the Cramming paper's thousands of steps, "
+        "so every capacity here is what that budget reaches, a floor. `direct` stores m x d_model free floats per "
+        "document (no shared map); `mlp2x_gelu` stores 384 floats per document through a projection shared by "
+        "all documents, which must also serve retrieval (the selector scores questions against the same z); "
+        "`hybrid` keeps a 384-float MiniLM key for retrieval (through the shared map, never moved by the write "
+        "phase) and adds m x d_model free floats.",
+    )
+
+
+def main(argv=None) -> int:
+    return common.script_main(sys.modules[__name__], argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
