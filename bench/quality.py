@@ -31,15 +31,17 @@ from bench import common  # noqa: E402
 NAME = "quality"
 SQUAD_DIR = common.REPO_ROOT.parent / "shared" / "data" / "squad_v1.1"
 CONTROLS = ("closed_book", "random_docs", "oracle", "bm25", "dense_minilm")
+# pqa ablations scored in the same run, each trained like the default: label -> config overrides
+VARIANTS = {"pqa hybrid": {"model": {"d_z": 0}, "projection": {"name": "hybrid"}}}
 PROFILES = {
     # tiny random LLM on the shipped sample: checks the script, measures nothing
     "smoke": dict(llm="tiny", data="sample", articles=0, passages_per_article=0, write_epochs=2, read_epochs=1,
-                  top_k=3, max_new_tokens=4, eval_fraction=0.25, lora_controls=["bm25"]),
+                  top_k=3, max_new_tokens=4, eval_fraction=0.25, lora_controls=["bm25"], pqa_variants=VARIANTS),
     "quick": dict(llm="smollm2-135m", data="squad", articles=2, passages_per_article=4, write_epochs=4,
                   read_epochs=1, top_k=3, max_new_tokens=24, eval_fraction=0.25, lora_controls=["bm25"]),
     "full": dict(llm="smollm2-135m", data="squad", articles=3, passages_per_article=8, write_epochs=10,
                  read_epochs=3, top_k=3, max_new_tokens=24, eval_fraction=0.25,
-                 lora_controls=["closed_book", "oracle", "bm25", "dense_minilm"]),
+                 lora_controls=["closed_book", "oracle", "bm25", "dense_minilm"], pqa_variants=VARIANTS),
 }
 
 
@@ -86,17 +88,43 @@ def data_paths(params: dict, tmp: Path):
                         params["eval_fraction"])
 
 
-def pqa_config(params: dict, data: dict, output_dir: str):
+def pqa_config(params: dict, data: dict, output_dir: str, overrides: dict | None = None):
     from pqa_core.config import PQAConfig
 
-    return PQAConfig.from_dict({
+    return PQAConfig.from_dict(_merged({
         "seed": 0, "output_dir": output_dir, "phases": ["write", "read"],
         "model": {"llm": params["llm"], "device": "cpu"},
         "data": data,
         "write": {"epochs": params["write_epochs"], "eval_every": params["write_epochs"], "eval_docs": 8},
         "read": {"epochs": params["read_epochs"], "top_k": params["top_k"], "eval_every": 0},
         "eval": {"max_new_tokens": params["max_new_tokens"]},
-    })
+    }, overrides or {}))
+
+
+def _merged(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _merged(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def trained_pqa(params: dict, data: dict, output_dir: str, overrides: dict | None = None):
+    """Run pqa's write and read phases on the subset; returns (pipeline, training facts)."""
+    from pqa_core.pipeline import Pipeline
+    from pqa_core.training import RecordingLogger
+
+    config = pqa_config(params, data, output_dir, overrides)
+    logger = RecordingLogger()
+    t0 = time.perf_counter()
+    pipeline = Pipeline(config, logger)
+    pipeline.run()
+    k = params["top_k"]
+    write_acc = [v for _, v in logger.scalars.get("write.greedy_token_acc", [])]
+    return pipeline, {"seconds": time.perf_counter() - t0, "overrides": overrides or {},
+                      "write_greedy_token_acc_last": write_acc[-1] if write_acc else None,
+                      "read_recall_per_epoch": [v for _, v in logger.scalars.get(f"read.eval_Recall@{k}", [])],
+                      "recall_before_write": logger.info.get(f"Recall@{k}_before_read"),
+                      "timings_s": dict(pipeline.timings)}
 
 
 @common.isolated
@@ -104,19 +132,13 @@ def run(profile: str = "full", command: str | None = None, threads: int | None =
         **overrides) -> dict:
     from pqa_core.controls import build_control, evaluate_control
     from pqa_core.evaluation import evaluate_qa
-    from pqa_core.pipeline import Pipeline
-    from pqa_core.training import RecordingLogger
 
     bench = common.Bench(NAME, profile, PROFILES, overrides, threads, command)
     params = bench.params
     with tempfile.TemporaryDirectory() as tmp:
         data, about = data_paths(params, Path(tmp))
-        config = pqa_config(params, data, str(Path(tmp) / "run"))
-        logger = RecordingLogger()
-        t0 = time.perf_counter()
-        pipeline = Pipeline(config, logger)
-        pipeline.run()
-        train_s = time.perf_counter() - t0
+        pipeline, training = trained_pqa(params, data, str(Path(tmp) / "run"))
+        config = pipeline.config
         k, e = params["top_k"], config.eval
         rows = {}
         llm = pipeline.model.llm
@@ -146,8 +168,13 @@ def run(profile: str = "full", command: str | None = None, threads: int | None =
                        lambda path: evaluate_control(pipeline.model, control, pipeline.eval_qa, top_k=k,
                                                      batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
                                                      prompt=config.data.prompt, predictions_path=path))
-        write_acc = [v for _, v in logger.scalars.get("write.greedy_token_acc", [])]
-        recall_epochs = [v for _, v in logger.scalars.get(f"read.eval_Recall@{k}", [])]
+        variants_training = {}
+        for label, overrides in (params.get("pqa_variants") or {}).items():
+            pipeline, variants_training[label] = trained_pqa(params, data, str(Path(tmp) / label.replace(" ", "_")),
+                                                             overrides)
+            scored(label, lambda path: evaluate_qa(pipeline.model, pipeline.eval_dataset, top_k=k,
+                                                   batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+                                                   with_cost=True, predictions_path=path))
     text_rags = [n for n in rows if n.split(" ")[0] in ("bm25", "dense_minilm")]
     goals = {}
     for metric in ("F1", "substring"):
@@ -157,10 +184,7 @@ def run(profile: str = "full", command: str | None = None, threads: int | None =
                          "value": value, "met": value is not None and value >= 0.8}
     return bench.finish({
         "data": about, "rows": rows,
-        "pqa_training": {"seconds": train_s, "write_greedy_token_acc_last": write_acc[-1] if write_acc else None,
-                         "read_recall_per_epoch": recall_epochs,
-                         "recall_before_write": logger.info.get(f"Recall@{k}_before_read"),
-                         "timings_s": dict(pipeline.timings)},
+        "pqa_training": training, "pqa_variants_training": variants_training,
         "goals": goals,
     })
 
@@ -211,7 +235,7 @@ def markdown(result: dict) -> str:
         "",
         f"- {verdict(goals['F1'])}",
         f"- {verdict(goals['substring'])}",
-    ] + ([
+    ] + [_variant_line(label, v, k) for label, v in (result.get("pqa_variants_training") or {}).items()] + ([
         f"- What pqa's documents add: pqa vs `closed_book +LoRA` (the same LoRA-trained LLM with no documents): "
         f"F1 {rows['pqa']['F1']:.1f} vs {rows['closed_book +LoRA']['F1']:.1f}, substring "
         f"{rows['pqa']['substring']:.1f} vs {rows['closed_book +LoRA']['substring']:.1f}.",
@@ -220,6 +244,26 @@ def markdown(result: dict) -> str:
         "A CPU-sized budget (a few write epochs on 64-token passage prefixes, a short read phase): pqa's documents "
         "hold only what the write phase put in them, so this is a floor for pqa, not its ceiling. Latency: see (b).",
     ]))
+
+
+def _variant_line(label: str, training: dict, k: int) -> str:
+    """One bullet on how a pqa ablation row was trained: its overrides, reconstruction, Recall per epoch."""
+    overrides = " ".join(f"{key}={value}" for key, value in _flat(training["overrides"]))
+    acc = training["write_greedy_token_acc_last"]
+    before = training.get("recall_before_write")
+    return (f"- `{label}`: pqa `with {overrides}`, trained like the default: greedy reconstruction token accuracy "
+            f"{'n/a' if acc is None else f'{100 * acc:.1f}%'}, Recall@{k} "
+            f"{'n/a' if before is None else f'{before:.0f}'} before the write phase, "
+            f"{', '.join(f'{v:.0f}' for v in training['read_recall_per_epoch'])} after each read epoch; "
+            f"training took {training['seconds'] / 60:.1f} min.")
+
+
+def _flat(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def main(argv=None) -> int:
