@@ -60,6 +60,7 @@ def quiet_sacred():
 
 def preflight(ex, updates, named_configs):
     """Resolve the full config without observers and check everything that can be checked cheaply."""
+    from pqa_core.builder import check_d_z
     from pqa_core.checkpoints import check_loadable
     from pqa_core.config import PQAConfig
     from pqa_core.data import load_corpus, load_qa
@@ -93,6 +94,7 @@ def preflight(ex, updates, named_configs):
     for kind in ("selector", "query_encoder", "projection", "retrieval_loss", "generation_loss"):
         section = getattr(config, kind)
         validate(kind, section["name"], {k: v for k, v in section.items() if k != "name"})
+    check_d_z(config)
     if "control" in config.phases:
         validate("control", config.control["name"], {k: v for k, v in config.control.items() if k != "name"})
     corpus = load_corpus(resolve_data_path(config.data.corpus))

@@ -39,16 +39,23 @@ def apply_lora(llm, lora_settings):
     return get_peft_model(llm, lora)
 
 
+def check_d_z(config: PQAConfig) -> None:
+    """Pre-flight: ``model.d_z=0`` needs a projection that can size z (no LLM needed to know that)."""
+    if config.model.d_z:
+        return
+    name = config.projection["name"]
+    if getattr(plugins.components("projection")[name].factory, "needed_d_z", None) is None:
+        raise UsageError(f"model.d_z=0 (the projection's size) but projection {name!r} has no needed_d_z: "
+                         f"set model.d_z")
+
+
 def resolve_d_z(config: PQAConfig, d_model: int) -> int:
     """``model.d_z``, or with ``model.d_z=0`` the size the projection needs (``needed_d_z`` of its class:
     ``direct`` and ``hybrid`` hold ``m x d_model`` floats, which depends on the LLM)."""
     if config.model.d_z:
         return int(config.model.d_z)
-    name = config.projection["name"]
-    needed = getattr(plugins.components("projection")[name].factory, "needed_d_z", None)
-    if needed is None:
-        raise UsageError(f"model.d_z=0 (the projection's size) but projection {name!r} has no needed_d_z: "
-                         f"set model.d_z")
+    check_d_z(config)
+    needed = plugins.components("projection")[config.projection["name"]].factory.needed_d_z
     return int(needed(d_model, config.model.num_memory_tokens, **component_kwargs(config.projection)))
 
 

@@ -128,6 +128,8 @@ def test_pip_installed_plugin_is_listed_and_usable_by_name(tmp_path, db_url, out
     (["with", "smoke", "read.topk=2"], "unknown config key 'read.topk'"),
     (["with", "no_such_named_config"], "unknown named config 'no_such_named_config'"),
     (["with", "read.top_k='x'"], "config key 'read.top_k' must be int"),
+    (["with", "smoke", "model.d_z=0"], "model.d_z=0 (the projection's size) but projection 'mlp2x_gelu' has no "
+                                       "needed_d_z: set model.d_z"),
 ])
 def test_usage_errors_are_one_line_exit_2_and_store_nothing(db_url, outputs, mongo_client, args, message):
     url, name = db_url
