@@ -345,3 +345,37 @@ def test_password_never_reaches_the_database(embedded_db, mongo_client, tmp_path
     assert f'STORE = "{redacted}"' in text and 'password = "***"' in text
     assert read_metric(database, run._id, "loss")[0] == [0, 1, 2, 3, 4]
     mongo_client.admin.command("dropUser", user)
+
+
+def test_password_never_reaches_the_recovery_files(tmp_path):
+    """What the store could not take is kept in local files for ``pqa db recover``: scrubbed like the database."""
+    home, port = tmp_path / "home", free_port()
+    db.ensure_running(home, port=port)
+    password, user = "pw" + _secrets.token_hex(12), "u" + _secrets.token_hex(4)
+    try:
+        with pymongo.MongoClient(f"mongodb://127.0.0.1:{port}/", serverSelectionTimeoutMS=5000) as client:
+            client.admin.command("createUser", user, pwd=password, roles=["root"])
+        url = f"mongodb://{user}:{password}@127.0.0.1:{port}/dump_scan?authSource=admin"
+        ex = Experiment("dump_scan", save_git_info=False)
+        ex.add_config({"store": url})
+
+        @ex.main
+        def main(_run, store):
+            print("connecting to", store)
+            _run.log_scalar("loss", 1.0, 0)
+            db.stop(home)  # the store goes away: points, the run record and the result are dumped
+            _run.log_scalar("loss", 0.5, 1)
+            _run.info["where"] = store
+            return {"store": store}
+
+        obs = make_mongo_observer(url, failure_dir=tmp_path / "failed", serverSelectionTimeoutMS=500)
+        ex.observers = [obs]
+        ex.run(options=RUN)
+        dumps = sorted((tmp_path / "failed").iterdir())
+        assert {p.name.split("_")[2] for p in dumps} >= {"metrics", "run"}, dumps
+        for path in dumps:
+            assert password.encode() not in path.read_bytes(), path.name
+        run_dump = next(p for p in dumps if p.name.split("_")[2] == "run").read_text()
+        assert f"mongodb://***:***@127.0.0.1:{port}/dump_scan" in run_dump and "connecting to mongodb://***" in run_dump
+    finally:
+        db.stop(home)
