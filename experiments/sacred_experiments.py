@@ -52,6 +52,9 @@ NAMED_CONFIGS: Dict[str, Dict[str, Any]] = {
     "no_lora": {"model": {"lora": {"enabled": False}}},
     "random_init": {"model": {"doc_init": "random"}},
     "linear_projection": {"projection": {"name": "linear"}},
+    # a MiniLM retrieval key + m x d_model free floats per document (bench/RESULTS.md (a), (f))
+    "hybrid_projection": {"projection": {"name": "hybrid"}, "model": {"d_z": 0}},
+    "direct_projection": {"projection": {"name": "direct"}, "model": {"d_z": 0, "doc_init": "random"}},
     "more_memory": {"model": {"num_memory_tokens": 8}},
 }
 

@@ -42,13 +42,14 @@ SMOKE = ["with", "smoke"]
 def test_demo_pipeline_is_recorded_in_mongodb(db_url, outputs, mongo_client):
     """The README demo (SmolLM2-135M on the sample), shortened to two write and one read epoch."""
     url, name = db_url
+    # one torch thread: with other processes on a 2-core machine a 2-thread step stalls at every barrier
     proc = pqa("run", "pipeline", "--mongo-url", url, "--json", "with", "write.epochs=2", "read.epochs=1",
-               "write.eval_docs=4", env_extra=outputs)
+               "write.eval_docs=4", "threads=1", env_extra=outputs, timeout=1800)
     reported = json.loads(proc.stdout.strip().splitlines()[-1])
     db = mongo_client[name]
     run = db.runs.find_one({"_id": reported["run_id"]})
     assert run["status"] == "COMPLETED"
-    assert run["config"]["model"]["llm"] == "smollm2-135m"
+    assert run["config"]["model"]["llm"] == "smollm2-135m" and run["config"]["threads"] == 1
     assert run["config"]["selector"] == {"name": "cosine", "temperature": 0.05}
     assert set(run["result"]) == {"EM", "F1", "substring", "Recall@3"} == set(reported["result"])
     metrics = {m["name"]: m for m in db.metrics.find({"run_id": run["_id"]})}
