@@ -39,7 +39,8 @@ PROFILES = {
                   top_k=3, max_new_tokens=4, eval_fraction=0.25, lora_controls=["bm25"], pqa_variants=VARIANTS),
     "quick": dict(llm="smollm2-135m", data="squad", articles=2, passages_per_article=4, write_epochs=4,
                   read_epochs=1, top_k=3, max_new_tokens=24, eval_fraction=0.25, lora_controls=["bm25"]),
-    "full": dict(llm="smollm2-135m", data="squad", articles=3, passages_per_article=8, write_epochs=10,
+    # write 30 epochs as pqa's default: 90 updates per passage, the budget (f) shows hybrid needs to rebuild them
+    "full": dict(llm="smollm2-135m", data="squad", articles=3, passages_per_article=8, write_epochs=30,
                  read_epochs=3, top_k=3, max_new_tokens=24, eval_fraction=0.25,
                  lora_controls=["closed_book", "oracle", "bm25", "dense_minilm"], pqa_variants=VARIANTS),
 }
