@@ -220,8 +220,12 @@ def test_bench_quality_and_latency_scripts_run(tmp_path):
     from bench import latency, quality
 
     q = quality.run("smoke", command="pytest smoke")
-    assert set(q["rows"]) == {"pqa", *CONTROLS, "bm25 +LoRA"} and all(set(r) >= KEYS for r in q["rows"].values())
+    assert set(q["rows"]) == {"pqa", *CONTROLS, "bm25 +LoRA", "pqa hybrid"}
+    assert all(set(r) >= KEYS for r in q["rows"].values())
     assert q["rows"]["oracle"]["Recall@3"] == 100.0 and q["rows"]["closed_book"]["Recall@3"] == 0.0
+    # the ablation row was trained with its own overrides and is described in the section
+    assert q["pqa_variants_training"]["pqa hybrid"]["overrides"] == {"model": {"d_z": 0}, "projection": {"name": "hybrid"}}
+    assert "- `pqa hybrid`: pqa `with model.d_z=0 projection.name=hybrid`" in quality.markdown(q)
     (tmp_path / "quality.json").write_text(json.dumps(q, default=str))
     lat = latency.run("smoke", command="pytest smoke", quality_json=str(tmp_path / "quality.json"))
     assert [r["new_tokens"] for r in lat["rows"]] == [1, 8]
