@@ -242,7 +242,7 @@ def markdown(result: dict) -> str:
         f"{rows['pqa']['substring']:.1f} vs {rows['closed_book +LoRA']['substring']:.1f}.",
     ] if "closed_book +LoRA" in rows else []) + [
         "",
-        "A CPU-sized budget (a few write epochs on 64-token passage prefixes, a short read phase): pqa's documents "
+        "A CPU-sized budget (minutes of write phase on 64-token passage prefixes, a short read phase): pqa's documents "
         "hold only what the write phase put in them, so this is a floor for pqa, not its ceiling. Latency: see (b).",
     ]))
 
