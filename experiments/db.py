@@ -278,18 +278,18 @@ def _start(d: Path, port: int, timeout: float) -> str:
         raise PqaError(f"could not launch SecantusDB: {shim.stderr.strip().splitlines()[-1:]}") from None
     url = _url(port)
     deadline = t0 + timeout
-    while True:
+    while True:  # the deadline first: past it, an answer came too late (the launch itself counts)
+        if time.monotonic() > deadline:
+            _terminate(pid, port, timeout=5.0)
+            raise PqaError(
+                f"the embedded database did not answer on port {port} within {timeout:g}s; "
+                f"{log} ends with: {_log_tail(d, log_offset)}"
+            )
         if _ping(url, timeout=0.25):
             break
         if not _pid_alive(pid):
             raise PqaError(
                 f"the embedded database exited during startup (port {port}, data {d}); "
-                f"{log} ends with: {_log_tail(d, log_offset)}"
-            )
-        if time.monotonic() > deadline:
-            _terminate(pid, port, timeout=5.0)
-            raise PqaError(
-                f"the embedded database did not answer on port {port} within {timeout:g}s; "
                 f"{log} ends with: {_log_tail(d, log_offset)}"
             )
         time.sleep(0.05)
