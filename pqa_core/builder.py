@@ -11,7 +11,7 @@ from .config import PQAConfig
 from .data import Document
 from .errors import UsageError
 from .llm import load_llm
-from .model import ParametricQA
+from .model import ParametricQA, retrieval_key_dims
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +39,20 @@ def apply_lora(llm, lora_settings):
     return get_peft_model(llm, lora)
 
 
-def check_d_z(config: PQAConfig) -> None:
-    """Pre-flight: ``model.d_z=0`` needs a projection that can size z (no LLM needed to know that)."""
-    if config.model.d_z:
-        return
+def _needed_d_z(config: PQAConfig):
+    """The chosen projection's ``needed_d_z``; a usage error when it has none."""
     name = config.projection["name"]
-    if getattr(plugins.components("projection")[name].factory, "needed_d_z", None) is None:
+    needed = getattr(plugins.components("projection")[name].factory, "needed_d_z", None)
+    if needed is None:
         raise UsageError(f"model.d_z=0 (the projection's size) but projection {name!r} has no needed_d_z: "
                          f"set model.d_z")
+    return needed
+
+
+def check_d_z(config: PQAConfig) -> None:
+    """Pre-flight: ``model.d_z=0`` needs a projection that can size z (no LLM needed to know that)."""
+    if not config.model.d_z:
+        _needed_d_z(config)
 
 
 def resolve_d_z(config: PQAConfig, d_model: int) -> int:
@@ -54,8 +60,7 @@ def resolve_d_z(config: PQAConfig, d_model: int) -> int:
     ``direct`` and ``hybrid`` hold ``m x d_model`` floats, which depends on the LLM)."""
     if config.model.d_z:
         return int(config.model.d_z)
-    check_d_z(config)
-    needed = plugins.components("projection")[config.projection["name"]].factory.needed_d_z
+    needed = _needed_d_z(config)
     return int(needed(d_model, config.model.num_memory_tokens, **component_kwargs(config.projection)))
 
 
@@ -96,12 +101,12 @@ def build_model(config: PQAConfig, documents: List[Document], llm_and_tokenizer=
     d_model = llm.config.hidden_size if hasattr(llm.config, "hidden_size") else \
         llm.get_input_embeddings().weight.shape[1]
     d_z = resolve_d_z(config, d_model)
-    context = dict(d_z=d_z, output_dim=d_z, d_model=d_model, num_tokens=config.model.num_memory_tokens, llm=llm, vocab_size=len(tokenizer),
-                   embedding_std=embedding_std, pad_token_id=tokenizer.pad_token_id)
+    context = dict(d_z=d_z, output_dim=d_z, d_model=d_model, num_tokens=config.model.num_memory_tokens, llm=llm,
+                   vocab_size=len(tokenizer), embedding_std=embedding_std, pad_token_id=tokenizer.pad_token_id)
     keys = initial_keys(config, documents, embedding_std, d_z)
     context["input_std"] = float(keys.std()) if keys.numel() > 1 else embedding_std
     projection = build_component(config, "projection", context)
-    key_dims = int(getattr(projection, "key_dims", None) or d_z)
+    key_dims = retrieval_key_dims(projection, d_z)
     doc_init = initial_doc_vectors(config, keys, key_dims, d_z)
     # the query encoder and the selector see only the retrieval key
     key_context = {**context, "d_z": key_dims, "output_dim": key_dims}

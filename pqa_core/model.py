@@ -28,6 +28,11 @@ def _returned_cache(output):
     return output.cache if "cache" in output.keys() else output.past_key_values
 
 
+def retrieval_key_dims(projection: Projection, d_z: int) -> int:
+    """How many leading coordinates of z the selector scores: the projection's ``key_dims``, else all of z."""
+    return int(getattr(projection, "key_dims", None) or d_z)
+
+
 class ParametricQA(nn.Module):
     def __init__(self, llm: nn.Module, tokenizer, num_docs: int, d_z: int, query_encoder: QueryEncoder,
                  selector: Selector, projection: Projection, doc_init: Optional[torch.Tensor] = None):
@@ -42,7 +47,7 @@ class ParametricQA(nn.Module):
         if tuple(doc_init.shape) != (num_docs, d_z):
             raise ValueError(f"doc_init has shape {tuple(doc_init.shape)}, expected {(num_docs, d_z)}")
         self.doc_vectors = nn.Parameter(doc_init.clone().float())
-        self.key_dims = int(getattr(projection, "key_dims", None) or d_z)
+        self.key_dims = retrieval_key_dims(projection, d_z)
         if not 0 < self.key_dims <= d_z:
             raise ValueError(f"projection key_dims={self.key_dims} must be in 1..d_z={d_z}")
 
