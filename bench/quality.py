@@ -249,7 +249,9 @@ def markdown(result: dict) -> str:
 
 def _variant_line(label: str, training: dict, k: int) -> str:
     """One bullet on how a pqa ablation row was trained: its overrides, reconstruction, Recall per epoch."""
-    overrides = " ".join(f"{key}={value}" for key, value in _flat(training["overrides"]))
+    from pqa_experiments.runs import flatten
+
+    overrides = " ".join(f"{key}={value}" for key, value in flatten(training["overrides"]).items())
     acc = training["write_greedy_token_acc_last"]
     before = training.get("recall_before_write")
     return (f"- `{label}`: pqa `with {overrides}`, trained like the default: greedy reconstruction token accuracy "
@@ -257,14 +259,6 @@ def _variant_line(label: str, training: dict, k: int) -> str:
             f"{'n/a' if before is None else f'{before:.0f}'} before the write phase, "
             f"{', '.join(f'{v:.0f}' for v in training['read_recall_per_epoch'])} after each read epoch; "
             f"training took {training['seconds'] / 60:.1f} min.")
-
-
-def _flat(tree: dict, prefix: str = ""):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _flat(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 
 
 def main(argv=None) -> int:
