@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import warnings
 
 import click
@@ -84,28 +85,30 @@ def plugins(as_json):
             click.echo(f"  {kind}: {', '.join(sorted(names))}")
 
 
-def _add_optional_commands():
-    from .cli_run import run
-
-    cli.add_command(run)
-    for module, name in (("cli_db", "db"), ("cli_board", "board"), ("cli_runs", "runs"), ("cli_data", "data"),
-                         ("cli_bench", "bench")):
-        try:
-            mod = __import__(f"pqa_experiments.{module}", fromlist=[name])
-        except ImportError:
-            continue
-        cli.add_command(getattr(mod, name))
+def _add_commands():
     from pqa_core.plugins import load_plugins, pm
 
+    from .cli_bench import bench
+    from .cli_board import board
+    from .cli_data import data
+    from .cli_db import db
+    from .cli_run import run
+    from .cli_runs import runs
+
+    for command in (run, db, board, runs, data, bench):
+        cli.add_command(command)
     load_plugins()
     pm.hook.pqa_register_commands(cli=cli)
 
 
-_add_optional_commands()
+_add_commands()
 
 
 def main():
-    cli(prog_name="pqa")
+    try:
+        cli(prog_name="pqa")
+    finally:  # all is said and saved: a Ctrl-C while Python shuts down ends it quietly, with no traceback
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 if __name__ == "__main__":  # pragma: no cover

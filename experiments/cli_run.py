@@ -196,23 +196,35 @@ def run_failure(ex, exc: Exception) -> PqaError:
 
 
 def tracked_run(ex, updates, named_configs, resumed_from: Optional[int]):
-    """``ex.run`` with its failures as one line; losses of the observer are raised at the end."""
+    """``ex.run`` with its failures as one line; what the run store did not take is said in that same line."""
     try:
-        return ex.run(config_updates=updates, named_configs=named_configs,
-                      info={"resumed_from_run": resumed_from} if resumed_from is not None else None)
+        finished = ex.run(config_updates=updates, named_configs=named_configs,
+                          info={"resumed_from_run": resumed_from} if resumed_from is not None else None)
     except KeyboardInterrupt:
+        raise_for_losses(ex)
         raise click.Abort()
-    except PqaError:
+    except PqaError as exc:
+        raise_for_losses(ex, str(exc))
         raise
     except Exception as exc:  # a component raising mid-run: Sacred stored it FAILED with the traceback
         ctx = click.get_current_context(silent=True)
         if ctx is not None and (ctx.find_root().obj or {}).get("debug"):
             raise
-        raise run_failure(ex, exc) from None
-    finally:
-        for observer in ex.observers:
-            if hasattr(observer, "raise_for_losses"):
+        failure = run_failure(ex, exc)
+        raise_for_losses(ex, str(failure))
+        raise failure from None
+    raise_for_losses(ex)
+    return finished
+
+
+def raise_for_losses(ex, before: str = "") -> None:
+    """One PqaError line if an observer could not store everything, after ``before`` (the run's own error)."""
+    for observer in ex.observers:
+        if getattr(observer, "losses", None):
+            try:
                 observer.raise_for_losses()
+            except PqaError as exc:
+                raise PqaError(f"{before}; {exc}" if before else str(exc)) from None
 
 
 def interrupt_on_sigterm() -> None:
