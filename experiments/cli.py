@@ -13,22 +13,24 @@ import warnings
 
 import click
 
-from pqa_core.errors import PqaError
+from pqa_core.errors import EnvironmentFailure, PqaError
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
 
 
 class PqaGroup(click.Group):
-    """Turns PqaError into one line on stderr and its exit code."""
+    """Turns PqaError, and an OSError the machine raised (read-only or looping folder, full disk), into
+    one line on stderr and its exit code."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except PqaError as exc:
+        except (PqaError, OSError) as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"Error: {exc}", err=True)
-            ctx.exit(exc.exit_code)
+            error = exc if isinstance(exc, PqaError) else EnvironmentFailure.from_os_error(exc)
+            click.echo(f"Error: {error}", err=True)
+            ctx.exit(error.exit_code)
 
 
 @click.group(cls=PqaGroup, context_settings={"help_option_names": ["-h", "--help"]})

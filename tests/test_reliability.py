@@ -191,6 +191,7 @@ def test_kill_9_at_a_random_step_then_resume_by_run_id_equals_an_uninterrupted_r
     assert left, context
     # the dead run's lock file is still there; the kernel released its lock with the process
     assert (output_dir / LOCK_FILE).read_text().strip() == str(victim.pid), context
+    assert_dead_run_is_marked(store, dead, env)
 
     proc = pqa("run", "pipeline", "--mongo-url", store["url"], "--json", *RUN_ARGS, f"resume={dead['_id']}", env=env)
     resumed = last_json(proc.stdout)
@@ -214,6 +215,26 @@ def test_kill_9_at_a_random_step_then_resume_by_run_id_equals_an_uninterrupted_r
     print(f"{context}left {left}; resumed run {doc['_id']} from run {dead['_id']}: result {resumed['result']}")
 
 
+def assert_dead_run_is_marked(store, dead, env) -> None:
+    """Time passes (its stored heartbeat moves back past DEAD_AFTER_S): ``pqa runs list`` shows the killed run
+    PROBABLY_DEAD, as Omniboard does, and ``pqa db recover`` stores it so."""
+    from pqa_experiments.runs import DEAD_AFTER_S
+
+    def listed(*args):
+        return {r["id"]: r["status"] for r in json.loads(pqa("runs", "list", "--mongo-url", store["url"], "--json",
+                                                             *args, env=env).stdout)}
+
+    assert listed()[dead["_id"]] == "RUNNING"  # beat a moment ago: alive as far as anyone can tell
+    past = _dt.timedelta(seconds=DEAD_AFTER_S + 1)
+    store["db"].runs.update_one({"_id": dead["_id"]}, {"$set": {"heartbeat": dead["heartbeat"] - past,
+                                                                "start_time": dead["start_time"] - past}})
+    assert listed()[dead["_id"]] == "PROBABLY_DEAD"
+    assert dead["_id"] in listed("--status", "PROBABLY_DEAD") and dead["_id"] not in listed("--status", "RUNNING")
+    out = pqa("db", "recover", "--mongo-url", store["url"], env=env).stdout
+    assert f"stored as PROBABLY_DEAD (RUNNING, no heartbeat for over {DEAD_AFTER_S} s): runs {dead['_id']}" in out
+    assert store["db"].runs.find_one({"_id": dead["_id"]})["status"] == "PROBABLY_DEAD"
+
+
 @pytest.mark.parametrize("resume, message", [
     ("999999", "resume=999999: no run 999999 in mongodb://127.0.0.1:"),
     ("{empty}", "no checkpoint under"),
@@ -228,6 +249,41 @@ def test_resume_of_a_missing_run_or_checkpoint_is_one_line(store, tmp_path, resu
     assert_refused(proc, message)
     assert store["db"].runs.count_documents({}) == before
     assert not (tmp_path / "outputs").exists() and snapshot(tmp_path / "empty") == {}
+
+
+def test_a_checkpoint_is_continued_only_under_the_configuration_that_made_it(store, reference, tmp_path):
+    """A finished run's folder: another run may not load its checkpoints as its own; a resume under another
+    seed or with shuffled data is one line naming what differs; force_resume=True continues and says so."""
+    folder = tmp_path / "finished"
+    shutil.copytree(reference["output_dir"], folder)
+    env, before = pqa_env(tmp_path), store["db"].runs.count_documents({})
+    fingerprints = {json.loads(m.read_text())["fingerprint"]["digest"]
+                    for m in folder.glob("checkpoints/*/*/MANIFEST.json")}
+    stored = store["db"].runs.find_one({"_id": reference["run_id"]})
+    assert fingerprints == {stored["info"]["fingerprint"]}  # every checkpoint, and the run, record one
+    untouched = snapshot(folder)
+
+    def run(*args):
+        return pqa("run", "pipeline", "--mongo-url", store["url"], *RUN_ARGS, *args, env=env, check=False)
+
+    assert_refused(run("seed=9", f"output_dir={folder}"), f"output_dir={folder} already holds checkpoints", code=2)
+    assert_refused(run("seed=9", f"resume={folder}"),
+                   f"resume={folder}: {folder}/checkpoints/write/final was made under another configuration: "
+                   "seed=0 (now 9); resume with the same configuration and data, or add force_resume=True")
+    shuffled = tmp_path / "corpus.jsonl"
+    shuffled.write_bytes(b"\n".join(reversed((SAMPLE / "corpus.jsonl").read_bytes().splitlines())) + b"\n")
+    line = assert_refused(run(f"data.corpus={shuffled}", f"resume={folder}"), "was made under another configuration")
+    assert re.search(r"data\.corpus\.sha256=[0-9a-f]{10}… \(now [0-9a-f]{10}…\)", line), line
+    assert store["db"].runs.count_documents({}) == before and snapshot(folder) == untouched
+
+    proc = run("seed=9", f"resume={folder}", "force_resume=True", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: force_resume=True: " in proc.stderr and "seed=0 (now 9) (recorded in the run)" in proc.stderr
+    doc = store["db"].runs.find_one({"_id": last_json(proc.stdout)["run_id"]})
+    assert doc["status"] == "COMPLETED" and doc["config"]["force_resume"] is True
+    assert [line.split(" was made")[0] for line in doc["info"]["resume_forced"]] == \
+        [f"{folder}/checkpoints/write/final", f"{folder}/checkpoints/read/final"]
+    assert all(line.endswith("seed=0 (now 9)") for line in doc["info"]["resume_forced"])
 
 
 # --------------------------------------------------------------------------- the database goes away
@@ -580,14 +636,16 @@ def test_bad_checkpoint_is_one_line_before_the_run_is_created(store, reference, 
 
 
 def test_optimizer_state_of_another_setting_is_stored_failed_one_line(store, reference, tmp_path):
-    """Saved without LoRA in the write optimizer, resumed with it: the same model, other param groups.
-    Only the built optimizer shows it, so the run starts, and is stored FAILED with the one-line reason."""
+    """Saved without LoRA in the write optimizer, resumed with it: the same model, other param groups. The
+    fingerprint refuses it before a run exists; forced, only the built optimizer shows it, so the run
+    starts, and is stored FAILED with the one-line reason."""
     run = tmp_path / "crashed"
     step = run / "checkpoints" / "write" / "step-0000004"
     shutil.copytree(reference["output_dir"] / "checkpoints" / "write" / "step-0000004", step)
     files = snapshot(run)
-    proc = pqa("run", "pipeline", "--mongo-url", store["url"], *RUN_ARGS, f"resume={run}", "write.train_lora=True",
-               env=pqa_env(tmp_path), check=False)
+    args = ["run", "pipeline", "--mongo-url", store["url"], *RUN_ARGS, f"resume={run}", "write.train_lora=True"]
+    assert_refused(pqa(*args, env=pqa_env(tmp_path), check=False), "write.train_lora=False (now True)")
+    proc = pqa(*args, "force_resume=True", env=pqa_env(tmp_path), check=False)
     line = assert_refused(proc, f"{step / 'optimizer.safetensors'}: optimizer state of another model or training "
                                 "setting (2 param groups saved, 3 here)", only_line=False)
     assert line.startswith(f"Error: {step / 'optimizer.safetensors'}") and "lora: " in line  # names the groups
