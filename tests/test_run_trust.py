@@ -28,7 +28,6 @@ import pymongo
 import pytest
 from click.testing import CliRunner
 
-from pqa_core.config import RANGES, PQAConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_CONFIG = REPO / "configs" / "phase1_poc.yaml"
@@ -209,6 +208,8 @@ def test_a_value_out_of_range_is_one_line_before_anything_is_written(user, tmp_p
 
 def test_every_numeric_config_key_has_a_range():
     """A key added without an entry in RANGES would take any number: this names it."""
+    from pqa_core.config import RANGES, PQAConfig
+
     def leaves(value, prefix=""):
         for key, item in value.items():
             if isinstance(item, dict) and key not in ("selector", "query_encoder", "projection", "retrieval_loss",
