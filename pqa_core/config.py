@@ -54,9 +54,12 @@ class WriteSettings:
     lr_projection: float = 3e-2
     lr_lora: float = 1e-3
     train_lora: bool = False
+    train_projection: bool = True
+    documents: str = "all"  # "new": only the documents init_from's checkpoint did not hold (a grown corpus)
     grad_clip: float = 1.0
     eval_docs: int = 8  # documents decoded greedily each evaluation
     eval_every: int = 1  # epochs between greedy-reconstruction checks (the last epoch always)
+    eval_qa_every: int = 0  # epochs between answer evaluations on the eval questions (0 = none; a trained reader)
     checkpoint_every: int = 0  # steps; 0 = only at the end
 
 

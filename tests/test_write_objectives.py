@@ -131,3 +131,43 @@ def test_a_controls_reader_trains_for_its_own_input(tmp_path):
     assert all(torch.equal(a, b.detach()) for a, b in zip(own, pipeline.model.lora_parameters()))
     assert [n for n, p in pipeline.model.llm.named_parameters() if p.requires_grad] and \
         pipeline.model.llm.active_adapter == "default"
+
+
+def test_documents_added_after_training_are_written_with_the_reader_frozen(tmp_path):
+    """A grown corpus: init_from a trained run, only the new documents' z are written (write.documents=new,
+    no projection or LoRA training), everything the earlier run learnt is kept."""
+    import json
+
+    from pqa_core.data import load_corpus, load_qa, sample_data_path
+
+    corpus = load_corpus(sample_data_path("corpus.jsonl"))
+    questions = load_qa(sample_data_path("qa_train.jsonl"), corpus)
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps({"doc_id": d.doc_id, "title": d.title, "text": d.text}) + "\n"
+                             for d in corpus[:30]))
+    kept = {d.doc_id for d in corpus[:30]}
+    small_qa = tmp_path / "small_qa.jsonl"
+    small_qa.write_text("".join(json.dumps({"id": q.id, "question": q.question, "answers": q.answers,
+                                            "gold_doc_ids": q.gold_doc_ids}) + "\n"
+                                for q in questions if set(q.gold_doc_ids) <= kept))
+    first = Pipeline(config(tmp_path, output_dir=str(tmp_path / "first"), phases=["write", "read"],
+                            data={"corpus": str(small), "qa": str(small_qa), "eval_qa": str(small_qa)}),
+                     RecordingLogger())
+    first.run()
+    logger = RecordingLogger()
+    grown = Pipeline(config(tmp_path, output_dir=str(tmp_path / "grown"), phases=["write"],
+                            init_from=str(tmp_path / "first"),
+                            write={"epochs": 2, "eval_docs": 0, "documents": "new", "train_projection": False}),
+                     logger)
+    assert grown.new_rows == list(range(30, 36)) and logger.info["documents_added"] == 6
+    table = grown.model.doc_vectors.detach().clone()
+    assert torch.equal(table[:30], first.model.doc_vectors.detach())
+    projection = [p.detach().clone() for p in grown.model.z_to_embedding.parameters()]
+    grown.run()
+    after = grown.model.doc_vectors.detach()
+    assert torch.equal(after[:30], table[:30]) and not torch.equal(after[30:], table[30:])
+    assert all(torch.equal(a, b.detach()) for a, b in zip(projection, grown.model.z_to_embedding.parameters()))
+    with pytest.raises(Exception, match="not in this run's corpus"):  # a checkpoint of other documents
+        Pipeline(config(tmp_path, output_dir=str(tmp_path / "other"), init_from=str(tmp_path / "grown"),
+                        data={"corpus": str(small), "qa": str(small_qa), "eval_qa": str(small_qa)}),
+                 RecordingLogger())
