@@ -124,7 +124,7 @@ def preflight(ex, updates, named_configs):
     except (KeyError, ValueError, TypeError, AssertionError) as exc:
         raise UsageError(f"bad config: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     config = PQAConfig.from_dict(dict(run.config))
-    for kind in ("selector", "query_encoder", "projection", "retrieval_loss", "generation_loss"):
+    for kind in ("selector", "query_encoder", "projection", "retrieval_loss", "generation_loss", "write_objective"):
         section = getattr(config, kind)
         validate(kind, section["name"], {k: v for k, v in section.items() if k != "name"})
     check_d_z(config)
@@ -135,8 +135,16 @@ def preflight(ex, updates, named_configs):
     load_qa(resolve_data_path(config.data.eval_qa), corpus)
     check_fits(config, len(corpus), config.data.corpus, llm_shape(config.model.llm))
     check_output_folder(Path(config.resume or config.output_dir or os.environ.get("PQA_OUTPUT_DIR", "outputs")))
-    for checkpoint in checkpoints_to_load(config):  # init_from's and resume's: torn, corrupt, other model
-        check_loadable(checkpoint, config.to_dict(), len(corpus))
+    checkpoints = checkpoints_to_load(config)
+    if checkpoints:  # init_from's and resume's: torn, corrupt, other model or size
+        from pqa_core.data import split_passages
+        from pqa_core.llm import load_tokenizer
+
+        rows = split_passages(corpus, load_tokenizer(config.model.llm), config.data.max_doc_tokens).documents
+        row_ids = [[d.doc_id, d.part] for d in rows]
+        for index, checkpoint in enumerate(checkpoints):
+            grow = bool(config.init_from) and index == 0  # init_from's may start a larger corpus
+            check_loadable(checkpoint, config.to_dict(), len(rows), row_ids=row_ids, grow=grow)
     folder = Path(config.resume or config.output_dir) if (config.resume or config.output_dir) else None
     forced = check_output_dir(config, fingerprint_of(config), folder) if folder else []
     for line in forced:
@@ -250,6 +258,18 @@ def _output_dir_of_run(run_id: int, mongo_url: Optional[str], no_db: bool, file_
     return folder
 
 
+def describe_result(result: dict) -> str:
+    """``EM=… [low, high], F1=…`` with each metric's 95% interval; other values as they are."""
+    from pqa_core.stats import format_interval
+
+    parts = []
+    for key, value in result.items():
+        if key.endswith(("_ci95_low", "_ci95_high")):
+            continue
+        parts.append(format_interval(result, key) if isinstance(value, float) else f"{key}={value}")
+    return ", ".join(parts)
+
+
 def run_failure(ex, exc: Exception) -> PqaError:
     """An unexpected exception inside a run as one line; the traceback stays in the stored run."""
     run_id = getattr(ex.current_run, "_id", None)
@@ -345,7 +365,6 @@ def run(phase, sacred_args, mongo_url, no_db, file_storage, as_json):
     if as_json:
         click.echo(json.dumps({"run_id": finished._id, "result": result}))
     else:
-        click.echo(f"run {finished._id} {finished.status}: " +
-                   ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+        click.echo(f"run {finished._id} {finished.status}: {describe_result(result)}")
         if where and where.startswith("MongoDB"):
             click.echo("browse it: pqa board    query it: pqa runs show " + str(finished._id))

@@ -47,6 +47,10 @@ NAMED_CONFIGS: Dict[str, Dict[str, Any]] = {
     "loss_infonce": {"retrieval_loss": {"name": "infonce", "temperature": 1.0}},
     "loss_margin": {"retrieval_loss": {"name": "margin", "margin": 1.0}},
     "distill": {"generation_loss": {"name": "kl_distill", "alpha": 1.0}},
+    # write objectives: reconstruction plus distillation of the LLM reading the text
+    "distill_write": {"write_objective": {"name": "weighted"}},
+    # a control whose reader (LoRA) is trained for its own input first, with the read phase's settings
+    "train_reader": {"phases": ["control_read", "control"]},
     # model ablations
     "no_lora": {"model": {"lora": {"enabled": False}}},
     "random_init": {"model": {"doc_init": "random"}},
@@ -69,12 +73,13 @@ def default_config(phase: str) -> Dict[str, Any]:
 # A Sacred config scope: shows each chosen component's own defaults in the config. It runs after
 # overrides are fixed, so ``selector.name=mlp`` brings in mlp's defaults and drops cosine's
 # ``temperature``; values set explicitly always win. (No docstring: Sacred would print it as config.)
-def component_defaults(selector, query_encoder, projection, retrieval_loss, generation_loss):
+def component_defaults(selector, query_encoder, projection, retrieval_loss, generation_loss, write_objective):
     selector = with_component_defaults("selector", selector)
     query_encoder = with_component_defaults("query_encoder", query_encoder)
     projection = with_component_defaults("projection", projection)
     retrieval_loss = with_component_defaults("retrieval_loss", retrieval_loss)
     generation_loss = with_component_defaults("generation_loss", generation_loss)
+    write_objective = with_component_defaults("write_objective", write_objective)
 
 
 # The same for the control experiment's ``control`` section.

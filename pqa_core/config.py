@@ -46,7 +46,7 @@ class DataSettings:
     corpus: str = "sample:corpus.jsonl"
     qa: str = "sample:qa_train.jsonl"
     eval_qa: str = "sample:qa_eval.jsonl"
-    max_doc_tokens: int = 64
+    max_doc_tokens: int = 256  # longer passages are split into several documents (rows) of one passage
     max_query_tokens: int = 64
     max_answer_tokens: int = 24
     prompt: str = "Question: {question}\nAnswer:"
@@ -57,12 +57,16 @@ class WriteSettings:
     epochs: int = 30
     batch_size: int = 8
     lr_z: float = 5e-2
-    lr_projection: float = 3e-2  # measured: 1e-3 converges far slower (write-phase notes in bench/RESULTS.md)
+    betas_z: List[float] = field(default_factory=lambda: [0.9, 0.999])  # row-wise Adam on z
+    lr_projection: float = 3e-2
     lr_lora: float = 1e-3
     train_lora: bool = False
+    train_projection: bool = True
+    documents: str = "all"  # "new": only the documents init_from's checkpoint did not hold (a grown corpus)
     grad_clip: float = 1.0
     eval_docs: int = 8  # documents decoded greedily each evaluation
     eval_every: int = 1  # epochs between greedy-reconstruction checks (the last epoch always)
+    eval_qa_every: int = 0  # epochs between answer evaluations on the eval questions (0 = none; a trained reader)
     checkpoint_every: int = 0  # steps; 0 = only at the end
 
 
@@ -78,6 +82,7 @@ class ReadSettings:
     top_k: int = 3
     retrieval_weight: float = 0.1
     grad_clip: float = 1.0
+    weight_decay: float = 0.0  # AdamW decay of every group but z
     checkpoint_every: int = 0
     eval_every: int = 1  # epochs between full evaluations on the eval questions (0 = Recall@k only)
 
@@ -149,6 +154,7 @@ RANGES: Dict[str, Range] = {
     "write.grad_clip": RATE,
     "write.eval_docs": SOME,
     "write.eval_every": SOME,
+    "write.eval_qa_every": SOME,
     "write.checkpoint_every": SOME,
     "read.epochs": COUNT,
     "read.batch_size": COUNT,
@@ -160,6 +166,7 @@ RANGES: Dict[str, Range] = {
     "read.top_k": COUNT,  # and check_fits: at most the number of documents
     "read.retrieval_weight": WEIGHT,
     "read.grad_clip": RATE,
+    "read.weight_decay": WEIGHT,
     "read.checkpoint_every": SOME,
     "read.eval_every": SOME,
     "eval.batch_size": COUNT,
@@ -170,9 +177,10 @@ RANGES: Dict[str, Range] = {
 # String keys that take one of a few values.
 CHOICES: Dict[str, tuple] = {
     "model.doc_init": ("minilm", "random"),
+    "write.documents": ("all", "new"),
 }
 
-PHASES = ("write", "read", "eval", "control")
+PHASES = ("write", "read", "eval", "control_read", "control")
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -197,6 +205,7 @@ class PQAConfig:
     projection: Dict[str, Any] = _component("mlp2x_gelu")
     retrieval_loss: Dict[str, Any] = _component("gold_nll")
     generation_loss: Dict[str, Any] = _component("ce")
+    write_objective: Dict[str, Any] = _component("reconstruct")
     control: Dict[str, Any] = _component("bm25")  # the baseline the "control" phase scores (pqa_core.controls)
     write: WriteSettings = field(default_factory=WriteSettings)
     read: ReadSettings = field(default_factory=ReadSettings)
@@ -227,7 +236,8 @@ class PQAConfig:
         return self.eval.top_k or self.read.top_k
 
 
-COMPONENT_SECTIONS = ("selector", "query_encoder", "projection", "retrieval_loss", "generation_loss", "control")
+COMPONENT_SECTIONS = ("selector", "query_encoder", "projection", "retrieval_loss", "generation_loss",
+                      "write_objective", "control")
 
 
 def _fill(cls, values: Dict[str, Any], prefix: str):

@@ -34,6 +34,7 @@ NOT_WEIGHTS: Dict[str, str] = {
     "write.eval_docs": "evaluation during training (its own random generator, no gradient)",
     "write.eval_every": "evaluation during training",
     "read.eval_every": "evaluation during training",
+    "write.eval_qa_every": "evaluation during training",
     "write.checkpoint_every": "when checkpoints are written (resuming from any of them gives the same weights)",
     "read.checkpoint_every": "when checkpoints are written",
     "threads": "how many CPU threads compute the same steps (float rounding may differ)",

@@ -28,6 +28,7 @@ DEFAULT_PLUGINS = (
     "pqa_plugins.projections",
     "pqa_plugins.retrieval_losses",
     "pqa_plugins.generation_losses",
+    "pqa_plugins.write_objectives",
     "pqa_plugins.controls",
 )
 
@@ -38,6 +39,7 @@ KIND_HOOKS = {
     "projection": "pqa_register_projections",
     "retrieval_loss": "pqa_register_retrieval_losses",
     "generation_loss": "pqa_register_generation_losses",
+    "write_objective": "pqa_register_write_objectives",
     "control": "pqa_register_controls",
 }
 

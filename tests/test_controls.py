@@ -26,7 +26,9 @@ from pqa_core.training import RecordingLogger
 REPO = Path(__file__).resolve().parents[1]
 SQUAD = REPO.parent / "shared" / "data" / "squad_v1.1"
 CONTROLS = ("closed_book", "random_docs", "oracle", "bm25", "dense_minilm")
-KEYS = {"EM", "F1", "substring", "Recall@3", "latency_ms_per_question", "prompt_tokens_per_question"}
+METRICS = ("EM", "F1", "substring", "Recall@3")
+KEYS = {"latency_ms_per_question", "prompt_tokens_per_question", "questions"} | {
+    f"{m}{end}" for m in METRICS for end in ("", "_ci95_low", "_ci95_high")}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -142,7 +144,7 @@ def test_pqa_eval_reports_the_same_cost_fields_only_when_asked(pipeline):
     plain = evaluate_qa(pipeline.model, pipeline.eval_dataset, top_k=k, batch_size=8, max_new_tokens=4)
     costed = evaluate_qa(pipeline.model, pipeline.eval_dataset, top_k=k, batch_size=8, max_new_tokens=4,
                          with_cost=True)
-    assert set(plain) == {"EM", "F1", "substring", "Recall@3"}
+    assert set(plain) == KEYS - {"latency_ms_per_question", "prompt_tokens_per_question"}
     assert set(costed) == KEYS
     soft = k * pipeline.model.z_to_embedding.num_tokens
     assert costed["prompt_tokens_per_question"] == pytest.approx(
@@ -179,7 +181,7 @@ def test_control_phase_is_a_normal_pipeline_run(tmp_path):
     assert set(result) == KEYS and result["Recall@3"] == 100.0
     assert (tmp_path / "run" / "predictions.jsonl").exists() and (tmp_path / "run" / "result.json").exists()
     assert logger.scalars["eval.Recall@3"] == [(0, 100.0)]
-    assert "control_seconds" in logger.info and "Recall@3_before_read" not in logger.info
+    assert "control_seconds" in logger.info and not any(k.startswith("Recall@3_before") for k in logger.info)
 
 
 def test_cli_run_control_bm25(tmp_path):
@@ -189,8 +191,8 @@ def test_cli_run_control_bm25(tmp_path):
                           capture_output=True, text=True, env=env, timeout=600, cwd=str(REPO))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])["result"]
-    assert set(result) == {"EM", "F1", "substring", "Recall@2", "latency_ms_per_question",
-                           "prompt_tokens_per_question"}
+    assert set(result) == {"latency_ms_per_question", "prompt_tokens_per_question", "questions"} | {
+        f"{m}{end}" for m in ("EM", "F1", "substring", "Recall@2") for end in ("", "_ci95_low", "_ci95_high")}
     assert result["Recall@2"] > 80
     [run_dir] = (tmp_path / "outputs" / "pqa_control").iterdir()
     assert len((run_dir / "predictions.jsonl").read_text().splitlines()) == 36
@@ -219,18 +221,24 @@ def test_bench_quality_and_latency_scripts_run(tmp_path):
     load_driver()  # puts the checkout's bench/ on sys.path
     from bench import latency, quality
 
-    q = quality.run("smoke", command="pytest smoke")
-    assert set(q["rows"]) == {"pqa", *CONTROLS, "bm25 +LoRA", "pqa hybrid"}
-    assert all(set(r) >= KEYS for r in q["rows"].values())
-    assert q["rows"]["oracle"]["Recall@3"] == 100.0 and q["rows"]["closed_book"]["Recall@3"] == 0.0
-    # the ablation row was trained with its own overrides and is described in the section
-    assert q["pqa_variants_training"]["pqa hybrid"]["overrides"] == {"model": {"d_z": 0}, "projection": {"name": "hybrid"}}
-    assert "- `pqa hybrid`: pqa `with model.d_z=0 projection.name=hybrid`" in quality.markdown(q)
+    q = quality.run("smoke", command="pytest smoke", out_dir=str(tmp_path))
+    assert set(q["rows"]) == {"pqa", "closed_book (trained reader)", "oracle (trained reader)",
+                              "bm25 (trained reader)", "closed_book (plain LLM)"}
+    for row in q["rows"].values():  # both splits scored, every question kept for the paired tests
+        assert "F1_ci95_low" in row["metrics"] and "F1_ci95_low" in row["new"]["metrics"]
+        assert len(row["per_question"]) == q["data"]["eval_questions"]
+        assert len(row["new"]["per_question"]) == q["data"]["new_eval_questions"]
+    assert q["rows"]["oracle (trained reader)"]["metrics"]["Recall@3"] == 100.0
+    assert len(q["rows"]["oracle (trained reader)"]["reader_losses"]) == 1
+    assert "pqa vs closed_book (trained reader) [question split]" in q["comparisons"]
+    curve = q["rows"]["pqa"]["new"]["curve"]  # F1 before and after each write epoch of the new documents
+    assert [c["write_steps"] for c in curve][0] == 0 and len(curve) == 3
+    assert {"oracle", "above_closed_book", "rag_ratio"} <= set(q["goals"])
     (tmp_path / "quality.json").write_text(json.dumps(q, default=str))
     lat = latency.run("smoke", command="pytest smoke", quality_json=str(tmp_path / "quality.json"))
     assert [r["new_tokens"] for r in lat["rows"]] == [1, 8]
     row = lat["rows"][0]
     assert row["prompt_tokens_per_question"]["bm25"] > row["prompt_tokens_per_question"]["pqa"]
-    assert lat["f1_from_quality"]["bm25"] == max(q["rows"]["bm25"]["F1"], q["rows"]["bm25 +LoRA"]["F1"])
+    assert lat["f1_from_quality"]["bm25"] == q["rows"]["bm25 (trained reader)"]["metrics"]["F1"]
     for md in (quality.markdown(q), latency.markdown(lat)):
         assert md.startswith("## (") and "Command: `pytest smoke`" in md and "| " in md

@@ -208,12 +208,11 @@ def test_a_value_out_of_range_is_one_line_before_anything_is_written(user, tmp_p
 
 def test_every_numeric_config_key_has_a_range():
     """A key added without an entry in RANGES would take any number: this names it."""
-    from pqa_core.config import RANGES, PQAConfig
+    from pqa_core.config import COMPONENT_SECTIONS, RANGES, PQAConfig
 
     def leaves(value, prefix=""):
         for key, item in value.items():
-            if isinstance(item, dict) and key not in ("selector", "query_encoder", "projection", "retrieval_loss",
-                                                      "generation_loss", "control"):
+            if isinstance(item, dict) and key not in COMPONENT_SECTIONS:
                 yield from leaves(item, f"{prefix}{key}.")
             else:
                 yield f"{prefix}{key}", item
