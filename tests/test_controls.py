@@ -31,12 +31,7 @@ KEYS = {"latency_ms_per_question", "prompt_tokens_per_question", "questions"} | 
     f"{m}{end}" for m in METRICS for end in ("", "_ci95_low", "_ci95_high")}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(tmp_path, **control):

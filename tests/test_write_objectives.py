@@ -12,12 +12,7 @@ from pqa_core.training import RecordingLogger
 from pqa_core.write_phase import WritePhaseTrainer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def config(tmp_path, **sections):
