@@ -104,7 +104,7 @@ def preflight(ex, updates, named_configs):
     from pqa_core.config import PQAConfig, check_fits
     from pqa_core.data import load_corpus, load_qa
     from pqa_core.llm import llm_shape
-    from pqa_core.pipeline import check_output_dir, checkpoints_to_load, fingerprint_of, resolve_data_path
+    from pqa_core.pipeline import checkpoints_to_load, resolve_data_path
     from pqa_core.plugins import validate
 
     try:
@@ -145,11 +145,18 @@ def preflight(ex, updates, named_configs):
         for index, checkpoint in enumerate(checkpoints):
             grow = bool(config.init_from) and index == 0  # init_from's may start a larger corpus
             check_loadable(checkpoint, config.to_dict(), len(rows), row_ids=row_ids, grow=grow)
-    folder = Path(config.resume or config.output_dir) if (config.resume or config.output_dir) else None
-    forced = check_output_dir(config, fingerprint_of(config), folder) if folder else []
-    for line in forced:
-        click.echo(f"warning: force_resume=True: {line} (recorded in the run)", err=True)
     return config
+
+
+def check_reuse(config) -> None:
+    """The checkpoints already in the run's folder: continued only by a resume under their fingerprint
+    (``force_resume`` says what it lets through). Called holding the folder's lock, so a folder a live
+    run writes is refused as in use, not as holding checkpoints."""
+    from pqa_core.pipeline import check_output_dir, fingerprint_of
+
+    folder = config.resume or config.output_dir
+    for line in check_output_dir(config, fingerprint_of(config), Path(folder)) if folder else []:
+        click.echo(f"warning: force_resume=True: {line} (recorded in the run)", err=True)
 
 
 def check_output_folder(folder: Path) -> None:
@@ -356,6 +363,7 @@ def run(phase, sacred_args, mongo_url, no_db, file_storage, as_json):
     if resumed_from is not None:
         info["resumed_from_run"] = resumed_from
     with output_folder_of(config):
+        check_reuse(config)
         interrupt_on_sigterm()
         where = attach_observer(ex, mongo_url, no_db, file_storage)
         if where:

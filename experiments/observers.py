@@ -256,12 +256,12 @@ class PqaMongoObserver(MongoObserver):
                 self._store_until(deadline)
         except KeyboardInterrupt:
             interrupted = True
-        finally:
+        if interrupted:
+            print("pqa: stopped waiting for the run store (Ctrl-C); nothing is lost", file=sys.stderr, flush=True)
+        with _interrupts_held():
             self._account()
             with pymongo.timeout(1.0):  # close ends the server sessions: not worth waiting for a store that is away
                 self.runs.database.client.close()  # its monitors would hold up the exit
-        if interrupted:
-            print("pqa: stopped waiting for the run store (Ctrl-C); nothing is lost", file=sys.stderr, flush=True)
 
     def _compose_record(self, note: bool) -> None:
         """The run document as it should be stored now: Sacred's info, what is missing (with ``note``), scrubbed."""
