@@ -30,6 +30,7 @@ class ModelSettings:
     d_z: int = 384  # 0 = the size the projection needs (direct, hybrid: they hold m x d_model floats)
     num_memory_tokens: int = 4
     doc_init: str = "minilm"  # "minilm" (needs d_z=384) or "random" (scaled to the embedding std)
+    content_init: str = "zero"  # the soft-token part of z (hybrid, direct): "zero" or "keywords"
     lora: LoraSettings = field(default_factory=LoraSettings)
     device: str = "auto"
 
