@@ -35,6 +35,7 @@ NAME = "write_capacity"
 TARGET = 0.9
 SQUAD_CORPUS = common.REPO_ROOT.parent / "shared" / "data" / "squad_v1.1" / "corpus.jsonl"
 # settings: (projection, m, lr_z, betas of z's row-wise Adam); lr_projection is pqa's write default
+PROFILES = {
     "smoke": dict(llm="tiny", docs=2, doc_tokens=12, steps=4, eval_every=2, target_acc=0.5,
                   settings=[("direct", 1, 1e-2, (0.9, 0.9)), ("direct", 4, 1e-2, (0.9, 0.9)),
                             ("hybrid", 4, 1e-2, (0.9, 0.9))]),
