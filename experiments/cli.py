@@ -72,7 +72,7 @@ def _add_optional_commands():
 
     cli.add_command(run)
     for module, name in (("cli_db", "db"), ("cli_board", "board"), ("cli_runs", "runs"), ("cli_data", "data"),
-                         ("cli_bench", "bench")):
+                         ("cli_bench", "bench"), ("cli_analyze", "analyze")):
         try:
             mod = __import__(f"pqa_experiments.{module}", fromlist=[name])
         except ImportError:

@@ -84,7 +84,7 @@ def score_answers(examples: Sequence, batches: Iterable[AnsweredBatch], *, top_k
                         "id": example.id, "question": example.question, "answers": example.answers,
                         "prediction": prediction,
                         "selected_ids": [doc_ids[r] for r in sel_rows] if doc_ids is not None else sel_rows,
-                        "gold_ids": list(example.gold_doc_ids), "scores": batch.scores[j],
+                        "gold_doc_ids": list(example.gold_doc_ids), "scores": batch.scores[j],
                         "em": em, "f1": f1, "substring": sub,
                     }
                     if with_cost and batch.prompt_tokens is not None:

@@ -66,7 +66,7 @@ def test_end_to_end_tiny_learns_and_reports(tmp_path):
     lines = (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 36
     record = json.loads(lines[0])
-    assert {"question", "answers", "prediction", "selected_ids", "gold_ids", "scores"} <= set(record)
+    assert {"question", "answers", "prediction", "selected_ids", "gold_doc_ids", "scores"} <= set(record)
     assert len(record["selected_ids"]) == 3
     assert (tmp_path / "run" / "checkpoints" / "read" / "final" / "MANIFEST.json").exists()
 
