@@ -56,9 +56,7 @@ def _setup(llm_name: str, batch_size: int, top_k: int = 3, num_memory_tokens: in
                                prompt=data.prompt)
     batch = dataset.collate([dataset[i] for i in range(len(dataset))])
     read = config.read
-    trainer = ReadPhaseTrainer(model, retrieval_loss=retrieval_loss, generation_loss=generation_loss,
-                               lr_z=read.lr_z, lr_lora=read.lr_lora, lr_selector=read.lr_selector,
-                               retrieval_weight=read.retrieval_weight, top_k=top_k, grad_clip=read.grad_clip,
+    trainer = ReadPhaseTrainer(model, read, retrieval_loss=retrieval_loss, generation_loss=generation_loss,
                                device=torch.device("cpu"))
     return config, model, trainer, batch
 

@@ -84,8 +84,8 @@ def run_setting(llm_and_tokenizer, passages, params, setting, seed: int = 0):
 
     from pqa_core.builder import build_model
     from pqa_core.config import PQAConfig, WriteSettings
-    from pqa_core.data import WritePhaseDataset
-    from pqa_core.write_phase import WritePhaseTrainer
+    from pqa_core.data import DocumentRows, WritePhaseDataset
+    from pqa_core.write_phase import WritePhaseTrainer, prepared_objective
 
     projection, m, lr_z, lr_projection = setting
     llm, tokenizer = llm_and_tokenizer
@@ -97,9 +97,14 @@ def run_setting(llm_and_tokenizer, passages, params, setting, seed: int = 0):
     lr_z = defaults.lr_z if lr_z is None else lr_z
     lr_projection = defaults.lr_projection if lr_projection is None else lr_projection
     model = build_model(config, passages, llm_and_tokenizer, device=torch.device("cpu"))
-    dataset = WritePhaseDataset(passages, tokenizer, max_length=params["doc_tokens"])
+    # the measurement's own cut: each passage's first doc_tokens tokens, one row each
+    cut = [tokenizer(p.text, add_special_tokens=False)["input_ids"][:params["doc_tokens"]] for p in passages]
+    rows = DocumentRows(list(passages), cut, list(range(len(passages))), [[i] for i in range(len(passages))],
+                        params["doc_tokens"])
+    dataset = WritePhaseDataset(rows, tokenizer)
     batch = dataset.collate([dataset[i] for i in range(len(dataset))])
-    trainer = WritePhaseTrainer(model, lr_z=lr_z, lr_projection=lr_projection)
+    trainer = WritePhaseTrainer(model, WriteSettings(lr_z=lr_z, lr_projection=lr_projection),
+                                prepared_objective("reconstruct", model, rows))
     curve, train_s = [], 0.0
     for step in range(1, params["steps"] + 1):
         start = time.perf_counter()
@@ -108,7 +113,7 @@ def run_setting(llm_and_tokenizer, passages, params, setting, seed: int = 0):
         if step % params["eval_every"] == 0 or step == params["steps"]:
             hits, valid = trainer.greedy_hits(batch)
             prefixes = first_mistakes(hits, valid)
-            curve.append({"step": step, "loss": stats["loss"], "tf_token_acc": stats["token_acc"],
+            curve.append({"step": step, "loss": stats["loss"], "tf_token_acc": stats.get("token_acc"),
                           "greedy_token_acc": float((hits & valid).sum() / valid.sum()),
                           "capacity": prefix_capacity(hits, valid),
                           "first_mistake_median": float(torch.tensor(prefixes, dtype=torch.float).median()),

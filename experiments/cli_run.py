@@ -182,6 +182,18 @@ def _output_dir_of_run(run_id: int, mongo_url: Optional[str], no_db: bool, file_
     return folder
 
 
+def describe_result(result: dict) -> str:
+    """``EM=… [low, high], F1=…`` with each metric's 95% interval; other values as they are."""
+    from pqa_core.stats import format_interval
+
+    parts = []
+    for key, value in result.items():
+        if key.endswith(("_ci95_low", "_ci95_high")):
+            continue
+        parts.append(format_interval(result, key) if isinstance(value, float) else f"{key}={value}")
+    return ", ".join(parts)
+
+
 def run_failure(ex, exc: Exception) -> PqaError:
     """An unexpected exception inside a run as one line; the traceback stays in the stored run."""
     run_id = getattr(ex.current_run, "_id", None)
@@ -266,7 +278,6 @@ def run(phase, sacred_args, mongo_url, no_db, file_storage, as_json):
     if as_json:
         click.echo(json.dumps({"run_id": finished._id, "result": result}))
     else:
-        click.echo(f"run {finished._id} {finished.status}: " +
-                   ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+        click.echo(f"run {finished._id} {finished.status}: {describe_result(result)}")
         if where and where.startswith("MongoDB"):
             click.echo("browse it: pqa board    query it: pqa runs show " + str(finished._id))

@@ -83,6 +83,32 @@ COMPONENTS: Dict[str, tuple] = {
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                    ignore_index=-100, label_smoothing=self.smoothing)
     '''),
+    "write_objective": ("WriteObjective", "import torch\nimport torch.nn.functional as F", '''
+        """Cross-entropy of the document's first ``max_tokens`` tokens given its soft prompt alone."""
+
+        def __init__(self, max_tokens: int = 32):
+            super().__init__()
+            self.max_tokens = int(max_tokens)
+
+        def prepare(self, context):
+            # once before the write phase: each row's target tokens
+            eos = context.tokenizer.eos_token_id
+            self.pad = context.tokenizer.pad_token_id if context.tokenizer.pad_token_id is not None else eos
+            self.targets = [list(ids[:self.max_tokens]) + [eos] for ids in context.doc_tokens]
+
+        def forward(self, model, rows):
+            # rows [B] of doc_vectors -> a scalar; z is reached only through these rows' soft prompts
+            targets = [self.targets[row] for row in rows.tolist()]
+            ids = torch.full((len(targets), max(map(len, targets))), self.pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, target in enumerate(targets):
+                ids[i, :len(target)], mask[i, :len(target)] = torch.tensor(target), 1
+            ids, mask = ids.to(rows.device), mask.to(rows.device)
+            prefix = model.soft_prompts(rows[:, None])
+            logits, labels = model.continuation_logits(prefix, ids[:, :0], mask[:, :0], ids, mask)
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                   ignore_index=-100)
+    '''),
     "control": ("Control", "", '''
         """The ``k`` passages sharing the most words with the question."""
 

@@ -50,6 +50,10 @@ NAMED_CONFIGS: Dict[str, Dict[str, Any]] = {
     "loss_infonce": {"retrieval_loss": {"name": "infonce", "temperature": 1.0}},
     "loss_margin": {"retrieval_loss": {"name": "margin", "margin": 1.0}},
     "distill": {"generation_loss": {"name": "kl_distill", "alpha": 1.0}},
+    # write objectives: reconstruction plus distillation of the LLM reading the text
+    "distill_write": {"write_objective": {"name": "weighted"}},
+    # a control whose reader (LoRA) is trained for its own input first, with the read phase's settings
+    "train_reader": {"phases": ["control_read", "control"]},
     # model ablations
     "no_lora": {"model": {"lora": {"enabled": False}}},
     "random_init": {"model": {"doc_init": "random"}},

@@ -129,7 +129,8 @@ def _optimizer_mismatch(groups, saved: Dict[str, Any]) -> Optional[str]:
             return f"param group {name!r} has {len(saved_group['params'])} tensors saved, {len(group['params'])} here"
         for param_id, param in zip(saved_group["params"], group["params"]):
             for key, value in saved["state"].get(param_id, {}).items():
-                if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                # a state tensor has the parameter's shape, or one value per row (row-wise optimizers)
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape not in (param.shape, param.shape[:1]):
                     return (f"{key} of a tensor in param group {name!r} has shape {list(value.shape)}, "
                             f"the tensor has {list(param.shape)}")
     return None

@@ -40,7 +40,7 @@ class DataSettings:
     corpus: str = "sample:corpus.jsonl"
     qa: str = "sample:qa_train.jsonl"
     eval_qa: str = "sample:qa_eval.jsonl"
-    max_doc_tokens: int = 64
+    max_doc_tokens: int = 256  # longer passages are split into several documents (rows) of one passage
     max_query_tokens: int = 64
     max_answer_tokens: int = 24
     prompt: str = "Question: {question}\nAnswer:"
@@ -51,7 +51,8 @@ class WriteSettings:
     epochs: int = 30
     batch_size: int = 8
     lr_z: float = 5e-2
-    lr_projection: float = 3e-2  # measured: 1e-3 converges far slower (write-phase notes in bench/RESULTS.md)
+    betas_z: List[float] = field(default_factory=lambda: [0.9, 0.999])  # row-wise Adam on z
+    lr_projection: float = 3e-2
     lr_lora: float = 1e-3
     train_lora: bool = False
     grad_clip: float = 1.0
@@ -72,6 +73,7 @@ class ReadSettings:
     top_k: int = 3
     retrieval_weight: float = 0.1
     grad_clip: float = 1.0
+    weight_decay: float = 0.0  # AdamW decay of every group but z
     checkpoint_every: int = 0
     eval_every: int = 1  # epochs between full evaluations on the eval questions (0 = Recall@k only)
 
@@ -105,6 +107,7 @@ class PQAConfig:
     projection: Dict[str, Any] = _component("projection")
     retrieval_loss: Dict[str, Any] = _component("retrieval_loss")
     generation_loss: Dict[str, Any] = _component("generation_loss")
+    write_objective: Dict[str, Any] = _component("write_objective")
     control: Dict[str, Any] = _component("control")  # the baseline the "control" phase scores (pqa_core.controls)
     write: WriteSettings = field(default_factory=WriteSettings)
     read: ReadSettings = field(default_factory=ReadSettings)

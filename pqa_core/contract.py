@@ -10,6 +10,7 @@ naming the kind, the component, its plugin and its package: nothing has been sto
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 from typing import Any, Callable, Dict, Mapping, Optional
 
@@ -167,18 +168,58 @@ def probe_control(control, context, g) -> None:
             raise _Broken("select returned scores that do not match its rows (one score per row, or None)")
 
 
+PROBE_TEXTS = ["The lighthouse at Marrowick is 38 metres tall.", "Ilse Brandvold sold 2,300 chronometers.",
+               "The lifeboat Persistence rescued the crew.", "Lake Vennick freezes in winter."]
+
+
+def probe_write_objective(objective, context, g) -> None:
+    from .data import Document, QAExample
+    from .interfaces import WriteContext
+
+    model = context["model"]
+    documents = [Document(i, f"Doc {i}", text) for i, text in enumerate(PROBE_TEXTS)]
+    doc_tokens = model.tokenizer(PROBE_TEXTS, add_special_tokens=False)["input_ids"]
+    questions = [QAExample("q0", "How tall is the lighthouse at Marrowick?", ["38 metres"], [0], [0]),
+                 QAExample("q1", "Which lifeboat rescued the crew?", ["Persistence"], [2], [2])]
+    objective.prepare(WriteContext(model=model, tokenizer=model.tokenizer, documents=documents,
+                                   doc_tokens=doc_tokens, questions=questions, question_rows=[[0], [2]]))
+    rows = torch.tensor([0, 2])
+    _expect_scalar_loss(objective(model, rows), "write_objective(model, rows [0, 2])", model.doc_vectors,
+                        "rows' z (model.doc_vectors)")
+    grad = model.doc_vectors.grad
+    grad = grad.to_dense() if grad.is_sparse else grad
+    moved = grad.abs().sum(-1) > 0
+    if not bool(moved[rows].any()):
+        raise _Broken("write_objective(model, rows [0, 2]): no gradient reaches the rows' z")
+    if bool(moved[[1, 3]].any()):
+        raise _Broken("write_objective(model, rows [0, 2]) moves the z of rows 1 and 3, which are not in the batch "
+                      "(reach z through model.doc_latents(rows) or model.soft_prompts)")
+
+
 PROBES: Dict[str, Callable[[Any, Mapping[str, Any], torch.Generator], None]] = {
     "projection": probe_projection,
     "query_encoder": probe_query_encoder,
     "selector": probe_selector,
     "retrieval_loss": probe_retrieval_loss,
     "generation_loss": probe_generation_loss,
+    "write_objective": probe_write_objective,
     "control": probe_control,
 }
 assert set(PROBES) == set(KIND), "every kind in kinds.KINDS needs a probe"
 
 
 # --------------------------------------------------------------------------- checking
+
+
+@contextlib.contextmanager
+def _quiet_logs():
+    """A component's own info logs (a teacher being prepared ...) describe the run, not this check."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.INFO)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 @contextlib.contextmanager
@@ -209,7 +250,7 @@ def check_component(kind: str, name: str, kwargs: Optional[Mapping[str, Any]] = 
     context = dict(context or {})
     component = plugins.validate(kind, name, kwargs)
     described = component.describe()
-    with _isolated_rng():
+    with _isolated_rng(), _quiet_logs():
         try:
             built = plugins.build(kind, name, kwargs, context if KIND[kind].context else None)
         except UsageError as exc:
@@ -246,26 +287,50 @@ def check_component_settings(config) -> tuple:
 def check_config_components(config, llm_and_tokenizer=None) -> None:
     """Pre-flight for a run of ``config``: the names, parameter names and values of every component it
     builds (cheap, first), then each one's contract on a stand-in of the model."""
-    from .builder import component_kwargs, key_context, model_context
     from .llm import load_llm_stand_in
 
     chosen = check_component_settings(config)
-    llm, tokenizer = llm_and_tokenizer or load_llm_stand_in(config.model.llm)
+    _check_built(config, chosen, llm_and_tokenizer or load_llm_stand_in(config.model.llm))
+
+
+def _check_built(config, chosen, llm_and_tokenizer) -> Dict[str, Any]:
+    """Check the components of ``chosen`` kinds as ``config`` names them, and return them built: the
+    projection first (its ``key_dims`` sizes the query encoder and the selector), a write objective on
+    a small model made of them."""
+    from .builder import component_kwargs, key_context, model_context
+
+    llm, tokenizer = llm_and_tokenizer
     context = model_context(config, llm, tokenizer)
-    projection = check_component("projection", config.projection["name"], component_kwargs(config.projection),
-                                 context)
-    keyed = key_context(context, projection)
-    for kind in chosen:
-        if kind.name != "projection":
-            section = getattr(config, kind.name)
-            check_component(kind.name, section["name"], component_kwargs(section), keyed)
+    built = {"projection": check_component("projection", config.projection["name"],
+                                           component_kwargs(config.projection), context)}
+    keyed = key_context(context, built["projection"])
+    for kind in sorted(chosen, key=lambda k: k.name == "write_objective"):  # after the model's parts
+        if kind.name in built:
+            continue
+        if kind.name == "write_objective":
+            keyed = {**keyed, "model": _small_model(llm, tokenizer, context, built)}
+        section = getattr(config, kind.name)
+        built[kind.name] = check_component(kind.name, section["name"], component_kwargs(section), keyed)
+    return built
+
+
+def _small_model(llm, tokenizer, context, built):
+    """A ParametricQA of four documents on the stand-in LLM, from the components already checked."""
+    from .model import ParametricQA
+
+    llm.requires_grad_(False)
+    with _isolated_rng():
+        torch.manual_seed(0)
+        doc_init = torch.randn(len(PROBE_TEXTS), context["d_z"]) * context["input_std"]
+        return ParametricQA(llm, tokenizer, len(PROBE_TEXTS), context["d_z"], built["query_encoder"],
+                            built["selector"], built["projection"], doc_init)
 
 
 def check_in_default_run(kind: str, name: str, kwargs: Optional[Mapping[str, Any]] = None, llm: str = "tiny",
                          llm_and_tokenizer=None):
     """The contract of one component as a run that changes only it would build it (``pqa plugins
-    check``, ``pqa_core.testing``): on a stand-in of ``llm``, beside the default projection."""
-    from .builder import component_kwargs, key_context, model_context
+    check``, ``pqa_core.testing``): on a stand-in of ``llm``, beside the default components it needs.
+    Returns it built."""
     from .config import PQAConfig
     from .llm import load_llm_stand_in
 
@@ -273,10 +338,5 @@ def check_in_default_run(kind: str, name: str, kwargs: Optional[Mapping[str, Any
     sized_by_projection = kind == "projection" and hasattr(component.factory, "needed_d_z")
     config = PQAConfig.from_dict({"model": {"llm": llm, **({"d_z": 0} if sized_by_projection else {})},
                                   kind: {"name": name, **dict(kwargs or {})}})
-    context = model_context(config, *(llm_and_tokenizer or load_llm_stand_in(llm)))
-    if kind == "projection":
-        return check_component(kind, name, kwargs, context)
-    with _isolated_rng():
-        projection = plugins.build("projection", config.projection["name"], component_kwargs(config.projection),
-                                   context)
-    return check_component(kind, name, kwargs, key_context(context, projection))
+    needed = {"projection", kind} | ({"query_encoder", "selector"} if kind == "write_objective" else set())
+    return _check_built(config, [KIND[k] for k in needed], llm_and_tokenizer or load_llm_stand_in(llm))[kind]

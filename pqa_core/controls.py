@@ -10,18 +10,26 @@ numbers compare with a pqa run's (``evaluate_qa(..., with_cost=True)``) key for 
 ``EM``, ``F1``, ``substring``, ``Recall@{k}`` (percent), ``latency_ms_per_question`` (wall time of
 selection, prompt tokenization, generation and decoding at the evaluation batch size, per question)
 and ``prompt_tokens_per_question`` (tokens the LLM reads before its answer).
+
+A control's reader can be trained for its own input (``ControlReaderTrainer``, the ``control_read``
+phase: ``pqa run control with control.name=oracle train_reader``), with the read phase's settings, so
+that text RAG is compared with pqa reader for reader rather than through a LoRA trained on soft tokens.
 """
 from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from . import plugins
 from .data import Document, QAExample, _pad_id, _token_ids, pad_sequences
+from .errors import UsageError
 from .evaluation import AnsweredBatch, decode_answers, score_answers
 from .interfaces import Control
 from .metrics import compute_recall_at_k
+from .optim import RowwiseAdamW, clip_grad_norm
+from .training import EpochLoop, RunLogger, param_groups, to_device
 
 
 def build_control(section: Mapping[str, Any], corpus: Sequence[Document], tokenizer=None) -> Control:
@@ -36,7 +44,7 @@ def build_control(section: Mapping[str, Any], corpus: Sequence[Document], tokeni
 @torch.no_grad()
 def evaluate_control(model, control: Control, examples: Sequence[QAExample], *, top_k: int = 5,
                      batch_size: int = 16, max_new_tokens: int = 24, prompt: str = "Question: {question}\nAnswer:",
-                     predictions_path: Optional[str] = None, doc_ids=None) -> Dict[str, float]:
+                     predictions_path: Optional[str] = None, doc_ids=None, seed: int = 0) -> Dict[str, float]:
     """Answer ``examples`` with the LLM of ``model`` (a ``ParametricQA``) reading what ``control`` picks.
 
     ``control`` must already be indexed on the corpus whose rows the examples' ``gold_rows`` name.
@@ -66,5 +74,69 @@ def evaluate_control(model, control: Control, examples: Sequence[QAExample], *, 
                 prompt_tokens=[len(row) for row in ids])
 
     metrics, _ = score_answers(examples, answered(), top_k=top_k, num_batches=-(-len(examples) // batch_size),
-                               predictions_path=predictions_path, doc_ids=doc_ids, with_cost=True)
+                               predictions_path=predictions_path, doc_ids=doc_ids, with_cost=True, seed=seed)
     return metrics
+
+
+class ControlReaderDataset(torch.utils.data.Dataset):
+    """One item per training question: the prompt a control builds (its passages' text, or nothing, then
+    the question) and the answer, tokenized once; the selection is fixed, so every epoch reads the same."""
+
+    def __init__(self, control: Control, examples: Sequence[QAExample], tokenizer, *, top_k: int, prompt: str,
+                 max_answer_tokens: int, batch_size: int = 64):
+        self.tokenizer = tokenizer
+        self.pad = _pad_id(tokenizer)
+        eos = tokenizer.eos_token_id
+        prompts = []
+        for start in range(0, len(examples), batch_size):
+            prompts += [item.prompt for item in control.prepare(examples[start:start + batch_size], top_k, prompt)]
+        self.prompt_ids = _token_ids(tokenizer, prompts)
+        self.answer_ids = [ids[:max_answer_tokens] + [eos]
+                           for ids in _token_ids(tokenizer, [" " + ex.answers[0] for ex in examples])]
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"prompt_ids": self.prompt_ids[index], "answer_ids": self.answer_ids[index]}
+
+    def collate(self, batch) -> Dict[str, torch.Tensor]:
+        query_ids, query_mask = pad_sequences([b["prompt_ids"] for b in batch], self.pad, "left")
+        answer_ids, answer_mask = pad_sequences([b["answer_ids"] for b in batch], self.pad, "right")
+        return {"query_ids": query_ids, "query_mask": query_mask, "answer_ids": answer_ids, "answer_mask": answer_mask}
+
+
+class ControlReaderTrainer:
+    """Trains the LLM's LoRA to answer from what a control gives it (text passages, or nothing), with the
+    read phase's settings (epochs, batch size, LoRA learning rate, clipping): the same training questions,
+    steps and learning rate as pqa's reader, each reader trained for its own input."""
+
+    def __init__(self, model, settings):
+        self.model = model
+        self.settings = settings
+        lora = model.lora_parameters()
+        if not lora:
+            raise UsageError("training a control's reader needs LoRA (model.lora.enabled=true)")
+        self.trainable = lora
+        self.optimizer = RowwiseAdamW(param_groups([("lora", lora, settings.lr_lora,
+                                                     {"weight_decay": settings.weight_decay})]))
+
+    def train_step(self, batch) -> Dict[str, float]:
+        self.model.train()
+        batch = to_device(batch, self.model.doc_vectors.device)
+        logits, labels = self.model.continuation_logits(None, batch["query_ids"], batch["query_mask"],
+                                                        batch["answer_ids"], batch["answer_mask"])
+        valid = labels != -100
+        loss = F.cross_entropy(logits[valid].float(), labels[valid])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_grad_norm(self.trainable, self.settings.grad_clip)
+        self.optimizer.step()
+        return {"loss": loss.item()}
+
+    def fit(self, dataset: ControlReaderDataset, *, seed: int, checkpoint_root, config_dict,
+            logger: Optional[RunLogger] = None) -> Dict[str, float]:
+        s = self.settings
+        loop = EpochLoop(self.model, self.optimizer, phase="control_read", checkpoint_root=checkpoint_root,
+                         config_dict=config_dict, logger=logger or RunLogger(), checkpoint_every=s.checkpoint_every)
+        return loop.run(dataset, epochs=s.epochs, batch_size=s.batch_size, seed=seed, step_fn=self.train_step)

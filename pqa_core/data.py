@@ -30,6 +30,8 @@ class Document:
     doc_id: DocId
     title: str
     text: str
+    part: int = 0
+    """Which piece of its passage this is (a passage longer than ``data.max_doc_tokens`` is split)."""
 
 
 @dataclass
@@ -309,14 +311,65 @@ def _pad_id(tokenizer) -> int:
 
 # ---------------------------------------------------------------- datasets
 
-class WritePhaseDataset(torch.utils.data.Dataset):
-    """One item per document, for learning its latent: text tokens (at most ``max_length``) then eos."""
+@dataclass
+class DocumentRows:
+    """The rows of ``doc_vectors``: every passage of the corpus, a passage longer than ``max_tokens``
+    split into near-equal pieces that keep its doc id (``Document.part`` numbers them). Nothing is cut:
+    every token of every passage is in some row."""
 
-    def __init__(self, corpus: Sequence[Document], tokenizer, max_length: int = 64):
-        self.corpus = corpus
+    documents: List[Document]  # one per row
+    tokens: List[List[int]]  # a row's text tokens, no eos
+    passage_of_row: List[int]  # row -> corpus index
+    rows_of_passage: List[List[int]]  # corpus index -> rows
+    max_tokens: int
+
+    @property
+    def split_passages(self) -> int:
+        return sum(len(rows) > 1 for rows in self.rows_of_passage)
+
+    def describe(self) -> str:
+        longest = max(len(t) for t in self.tokens) if self.tokens else 0
+        return (f"{len(self.rows_of_passage)} passages -> {len(self.documents)} documents (rows of doc_vectors); "
+                f"{self.split_passages} passages longer than {self.max_tokens} tokens were split; "
+                f"longest row {longest} tokens")
+
+
+def split_passages(corpus: Sequence[Document], tokenizer, max_tokens: int) -> DocumentRows:
+    """Each passage as one row, or, when longer than ``max_tokens`` tokens, as ``ceil(n / max_tokens)``
+    rows of near-equal length (so no piece is a stub)."""
+    if max_tokens < 1:
+        raise UsageError(f"data.max_doc_tokens={max_tokens}: expected >= 1")
+    documents: List[Document] = []
+    tokens: List[List[int]] = []
+    passage_of_row: List[int] = []
+    rows_of_passage: List[List[int]] = []
+    for index, (doc, ids) in enumerate(zip(corpus, _token_ids(tokenizer, [d.text for d in corpus]))):
+        pieces = max(1, -(-len(ids) // max_tokens))
+        bounds = [round(i * len(ids) / pieces) for i in range(pieces + 1)]
+        rows_of_passage.append([])
+        for part in range(pieces):
+            piece = ids[bounds[part]:bounds[part + 1]]
+            text = doc.text if pieces == 1 else tokenizer.decode(piece)
+            rows_of_passage[-1].append(len(documents))
+            documents.append(Document(doc.doc_id, doc.title, text, part))
+            tokens.append(piece)
+            passage_of_row.append(index)
+    return DocumentRows(documents, tokens, passage_of_row, rows_of_passage, max_tokens)
+
+
+class WritePhaseDataset(torch.utils.data.Dataset):
+    """One item per row of ``doc_vectors``, for learning its latent: its text tokens then eos.
+
+    ``corpus`` is a list of passages (split here at ``max_length`` tokens, see ``split_passages``)
+    or an already split ``DocumentRows``.
+    """
+
+    def __init__(self, corpus, tokenizer, max_length: int = 256):
+        self.rows = corpus if isinstance(corpus, DocumentRows) else split_passages(corpus, tokenizer, max_length)
+        self.corpus = self.rows.documents
         self.tokenizer = tokenizer
         eos = _eos_id(tokenizer)
-        self.doc_ids = [ids[:max_length] + [eos] for ids in _token_ids(tokenizer, [d.text for d in corpus])]
+        self.doc_ids = [list(ids) + [eos] for ids in self.rows.tokens]
 
     def __len__(self) -> int:
         return len(self.doc_ids)
@@ -334,6 +387,9 @@ class WritePhaseDataset(torch.utils.data.Dataset):
 class ReadPhaseDataset(torch.utils.data.Dataset):
     """One item per question: the prompt the LLM reads, the answer it must produce, gold rows.
 
+    ``rows`` (the corpus split into ``doc_vectors`` rows) maps gold passages to the rows holding them;
+    without it each passage is one row.
+
     The training target is ``answers[0]`` as ``" " + answer`` tokens (at most
     ``max_answer_length``) then eos. Over-long prompts keep their last
     ``max_query_length`` tokens so the ``Answer:`` cue survives. With ``teacher_corpus``
@@ -344,7 +400,8 @@ class ReadPhaseDataset(torch.utils.data.Dataset):
     def __init__(self, examples: Sequence[QAExample], tokenizer, encoder_tokenizer=None,
                  max_query_length: int = 64, max_answer_length: int = 32,
                  prompt: str = "Question: {question}\nAnswer:",
-                 teacher_corpus: Optional[Sequence[Document]] = None, max_teacher_length: int = 256):
+                 teacher_corpus: Optional[Sequence[Document]] = None, max_teacher_length: int = 256,
+                 rows: Optional[DocumentRows] = None):
         if "{question}" not in prompt:
             raise UsageError(f"prompt {prompt!r} must contain '{{question}}'")
         for ex in examples:
@@ -355,6 +412,8 @@ class ReadPhaseDataset(torch.utils.data.Dataset):
         self.examples = examples
         self.tokenizer = tokenizer
         self.encoder_tokenizer = encoder_tokenizer
+        self.rows = rows
+        self.passage_of_row = None if rows is None else torch.tensor(rows.passage_of_row, dtype=torch.long)
         self.max_query_length = max_query_length
         eos = _eos_id(tokenizer)
         prompts = [prompt.replace("{question}", ex.question) for ex in examples]  # no str.format: braces stay literal
@@ -398,7 +457,9 @@ class ReadPhaseDataset(torch.utils.data.Dataset):
 
         ``index [B]`` and ``example_ids`` (question ids, for error messages); ``query_ids``/``query_mask [B, Lq]`` left-padded; ``answer_ids``/``answer_mask
         [B, La]`` right-padded; ``encoder_ids``/``encoder_mask`` (the encoder tokenizer's own ids and
-        padding, else the query tensors); ``gold_doc_ids [B, G]`` gold corpus rows padded with -1;
+        padding, else the query tensors); ``gold_doc_ids [B, G]`` the ``doc_vectors`` rows holding the gold
+        passages, padded with -1 (what the retrieval loss marks gold); ``gold_passages`` the gold corpus rows
+        (what Recall@k counts: a passage split over several rows is found when any of them is selected);
         with a teacher corpus, ``teacher_ids``/``teacher_mask [B, Lt]`` left-padded.
         """
         pad = _pad_id(self.tokenizer)
@@ -414,7 +475,10 @@ class ReadPhaseDataset(torch.utils.data.Dataset):
                                              return_tensors="pt")
             out["encoder_ids"] = encoded["input_ids"].long()
             out["encoder_mask"] = encoded["attention_mask"].long()
-        out["gold_doc_ids"] = _pad_gold([item["gold_rows"] for item in batch])
+        passages = [item["gold_rows"] for item in batch]
+        out["gold_passages"] = _pad_gold(passages)
+        out["gold_doc_ids"] = out["gold_passages"] if self.rows is None else _pad_gold(
+            [[r for p in gold for r in self.rows.rows_of_passage[p]] for gold in passages])
         if self.teacher_ids is not None:
             out["teacher_ids"], out["teacher_mask"] = pad_sequences([item["teacher_ids"] for item in batch],
                                                                     pad, "left")
@@ -422,7 +486,7 @@ class ReadPhaseDataset(torch.utils.data.Dataset):
 
 
 def _pad_gold(rows: List[List[int]]) -> torch.Tensor:
-    width = max((len(r) for r in rows), default=0)
+    width = max((len(r) for r in rows), default=0)  # rows are never empty (load_qa refuses that)
     return torch.tensor([list(r) + [-1] * (width - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), width)
 
 

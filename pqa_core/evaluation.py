@@ -2,7 +2,8 @@
 
 Unlike the seed notebook (one question at a time, padded to 128), questions go through in
 batches with dynamic padding and the KV cache. Result keys: ``EM``, ``F1``, ``substring``,
-``Recall@{k}``, as percentages; with ``with_cost`` also ``latency_ms_per_question`` and
+``Recall@{k}``, as percentages, each with its 95% bootstrap interval (``F1_ci95_low``, ``F1_ci95_high``),
+and ``questions``; with ``with_cost`` also ``latency_ms_per_question`` and
 ``prompt_tokens_per_question``. ``score_answers`` is the scoring loop pqa and the controls
 (``pqa_core.controls``) share.
 """
@@ -19,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .metrics import compute_em, compute_f1, compute_substring, recall_at_k
+from .stats import intervals
 from .training import show_progress, to_device
 
 
@@ -40,14 +42,17 @@ class AnsweredBatch:
 
 def score_answers(examples: Sequence, batches: Iterable[AnsweredBatch], *, top_k: int, num_batches: int = 0,
                   predictions_path: Optional[str] = None, doc_ids=None,
-                  with_cost: bool = False) -> Tuple[Dict[str, float], float]:
+                  with_cost: bool = False, seed: int = 0) -> Tuple[Dict[str, float], float]:
     """Score answered batches: ``(metrics in percent, wall seconds spent producing the batches)``.
+
+    Each metric comes with its 95% bootstrap interval over the questions (``<metric>_ci95_low`` /
+    ``_high``, seeded by ``seed``; ``pqa_core.stats``), and ``questions`` is how many were scored.
 
     The seconds are those spent inside ``batches`` (selection, prompt building, generation,
     decoding), not scoring or writing. The predictions file, when asked for, is written under a
     temporary name and renamed at the end, so it is never half-written.
     """
-    sums = {"EM": 0.0, "F1": 0.0, "substring": 0.0, f"Recall@{top_k}": 0.0}
+    per_question: Dict[str, List[float]] = {"EM": [], "F1": [], "substring": [], f"Recall@{top_k}": []}
     prompt_tokens = 0
     seconds = 0.0
     tmp_path = None
@@ -72,10 +77,9 @@ def score_answers(examples: Sequence, batches: Iterable[AnsweredBatch], *, top_k
                 em = compute_em(prediction, example.answers)
                 f1 = compute_f1(prediction, example.answers)
                 sub = compute_substring(prediction, example.answers)
-                sums["EM"] += em
-                sums["F1"] += f1
-                sums["substring"] += sub
-                sums[f"Recall@{top_k}"] += batch.recalls[j]
+                for name, value in (("EM", em), ("F1", f1), ("substring", sub),
+                                    (f"Recall@{top_k}", batch.recalls[j])):
+                    per_question[name].append(value)
                 if batch.prompt_tokens is not None:
                     prompt_tokens += batch.prompt_tokens[j]
                 if out is not None:
@@ -101,11 +105,19 @@ def score_answers(examples: Sequence, batches: Iterable[AnsweredBatch], *, top_k
         if tmp_path and os.path.exists(tmp_path):
             os.remove(tmp_path)
     n = max(len(examples), 1)
-    metrics = {k: 100.0 * v / n for k, v in sums.items()}
+    metrics = intervals(per_question, seed=seed) if examples else {k: 0.0 for k in per_question}
+    metrics["questions"] = len(examples)
     if with_cost:
         metrics["latency_ms_per_question"] = 1000.0 * seconds / n
         metrics["prompt_tokens_per_question"] = prompt_tokens / n
     return metrics, seconds
+
+
+def selected_passages(dataset, selected: torch.Tensor) -> torch.Tensor:
+    """The corpus rows (passages) of selected ``doc_vectors`` rows: Recall@k counts a split passage
+    as found when any of its pieces is selected."""
+    mapping = getattr(dataset, "passage_of_row", None)
+    return selected if mapping is None else mapping.to(selected.device)[selected]
 
 
 @torch.no_grad()
@@ -118,13 +130,14 @@ def evaluate_retrieval(model, dataset, top_k: int, batch_size: int = 32) -> floa
         batch = to_device(dataset.collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]),
                           device)
         selected, _ = model.select_documents(batch["encoder_ids"], batch["encoder_mask"], k=top_k)
-        hits.append(recall_at_k(selected, batch["gold_doc_ids"]))
+        hits.append(recall_at_k(selected_passages(dataset, selected), batch["gold_passages"]))
     return 100.0 * float(torch.cat(hits).mean()) if hits else 0.0
 
 
 @torch.no_grad()
 def evaluate_qa(model, dataset, *, top_k: int = 5, batch_size: int = 16, max_new_tokens: int = 24,
-                predictions_path: Optional[str] = None, doc_ids=None, with_cost: bool = False) -> Dict[str, float]:
+                predictions_path: Optional[str] = None, doc_ids=None, with_cost: bool = False,
+                seed: int = 0) -> Dict[str, float]:
     """EM / F1 / substring / Recall@k over ``dataset`` (a ReadPhaseDataset), in percent.
 
     ``with_cost`` adds ``latency_ms_per_question`` (wall time of collation, selection, generation and
@@ -148,9 +161,10 @@ def evaluate_qa(model, dataset, *, top_k: int = 5, batch_size: int = 16, max_new
             yield AnsweredBatch(
                 indices=idx, predictions=decode_answers(tokenizer, generated), selected=selected.tolist(),
                 scores=scores.gather(1, selected).tolist(),
-                recalls=recall_at_k(selected, batch["gold_doc_ids"]).tolist(), prompt_tokens=prompt_tokens)
+                recalls=recall_at_k(selected_passages(dataset, selected), batch["gold_passages"]).tolist(),
+                prompt_tokens=prompt_tokens)
 
     metrics, _ = score_answers(dataset.examples, answered(), top_k=top_k,
                                num_batches=-(-len(dataset) // batch_size), predictions_path=predictions_path,
-                               doc_ids=doc_ids, with_cost=with_cost)
+                               doc_ids=doc_ids, with_cost=with_cost, seed=seed)
     return metrics

@@ -34,6 +34,11 @@ def pqa_register_generation_losses(register):
 
 
 @hookspec
+def pqa_register_write_objectives(register):
+    """Register write objectives: what the write phase trains each document's z for."""
+
+
+@hookspec
 def pqa_register_controls(register):
     """Register controls: baselines that give the LLM passage text (or nothing) instead of latents."""
 

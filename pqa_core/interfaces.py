@@ -80,6 +80,48 @@ class GenerationLoss(nn.Module):
 
 
 @dataclass
+class WriteContext:
+    """What a write objective may prepare from, once, before the write phase.
+
+    ``documents`` are the rows of ``doc_vectors`` (a passage longer than ``data.max_doc_tokens`` spans
+    several rows; ``doc_tokens[row]`` are a row's text tokens, no eos); ``questions`` are the training
+    questions, ``question_rows[i]`` the rows holding question i's gold passages. ``cache_dir`` is a
+    folder the objective may keep computed targets in (it survives a resume), or None.
+    """
+
+    model: nn.Module
+    tokenizer: object
+    documents: Sequence
+    doc_tokens: Sequence[Sequence[int]]
+    questions: Sequence
+    question_rows: Sequence[Sequence[int]]
+    prompt: str = "Question: {question}\nAnswer:"
+    max_query_tokens: int = 64
+    max_answer_tokens: int = 24
+    seed: int = 0
+    cache_dir: Optional[str] = None
+
+
+class WriteObjective(nn.Module):
+    """What the write phase trains z (and the projection) for: ``(model, rows [B]) -> scalar loss``.
+
+    ``rows`` are the ``doc_vectors`` rows of one batch; the loss must reach z only through
+    ``model.soft_prompts`` / ``model.doc_latents`` of those rows, so that a step moves only them.
+    ``prepare(context)`` runs once before training (tokenize, compute and cache teacher targets).
+    ``last_metrics()`` may return floats about the last call, logged beside the loss.
+    """
+
+    def prepare(self, context: WriteContext) -> None:
+        pass
+
+    def forward(self, model: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def last_metrics(self) -> dict:
+        return {}
+
+
+@dataclass
 class ControlInput:
     """What a control gives the LLM for one question."""
 

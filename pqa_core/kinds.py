@@ -43,7 +43,7 @@ class Kind:
     default: str  # the component a config picks unless told otherwise
     context: Tuple[str, ...] = ()  # model-supplied parameters its factories may declare
     model_attribute: Optional[str] = None  # where ParametricQA holds it (its tensors are in checkpoints)
-    phases: Tuple[str, ...] = ("write", "read", "eval", "control")  # the run phases that build it
+    phases: Optional[Tuple[str, ...]] = None  # the run phases that build it (None: every run builds it)
 
 
 KINDS: Tuple[Kind, ...] = (
@@ -57,8 +57,10 @@ KINDS: Tuple[Kind, ...] = (
          "pqa_plugins.retrieval_losses", "gold_nll"),
     Kind("generation_loss", interfaces.GenerationLoss, "pqa_register_generation_losses",
          "pqa_plugins.generation_losses", "ce"),
+    Kind("write_objective", interfaces.WriteObjective, "pqa_register_write_objectives",
+         "pqa_plugins.write_objectives", "reconstruct", phases=("write",)),
     Kind("control", interfaces.Control, "pqa_register_controls", "pqa_plugins.controls", "bm25",
-         phases=("control",)),
+         phases=("control_read", "control")),
 )
 
 KIND: Dict[str, Kind] = {kind.name: kind for kind in KINDS}
@@ -72,5 +74,5 @@ MODEL_KINDS: Tuple[Kind, ...] = tuple(kind for kind in KINDS if kind.model_attri
 
 
 def kinds_for(phases) -> Tuple[Kind, ...]:
-    """The kinds a run of ``phases`` builds (the model is built for every phase)."""
-    return tuple(kind for kind in KINDS if set(kind.phases) & set(phases))
+    """The kinds a run of ``phases`` builds (the model and the losses are built for every phase)."""
+    return tuple(kind for kind in KINDS if kind.phases is None or set(kind.phases) & set(phases))

@@ -70,9 +70,14 @@ class ParametricQA(nn.Module):
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.llm.get_input_embeddings()(ids)
 
+    def doc_latents(self, doc_indices: torch.Tensor) -> torch.Tensor:
+        """Rows of ``doc_vectors`` by index. The lookup's gradient is sparse (only these rows), so a
+        training step's cost and the rows it moves do not depend on the size of the table."""
+        return F.embedding(doc_indices, self.doc_vectors, sparse=self.doc_vectors.requires_grad)
+
     def soft_prompts(self, doc_indices: torch.Tensor) -> torch.Tensor:
         """``doc_indices [B, k]`` -> soft prompt ``[B, k*m, d_model]`` (documents in rank order)."""
-        z = self.doc_vectors[doc_indices]  # [B, k, d_z]
+        z = self.doc_latents(doc_indices)  # [B, k, d_z]
         emb = self.z_to_embedding(z)  # [B, k, m, d_model]
         return emb.reshape(emb.shape[0], -1, emb.shape[-1])
 

@@ -16,10 +16,12 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .builder import build_losses, build_model
+from .builder import build_component, build_losses, build_model
 from .checkpoints import MANIFEST, load_checkpoint
 from .config import PQAConfig
-from .data import ReadPhaseDataset, WritePhaseDataset, load_corpus, load_qa, sample_data_path
+from .data import ReadPhaseDataset, WritePhaseDataset, load_corpus, load_qa, sample_data_path, split_passages
+from .interfaces import WriteContext
+from .llm import load_llm
 from .errors import CheckpointError, UsageError
 from .evaluation import evaluate_qa, evaluate_retrieval
 from .read_phase import ReadPhaseTrainer
@@ -28,7 +30,7 @@ from .training import RunLogger, seed_everything
 from .write_phase import WritePhaseTrainer
 
 log = logging.getLogger(__name__)
-PHASES = ("write", "read", "eval", "control")
+PHASES = ("write", "read", "eval", "control_read", "control")
 
 
 def resolve_data_path(spec: str) -> Path:
@@ -55,16 +57,22 @@ class Pipeline:
         self.corpus = load_corpus(resolve_data_path(config.data.corpus))
         self.train_qa = load_qa(resolve_data_path(config.data.qa), self.corpus)
         self.eval_qa = load_qa(resolve_data_path(config.data.eval_qa), self.corpus)
-        self.model = build_model(config, self.corpus, llm_and_tokenizer)
+        data = config.data
+        llm_and_tokenizer = llm_and_tokenizer or load_llm(config.model.llm)
+        self.rows = split_passages(self.corpus, llm_and_tokenizer[1], data.max_doc_tokens)
+        log.info("%s", self.rows.describe())
+        self.logger.set_info("documents", {"passages": len(self.corpus), "rows": len(self.rows.documents),
+                                           "split_passages": self.rows.split_passages,
+                                           "max_doc_tokens": data.max_doc_tokens})
+        self.model = build_model(config, self.rows.documents, llm_and_tokenizer)
         self.tokenizer = self.model.tokenizer
         encoder_tokenizer = getattr(self.model.query_encoder, "tokenizer", None)
-        data = config.data
         retrieval_loss, generation_loss = build_losses(config)
         self.retrieval_loss, self.generation_loss = retrieval_loss, generation_loss
         teacher = self.corpus if getattr(generation_loss, "needs_teacher", False) else None
-        self.write_dataset = WritePhaseDataset(self.corpus, self.tokenizer, max_length=data.max_doc_tokens)
+        self.write_dataset = WritePhaseDataset(self.rows, self.tokenizer)
         read_kwargs = dict(encoder_tokenizer=encoder_tokenizer, max_query_length=data.max_query_tokens,
-                           max_answer_length=data.max_answer_tokens, prompt=data.prompt)
+                           max_answer_length=data.max_answer_tokens, prompt=data.prompt, rows=self.rows)
         self.read_dataset = ReadPhaseDataset(self.train_qa, self.tokenizer, teacher_corpus=teacher, **read_kwargs)
         self.eval_dataset = ReadPhaseDataset(self.eval_qa, self.tokenizer, **read_kwargs)
         self.timings: Dict[str, float] = {}
@@ -89,61 +97,87 @@ class Pipeline:
         log.info("%s phase already finished in %s: loaded it", phase, final)
         return True
 
+    def write_context(self) -> WriteContext:
+        """What the write objective prepares from: the rows, the training questions and where they live."""
+        data = self.config.data
+        return WriteContext(
+            model=self.model, tokenizer=self.tokenizer, documents=self.rows.documents, doc_tokens=self.rows.tokens,
+            questions=self.train_qa,
+            question_rows=[[r for p in q.gold_rows for r in self.rows.rows_of_passage[p]] for q in self.train_qa],
+            prompt=data.prompt, max_query_tokens=data.max_query_tokens, max_answer_tokens=data.max_answer_tokens,
+            seed=self.config.seed, cache_dir=str(self.output_dir / "cache"))
+
     def run_write(self) -> Dict[str, float]:
         if self._finished("write"):
             return {}
-        w = self.config.write
-        trainer = WritePhaseTrainer(self.model, lr_z=w.lr_z, lr_projection=w.lr_projection, lr_lora=w.lr_lora,
-                                    train_lora=w.train_lora, grad_clip=w.grad_clip)
-        return trainer.fit(self.write_dataset, epochs=w.epochs, batch_size=w.batch_size, seed=self.config.seed,
-                           checkpoint_root=self.checkpoint_root("write"), config_dict=self.config_dict,
-                           logger=self.logger, eval_docs=w.eval_docs, eval_every=w.eval_every,
-                           checkpoint_every=w.checkpoint_every)
+        objective = build_component(self.config, "write_objective", {})
+        objective.prepare(self.write_context())
+        trainer = WritePhaseTrainer(self.model, self.config.write, objective)
+        return trainer.fit(self.write_dataset, seed=self.config.seed, checkpoint_root=self.checkpoint_root("write"),
+                           config_dict=self.config_dict, logger=self.logger)
 
     def run_read(self) -> Dict[str, float]:
         if self._finished("read"):
             return {}
         r = self.config.read
-        trainer = ReadPhaseTrainer(self.model, retrieval_loss=self.retrieval_loss,
-                                   generation_loss=self.generation_loss, lr_z=r.lr_z, lr_lora=r.lr_lora,
-                                   lr_selector=r.lr_selector, lr_query_encoder=r.lr_query_encoder,
-                                   lr_projection=r.lr_projection, retrieval_weight=r.retrieval_weight,
-                                   top_k=r.top_k, grad_clip=r.grad_clip)
+        trainer = ReadPhaseTrainer(self.model, r, retrieval_loss=self.retrieval_loss,
+                                   generation_loss=self.generation_loss)
         k = self.config.eval_top_k
 
         def epoch_end(epoch: int, step: int) -> Dict[str, float]:
             if r.eval_every and (epoch % r.eval_every == 0 or epoch == r.epochs):
                 metrics = evaluate_qa(self.model, self.eval_dataset, top_k=k, batch_size=self.config.eval.batch_size,
-                                      max_new_tokens=self.config.eval.max_new_tokens)
+                                      max_new_tokens=self.config.eval.max_new_tokens, seed=self.config.seed)
                 return {f"eval_{name}": value for name, value in metrics.items()}
             return {f"eval_Recall@{k}": evaluate_retrieval(self.model, self.eval_dataset, k)}
 
-        return trainer.fit(self.read_dataset, epochs=r.epochs, batch_size=r.batch_size, seed=self.config.seed,
-                           checkpoint_root=self.checkpoint_root("read"), config_dict=self.config_dict,
-                           logger=self.logger, checkpoint_every=r.checkpoint_every, epoch_end_fn=epoch_end)
+        return trainer.fit(self.read_dataset, seed=self.config.seed, checkpoint_root=self.checkpoint_root("read"),
+                           config_dict=self.config_dict, logger=self.logger, epoch_end_fn=epoch_end)
 
     def run_eval(self) -> Dict[str, float]:
         e = self.config.eval
         path = self.output_dir / e.predictions_file
         metrics = evaluate_qa(self.model, self.eval_dataset, top_k=self.config.eval_top_k, batch_size=e.batch_size,
                               max_new_tokens=e.max_new_tokens, predictions_path=str(path),
-                              doc_ids=[d.doc_id for d in self.corpus])
+                              doc_ids=[d.doc_id for d in self.rows.documents], seed=self.config.seed)
         self.logger.add_artifact(str(path), "predictions.jsonl")
         for name, value in metrics.items():
             self.logger.log_scalar(f"eval.{name}", value, 0)
         return metrics
 
+    def control(self):
+        """The control named in ``config.control``, indexed on the corpus once per run."""
+        from .controls import build_control
+
+        if getattr(self, "_control", None) is None:
+            self._control = build_control(self.config.control, self.corpus, self.tokenizer)
+        return self._control
+
+    def run_control_read(self) -> Dict[str, float]:
+        """Train the LoRA to answer from the control's input (passage text, or nothing) on the training
+        questions, with the read phase's settings: a reader of its own, as pqa's read phase gives pqa one."""
+        from .controls import ControlReaderDataset, ControlReaderTrainer
+
+        if self._finished("control_read"):
+            return {}
+        r, data = self.config.read, self.config.data
+        dataset = ControlReaderDataset(self.control(), self.train_qa, self.tokenizer, top_k=self.config.eval_top_k,
+                                       prompt=data.prompt, max_answer_tokens=data.max_answer_tokens)
+        return ControlReaderTrainer(self.model, r).fit(dataset, seed=self.config.seed,
+                                                       checkpoint_root=self.checkpoint_root("control_read"),
+                                                       config_dict=self.config_dict, logger=self.logger)
+
     def run_control(self) -> Dict[str, float]:
         """Score the control named in ``config.control`` on the eval questions, as ``run_eval`` scores pqa."""
-        from .controls import build_control, evaluate_control
+        from .controls import evaluate_control
 
         e = self.config.eval
-        control = build_control(self.config.control, self.corpus, self.tokenizer)
+        control = self.control()
         path = self.output_dir / e.predictions_file
         metrics = evaluate_control(self.model, control, self.eval_qa, top_k=self.config.eval_top_k,
                                    batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
                                    prompt=self.config.data.prompt, predictions_path=str(path),
-                                   doc_ids=[d.doc_id for d in self.corpus])
+                                   doc_ids=[d.doc_id for d in self.corpus], seed=self.config.seed)
         self.logger.add_artifact(str(path), "predictions.jsonl")
         for name, value in metrics.items():
             self.logger.log_scalar(f"eval.{name}", value, 0)
@@ -159,8 +193,9 @@ class Pipeline:
         self.logger.set_info("output_dir", str(self.output_dir.resolve()))
         result: Dict[str, Any] = {}
         k = self.config.eval_top_k
-        if self.config.phases != ["control"]:
-            self.logger.set_info(f"Recall@{k}_before_read", evaluate_retrieval(self.model, self.eval_dataset, k))
+        if not set(self.config.phases) <= {"control", "control_read"}:
+            moment = "before_write" if "write" in self.config.phases else "before_read"
+            self.logger.set_info(f"Recall@{k}_{moment}", evaluate_retrieval(self.model, self.eval_dataset, k))
         for phase in PHASES:
             if phase not in self.config.phases:
                 continue
@@ -170,8 +205,10 @@ class Pipeline:
             self.timings[phase] = time.perf_counter() - start
             self.logger.set_info(f"{phase}_seconds", round(self.timings[phase], 2))
             self.logger.set_info(f"{phase}_metrics", result)
-            if phase in ("write", "read"):
+            if phase in ("write", "read", "control_read"):
                 self.logger.set_info(f"{phase}_checkpoint", str((self.checkpoint_root(phase) / "final").resolve()))
+            if phase == "write":  # the selector scores z: a write objective must not lose retrieval
+                self.logger.set_info(f"Recall@{k}_after_write", evaluate_retrieval(self.model, self.eval_dataset, k))
         (self.output_dir / "result.json").write_text(json.dumps(
             {"metrics": result, "timings": self.timings}, indent=1))
         return result
@@ -195,7 +232,7 @@ def checkpoints_to_load(config: PQAConfig) -> List[Path]:
     ``init_from``'s, and with ``resume`` each training phase's ``final`` or else its highest step (a
     step folder without its manifest is returned too: it is torn, and checking it refuses it)."""
     found = [initial_checkpoint(Path(config.init_from))] if config.init_from else []
-    for phase in ("write", "read") if config.resume else ():
+    for phase in ("write", "read", "control_read") if config.resume else ():
         if phase in config.phases:
             root = Path(config.resume) / "checkpoints" / phase
             steps = sorted(root.glob("step-*"))

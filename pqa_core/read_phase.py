@@ -9,35 +9,40 @@ from typing import Dict, Optional
 
 import torch
 
+from .config import ReadSettings
 from .data import gold_mask
 from .errors import DataError
 from .model import ParametricQA
+from .optim import RowwiseAdamW, clip_grad_norm
 from .training import EpochLoop, RunLogger, param_groups, to_device
 
 
 class ReadPhaseTrainer:
-    def __init__(self, model: ParametricQA, tokenizer=None, *, retrieval_loss, generation_loss,
-                 lr_z: float = 1e-4, lr_lora: float = 5e-5, lr_selector: float = 1e-4,
-                 lr_query_encoder: Optional[float] = None, lr_projection: Optional[float] = None,
-                 retrieval_weight: float = 0.1, top_k: int = 5, grad_clip: float = 1.0, device=None):
+    """``settings`` is the run's ``ReadSettings`` (the seed notebook's keyword arguments, in one place)."""
+
+    def __init__(self, model: ParametricQA, settings: ReadSettings, *, retrieval_loss, generation_loss,
+                 tokenizer=None, device=None):
         self.model = model
+        self.settings = s = settings
         self.tokenizer = tokenizer or model.tokenizer
         self.retrieval_loss = retrieval_loss
         self.generation_loss = generation_loss
-        self.retrieval_weight = retrieval_weight
-        self.top_k = top_k
-        self.grad_clip = grad_clip
+        self.retrieval_weight = s.retrieval_weight
+        self.top_k = s.top_k
+        self.grad_clip = s.grad_clip
         self.device = device or model.doc_vectors.device
+        decay = {"weight_decay": s.weight_decay}
         groups = param_groups([
-            ("z", [model.doc_vectors], lr_z),
-            ("projection", model.z_to_embedding.parameters(), lr_lora if lr_projection is None else lr_projection),
-            ("selector", model.selector.parameters(), lr_selector),
+            ("z", [model.doc_vectors], s.lr_z, {"rowwise": True}),
+            ("projection", model.z_to_embedding.parameters(), s.lr_lora if s.lr_projection is None else s.lr_projection,
+             decay),
+            ("selector", model.selector.parameters(), s.lr_selector, decay),
             ("query_encoder", model.query_encoder.parameters(),
-             lr_lora * 0.1 if lr_query_encoder is None else lr_query_encoder),
-            ("lora", model.lora_parameters(), lr_lora),
+             s.lr_lora * 0.1 if s.lr_query_encoder is None else s.lr_query_encoder, decay),
+            ("lora", model.lora_parameters(), s.lr_lora, decay),
         ])
         self.trainable = [p for g in groups for p in g["params"]]
-        self.optimizer = torch.optim.AdamW(groups)
+        self.optimizer = RowwiseAdamW(groups)
 
     def compute_retrieval_loss(self, scores: torch.Tensor, gold_doc_ids: torch.Tensor, example_ids=None):
         """``gold_doc_ids [B, G]`` padded with -1 -> retrieval loss; unknown ids are an error."""
@@ -74,15 +79,16 @@ class ReadPhaseTrainer:
         loss = gen_loss + self.retrieval_weight * retrieval_loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.trainable, max_norm=self.grad_clip)
+        clip_grad_norm(self.trainable, self.grad_clip)
         self.optimizer.step()
         return {"total_loss": loss.item(), "gen_loss": gen_loss.item(), "retrieval_loss": retrieval_loss.item()}
 
-    def fit(self, dataset, *, epochs: int, batch_size: int, seed: int, checkpoint_root, config_dict,
-            logger: Optional[RunLogger] = None, checkpoint_every: int = 0, epoch_end_fn=None) -> Dict[str, float]:
+    def fit(self, dataset, *, seed: int, checkpoint_root, config_dict, logger: Optional[RunLogger] = None,
+            epoch_end_fn=None) -> Dict[str, float]:
+        s = self.settings
         loop = EpochLoop(self.model, self.optimizer, phase="read", checkpoint_root=checkpoint_root,
-                         config_dict=config_dict, logger=logger or RunLogger(), checkpoint_every=checkpoint_every)
-        return loop.run(dataset, epochs=epochs, batch_size=batch_size, seed=seed,
+                         config_dict=config_dict, logger=logger or RunLogger(), checkpoint_every=s.checkpoint_every)
+        return loop.run(dataset, epochs=s.epochs, batch_size=s.batch_size, seed=seed,
                         step_fn=self.train_step, epoch_end_fn=epoch_end_fn)
 
 

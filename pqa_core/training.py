@@ -154,10 +154,11 @@ class EpochLoop:
 
 
 def param_groups(named_groups: Iterable[tuple]) -> List[Dict[str, Any]]:
-    """``[(name, params, lr), ...]`` -> AdamW param groups, dropping empty and frozen ones."""
+    """``[(name, params, lr[, extra options]), ...]`` -> optimizer param groups, dropping empty and
+    frozen ones."""
     groups = []
-    for name, params, lr in named_groups:
+    for name, params, lr, *extra in named_groups:
         params = [p for p in params if p.requires_grad]
         if params:
-            groups.append({"params": params, "lr": lr, "name": name})
+            groups.append({"params": params, "lr": lr, "name": name, **(extra[0] if extra else {})})
     return groups

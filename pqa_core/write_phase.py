@@ -1,5 +1,5 @@
-"""Write phase: learn each document's z (and the projection; LoRA optional) so the LLM
-reconstructs the document from its projected z alone.
+"""Write phase: learn each document's z (and the projection; LoRA optional) for a write objective
+(``write_objective.name``: reconstruct the text from z, distil the LLM reading the text, or a mix).
 
 Teacher-forced token accuracy is known to look good while free-running decoding fails, so
 each evaluation also decodes a sample of documents greedily and reports that accuracy.
@@ -12,25 +12,39 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from .config import WriteSettings
+from .interfaces import WriteContext, WriteObjective
 from .model import ParametricQA
+from .optim import RowwiseAdamW, clip_grad_norm
 from .training import EpochLoop, RunLogger, param_groups, to_device
 
 log = logging.getLogger(__name__)
 
 
 class WritePhaseTrainer:
-    def __init__(self, model: ParametricQA, *, lr_z: float = 5e-2, lr_projection: float = 3e-2,
-                 lr_lora: float = 1e-3, train_lora: bool = False, grad_clip: float = 1.0):
+    """Trains z (row-wise: only the batch's documents move) and the projection for ``objective``."""
+
+    def __init__(self, model: ParametricQA, settings: WriteSettings, objective: WriteObjective):
         self.model = model
-        self.grad_clip = grad_clip
+        self.settings = settings
+        self.objective = objective
         self.device = model.doc_vectors.device
-        groups = [("z", [model.doc_vectors], lr_z),
-                  ("projection", list(model.z_to_embedding.parameters()), lr_projection)]
-        if train_lora:
-            groups.append(("lora", list(model.lora_parameters()), lr_lora))
-        self.trainable = [p for _, params, _ in groups for p in params]
-        self.optimizer = torch.optim.AdamW(param_groups((n, list(p), lr) for n, p, lr in groups), weight_decay=0.0)
-        self.train_lora = train_lora
+        s = settings
+        groups = param_groups([("z", [model.doc_vectors], s.lr_z, {"rowwise": True, "betas": tuple(s.betas_z)}),
+                               ("projection", model.z_to_embedding.parameters(), s.lr_projection, {}),
+                               ("lora", model.lora_parameters() if s.train_lora else [], s.lr_lora, {})])
+        self.trainable = [p for g in groups for p in g["params"]]
+        self.optimizer = RowwiseAdamW(groups, weight_decay=0.0)
+
+    def train_step(self, batch) -> Dict[str, float]:
+        self.model.train()
+        rows = batch["doc_row"].to(self.device)
+        loss = self.objective(self.model, rows)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_grad_norm(self.trainable, self.settings.grad_clip)
+        self.optimizer.step()
+        return {"loss": loss.item(), **self.objective.last_metrics()}
 
     def _logits(self, batch):
         rows = batch["doc_row"]
@@ -38,19 +52,6 @@ class WritePhaseTrainer:
         empty = batch["doc_ids"][:, :0]
         return self.model.continuation_logits(prefix, empty, batch["doc_mask"][:, :0],
                                               batch["doc_ids"], batch["doc_mask"])
-
-    def train_step(self, batch) -> Dict[str, float]:
-        self.model.train()
-        batch = to_device(batch, self.device)
-        logits, labels = self._logits(batch)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.trainable, max_norm=self.grad_clip)
-        self.optimizer.step()
-        valid = labels != -100
-        accuracy = ((logits.argmax(-1) == labels) & valid).sum() / valid.sum().clamp(min=1)
-        return {"loss": loss.item(), "token_acc": accuracy.item()}
 
     @torch.no_grad()
     def greedy_hits(self, batch) -> tuple:
@@ -88,19 +89,38 @@ class WritePhaseTrainer:
         return {"tf_token_acc": tf_correct / max(tf_total, 1), "greedy_token_acc": g_correct / max(tf_total, 1),
                 "greedy_exact": exact / n}
 
-    def fit(self, dataset, *, epochs: int, batch_size: int, seed: int, checkpoint_root, config_dict,
-            logger: Optional[RunLogger] = None, eval_docs: int = 8, eval_every: int = 10,
-            checkpoint_every: int = 0) -> Dict[str, float]:
+    def fit(self, dataset, *, seed: int, checkpoint_root, config_dict, logger: Optional[RunLogger] = None,
+            rows: Optional[list] = None) -> Dict[str, float]:
+        """Train over ``dataset`` (a WritePhaseDataset; ``rows``: only these documents) for
+        ``settings.epochs``, checking greedy reconstruction every ``settings.eval_every`` epochs."""
+        s = self.settings
         logger = logger or RunLogger()
+        train_set = dataset if rows is None else torch.utils.data.Subset(dataset, list(rows))
+        if rows is not None:
+            train_set.collate = dataset.collate
         generator = torch.Generator().manual_seed(seed)
-        sample = sorted(torch.randperm(len(dataset), generator=generator)[:eval_docs].tolist())
+        pool = list(range(len(dataset))) if rows is None else list(rows)
+        picks = torch.randperm(len(pool), generator=generator)[:s.eval_docs].tolist()
+        sample = sorted(pool[i] for i in picks)
 
         def epoch_end(epoch: int, step: int) -> Dict[str, float]:
-            if eval_docs <= 0 or (epoch % max(eval_every, 1) and epoch != epochs):
+            if s.eval_docs <= 0 or (epoch % max(s.eval_every, 1) and epoch != s.epochs):
                 return {}
-            return self.reconstruction(dataset, sample, batch_size)
+            return self.reconstruction(dataset, sample, s.batch_size)
 
         loop = EpochLoop(self.model, self.optimizer, phase="write", checkpoint_root=checkpoint_root,
-                         config_dict=config_dict, logger=logger, checkpoint_every=checkpoint_every)
-        return loop.run(dataset, epochs=epochs, batch_size=batch_size, seed=seed,
+                         config_dict=config_dict, logger=logger, checkpoint_every=s.checkpoint_every)
+        return loop.run(train_set, epochs=s.epochs, batch_size=s.batch_size, seed=seed,
                         step_fn=self.train_step, epoch_end_fn=epoch_end)
+
+
+def prepared_objective(name: str, model: ParametricQA, rows, questions=(), question_rows=(), **params) -> WriteObjective:
+    """Write objective ``name`` built and prepared on ``rows`` (a ``DocumentRows``), outside a pipeline
+    (tests, benchmarks, notebooks)."""
+    from . import plugins
+
+    objective = plugins.build("write_objective", name, params)
+    objective.prepare(WriteContext(model=model, tokenizer=model.tokenizer, documents=rows.documents,
+                                   doc_tokens=rows.tokens, questions=list(questions),
+                                   question_rows=list(question_rows)))
+    return objective

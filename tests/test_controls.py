@@ -27,7 +27,9 @@ from pqa_core.training import RecordingLogger
 REPO = Path(__file__).resolve().parents[1]
 SQUAD = REPO.parent / "shared" / "data" / "squad_v1.1"
 CONTROLS = ("closed_book", "random_docs", "oracle", "bm25", "dense_minilm")
-KEYS = {"EM", "F1", "substring", "Recall@3", "latency_ms_per_question", "prompt_tokens_per_question"}
+METRICS = ("EM", "F1", "substring", "Recall@3")
+KEYS = {"latency_ms_per_question", "prompt_tokens_per_question", "questions"} | {
+    f"{m}{end}" for m in METRICS for end in ("", "_ci95_low", "_ci95_high")}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -143,7 +145,7 @@ def test_pqa_eval_reports_the_same_cost_fields_only_when_asked(pipeline):
     plain = evaluate_qa(pipeline.model, pipeline.eval_dataset, top_k=k, batch_size=8, max_new_tokens=4)
     costed = evaluate_qa(pipeline.model, pipeline.eval_dataset, top_k=k, batch_size=8, max_new_tokens=4,
                          with_cost=True)
-    assert set(plain) == {"EM", "F1", "substring", "Recall@3"}
+    assert set(plain) == KEYS - {"latency_ms_per_question", "prompt_tokens_per_question"}
     assert set(costed) == KEYS
     soft = k * pipeline.model.z_to_embedding.num_tokens
     assert costed["prompt_tokens_per_question"] == pytest.approx(
@@ -180,7 +182,7 @@ def test_control_phase_is_a_normal_pipeline_run(tmp_path):
     assert set(result) == KEYS and result["Recall@3"] == 100.0
     assert (tmp_path / "run" / "predictions.jsonl").exists() and (tmp_path / "run" / "result.json").exists()
     assert logger.scalars["eval.Recall@3"] == [(0, 100.0)]
-    assert "control_seconds" in logger.info and "Recall@3_before_read" not in logger.info
+    assert "control_seconds" in logger.info and not any(k.startswith("Recall@3_before") for k in logger.info)
 
 
 def test_cli_run_control_bm25(tmp_path):
@@ -190,8 +192,8 @@ def test_cli_run_control_bm25(tmp_path):
                           capture_output=True, text=True, env=env, timeout=600, cwd=str(REPO))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])["result"]
-    assert set(result) == {"EM", "F1", "substring", "Recall@2", "latency_ms_per_question",
-                           "prompt_tokens_per_question"}
+    assert set(result) == {"latency_ms_per_question", "prompt_tokens_per_question", "questions"} | {
+        f"{m}{end}" for m in ("EM", "F1", "substring", "Recall@2") for end in ("", "_ci95_low", "_ci95_high")}
     assert result["Recall@2"] > 80
     [run_dir] = (tmp_path / "outputs" / "pqa_control").iterdir()
     assert len((run_dir / "predictions.jsonl").read_text().splitlines()) == 36

@@ -310,11 +310,25 @@ def test_pad_sequences_left_and_right():
     assert ids.dtype == mask.dtype == torch.long
 
 
-def test_write_phase_items_are_text_tokens_then_eos_right_padded(tokenizer, corpus):
+def test_a_long_passage_is_split_into_rows_never_cut(tokenizer, corpus):
     dataset = WritePhaseDataset(corpus, tokenizer, max_length=5)
     eos = tokenizer.eos_token_id
-    first = tokenizer(corpus[0].text, add_special_tokens=False)["input_ids"]
-    assert dataset[0] == {"doc_row": 0, "doc_ids": first[:5] + [eos]}
+    rows = dataset.rows
+    for index, doc in enumerate(corpus):
+        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+        mine = rows.rows_of_passage[index]
+        assert len(mine) == -(-len(ids) // 5)  # as few pieces as fit
+        assert [t for r in mine for t in rows.tokens[r]] == ids  # every token, in order
+        assert all(rows.passage_of_row[r] == index and rows.documents[r].doc_id == doc.doc_id for r in mine)
+        assert [rows.documents[r].part for r in mine] == list(range(len(mine)))
+        assert all(dataset[r]["doc_ids"] == rows.tokens[r] + [eos] and len(rows.tokens[r]) <= 5 for r in mine)
+    assert rows.split_passages == sum(len(tokenizer(d.text, add_special_tokens=False)["input_ids"]) > 5
+                                      for d in corpus) > 0
+    assert "split" in rows.describe()
+
+
+def test_write_phase_items_are_text_tokens_then_eos_right_padded(tokenizer):
+    eos = tokenizer.eos_token_id
     short = WritePhaseDataset([Document(0, "", "Hi"), Document(1, "", "Hello there, my friend")], tokenizer)
     batch = short.collate([short[0], short[1]])
     assert set(batch) == {"doc_row", "doc_ids", "doc_mask"}
@@ -336,7 +350,7 @@ def test_read_phase_collate_padding_sides_and_gold_rows(tokenizer):
     dataset = ReadPhaseDataset(read_examples(), tokenizer)
     batch = dataset.collate([dataset[i] for i in range(3)])
     assert set(batch) == {"index", "example_ids", "query_ids", "query_mask", "answer_ids", "answer_mask",
-                          "encoder_ids", "encoder_mask", "gold_doc_ids"}
+                          "encoder_ids", "encoder_mask", "gold_doc_ids", "gold_passages"}
     assert batch["example_ids"] == [ex.id for ex in dataset.examples[:3]]
     assert batch["index"].tolist() == [0, 1, 2]
     prompts = [f"Question: {e.question}\nAnswer:" for e in dataset.examples]

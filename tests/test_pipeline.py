@@ -51,22 +51,26 @@ def test_end_to_end_tiny_learns_and_reports(tmp_path):
     logger = RecordingLogger()
     result = Pipeline(tiny_config(tmp_path), logger).run()
 
-    assert set(result) == {"EM", "F1", "substring", "Recall@3"}
-    assert all(math.isfinite(v) and 0 <= v <= 100 for v in result.values())
+    metrics = ("EM", "F1", "substring", "Recall@3")
+    assert set(result) == {"questions"} | {f"{m}{end}" for m in metrics for end in ("", "_ci95_low", "_ci95_high")}
+    assert result["questions"] == 36
+    assert all(math.isfinite(result[m]) and 0 <= result[f"{m}_ci95_low"] <= result[m] <= result[f"{m}_ci95_high"]
+               <= 100 for m in metrics)
     write_losses = epoch_series(logger, "write.epoch_loss")
     read_losses = epoch_series(logger, "read.epoch_total_loss")
     assert len(write_losses) == 4 and write_losses[-1] < write_losses[0]
     assert len(read_losses) == 3 and read_losses[-1] < read_losses[0]
     # greedy reconstruction is measured, not only teacher-forced accuracy
     assert "write.greedy_token_acc" in logger.scalars and "write.tf_token_acc" in logger.scalars
-    assert result["Recall@3"] > logger.info["Recall@3_before_read"]
+    assert result["Recall@3"] > logger.info["Recall@3_before_write"]
+    assert "Recall@3_after_write" in logger.info
     # the eval questions are scored after every read epoch, step-wise
     assert [step for step, _ in logger.scalars["read.eval_F1"]] == [14, 28, 42]
 
     lines = (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 36
     record = json.loads(lines[0])
-    assert {"question", "answers", "prediction", "selected_ids", "gold_doc_ids", "scores"} <= set(record)
+    assert {"question", "answers", "prediction", "selected_ids", "gold_doc_ids", "scores", "em", "f1"} <= set(record)
     assert len(record["selected_ids"]) == 3
     assert (tmp_path / "run" / "checkpoints" / "read" / "final" / "MANIFEST.json").exists()
 
@@ -141,7 +145,7 @@ def test_out_of_range_gold_id_names_the_example(tmp_path):
 
     pipeline = Pipeline(short_config(tmp_path), RecordingLogger())
     retrieval, generation = build_losses(pipeline.config)
-    trainer = ReadPhaseTrainer(pipeline.model, retrieval_loss=retrieval, generation_loss=generation)
+    trainer = ReadPhaseTrainer(pipeline.model, pipeline.config.read, retrieval_loss=retrieval, generation_loss=generation)
     scores = torch.zeros(2, pipeline.model.num_docs)
     gold = torch.tensor([[1, -1], [5, pipeline.model.num_docs]])
     with pytest.raises(DataError, match="'q-second'"):
@@ -240,7 +244,8 @@ def test_hybrid_projection_keys_retrieval_on_minilm_and_write_phase_leaves_it(tm
     trains the content and the shared map but never moves the key (so retrieval is kept)."""
     from pqa_core.builder import build_model
     from pqa_core.data import WritePhaseDataset, load_corpus, sample_data_path
-    from pqa_core.write_phase import WritePhaseTrainer
+    from pqa_core.config import WriteSettings
+    from pqa_core.write_phase import WritePhaseTrainer, prepared_objective
 
     m, d_model = 2, 64  # the tiny LLM's hidden size
     config = tiny_config(tmp_path, model={"llm": "tiny", "doc_init": "minilm", "num_memory_tokens": m,
@@ -248,6 +253,8 @@ def test_hybrid_projection_keys_retrieval_on_minilm_and_write_phase_leaves_it(tm
                          projection={"name": "hybrid"}, query_encoder={"name": "minilm"})
     corpus = load_corpus(sample_data_path("corpus.jsonl"))
     model = build_model(config, corpus, device=torch.device("cpu"))
+    dataset = WritePhaseDataset(corpus, model.tokenizer, max_length=256)
+    assert len(dataset) == 36  # no sample passage is longer than 256 tokens
     assert model.key_dims == 384 and model.doc_vectors.shape == (36, 384 + m * d_model)
     assert torch.count_nonzero(model.doc_vectors[:, 384:]) == 0
     assert torch.allclose(model.doc_vectors[:, :384].norm(dim=1), torch.ones(36), atol=1e-4)  # MiniLM, unit norm
@@ -261,8 +268,8 @@ def test_hybrid_projection_keys_retrieval_on_minilm_and_write_phase_leaves_it(tm
 
     keys, content = model.doc_vectors[:, :384].detach().clone(), model.doc_vectors[:, 384:].detach().clone()
     mlp = [p.detach().clone() for p in model.z_to_embedding.parameters()]
-    dataset = WritePhaseDataset(corpus[:4], model.tokenizer, max_length=12)
-    trainer = WritePhaseTrainer(model, lr_z=0.1, lr_projection=1e-2)
+    objective = prepared_objective("reconstruct", model, dataset.rows)
+    trainer = WritePhaseTrainer(model, WriteSettings(lr_z=0.1, lr_projection=1e-2), objective)
     batch = dataset.collate([dataset[i] for i in range(4)])
     first = trainer.train_step(batch)["loss"]
     for _ in range(5):

@@ -43,7 +43,7 @@ BROKEN = {BROKEN_EP: """
     import torch
     from torch import nn
     from pqa_core.hookspecs import hookimpl
-    from pqa_core.interfaces import Projection, RetrievalLoss, Selector
+    from pqa_core.interfaces import Projection, RetrievalLoss, Selector, WriteObjective
 
     class FlatProjection(Projection):
         '''One embedding per document: [..., d_model], not [..., num_tokens, d_model].'''
@@ -78,6 +78,15 @@ BROKEN = {BROKEN_EP: """
     class ExplodingSelector(Selector):
         def forward(self, query_vectors, doc_vectors):
             raise RuntimeError("boom")
+
+    class EveryRowObjective(WriteObjective):
+        '''Pulls every document's z, not only the batch's.'''
+        def forward(self, model, rows):
+            return model.soft_prompts(rows[:, None]).pow(2).mean() + model.doc_vectors.pow(2).mean()
+
+    @hookimpl
+    def pqa_register_write_objectives(register):
+        register("every_row", EveryRowObjective)
 
     @hookimpl
     def pqa_register_projections(register):
@@ -187,6 +196,9 @@ def test_every_kind_has_a_hook_a_config_section_and_builtins():
     ({"retrieval_loss": {"name": "vector"}},
      "retrieval_loss 'vector' (plugin pqa_broken_parts, package pqa-broken-parts 0.3) breaks its contract: "
      "retrieval_loss(scores [2, 5], gold_mask [2, 5]) returned shape (2,), expected a scalar (shape ())"),
+    ({"write_objective": {"name": "every_row"}},
+     "write_objective 'every_row' (plugin pqa_broken_parts, package pqa-broken-parts 0.3) breaks its contract: "
+     "write_objective(model, rows [0, 2]) moves the z of rows 1 and 3, which are not in the batch"),
     ({"selector": {"name": "exploding"}},
      "selector 'exploding' (plugin pqa_broken_parts, package pqa-broken-parts 0.3) raised RuntimeError: boom when "
      "called on small inputs"),
@@ -306,7 +318,9 @@ def test_load_plugins_env_matching_names_is_silent(installed_plugins, monkeypatc
 def test_components_of_a_run_name_their_plugin_package_and_version(installed_plugins):
     install(installed_plugins, BROKEN_DIST, "0.3", BROKEN)
     used = plugins.components_of_run(smoke_config(selector={"name": "ranked"}))
-    assert set(used) == {"selector", "query_encoder", "projection", "retrieval_loss", "generation_loss"}
+    assert set(used) == {"selector", "query_encoder", "projection", "retrieval_loss", "generation_loss",
+                         "write_objective"}
+    assert "write_objective" not in plugins.components_of_run(smoke_config(phases=["read", "eval"]))
     assert used["selector"] == {"name": "ranked", "plugin": BROKEN_EP, "package": BROKEN_DIST, "version": "0.3"}
     assert used["projection"]["package"] == "pqa" and used["projection"]["version"]
     assert "control" in plugins.components_of_run(PQAConfig.from_dict({"phases": ["control"]}))
@@ -396,7 +410,7 @@ def test_plugins_check_reports_each_component_and_fails_on_a_broken_one(installe
     assert "ok    selector 'ranked' (plugin pqa_broken_parts, package pqa-broken-parts 0.3)" in lines
     assert any(line.startswith("FAIL  projection 'flat' (plugin pqa_broken_parts, package pqa-broken-parts 0.3) "
                                "breaks its contract") for line in lines)
-    assert len(lines) == 6 and result.stderr == "4 of 6 component(s) break the contract\n"
+    assert len(lines) == 7 and result.stderr == "5 of 7 component(s) break the contract\n"
     ok = CliRunner().invoke(cli, ["plugin", "check", "ranked", "-p", "rank=4", "--json"])
     assert ok.exit_code == 0 and json.loads(ok.output)[0]["ok"] is True
     bad = CliRunner().invoke(cli, ["plugin", "check", "ranked", "-p", "rank=abc", "--json"])
