@@ -471,3 +471,21 @@ def test_readme_documents_every_context_parameter_and_every_kind():
         assert f"| `{name}` | {meaning} |" in readme, name
     for kind in KINDS:
         assert f"| `{kind.name}` | `{kind.hook}` |" in readme, kind.name
+
+
+def test_pqa_plugin_new_writes_a_package_pip_installs_and_pqa_checks(tmp_path):
+    made = pqa("plugin", "new", "pqa-my-selector", "--kind", "selector", "--dir", str(tmp_path))
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.splitlines()[0] == f"wrote {tmp_path / 'pqa-my-selector'}"
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+                    str(site), str(tmp_path / "pqa-my-selector")], check=True, capture_output=True, timeout=300)
+    env = {"PYTHONPATH": str(site)}
+    checked = pqa("plugins", "check", "pqa-my-selector", env=env)
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout == ("ok    selector 'my_selector' (plugin pqa_my_selector, package pqa-my-selector "
+                              "0.1.0)\n")
+    tested = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             str(tmp_path / "pqa-my-selector" / "tests")], capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(site)), timeout=600, cwd=str(tmp_path))
+    assert tested.returncode == 0 and "1 passed" in tested.stdout, tested.stdout + tested.stderr
