@@ -11,9 +11,12 @@
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import random
+import re
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -21,12 +24,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from pqa_core.atomic import sha256_file
 from pqa_core.data import _pad_id, _token_ids, pad_sequences
 from pqa_core.hookspecs import hookimpl
 from pqa_core.interfaces import WriteContext, WriteObjective
 from pqa_core.training import show_progress
 
 log = logging.getLogger(__name__)
+QUESTION_SOURCES = {"train", "cloze"}
 
 
 def _zero(model, rows: torch.Tensor) -> torch.Tensor:
@@ -68,13 +73,17 @@ class Distill(WriteObjective):
     """
 
     def __init__(self, questions: str = "train", top_k: int = 32, temperature: float = 1.0,
-                 ce_weight: float = 0.0, max_teacher_tokens: int = 512, teacher_batch_size: int = 8):
+                 ce_weight: float = 0.0, max_teacher_tokens: int = 512, teacher_batch_size: int = 8,
+                 cloze_per_doc: int = 4, teacher_adapter: str = ""):
         super().__init__()
-        if questions != "train":
-            raise ValueError(f"distill: questions={questions!r}; available: 'train'")
-        if top_k < 1 or not temperature > 0 or max_teacher_tokens < 8:
-            raise ValueError(f"distill: need top_k >= 1, temperature > 0, max_teacher_tokens >= 8; got "
-                             f"{top_k}, {temperature}, {max_teacher_tokens}")
+        sources = set(questions.split("+"))
+        if not sources or not sources <= QUESTION_SOURCES:
+            raise ValueError(f"distill: questions={questions!r}; available: {', '.join(sorted(QUESTION_SOURCES))} "
+                             f"or a '+'-joined mix")
+        if top_k < 1 or not temperature > 0 or max_teacher_tokens < 8 or cloze_per_doc < 0:
+            raise ValueError(f"distill: need top_k >= 1, temperature > 0, max_teacher_tokens >= 8, "
+                             f"cloze_per_doc >= 0; got {top_k}, {temperature}, {max_teacher_tokens}, {cloze_per_doc}")
+        self.sources, self.cloze_per_doc, self.teacher_adapter = sources, int(cloze_per_doc), teacher_adapter
         self.questions, self.top_k, self.temperature = questions, int(top_k), float(temperature)
         self.ce_weight, self.max_teacher_tokens = float(ce_weight), int(max_teacher_tokens)
         self.teacher_batch_size = int(teacher_batch_size)
@@ -86,16 +95,21 @@ class Distill(WriteObjective):
         tok = context.tokenizer
         self.pad = _pad_id(tok)
         eos = tok.eos_token_id
-        prompts = [context.prompt.replace("{question}", q.question) for q in context.questions]
+        pairs = []  # (row, question, answer)
+        if "train" in self.sources:
+            for i, question in enumerate(context.questions):
+                rows = list(context.question_rows[i])
+                holding = [r for r in rows
+                           if any(a.lower() in context.documents[r].text.lower() for a in question.answers)]
+                pairs += [(row, question.question, question.answers[0]) for row in holding or rows]
+        if "cloze" in self.sources:
+            for row, doc in enumerate(context.documents):
+                pairs += [(row, q, a) for q, a in cloze_questions(doc.text, self.cloze_per_doc,
+                                                                   seed=f"{context.seed}:{doc.doc_id}:{doc.part}")]
+        prompts = [context.prompt.replace("{question}", q) for _, q, _ in pairs]
         queries = [ids[-context.max_query_tokens:] for ids in _token_ids(tok, prompts)]
-        answers = [ids[:context.max_answer_tokens] + [eos]
-                   for ids in _token_ids(tok, [" " + q.answers[0] for q in context.questions])]
-        self.items: List[tuple] = []  # (row, query ids, answer ids)
-        for i, question in enumerate(context.questions):
-            rows = list(context.question_rows[i])
-            holding = [r for r in rows if any(a.lower() in context.documents[r].text.lower() for a in question.answers)]
-            for row in holding or rows:
-                self.items.append((row, queries[i], answers[i]))
+        answers = [ids[:context.max_answer_tokens] + [eos] for ids in _token_ids(tok, [" " + a for _, _, a in pairs])]
+        self.items: List[tuple] = [(row, q, a) for (row, _, _), q, a in zip(pairs, queries, answers)]
         self.items_of: Dict[int, List[int]] = {}
         for index, (row, _, _) in enumerate(self.items):
             self.items_of.setdefault(row, []).append(index)
@@ -118,6 +132,8 @@ class Distill(WriteObjective):
         digest.update(json.dumps({"llm": base.config.to_dict(), "top_k": self.top_k, "t": self.temperature},
                                  sort_keys=True, default=str).encode())
         digest.update(weights.detach()[:64].float().cpu().numpy().tobytes())
+        if self.teacher_adapter:
+            digest.update(sha256_file(_adapter_dir(self.teacher_adapter) / "adapter_model.safetensors").encode())
         for (_, _, answer), teacher in zip(self.items, self.teacher_inputs):
             digest.update(json.dumps([teacher, answer]).encode())
         return digest.hexdigest()[:24]
@@ -152,8 +168,7 @@ class Distill(WriteObjective):
         out: List[tuple] = []
         order = sorted(range(len(self.items)), key=lambda i: len(self.teacher_inputs[i]))
         results: Dict[int, tuple] = {}
-        adapter_off = llm.disable_adapter() if hasattr(llm, "disable_adapter") else _Nothing()
-        with adapter_off:
+        with teacher_weights(llm, self.teacher_adapter):
             for start in tqdm(range(0, len(order), self.teacher_batch_size), desc="distill teacher",
                               disable=not show_progress(), leave=False):
                 chunk = order[start:start + self.teacher_batch_size]
@@ -196,6 +211,65 @@ class Distill(WriteObjective):
 
     def last_metrics(self) -> dict:
         return dict(self._metrics)
+
+
+@contextlib.contextmanager
+def teacher_weights(llm, adapter: str):
+    """The teacher: the base LLM (adapters off), or with ``adapter`` (a LoRA adapter folder or a pqa
+    checkpoint holding one, e.g. a control's trained text reader) in place of the run's own adapter."""
+    if not adapter:
+        with (llm.disable_adapter() if hasattr(llm, "disable_adapter") else contextlib.nullcontext()):
+            yield
+        return
+    if not hasattr(llm, "load_adapter"):
+        raise ValueError("distill: teacher_adapter needs the LLM to have LoRA (model.lora.enabled=true)")
+    trainable = {name: p.requires_grad for name, p in llm.named_parameters()}
+    active = llm.active_adapter
+    llm.load_adapter(str(_adapter_dir(adapter)), adapter_name="distill_teacher")
+    try:
+        llm.set_adapter("distill_teacher")
+        yield
+    finally:
+        llm.set_adapter(active)
+        llm.delete_adapter("distill_teacher")
+        for name, p in llm.named_parameters():
+            p.requires_grad_(trainable.get(name, False))
+
+
+def _adapter_dir(path: str) -> Path:
+    """``path`` itself when it holds ``adapter_config.json``, else its (checkpoint's) ``adapter/`` folder."""
+    path = Path(path).expanduser()
+    for candidate in (path, path / "adapter"):
+        if (candidate / "adapter_config.json").exists():
+            return candidate
+    raise ValueError(f"distill: teacher_adapter={str(path)!r} holds no LoRA adapter (adapter_config.json)")
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+_SPAN = re.compile(r"\b(?:\d[\d,.]*\d|\d)\b(?:\s+(?:percent|%|million|billion|years?))?"
+                   r"|\b[A-Z][\w'\-]+(?:\s+(?:of|the|and|de|da|von|van)?\s*[A-Z][\w'\-]+)*")
+
+
+def cloze_questions(text: str, limit: int, seed: str) -> List[tuple]:
+    """Up to ``limit`` fill-in-the-blank questions about ``text``: a sentence with one name or number
+    (what SQuAD answers mostly are) blanked out, and that span as the answer. Deterministic in ``seed``."""
+    candidates = []
+    for sentence in _SENTENCE_END.split(text.strip()):
+        for match in _SPAN.finditer(sentence):
+            span = match.group(0).strip(" .,")
+            if match.start() == 0 or len(span) < 2 or len(sentence.split()) < 6:
+                continue  # a sentence's first word is capitalised anyway; short sentences say too little
+            blanked = sentence[:match.start()] + "____" + sentence[match.start() + len(span):]
+            candidates.append((f"Fill in the blank: {blanked.strip()}", span))
+    random.Random(seed).shuffle(candidates)
+    chosen, seen = [], set()
+    for question, answer in candidates:
+        if answer not in seen:
+            chosen.append((question, answer))
+            seen.add(answer)
+        if len(chosen) == limit:
+            break
+    return chosen
 
 
 def topk_kl(teacher_logp: torch.Tensor, teacher_ids: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
@@ -243,20 +317,12 @@ class Weighted(WriteObjective):
         for name, part in self.parts.items():
             loss = part(model, rows)
             total = total + self.weights[name] * loss
-            self._metrics[f"{name}_loss"] = float(loss)
+            self._metrics[f"{name}_loss"] = float(loss.detach())
             self._metrics.update({f"{name}_{k}": v for k, v in part.last_metrics().items()})
         return total
 
     def last_metrics(self) -> dict:
         return dict(self._metrics)
-
-
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @hookimpl

@@ -1,0 +1,133 @@
+"""Write objectives (reconstruct, distill, weighted), the row-wise optimizer they train z with, and a
+control's own reader training, on the tiny model and the shipped sample."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pqa_core.config import PQAConfig, WriteSettings
+from pqa_core.optim import RowwiseAdamW
+from pqa_core.pipeline import Pipeline
+from pqa_core.training import RecordingLogger
+from pqa_core.write_phase import WritePhaseTrainer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def config(tmp_path, **sections):
+    values = {"seed": 1, "output_dir": str(tmp_path / "run"),
+              "model": {"llm": "tiny", "num_memory_tokens": 2, "d_z": 0, "lora": {"r": 4}},
+              "projection": {"name": "hybrid"},
+              "write": {"epochs": 1, "eval_docs": 0, "lr_z": 0.05}, "read": {"epochs": 1}}
+    values.update(sections)
+    return PQAConfig.from_dict(values)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    return Pipeline(config(tmp_path_factory.mktemp("objectives")), RecordingLogger())
+
+
+def build(pipeline, name, **params):
+    from pqa_core import plugins
+
+    objective = plugins.build("write_objective", name, params)
+    objective.prepare(pipeline.write_context())
+    return objective
+
+
+def test_distill_computes_the_teacher_once_and_sends_gradient_to_z(pipeline):
+    objective = build(pipeline, "distill")
+    passes = objective.teacher_passes
+    assert passes >= 1 and len(objective.items) == len(pipeline.train_qa)  # one pass per batch of pairs
+    model = pipeline.model
+    model.doc_vectors.grad = None
+    rows = torch.tensor([0, 1, 2])
+    loss = objective(model, rows)
+    loss.backward()
+    grad = model.doc_vectors.grad.coalesce()
+    touched = set(grad.indices()[0].tolist())
+    assert touched == {0, 1, 2} and grad.values()[:, 384:].abs().sum() > 0  # the content part of z learns
+    for _ in range(3):  # training never runs the teacher again
+        objective(model, rows)
+    assert objective.teacher_passes == passes
+    # a second preparation (a resumed run) reads the cached targets instead of running the teacher
+    again = build(pipeline, "distill")
+    assert again.teacher_passes == 0
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(again.targets, objective.targets))
+
+
+def test_distill_loss_is_zero_when_the_student_reads_what_the_teacher_read():
+    from pqa_plugins.write_objectives import topk_kl
+
+    logits = torch.randn(5, 50)
+    logp = torch.log_softmax(logits, -1)
+    top = logp.topk(10, -1)
+    assert float(topk_kl(top.values, top.indices, logp)) == pytest.approx(0.0, abs=1e-6)
+    assert float(topk_kl(top.values, top.indices, torch.log_softmax(torch.randn(5, 50), -1))) > 0.1
+
+
+def test_cloze_questions_blank_a_span_of_the_passage():
+    from pqa_plugins.write_objectives import cloze_questions
+
+    text = "The bridge was built in 1712 by Anna Berg. It has seven arches and spans the Gamma river today."
+    questions = cloze_questions(text, 5, seed="a")
+    assert questions and questions == cloze_questions(text, 5, seed="a")
+    for question, answer in questions:
+        assert "____" in question and answer in text
+        assert question.replace("Fill in the blank: ", "").replace("____", answer) in text
+
+
+def test_weighted_objective_sums_its_parts(pipeline):
+    mixed = build(pipeline, "weighted", objectives={"reconstruct": 0.5, "distill": {"weight": 2.0, "top_k": 8}})
+    rows = torch.tensor([3, 4])
+    torch.manual_seed(0)
+    total = float(mixed(pipeline.model, rows))
+    parts = mixed.last_metrics()
+    assert total == pytest.approx(0.5 * parts["reconstruct_loss"] + 2.0 * parts["distill_loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="weight of 'distill' must be a number >= 0"):
+        build(pipeline, "weighted", objectives={"distill": -1})
+
+
+def test_rowwise_optimizer_leaves_rows_outside_the_batch_bit_identical(pipeline):
+    model = pipeline.model
+    objective = build(pipeline, "reconstruct")
+    trainer = WritePhaseTrainer(model, WriteSettings(lr_z=0.05), objective)
+    assert isinstance(trainer.optimizer, RowwiseAdamW)
+    before = model.doc_vectors.detach().clone()
+    for rows in ([0, 1], [0, 1], [2]):
+        trainer.train_step({"doc_row": torch.tensor(rows)})
+    after = model.doc_vectors.detach()
+    assert not torch.equal(after[:3], before[:3])
+    assert torch.equal(after[3:], before[3:])  # momentum never moves a document that was not in a batch
+    steps = trainer.optimizer.state[model.doc_vectors]["row_step"]
+    assert steps[:3].tolist() == [2, 2, 1] and int(steps[3:].sum()) == 0
+
+
+def test_a_controls_reader_trains_for_its_own_input(tmp_path):
+    logger = RecordingLogger()
+    cfg = config(tmp_path, phases=["control_read", "control"], control={"name": "oracle"},
+                 read={"epochs": 2, "lr_lora": 1e-2, "batch_size": 16})
+    pipeline = Pipeline(cfg, logger)
+    lora = [p.detach().clone() for p in pipeline.model.lora_parameters()]
+    result = pipeline.run()
+    losses = [v for _, v in logger.scalars["control_read.epoch_loss"]]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(lora, pipeline.model.lora_parameters()))
+    assert result["Recall@3"] == 100.0 and "F1_ci95_low" in result
+    reader = tmp_path / "run" / "checkpoints" / "control_read" / "final"
+    assert (reader / "adapter").is_dir()
+    # that reader can be pqa's distillation teacher: other targets than the plain LLM's, own weights untouched
+    own = [p.detach().clone() for p in pipeline.model.lora_parameters()]
+    plain = build(pipeline, "distill", top_k=4)
+    taught = build(pipeline, "distill", top_k=4, teacher_adapter=str(reader))
+    assert any(not torch.equal(a[0], b[0]) for a, b in zip(plain.targets, taught.targets))
+    assert all(torch.equal(a, b.detach()) for a, b in zip(own, pipeline.model.lora_parameters()))
+    assert [n for n, p in pipeline.model.llm.named_parameters() if p.requires_grad] and \
+        pipeline.model.llm.active_adapter == "default"
