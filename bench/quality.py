@@ -1,19 +1,26 @@
-"""(a) Answer quality on a SQuAD subset: pqa against its controls, same LLM, same k, same questions.
+"""(a) Answer quality: pqa against its controls, every system's reader trained the same way, with intervals.
 
-The subset: the first ``passages_per_article`` passages of the first ``articles`` articles of the SQuAD
-v1.1 dev data in ``../shared/data/squad_v1.1`` (read in place, never copied into the repository), their
-questions split per passage into train and held-out questions (``split_examples(..., "question")``:
-unseen questions about seen passages). pqa runs the ``pipeline`` phases on it with the default config
-(MiniLM-initialised doc vectors, cosine selector, MiniLM query encoder, m=4 soft tokens, LoRA r=8),
-shortened epochs: write on the subset's passages, read on the train questions, then every system
-answers the held-out questions:
+Data (read in place from ``../shared/data/squad_v1.1``, never copied into the repository):
 
-- ``pqa``: ``evaluate_qa(..., with_cost=True)``, the LLM with its read-phase LoRA;
-- each control: ``evaluate_control`` (``pqa_core.controls``), the same LLM with LoRA switched off
-  (plain SmolLM2), retrieving from the same subset passages.
+- **question split**: the first ``passages_per_article`` passages of the first ``articles`` articles; each
+  passage's questions are split into training questions and held-out questions (``split_examples(...,
+  "question")``): unseen questions about written passages.
+- **article split**: the first ``new_passages_per_article`` passages of the next ``new_articles`` articles,
+  all their questions held out. They are added to the corpus *after* every reader was trained: pqa writes
+  only the new documents' z (``write.documents=new``, reader, projection and LoRA frozen), the controls'
+  trained readers read the new passages as text. Adding documents without retraining.
 
-Same prompt template, greedy decoding, ``max_new_tokens`` and metrics for all. Latency here is at the
-evaluation batch size (16) on whatever this machine was doing; ``bench/latency.py`` measures it properly.
+Systems, same LLM, same k, same prompt, greedy decoding, the same training questions:
+
+- ``pqa`` variants (``pqa_variants``: label -> config overrides): write then read phase, as ``pqa run
+  pipeline`` runs them; in the article split their reader is reused and only the new documents are written;
+- each control in ``controls`` with its own reader: ``control_read`` (a LoRA trained on the control's own
+  input, with the read phase's epochs, batch size and learning rate), then scored;
+- each control in ``floors`` with the plain LLM (no training): the floor.
+
+Every metric has its 95% bootstrap interval; pqa's differences from closed-book and from the best text RAG
+are paired tests on the same questions. The PNG plots F1 on the article split against the new documents'
+write steps for each pqa variant, the controls as horizontal lines.
 """
 from __future__ import annotations
 
@@ -30,78 +37,85 @@ from bench import common  # noqa: E402
 
 NAME = "quality"
 SQUAD_DIR = common.REPO_ROOT.parent / "shared" / "data" / "squad_v1.1"
-CONTROLS = ("closed_book", "random_docs", "oracle", "bm25", "dense_minilm")
-# pqa ablations scored in the same run, each trained like the default: label -> config overrides
-VARIANTS = {"pqa hybrid": {"model": {"d_z": 0}, "projection": {"name": "hybrid"}}}
+TEXT_RAG = ("bm25", "dense_minilm")
+GOALS = {"oracle_f1": 50.0, "rag_ratio": 0.8, "p_value": 0.05}
+DEFAULT_VARIANTS = {"pqa": {}}
 PROFILES = {
     # tiny random LLM on the shipped sample: checks the script, measures nothing
-    "smoke": dict(llm="tiny", data="sample", articles=0, passages_per_article=0, write_epochs=2, read_epochs=1,
-                  top_k=3, max_new_tokens=4, eval_fraction=0.25, lora_controls=["bm25"], pqa_variants=VARIANTS),
-    "quick": dict(llm="smollm2-135m", data="squad", articles=2, passages_per_article=4, write_epochs=4,
-                  read_epochs=1, top_k=3, max_new_tokens=24, eval_fraction=0.25, lora_controls=["bm25"]),
-    # write 30 epochs as pqa's default: 90 updates per passage, the budget (f) shows hybrid needs to rebuild them
-    "full": dict(llm="smollm2-135m", data="squad", articles=3, passages_per_article=8, write_epochs=30,
-                 read_epochs=3, top_k=3, max_new_tokens=24, eval_fraction=0.25,
-                 lora_controls=["closed_book", "oracle", "bm25", "dense_minilm"], pqa_variants=VARIANTS),
+    "smoke": dict(llm="tiny", data="sample", articles=0, passages_per_article=0, new_articles=0,
+                  new_passages_per_article=0, eval_fraction=0.25, top_k=3, max_new_tokens=4,
+                  controls=["closed_book", "oracle", "bm25"], floors=["closed_book"],
+                  pqa_variants={"pqa": {"write": {"epochs": 1}}},
+                  new_write_epochs=2, overrides={"model": {"num_memory_tokens": 2, "lora": {"r": 4}},
+                                                 "read": {"epochs": 1}}),
+    "quick": dict(llm="smollm2-135m", data="squad", articles=8, passages_per_article=4, new_articles=2,
+                  new_passages_per_article=4, eval_fraction=0.45, top_k=3, max_new_tokens=24,
+                  controls=["closed_book", "oracle", "dense_minilm"], floors=["closed_book"],
+                  pqa_variants=DEFAULT_VARIANTS, new_write_epochs=3, overrides={}),
+    "full": dict(llm="smollm2-135m", data="squad", articles=24, passages_per_article=5, new_articles=6,
+                 new_passages_per_article=5, eval_fraction=0.45, top_k=3, max_new_tokens=24,
+                 controls=["closed_book", "oracle", "dense_minilm"], floors=["closed_book", "oracle"],
+                 pqa_variants=DEFAULT_VARIANTS, new_write_epochs=4, overrides={}),
 }
 
 
-def squad_subset(out_dir: Path, articles: int, passages_per_article: int, eval_fraction: float, seed: int = 0,
-                 squad_dir: Path = SQUAD_DIR):
-    """Write ``corpus.jsonl``, ``train.jsonl``, ``eval.jsonl`` of the subset into ``out_dir``; returns their paths
-    and a description. Passages keep their SQuAD doc ids; questions keep their ids."""
-    from pqa_core.data import load_corpus, load_qa, split_examples
-
-    if not (squad_dir / "corpus.jsonl").exists():
-        raise FileNotFoundError(f"SQuAD v1.1 data not found in {squad_dir} (corpus.jsonl, qa.jsonl)")
-    corpus = load_corpus(squad_dir / "corpus.jsonl")
-    titles, picked = [], []
-    for doc in corpus:
-        if doc.title not in titles:
-            if len(titles) == articles:
-                continue
-            titles.append(doc.title)
-        if sum(d.title == doc.title for d in picked) < passages_per_article:
-            picked.append(doc)
-    keep = {d.doc_id for d in picked}
-    questions = [q for q in load_qa(squad_dir / "qa.jsonl", corpus) if set(q.gold_doc_ids) <= keep]
-    train, held_out = split_examples(questions, "question", eval_fraction=eval_fraction, seed=seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"corpus": out_dir / "corpus.jsonl", "qa": out_dir / "train.jsonl", "eval_qa": out_dir / "eval.jsonl"}
-    with open(paths["corpus"], "w", encoding="utf-8") as handle:
-        for d in picked:
-            handle.write(json.dumps({"doc_id": d.doc_id, "title": d.title, "text": d.text}, ensure_ascii=False) + "\n")
-    for key, items in (("qa", train), ("eval_qa", held_out)):
-        with open(paths[key], "w", encoding="utf-8") as handle:
-            for q in items:
-                handle.write(json.dumps({"id": q.id, "question": q.question, "answers": q.answers,
-                                         "gold_doc_ids": q.gold_doc_ids}, ensure_ascii=False) + "\n")
-    about = {"articles": titles, "passages": len(picked), "train_questions": len(train),
-             "eval_questions": len(held_out)}
-    return {k: str(v) for k, v in paths.items()}, about
+# --------------------------------------------------------------------------- data
+def _write_jsonl(path: Path, rows) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return str(path)
 
 
-def data_paths(params: dict, tmp: Path):
-    if params["data"] == "sample":
-        about = {"articles": ["pqa sample (invented)"], "passages": 36, "train_questions": 108, "eval_questions": 36}
-        return {"corpus": "sample:corpus.jsonl", "qa": "sample:qa_train.jsonl", "eval_qa": "sample:qa_eval.jsonl"}, about
-    return squad_subset(tmp / "squad_subset", params["articles"], params["passages_per_article"],
-                        params["eval_fraction"])
+def _doc(d):
+    return {"doc_id": d.doc_id, "title": d.title, "text": d.text}
 
 
-def pqa_config(params: dict, data: dict, output_dir: str, overrides: dict | None = None):
-    from pqa_core.config import PQAConfig
-
-    return PQAConfig.from_dict(_merged({
-        "seed": 0, "output_dir": output_dir, "phases": ["write", "read"],
-        "model": {"llm": params["llm"], "device": "cpu"},
-        "data": data,
-        "write": {"epochs": params["write_epochs"], "eval_every": params["write_epochs"], "eval_docs": 8},
-        "read": {"epochs": params["read_epochs"], "top_k": params["top_k"], "eval_every": 0},
-        "eval": {"max_new_tokens": params["max_new_tokens"]},
-    }, overrides or {}))
+def _question(q):
+    return {"id": q.id, "question": q.question, "answers": q.answers, "gold_doc_ids": q.gold_doc_ids}
 
 
+def _first_passages(corpus, titles, per_article):
+    return [d for t in titles for d in [d for d in corpus if d.title == t][:per_article]]
+
+
+def build_splits(params: dict, out_dir: Path, squad_dir: Path = SQUAD_DIR):
+    """Files of both splits in ``out_dir``: ``corpus``, ``qa`` (training), ``eval_qa`` (held-out) of the
+    question split; ``grown_corpus`` (its passages + the new ones) and ``new_eval_qa`` of the article split."""
+    from pqa_core.data import load_corpus, load_qa, sample_data_path, split_examples
+
+    if params["data"] == "sample":  # the sample's passages are one-article each: the last 8 play the new articles
+        corpus = load_corpus(sample_data_path("corpus.jsonl"))
+        questions = load_qa(sample_data_path("qa_train.jsonl"), corpus) + load_qa(sample_data_path("qa_eval.jsonl"),
+                                                                                   corpus)
+        old, new = corpus[:28], corpus[28:]
+    else:
+        if not (squad_dir / "corpus.jsonl").exists():
+            raise FileNotFoundError(f"SQuAD v1.1 data not found in {squad_dir} (corpus.jsonl, qa.jsonl)")
+        corpus = load_corpus(squad_dir / "corpus.jsonl")
+        questions = load_qa(squad_dir / "qa.jsonl", corpus)
+        titles = list(dict.fromkeys(d.title for d in corpus))
+        a, b = params["articles"], params["new_articles"]
+        old = _first_passages(corpus, titles[:a], params["passages_per_article"])
+        new = _first_passages(corpus, titles[a:a + b], params["new_passages_per_article"])
+    old_ids, new_ids = {d.doc_id for d in old}, {d.doc_id for d in new}
+    train, held_out = split_examples([q for q in questions if set(q.gold_doc_ids) <= old_ids], "question",
+                                     eval_fraction=params["eval_fraction"], seed=0)
+    new_questions = [q for q in questions if set(q.gold_doc_ids) <= new_ids]
+    paths = {"corpus": _write_jsonl(out_dir / "corpus.jsonl", map(_doc, old)),
+             "qa": _write_jsonl(out_dir / "train.jsonl", map(_question, train)),
+             "eval_qa": _write_jsonl(out_dir / "eval.jsonl", map(_question, held_out)),
+             "grown_corpus": _write_jsonl(out_dir / "grown_corpus.jsonl", map(_doc, old + new)),
+             "new_eval_qa": _write_jsonl(out_dir / "new_eval.jsonl", map(_question, new_questions))}
+    about = {"articles": sorted({d.title for d in old}, key=[d.title for d in old].index),
+             "new_articles": sorted({d.title for d in new}, key=[d.title for d in new].index),
+             "passages": len(old), "new_passages": len(new), "train_questions": len(train),
+             "eval_questions": len(held_out), "new_eval_questions": len(new_questions)}
+    return paths, about
+
+
+# --------------------------------------------------------------------------- systems
 def _merged(base: dict, overrides: dict) -> dict:
     out = dict(base)
     for key, value in overrides.items():
@@ -109,160 +123,290 @@ def _merged(base: dict, overrides: dict) -> dict:
     return out
 
 
-def trained_pqa(params: dict, data: dict, output_dir: str, overrides: dict | None = None):
-    """Run pqa's write and read phases on the subset; returns (pipeline, training facts)."""
+def run_config(params: dict, data: dict, output_dir: Path, *overrides: dict):
+    from pqa_core.config import PQAConfig
+
+    values = {"seed": 0, "output_dir": str(output_dir), "model": {"llm": params["llm"], "device": "cpu"},
+              "data": {"corpus": data["corpus"], "qa": data["qa"], "eval_qa": data["eval_qa"]},
+              "read": {"top_k": params["top_k"], "eval_every": 0},
+              "eval": {"max_new_tokens": params["max_new_tokens"]}}
+    for extra in (params.get("overrides") or {},) + overrides:
+        values = _merged(values, extra)
+    return PQAConfig.from_dict(values)
+
+
+def _scored(metrics: dict, predictions: Path, seconds: float, **extra) -> dict:
+    from pqa_core.stats import read_predictions
+
+    records = read_predictions(predictions)
+    return {"metrics": metrics, "seconds": seconds, "per_question": {
+        qid: {k: r[k] for k in ("em", "f1", "substring")} for qid, r in records.items()}, **extra}
+
+
+def control_row(params, data, tmp: Path, name: str, trained: bool, llm):
+    """A control scored on both splits: with its own trained reader, or with the plain LLM."""
+    from pqa_core.controls import build_control, evaluate_control
     from pqa_core.pipeline import Pipeline
     from pqa_core.training import RecordingLogger
 
-    config = pqa_config(params, data, output_dir, overrides)
+    label = f"{name} (trained reader)" if trained else f"{name} (plain LLM)"
+    folder = tmp / label.replace(" ", "_").replace("(", "").replace(")", "")
+    config = run_config(params, data, folder, {"control": {"name": name},
+                                               "phases": ["control_read", "control"] if trained else ["control"]})
     logger = RecordingLogger()
-    t0 = time.perf_counter()
-    pipeline = Pipeline(config, logger)
-    pipeline.run()
+    start = time.perf_counter()
+    pipeline = Pipeline(config, logger, llm_and_tokenizer=llm())
+    metrics = pipeline.run()
+    row = _scored(metrics, folder / "predictions.jsonl", time.perf_counter() - start,
+                  reader_losses=[v for _, v in logger.scalars.get("control_read.epoch_loss", [])])
+    # the article split: the same reader, the corpus grown by the new passages
+    from pqa_core.data import load_corpus, load_qa
+
+    grown = load_corpus(data["grown_corpus"])
+    control = build_control(config.control, grown, pipeline.tokenizer)
+    new_questions = load_qa(data["new_eval_qa"], grown)
+    start = time.perf_counter()
+    path = folder / "new_predictions.jsonl"
+    new_metrics = evaluate_control(pipeline.model, control, new_questions, top_k=params["top_k"],
+                                   batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens,
+                                   prompt=config.data.prompt, predictions_path=str(path))
+    row["new"] = _scored(new_metrics, path, time.perf_counter() - start)
+    return label, row
+
+
+def pqa_row(params, data, tmp: Path, label: str, overrides: dict, llm):
+    """A pqa variant: write + read on the question split, then the new documents written with its reader."""
+    from pqa_core.pipeline import Pipeline
+    from pqa_core.training import RecordingLogger
+
+    folder = tmp / label.replace(" ", "_")
+    config = run_config(params, data, folder, {"phases": ["write", "read", "eval"]}, overrides)
+    logger = RecordingLogger()
+    start = time.perf_counter()
+    pipeline = Pipeline(config, logger, llm_and_tokenizer=llm())
+    metrics = pipeline.run()
     k = params["top_k"]
-    write_acc = [v for _, v in logger.scalars.get("write.greedy_token_acc", [])]
-    return pipeline, {"seconds": time.perf_counter() - t0, "overrides": overrides or {},
-                      "write_greedy_token_acc_last": write_acc[-1] if write_acc else None,
-                      "read_recall_per_epoch": [v for _, v in logger.scalars.get(f"read.eval_Recall@{k}", [])],
-                      "recall_before_write": logger.info.get(f"Recall@{k}_before_read"),
-                      "timings_s": dict(pipeline.timings)}
+    row = _scored(metrics, folder / "predictions.jsonl", time.perf_counter() - start, overrides=overrides,
+                  training={"recall_before_write": logger.info.get(f"Recall@{k}_before_write"),
+                            "recall_after_write": logger.info.get(f"Recall@{k}_after_write"),
+                            "write_loss_per_epoch": [v for _, v in logger.scalars.get("write.epoch_loss", [])],
+                            "greedy_token_acc": [v for _, v in logger.scalars.get("write.greedy_token_acc", [])],
+                            "timings_s": dict(pipeline.timings), "documents": logger.info.get("documents")})
+    # the article split: the trained run's reader and documents, the new documents' z written
+    new_folder = folder.with_name(folder.name + "_new")
+    epochs = params["new_write_epochs"]
+    new_config = run_config(params, data, new_folder, overrides, {
+        "phases": ["write", "eval"], "init_from": str(folder),
+        "data": {"corpus": data["grown_corpus"], "eval_qa": data["new_eval_qa"]},
+        "write": {"epochs": epochs, "documents": "new", "train_projection": False, "train_lora": False,
+                  "eval_qa_every": 1, "eval_docs": 0}})
+    new_logger = RecordingLogger()
+    start = time.perf_counter()
+    new_pipeline = Pipeline(new_config, new_logger, llm_and_tokenizer=llm())
+    before = new_pipeline.evaluate_eval_questions()
+    new_metrics = new_pipeline.run()
+    steps_per_epoch = -(-len(new_pipeline.new_rows) // new_config.write.batch_size)
+    curve = [{"write_steps": 0, "F1": before["F1"], "F1_ci95_low": before["F1_ci95_low"],
+              "F1_ci95_high": before["F1_ci95_high"]}]
+    series = {name: dict(new_logger.scalars.get(f"write.eval_{name}", [])) for name in
+              ("F1", "F1_ci95_low", "F1_ci95_high")}
+    for step in sorted(series["F1"]):
+        curve.append({"write_steps": step, **{name: series[name][step] for name in series}})
+    row["new"] = _scored(new_metrics, new_folder / "predictions.jsonl", time.perf_counter() - start,
+                         curve=curve, steps_per_epoch=steps_per_epoch, new_documents=len(new_pipeline.new_rows))
+    return label, row
 
 
+# --------------------------------------------------------------------------- comparisons and goals
+def paired(rows: dict, a: str, b: str, split: str = "question") -> dict:
+    from pqa_core.stats import compare_records
+
+    pick = (lambda r: r["per_question"]) if split == "question" else (lambda r: r["new"]["per_question"])
+    out = {c.metric: c.to_dict() for c in compare_records(pick(rows[a]), pick(rows[b]), names=(a, b))}
+    return out
+
+
+def comparisons(rows: dict, variants) -> dict:
+    """Paired tests: each pqa variant against closed-book and the best text RAG, both splits."""
+    out = {}
+    closed = next((n for n in rows if n.startswith("closed_book (trained")), None)
+    rag = best_text_rag(rows)
+    for variant in variants:
+        for other in (closed, rag):
+            if other is None:
+                continue
+            for split in ("question", "article"):
+                out[f"{variant} vs {other} [{split} split]"] = paired(rows, variant, other, split)
+    return out
+
+
+def best_text_rag(rows: dict, split: str = "question"):
+    candidates = [n for n in rows if n.split(" ")[0] in TEXT_RAG and "trained" in n]
+    pick = (lambda n: rows[n]["metrics"]["F1"]) if split == "question" else (lambda n: rows[n]["new"]["metrics"]["F1"])
+    return max(candidates, key=pick) if candidates else None
+
+
+def goals_of(rows: dict, compared: dict, variants) -> dict:
+    pqa = "pqa" if "pqa" in rows else next(iter(variants))
+    closed = next((n for n in rows if n.startswith("closed_book (trained")), None)
+    oracle = next((n for n in rows if n.startswith("oracle (trained")), None)
+    rag = best_text_rag(rows)
+    goals = {}
+    if oracle:
+        value = rows[oracle]["metrics"]["F1"]
+        goals["oracle"] = {"metric": "oracle reader F1 (held-out questions)", "target": f">= {GOALS['oracle_f1']:.0f}",
+                           "value": value, "met": value >= GOALS["oracle_f1"]}
+    if closed:
+        test = compared[f"{pqa} vs {closed} [question split]"]["F1"]
+        goals["above_closed_book"] = {
+            "metric": f"{pqa} F1 - closed-book F1 (trained readers), paired p-value", "target": "> 0, p < 0.05",
+            "value": test["p_value"], "difference": 100 * test["difference"],
+            "met": test["difference"] > 0 and test["p_value"] < GOALS["p_value"]}
+    if rag:
+        value = rows[pqa]["metrics"]["F1"] / rows[rag]["metrics"]["F1"] if rows[rag]["metrics"]["F1"] else None
+        goals["rag_ratio"] = {"metric": f"{pqa} F1 / best text-RAG F1 ({rag})", "target": f">= {GOALS['rag_ratio']}",
+                              "value": value, "met": value is not None and value >= GOALS["rag_ratio"]}
+    return goals
+
+
+# --------------------------------------------------------------------------- run
 @common.isolated
 def run(profile: str = "full", command: str | None = None, threads: int | None = common.DEFAULT_THREADS,
-        **overrides) -> dict:
-    from pqa_core.controls import build_control, evaluate_control
-    from pqa_core.evaluation import evaluate_qa
+        out_dir: str | None = None, **overrides) -> dict:
+    from pqa_core.llm import load_llm
 
     bench = common.Bench(NAME, profile, PROFILES, overrides, threads, command)
     params = bench.params
+    loaded = {}
+
+    def llm():  # one load, a fresh copy of the weights per system (each trains its own LoRA)
+        import copy
+
+        if "pair" not in loaded:
+            loaded["pair"] = load_llm(params["llm"])
+        model, tokenizer = loaded["pair"]
+        return copy.deepcopy(model), tokenizer
+
+    rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        data, about = data_paths(params, Path(tmp))
-        pipeline, training = trained_pqa(params, data, str(Path(tmp) / "run"))
-        config = pipeline.config
-        k, e = params["top_k"], config.eval
-        rows = {}
-        llm = pipeline.model.llm
-
-        def scored(name, fn):
-            path = Path(tmp) / f"{len(rows)}.jsonl"
-            t0 = time.perf_counter()
-            rows[name] = fn(str(path))
-            rows[name]["seconds"] = time.perf_counter() - t0
-            answers = [json.loads(line)["prediction"] for line in path.read_text(encoding="utf-8").splitlines()]
-            lengths = pipeline.tokenizer(answers, add_special_tokens=False)["input_ids"] if answers else []
-            rows[name]["answer_tokens_per_question"] = sum(map(len, lengths)) / max(len(answers), 1)
-
-        scored("pqa", lambda path: evaluate_qa(pipeline.model, pipeline.eval_dataset, top_k=k,
-                                               batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
-                                               with_cost=True, predictions_path=path))
-        # controls read with the plain LLM, then (text RAG only) with the LoRA pqa's read phase trained: that
-        # LoRA learnt the answer format (short span, then EOS), which F1 and EM reward
-        variants = [(name, False) for name in CONTROLS]
-        if hasattr(llm, "disable_adapter"):
-            variants += [(name, True) for name in params["lora_controls"]]
-        for name, with_lora in variants:
-            control = build_control({"name": name}, pipeline.corpus, pipeline.tokenizer)
-            with (_nothing() if with_lora else llm.disable_adapter() if hasattr(llm, "disable_adapter")
-                  else _nothing()):
-                scored(f"{name} +LoRA" if with_lora else name,
-                       lambda path: evaluate_control(pipeline.model, control, pipeline.eval_qa, top_k=k,
-                                                     batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
-                                                     prompt=config.data.prompt, predictions_path=path))
-        variants_training = {}
-        for label, overrides in (params.get("pqa_variants") or {}).items():
-            pipeline, variants_training[label] = trained_pqa(params, data, str(Path(tmp) / label.replace(" ", "_")),
-                                                             overrides)
-            scored(label, lambda path: evaluate_qa(pipeline.model, pipeline.eval_dataset, top_k=k,
-                                                   batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
-                                                   with_cost=True, predictions_path=path))
-    text_rags = [n for n in rows if n.split(" ")[0] in ("bm25", "dense_minilm")]
-    goals = {}
-    for metric in ("F1", "substring"):
-        best = max(text_rags, key=lambda n: rows[n][metric])
-        value = rows["pqa"][metric] / rows[best][metric] if rows[best][metric] else None
-        goals[metric] = {"metric": f"pqa {metric} / best text-RAG {metric} ({best}), k={k}", "target": ">= 0.8",
-                         "value": value, "met": value is not None and value >= 0.8}
-    return bench.finish({
-        "data": about, "rows": rows,
-        "pqa_training": training, "pqa_variants_training": variants_training,
-        "goals": goals,
-    })
+        tmp = Path(tmp)
+        data, about = build_splits(params, tmp / "data")
+        for label, variant in params["pqa_variants"].items():
+            name, row = pqa_row(params, data, tmp, label, variant, llm)
+            rows[name] = row
+        for name in params["controls"]:
+            label, row = control_row(params, data, tmp, name, True, llm)
+            rows[label] = row
+        for name in params["floors"]:
+            label, row = control_row(params, data, tmp, name, False, llm)
+            rows[label] = row
+    variants = list(params["pqa_variants"])
+    compared = comparisons(rows, variants)
+    result = bench.finish({"data": about, "rows": rows, "comparisons": compared,
+                           "goals": goals_of(rows, compared, variants)})
+    if out_dir:
+        plot(result, Path(out_dir) / "quality_write_curve.png")
+    return result
 
 
-class _nothing:
-    def __enter__(self):
-        return self
+def plot(result: dict, path: Path):
+    """F1 on the article split against the new documents' write steps; controls as horizontal lines."""
+    try:
+        import matplotlib
 
-    def __exit__(self, *exc):
-        return False
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label in result["params"]["pqa_variants"]:
+        curve = result["rows"][label]["new"]["curve"]
+        steps = [c["write_steps"] for c in curve]
+        ax.plot(steps, [c["F1"] for c in curve], marker="o", label=label)
+        ax.fill_between(steps, [c["F1_ci95_low"] for c in curve], [c["F1_ci95_high"] for c in curve], alpha=0.15)
+    styles = iter(["--", ":", "-.", (0, (5, 1)), (0, (1, 3))])
+    for name, row in result["rows"].items():
+        if name in result["params"]["pqa_variants"]:
+            continue
+        ax.axhline(row["new"]["metrics"]["F1"], linestyle=next(styles, "--"), color="grey", linewidth=1)
+        ax.text(0, row["new"]["metrics"]["F1"], f" {name}", fontsize=7, va="bottom", color="dimgrey")
+    ax.set_xlabel("write steps on the new documents (reader frozen)")
+    ax.set_ylabel("F1 on the new articles' questions")
+    ax.set_title("(a) article split: documents added after training")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- markdown
+def _cell(metrics: dict, name: str) -> str:
+    return f"{metrics[name]:.1f} [{metrics[f'{name}_ci95_low']:.1f}, {metrics[f'{name}_ci95_high']:.1f}]"
 
 
 def markdown(result: dict) -> str:
-    p, d, t, goals = result["params"], result["data"], result["pqa_training"], result["goals"]
-    k, rows = p["top_k"], result["rows"]
-    table = common.md_table(
-        ["system", "EM", "F1", "substring", f"Recall@{k}", "prompt tokens/q", "answer tokens/q",
-         "latency ms/q (batch 16)"],
-        [[f"**{name}**" if name == "pqa" else name, f"{r['EM']:.1f}", f"{r['F1']:.1f}", f"{r['substring']:.1f}",
-          f"{r[f'Recall@{k}']:.1f}", f"{r['prompt_tokens_per_question']:.0f}",
-          f"{r['answer_tokens_per_question']:.1f}", f"{r['latency_ms_per_question']:.0f}"]
-         for name, r in result["rows"].items()])
-    acc = t["write_greedy_token_acc_last"]
-    recall = ", ".join(f"{v:.0f}" for v in t["read_recall_per_epoch"])
-    before = t.get("recall_before_write")
-
-    def verdict(g):
-        value = "n/a" if g["value"] is None else f"{g['value']:.2f}"
-        return f"{g['metric']}: **{value}** (goal >= 0.8: **{common.verdict(g['met'])}**)"
-
-    return common.section("(a) Answer quality: pqa vs controls on a SQuAD subset", result, "\n".join([
-        (f"Data: the shipped sample ({d['passages']} invented passages), " if p["data"] == "sample" else
-         f"Data: {d['passages']} passages ({', '.join(d['articles'])}; the first {p['passages_per_article']} of each "
-         f"article) of SQuAD v1.1 dev, their questions split per passage: ")
-        + f"{d['train_questions']} train (read phase), "
-        f"**{d['eval_questions']} held-out questions scored**. LLM `{p['llm']}`, k={k} for every system, greedy, at most "
-        f"{p['max_new_tokens']} new tokens, prompt `Question: ...\\nAnswer:` (controls put `Context: <passages>\\n` "
-        f"before it), retrieval over the same {d['passages']} passages. pqa: default config, write "
-        f"{p['write_epochs']} epochs (greedy reconstruction token accuracy at the end: "
-        f"{'n/a' if acc is None else f'{100 * acc:.1f}%'}), read {p['read_epochs']} epochs (Recall@{k} on the "
-        f"held-out questions: {'n/a' if before is None else f'{before:.0f}'} before the write phase, {recall} after "
-        f"each read epoch); training took {t['seconds'] / 60:.1f} min. Controls read with the plain LLM (pqa's LoRA "
-        f"switched off); `+LoRA` rows read with the LoRA pqa's read phase trained, which learnt the answer format "
-        f"(a short span, then EOS). \"answer tokens/q\" is the length of the decoded answers: the plain instruct "
-        f"model answers in sentences, which EM and F1 punish and substring does not.",
+    p, d, rows, k = result["params"], result["data"], result["rows"], result["params"]["top_k"]
+    headers = ["system", "EM", "F1 [95% CI]", "substring", f"Recall@{k}", "prompt tokens/q", "minutes",
+               "article split: F1 [95% CI]", f"Recall@{k}"]
+    table = []
+    for name, row in rows.items():
+        m, n = row["metrics"], row["new"]["metrics"]
+        tokens = m.get("prompt_tokens_per_question")
+        table.append([f"**{name}**" if name in p["pqa_variants"] else name, f"{m['EM']:.1f}", _cell(m, "F1"),
+                      f"{m['substring']:.1f}", f"{m[f'Recall@{k}']:.0f}", "" if tokens is None else f"{tokens:.0f}",
+                      f"{(row['seconds'] + row['new']['seconds']) / 60:.1f}", _cell(n, "F1"), f"{n[f'Recall@{k}']:.0f}"])
+    tests = []
+    for label, by_metric in result["comparisons"].items():
+        f1 = by_metric["F1"]
+        tests.append([label, f"{100 * f1['difference']:+.1f} [{100 * f1['low']:+.1f}, {100 * f1['high']:+.1f}]",
+                      f"{f1['p_value']:.3g}", "**yes**" if f1["significant"] else "no"])
+    goal_lines = []
+    for g in result["goals"].values():
+        value = "n/a" if g["value"] is None else f"{g['value']:.3g}"
+        extra = f" (difference {g['difference']:+.1f} F1)" if "difference" in g else ""
+        goal_lines.append(f"- {g['metric']}: **{value}**{extra}, goal {g['target']}: **{common.verdict(g['met'])}**")
+    training = []
+    for label in p["pqa_variants"]:
+        t = rows[label]["training"]
+        acc = t["greedy_token_acc"][-1] if t["greedy_token_acc"] else None
+        losses = ", ".join(f"{v:.2f}" for v in t["write_loss_per_epoch"])
+        training.append(f"- `{label}` (`{json.dumps(rows[label]['overrides'])}`): write loss per epoch {losses}; "
+                        f"greedy reconstruction {'n/a' if acc is None else f'{100 * acc:.0f}%'}; Recall@{k} "
+                        f"{t['recall_before_write']:.0f} before the write phase, {t['recall_after_write']:.0f} after; "
+                        f"phases {', '.join(f'{ph} {s / 60:.1f} min' for ph, s in t['timings_s'].items())}.")
+    return common.section("(a) Answer quality: pqa vs controls, readers trained alike, with intervals", result, "\n".join([
+        f"Data: **question split** {d['passages']} passages of {len(d['articles'])} articles of SQuAD v1.1 dev (the "
+        f"first {p['passages_per_article']} of each), their questions split per passage: {d['train_questions']} "
+        f"training questions, **{d['eval_questions']} held-out questions scored**. **Article split**: "
+        f"{d['new_passages']} passages of {len(d['new_articles'])} further articles added after training, "
+        f"**{d['new_eval_questions']} questions**; pqa writes only the new documents' z ({p['new_write_epochs']} "
+        f"epochs, reader frozen), the controls' readers read the new passages as text." if p["data"] != "sample" else
+        f"Data: the shipped sample ({d['passages']} + {d['new_passages']} invented passages).",
         "",
-        table,
+        f"LLM `{p['llm']}`, k={k} for every system, greedy, at most {p['max_new_tokens']} new tokens. "
+        f"\"trained reader\": a LoRA trained on the same {d['train_questions']} questions with the read phase's "
+        f"settings, reading the system's own input (pqa: soft tokens; oracle: the gold passage; text RAG: the "
+        f"top-{k} passages; closed book: nothing). \"plain LLM\": no training, the floor. Intervals: 95% bootstrap "
+        f"over questions.",
         "",
-        f"- {verdict(goals['F1'])}",
-        f"- {verdict(goals['substring'])}",
-    ] + [_variant_line(label, v, k) for label, v in (result.get("pqa_variants_training") or {}).items()] + ([
-        f"- What pqa's documents add: pqa vs `closed_book +LoRA` (the same LoRA-trained LLM with no documents): "
-        f"F1 {rows['pqa']['F1']:.1f} vs {rows['closed_book +LoRA']['F1']:.1f}, substring "
-        f"{rows['pqa']['substring']:.1f} vs {rows['closed_book +LoRA']['substring']:.1f}.",
-    ] if "closed_book +LoRA" in rows else []) + [
+        common.md_table(headers, table),
         "",
-        "A CPU-sized budget (minutes of write phase on 64-token passage prefixes, a short read phase): pqa's documents "
-        "hold only what the write phase put in them, so this is a floor for pqa, not its ceiling. Latency: see (b).",
+        "Paired tests (F1, same questions; difference in points [95% CI], sign-flip permutation p-value):",
+        "",
+        common.md_table(["comparison", "F1 difference", "p", "p < 0.05"], tests),
+        "",
+        *goal_lines,
+        *training,
+        "",
+        "![F1 against write steps on the article split](results/quality_write_curve.png)"
+        if p["data"] != "sample" else "",
     ]))
 
 
-def _variant_line(label: str, training: dict, k: int) -> str:
-    """One bullet on how a pqa ablation row was trained: its overrides, reconstruction, Recall per epoch."""
-    from pqa_experiments.runs import flatten
-
-    overrides = " ".join(f"{key}={value}" for key, value in flatten(training["overrides"]).items())
-    acc = training["write_greedy_token_acc_last"]
-    before = training.get("recall_before_write")
-    return (f"- `{label}`: pqa `with {overrides}`, trained like the default: greedy reconstruction token accuracy "
-            f"{'n/a' if acc is None else f'{100 * acc:.1f}%'}, Recall@{k} "
-            f"{'n/a' if before is None else f'{before:.0f}'} before the write phase, "
-            f"{', '.join(f'{v:.0f}' for v in training['read_recall_per_epoch'])} after each read epoch; "
-            f"training took {training['seconds'] / 60:.1f} min.")
-
-
 def main(argv=None) -> int:
-    return common.script_main(sys.modules[__name__], argv)
+    return common.script_main(sys.modules[__name__], argv, run_kwargs=lambda args, out: {"out_dir": str(out)})
 
 
 if __name__ == "__main__":

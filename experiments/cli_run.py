@@ -96,8 +96,16 @@ def preflight(ex, updates, named_configs):
     corpus = load_corpus(resolve_data_path(config.data.corpus))
     load_qa(resolve_data_path(config.data.qa), corpus)
     load_qa(resolve_data_path(config.data.eval_qa), corpus)
-    for checkpoint in checkpoints_to_load(config):  # init_from's and resume's: torn, corrupt, other model
-        check_loadable(checkpoint, config.to_dict(), len(corpus))
+    checkpoints = checkpoints_to_load(config)
+    if checkpoints:  # init_from's and resume's: torn, corrupt, other model or size
+        from pqa_core.data import split_passages
+        from pqa_core.llm import load_tokenizer
+
+        rows = split_passages(corpus, load_tokenizer(config.model.llm), config.data.max_doc_tokens).documents
+        row_ids = [[d.doc_id, d.part] for d in rows]
+        for index, checkpoint in enumerate(checkpoints):
+            grow = bool(config.init_from) and index == 0  # init_from's may start a larger corpus
+            check_loadable(checkpoint, config.to_dict(), len(rows), row_ids=row_ids, grow=grow)
     return config
 
 

@@ -109,7 +109,9 @@ class Distill(WriteObjective):
         prompts = [context.prompt.replace("{question}", q) for _, q, _ in pairs]
         queries = [ids[-context.max_query_tokens:] for ids in _token_ids(tok, prompts)]
         answers = [ids[:context.max_answer_tokens] + [eos] for ids in _token_ids(tok, [" " + a for _, _, a in pairs])]
-        self.items: List[tuple] = [(row, q, a) for (row, _, _), q, a in zip(pairs, queries, answers)]
+        training = None if context.train_rows is None else set(context.train_rows)
+        self.items: List[tuple] = [(row, q, a) for (row, _, _), q, a in zip(pairs, queries, answers)
+                                   if training is None or row in training]
         self.items_of: Dict[int, List[int]] = {}
         for index, (row, _, _) in enumerate(self.items):
             self.items_of.setdefault(row, []).append(index)

@@ -107,6 +107,38 @@ def key_context(context: dict, projection) -> dict:
     return {**context, "d_z": key_dims, "output_dim": key_dims}
 
 
+def keyword_content(documents: List[Document], llm, tokenizer, num_tokens: int) -> torch.Tensor:
+    """``[N, num_tokens * d_model]``: each document's most salient words (``keywords.salient_token_ids``)
+    as the LLM's input embeddings, zero where a document has fewer."""
+    from .keywords import salient_token_ids
+
+    weight = llm.get_input_embeddings().weight.detach().float().cpu()
+    content = torch.zeros(len(documents), num_tokens, weight.shape[1])
+    for row, ids in enumerate(salient_token_ids([d.text for d in documents], tokenizer, num_tokens)):
+        if ids:
+            content[row, :len(ids)] = weight[torch.tensor(ids)]
+    return content.reshape(len(documents), -1)
+
+
+def apply_content_init(config: PQAConfig, table: torch.Tensor, documents, llm, tokenizer, key_dims: int,
+                       d_z: int) -> torch.Tensor:
+    """``model.content_init``: the soft-token part of z (after the retrieval key, or all of a keyless z)."""
+    name = config.model.content_init
+    if name == "zero":
+        return table
+    if name != "keywords":
+        raise UsageError(f"model.content_init must be 'zero' or 'keywords', got {name!r}")
+    start = key_dims if key_dims < d_z else 0
+    m, width = config.model.num_memory_tokens, d_z - start
+    d_model = llm.get_input_embeddings().weight.shape[1]
+    if width != m * d_model:
+        raise UsageError(f"model.content_init='keywords' needs z to hold num_memory_tokens x d_model = {m} x "
+                         f"{d_model} free floats (projection direct or hybrid, model.d_z=0); this z has {width}")
+    table = table.clone()
+    table[:, start:] = keyword_content(documents, llm, tokenizer, m)
+    return table
+
+
 def build_model(config: PQAConfig, documents: List[Document], llm_and_tokenizer=None,
                 device: Optional[torch.device] = None) -> ParametricQA:
     """Everything seeded from ``config.seed`` so two builds with one seed are identical."""
@@ -121,7 +153,8 @@ def build_model(config: PQAConfig, documents: List[Document], llm_and_tokenizer=
     context["input_std"] = float(keys.std()) if keys.numel() > 1 else embedding_std
     projection = build_component(config, "projection", context)
     key_dims = retrieval_key_dims(projection, d_z)
-    doc_init = initial_doc_vectors(config, keys, key_dims, d_z)
+    doc_init = apply_content_init(config, initial_doc_vectors(config, keys, key_dims, d_z), documents, llm,
+                                  tokenizer, key_dims, d_z)
     keyed = key_context(context, projection)
     query_encoder = build_component(config, "query_encoder", keyed)
     selector = build_component(config, "selector", keyed)

@@ -3,6 +3,7 @@
 A checkpoint is a folder::
 
     model.safetensors        doc_vectors, z_to_embedding.*, selector.*, query_encoder.*
+    documents.json           which document each doc_vectors row holds ([doc_id, part] per row)
     adapter/                 LoRA adapter (peft save_pretrained, safetensors)
     optimizer.safetensors    optimizer state tensors, flattened ("state.<param>.<key>")
     rng.safetensors          torch (and CUDA) RNG state
@@ -32,6 +33,7 @@ from .errors import CheckpointError
 from .kinds import MODEL_KINDS
 
 MANIFEST = "MANIFEST.json"
+DOCUMENTS = "documents.json"
 FORMAT_VERSION = 1
 
 
@@ -178,6 +180,8 @@ def save_checkpoint(path, model, optimizer=None, *, step: int, epoch: int, step_
     path = Path(path)
     with atomic_directory(path) as tmp:
         save_file(trainable_state(model), str(tmp / "model.safetensors"))
+        if getattr(model, "row_ids", None) is not None:
+            (tmp / DOCUMENTS).write_text(json.dumps(model.row_ids))
         if model.lora_parameters():
             model.llm.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
         state: Dict[str, Any] = {
@@ -245,9 +249,11 @@ def verify_checkpoint(path) -> Dict[str, Any]:
     return state
 
 
-def check_loadable(path, config_dict: Dict[str, Any], num_docs: int) -> Dict[str, Any]:
+def check_loadable(path, config_dict: Dict[str, Any], num_docs: int, row_ids=None, grow: bool = False
+                   ) -> Dict[str, Any]:
     """What loading would refuse, found before anything is built or stored: a torn or edited
-    checkpoint, a tensor file that is not safetensors, a checkpoint of another model or size.
+    checkpoint, a tensor file that is not safetensors, a checkpoint of another model or size (with
+    ``grow``: one whose documents are not all among ``row_ids``, this run's ``[doc_id, part]`` rows).
     Costs a hash of each file and a read of each tensor header. Returns state.json."""
     path = Path(path)
     state = verify_checkpoint(path)
@@ -260,8 +266,29 @@ def check_loadable(path, config_dict: Dict[str, Any], num_docs: int) -> Dict[str
     saved, current = state.get("signature", {}), config_signature(config_dict, num_docs)
     if current["d_z"] is None:  # known once the LLM is loaded; the load itself compares it
         current["d_z"] = saved.get("d_z")
+    if grow and saved.get("num_docs") != num_docs and row_ids is not None:
+        _row_map(path, row_ids)  # every saved document must be among this run's
+        current["num_docs"] = saved.get("num_docs")
     _compare_signatures(saved, current, path)
     return state
+
+
+def _row_map(path: Path, row_ids) -> list:
+    """For each saved row, its row in a table of documents ``row_ids``; refuses what is not there."""
+    file = Path(path) / DOCUMENTS
+    if not file.exists():
+        raise CheckpointError(f"{path}: the checkpoint does not record its documents ({DOCUMENTS}), so it "
+                              f"cannot start a table of another size")
+    try:
+        saved = [tuple(r) for r in json.loads(file.read_text())]
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{file}: unreadable ({exc})") from None
+    where = {tuple(r): i for i, r in enumerate(row_ids)}
+    missing = [r for r in saved if r not in where]
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} of its {len(saved)} documents are not in this run's corpus "
+                              f"(e.g. doc_id {missing[0][0]!r} part {missing[0][1]})")
+    return [where[r] for r in saved]
 
 
 def _load_tensors(file: Path) -> Dict[str, torch.Tensor]:
@@ -286,13 +313,26 @@ def _compare_signatures(saved: Dict[str, Any], current: Dict[str, Any], path) ->
 
 
 def load_checkpoint(path, model, optimizer=None, *, config: Optional[Dict[str, Any]] = None,
-                    restore_rng: bool = True, scheduler=None) -> Dict[str, Any]:
-    """Load a verified checkpoint into ``model`` (and optimizer/RNG); returns its state.json."""
+                    restore_rng: bool = True, scheduler=None, grow: bool = False) -> Dict[str, Any]:
+    """Load a verified checkpoint into ``model`` (and optimizer/RNG); returns its state.json.
+
+    With ``grow`` the model's table may hold more documents than the checkpoint's (documents added to
+    the corpus): the saved rows are copied to the rows of the same documents (``model.row_ids``), the
+    others keep their initial values, and ``state["loaded_rows"]`` lists the rows that were loaded."""
     path = Path(path)
     state = verify_checkpoint(path)
+    tensors = _load_tensors(path / "model.safetensors")
+    saved_rows = tensors["doc_vectors"].shape[0] if "doc_vectors" in tensors else None
+    rows = None
+    if grow and saved_rows is not None and saved_rows != model.num_docs:
+        rows = _row_map(path, model.row_ids)
+        full = model.doc_vectors.detach().clone().cpu()
+        full[rows] = tensors["doc_vectors"].to(full.dtype)
+        tensors["doc_vectors"] = full
+        state = {**state, "signature": {**state.get("signature", {}), "num_docs": model.num_docs}}
     if config is not None:
         check_signature(state, model, config, path)
-    tensors = _load_tensors(path / "model.safetensors")
+    state["loaded_rows"] = rows if rows is not None else list(range(model.num_docs))
     expected = trainable_state(model)
     if set(tensors) != set(expected):
         missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))

@@ -31,6 +31,7 @@ class ModelSettings:
     d_z: int = 384  # 0 = the size the projection needs (direct, hybrid: they hold m x d_model floats)
     num_memory_tokens: int = 4
     doc_init: str = "minilm"  # "minilm" (needs d_z=384) or "random" (scaled to the embedding std)
+    content_init: str = "zero"  # the soft-token part of z (hybrid, direct): "zero" or "keywords"
     lora: LoraSettings = field(default_factory=LoraSettings)
     device: str = "auto"
 
@@ -55,9 +56,12 @@ class WriteSettings:
     lr_projection: float = 3e-2
     lr_lora: float = 1e-3
     train_lora: bool = False
+    train_projection: bool = True
+    documents: str = "all"  # "new": only the documents init_from's checkpoint did not hold (a grown corpus)
     grad_clip: float = 1.0
     eval_docs: int = 8  # documents decoded greedily each evaluation
     eval_every: int = 1  # epochs between greedy-reconstruction checks (the last epoch always)
+    eval_qa_every: int = 0  # epochs between answer evaluations on the eval questions (0 = none; a trained reader)
     checkpoint_every: int = 0  # steps; 0 = only at the end
 
 

@@ -85,8 +85,9 @@ class WriteContext:
 
     ``documents`` are the rows of ``doc_vectors`` (a passage longer than ``data.max_doc_tokens`` spans
     several rows; ``doc_tokens[row]`` are a row's text tokens, no eos); ``questions`` are the training
-    questions, ``question_rows[i]`` the rows holding question i's gold passages. ``cache_dir`` is a
-    folder the objective may keep computed targets in (it survives a resume), or None.
+    questions, ``question_rows[i]`` the rows holding question i's gold passages. ``train_rows`` are the
+    rows this write phase trains (None: all). ``cache_dir`` is a folder the objective may keep computed
+    targets in (it survives a resume), or None.
     """
 
     model: nn.Module
@@ -100,6 +101,7 @@ class WriteContext:
     max_answer_tokens: int = 24
     seed: int = 0
     cache_dir: Optional[str] = None
+    train_rows: Optional[Sequence[int]] = None
 
 
 class WriteObjective(nn.Module):

@@ -65,6 +65,8 @@ class Pipeline:
                                            "split_passages": self.rows.split_passages,
                                            "max_doc_tokens": data.max_doc_tokens})
         self.model = build_model(config, self.rows.documents, llm_and_tokenizer)
+        self.model.row_ids = [[d.doc_id, d.part] for d in self.rows.documents]
+        self.new_rows = list(range(len(self.rows.documents)))  # rows no init_from checkpoint filled
         self.tokenizer = self.model.tokenizer
         encoder_tokenizer = getattr(self.model.query_encoder, "tokenizer", None)
         retrieval_loss, generation_loss = build_losses(config)
@@ -82,9 +84,14 @@ class Pipeline:
     def load_initial(self, source: Path) -> None:
         """Load the model (not the optimizer) from a checkpoint folder or an earlier run's output folder."""
         checkpoint = initial_checkpoint(source)
-        load_checkpoint(checkpoint, self.model, config=self.config_dict, restore_rng=False)
+        state = load_checkpoint(checkpoint, self.model, config=self.config_dict, restore_rng=False, grow=True)
+        loaded = set(state["loaded_rows"])
+        self.new_rows = [r for r in range(self.model.num_docs) if r not in loaded]
         self.logger.set_info("initialised_from", str(checkpoint.resolve()))
-        log.info("model initialised from %s", checkpoint)
+        if self.new_rows:
+            self.logger.set_info("documents_added", len(self.new_rows))
+        log.info("model initialised from %s (%d documents from it, %d new)", checkpoint, len(loaded),
+                 len(self.new_rows))
 
     def checkpoint_root(self, phase: str) -> Path:
         return self.output_dir / "checkpoints" / phase
@@ -110,11 +117,32 @@ class Pipeline:
     def run_write(self) -> Dict[str, float]:
         if self._finished("write"):
             return {}
+        w = self.config.write
+        if w.documents not in ("all", "new"):
+            raise UsageError(f"write.documents={w.documents!r}: expected 'all' or 'new'")
+        rows = self.new_rows if w.documents == "new" else None
+        if rows is not None and not rows:
+            raise UsageError("write.documents='new' but every document came from init_from's checkpoint")
         objective = build_component(self.config, "write_objective", {})
-        objective.prepare(self.write_context())
-        trainer = WritePhaseTrainer(self.model, self.config.write, objective)
+        context = self.write_context()
+        context.train_rows = rows
+        objective.prepare(context)
+        trainer = WritePhaseTrainer(self.model, w, objective)
+
+        def answer_quality(epoch: int, step: int) -> Dict[str, float]:  # e.g. new documents, a trained reader
+            if not w.eval_qa_every or (epoch % w.eval_qa_every and epoch != w.epochs):
+                return {}
+            return {f"eval_{name}": value for name, value in self.evaluate_eval_questions().items()}
+
         return trainer.fit(self.write_dataset, seed=self.config.seed, checkpoint_root=self.checkpoint_root("write"),
-                           config_dict=self.config_dict, logger=self.logger)
+                           config_dict=self.config_dict, logger=self.logger, rows=rows, epoch_end_fn=answer_quality)
+
+    def evaluate_eval_questions(self, predictions_path: Optional[str] = None) -> Dict[str, float]:
+        """EM/F1/substring/Recall@k (with intervals) of the model as it is, on the eval questions."""
+        e = self.config.eval
+        return evaluate_qa(self.model, self.eval_dataset, top_k=self.config.eval_top_k, batch_size=e.batch_size,
+                           max_new_tokens=e.max_new_tokens, predictions_path=predictions_path,
+                           doc_ids=[d.doc_id for d in self.rows.documents], seed=self.config.seed)
 
     def run_read(self) -> Dict[str, float]:
         if self._finished("read"):
@@ -126,20 +154,15 @@ class Pipeline:
 
         def epoch_end(epoch: int, step: int) -> Dict[str, float]:
             if r.eval_every and (epoch % r.eval_every == 0 or epoch == r.epochs):
-                metrics = evaluate_qa(self.model, self.eval_dataset, top_k=k, batch_size=self.config.eval.batch_size,
-                                      max_new_tokens=self.config.eval.max_new_tokens, seed=self.config.seed)
-                return {f"eval_{name}": value for name, value in metrics.items()}
+                return {f"eval_{name}": value for name, value in self.evaluate_eval_questions().items()}
             return {f"eval_Recall@{k}": evaluate_retrieval(self.model, self.eval_dataset, k)}
 
         return trainer.fit(self.read_dataset, seed=self.config.seed, checkpoint_root=self.checkpoint_root("read"),
                            config_dict=self.config_dict, logger=self.logger, epoch_end_fn=epoch_end)
 
     def run_eval(self) -> Dict[str, float]:
-        e = self.config.eval
-        path = self.output_dir / e.predictions_file
-        metrics = evaluate_qa(self.model, self.eval_dataset, top_k=self.config.eval_top_k, batch_size=e.batch_size,
-                              max_new_tokens=e.max_new_tokens, predictions_path=str(path),
-                              doc_ids=[d.doc_id for d in self.rows.documents], seed=self.config.seed)
+        path = self.output_dir / self.config.eval.predictions_file
+        metrics = self.evaluate_eval_questions(str(path))
         self.logger.add_artifact(str(path), "predictions.jsonl")
         for name, value in metrics.items():
             self.logger.log_scalar(f"eval.{name}", value, 0)

@@ -31,7 +31,8 @@ class WritePhaseTrainer:
         self.device = model.doc_vectors.device
         s = settings
         groups = param_groups([("z", [model.doc_vectors], s.lr_z, {"rowwise": True, "betas": tuple(s.betas_z)}),
-                               ("projection", model.z_to_embedding.parameters(), s.lr_projection, {}),
+                               ("projection", model.z_to_embedding.parameters() if s.train_projection else [],
+                                s.lr_projection, {}),
                                ("lora", model.lora_parameters() if s.train_lora else [], s.lr_lora, {})])
         self.trainable = [p for g in groups for p in g["params"]]
         self.optimizer = RowwiseAdamW(groups, weight_decay=0.0)
@@ -90,9 +91,10 @@ class WritePhaseTrainer:
                 "greedy_exact": exact / n}
 
     def fit(self, dataset, *, seed: int, checkpoint_root, config_dict, logger: Optional[RunLogger] = None,
-            rows: Optional[list] = None) -> Dict[str, float]:
+            rows: Optional[list] = None, epoch_end_fn=None) -> Dict[str, float]:
         """Train over ``dataset`` (a WritePhaseDataset; ``rows``: only these documents) for
-        ``settings.epochs``, checking greedy reconstruction every ``settings.eval_every`` epochs."""
+        ``settings.epochs``, checking greedy reconstruction every ``settings.eval_every`` epochs;
+        ``epoch_end_fn(epoch, step) -> dict`` adds other end-of-epoch measurements."""
         s = self.settings
         logger = logger or RunLogger()
         train_set = dataset if rows is None else torch.utils.data.Subset(dataset, list(rows))
@@ -104,9 +106,10 @@ class WritePhaseTrainer:
         sample = sorted(pool[i] for i in picks)
 
         def epoch_end(epoch: int, step: int) -> Dict[str, float]:
+            out = dict(epoch_end_fn(epoch, step)) if epoch_end_fn is not None else {}
             if s.eval_docs <= 0 or (epoch % max(s.eval_every, 1) and epoch != s.epochs):
-                return {}
-            return self.reconstruction(dataset, sample, s.batch_size)
+                return out
+            return {**self.reconstruction(dataset, sample, s.batch_size), **out}
 
         loop = EpochLoop(self.model, self.optimizer, phase="write", checkpoint_root=checkpoint_root,
                          config_dict=config_dict, logger=logger, checkpoint_every=s.checkpoint_every)

@@ -33,6 +33,20 @@ def listen_addresses(port: int) -> set:
     return found
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The models in tests are tiny: intra-op threads only add OpenMP contention on a busy machine.
+    Modules use it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def embedded_db(tmp_path_factory):
     """URL of a SecantusDB daemon started by ``pqa_experiments.db`` in a tmp data dir.

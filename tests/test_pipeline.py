@@ -15,13 +15,7 @@ from pqa_core.pipeline import Pipeline
 from pqa_core.training import RecordingLogger, param_groups
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matrices: one thread is faster and immune to other processes on the machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(tmp_path, **overrides):

@@ -12,12 +12,7 @@ from pqa_core.training import RecordingLogger
 from pqa_core.write_phase import WritePhaseTrainer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def config(tmp_path, **sections):
@@ -131,3 +126,62 @@ def test_a_controls_reader_trains_for_its_own_input(tmp_path):
     assert all(torch.equal(a, b.detach()) for a, b in zip(own, pipeline.model.lora_parameters()))
     assert [n for n, p in pipeline.model.llm.named_parameters() if p.requires_grad] and \
         pipeline.model.llm.active_adapter == "default"
+
+
+def test_documents_added_after_training_are_written_with_the_reader_frozen(tmp_path):
+    """A grown corpus: init_from a trained run, only the new documents' z are written (write.documents=new,
+    no projection or LoRA training), everything the earlier run learnt is kept."""
+    import json
+
+    from pqa_core.data import load_corpus, load_qa, sample_data_path
+
+    corpus = load_corpus(sample_data_path("corpus.jsonl"))
+    questions = load_qa(sample_data_path("qa_train.jsonl"), corpus)
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps({"doc_id": d.doc_id, "title": d.title, "text": d.text}) + "\n"
+                             for d in corpus[:30]))
+    kept = {d.doc_id for d in corpus[:30]}
+    small_qa = tmp_path / "small_qa.jsonl"
+    small_qa.write_text("".join(json.dumps({"id": q.id, "question": q.question, "answers": q.answers,
+                                            "gold_doc_ids": q.gold_doc_ids}) + "\n"
+                                for q in questions if set(q.gold_doc_ids) <= kept))
+    first = Pipeline(config(tmp_path, output_dir=str(tmp_path / "first"), phases=["write", "read"],
+                            data={"corpus": str(small), "qa": str(small_qa), "eval_qa": str(small_qa)}),
+                     RecordingLogger())
+    first.run()
+    logger = RecordingLogger()
+    grown = Pipeline(config(tmp_path, output_dir=str(tmp_path / "grown"), phases=["write"],
+                            init_from=str(tmp_path / "first"),
+                            write={"epochs": 2, "eval_docs": 0, "documents": "new", "train_projection": False}),
+                     logger)
+    assert grown.new_rows == list(range(30, 36)) and logger.info["documents_added"] == 6
+    table = grown.model.doc_vectors.detach().clone()
+    assert torch.equal(table[:30], first.model.doc_vectors.detach())
+    projection = [p.detach().clone() for p in grown.model.z_to_embedding.parameters()]
+    grown.run()
+    after = grown.model.doc_vectors.detach()
+    assert torch.equal(after[:30], table[:30]) and not torch.equal(after[30:], table[30:])
+    assert all(torch.equal(a, b.detach()) for a, b in zip(projection, grown.model.z_to_embedding.parameters()))
+    with pytest.raises(Exception, match="not in this run's corpus"):  # a checkpoint of other documents
+        Pipeline(config(tmp_path, output_dir=str(tmp_path / "other"), init_from=str(tmp_path / "grown"),
+                        data={"corpus": str(small), "qa": str(small_qa), "eval_qa": str(small_qa)}),
+                 RecordingLogger())
+
+
+def test_keyword_content_init_starts_soft_tokens_at_the_passages_rarest_words(tmp_path):
+    from pqa_core.keywords import salient_token_ids
+
+    pipeline = Pipeline(config(tmp_path, model={"llm": "tiny", "num_memory_tokens": 8, "d_z": 0,
+                                                "content_init": "keywords", "lora": {"r": 4}},
+                               projection={"name": "hybrid", "key_in_prompt": False}), RecordingLogger())
+    model, tok = pipeline.model, pipeline.tokenizer
+    ids = salient_token_ids([d.text for d in pipeline.rows.documents], tok, 8)
+    words = tok.decode(ids[0]).split()
+    text = pipeline.rows.documents[0].text
+    assert 0 < len(ids[0]) <= 8 and words[0] == "Marrowick"  # the rarest words first fill the budget
+    assert not {"the", "is", "a", "of", "on"} & set(words)  # never a stop word
+    assert [text.index(w) for w in words] == sorted(text.index(w) for w in words)  # in the text's order
+    embeddings = model.llm.get_input_embeddings().weight.detach()
+    soft = model.soft_prompts(torch.tensor([[0]]))[0].detach()  # [m, d_model]: the free part alone
+    assert torch.allclose(soft[:len(ids[0])], embeddings[torch.tensor(ids[0])])
+    assert torch.equal(model.doc_vectors[:, :384].detach(), pipeline.model.doc_vectors[:, :384].detach())
