@@ -12,40 +12,17 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional
 
 import click
 
 from pqa_core.errors import PqaError
 
 from .cli_runs import _database, _db_options, _errors_to_exit_codes, _exclusive
+from .runs import predictions_of_run
 
 TEXT_LIMIT = 20
 LABELS = {"correct": "correct", "reading_miss": "reading miss", "retrieval_miss": "retrieval miss"}
-
-
-def predictions_of_run(db, run_id: int, folder: Path) -> Tuple[Path, Optional[str], str]:
-    """(predictions file, corpus path or None, description) of a stored run: its ``predictions.jsonl``
-    artifact copied into ``folder``, else the file in its output folder."""
-    import gridfs
-
-    from . import runs as runs_lib
-
-    run = runs_lib.get_run(db, run_id, {"artifacts": 1, "info": 1, "config": 1, "experiment.name": 1})
-    name = (run.get("config") or {}).get("eval", {}).get("predictions_file", "predictions.jsonl")
-    info = run.get("info") or {}
-    corpus = ((info.get("data") or {}).get("corpus") or {}).get("path")
-    what = f"run {run_id} ({(run.get('experiment') or {}).get('name', '?')})"
-    artifact = next((a for a in run.get("artifacts") or [] if a.get("name") == Path(name).name), None)
-    if artifact is not None:
-        path = folder / f"run-{run_id}-{Path(name).name}"
-        path.write_bytes(gridfs.GridFS(db).get(artifact["file_id"]).read())
-        return path, corpus, f"{what}, artifact {Path(name).name}"
-    local = Path(info.get("output_dir") or "") / name
-    if info.get("output_dir") and local.is_file():
-        return local, corpus, f"{what}, {local}"
-    raise PqaError(f"run {run_id} has no predictions (no {Path(name).name} artifact, nor one in its output "
-                   f"folder): it has not finished an evaluation")
 
 
 def _documents(docs) -> str:
