@@ -6,7 +6,7 @@ Conventions follow git and llm: ``--help`` everywhere, exit 0 on success, 1 on a
 """
 from __future__ import annotations
 
-import json
+import copy
 import logging
 import signal
 import warnings
@@ -70,37 +70,47 @@ def _quiet_transformers(debug: bool) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-@cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Output JSON.")
-def plugins(as_json):
-    """List installed plugins and the components each registers."""
-    from pqa_core.plugins import plugin_info
-
-    info = plugin_info()
-    if as_json:
-        click.echo(json.dumps(info, indent=2))
-        return
-    for plugin in info:
-        version = f" {plugin['version']}" if plugin.get("version") else ""
-        click.echo(f"{plugin['name']}{version}")
-        for kind, names in sorted(plugin["components"].items()):
-            click.echo(f"  {kind}: {', '.join(sorted(names))}")
-
-
 def _add_commands():
-    from pqa_core.plugins import load_plugins, pm
+    from pqa_core.plugins import register_commands
 
+    from .cli_analyze import analyze
     from .cli_bench import bench
     from .cli_board import board
     from .cli_data import data
     from .cli_db import db
+    from .cli_plugins import plugins
     from .cli_run import run
     from .cli_runs import runs
 
-    for command in (run, db, board, runs, data, bench):
+    for command in (run, db, board, runs, data, bench, analyze, plugins):
         cli.add_command(command)
-    load_plugins()
-    pm.hook.pqa_register_commands(cli=cli)
+    cli.add_command(_alias(plugins, "plugin"))
+    register_commands(cli)  # plugins' commands; a raising hook or a taken name is skipped with a warning
+
+
+def _alias(group: click.Group, name: str) -> click.Group:
+    """``group`` under another name, hidden from ``pqa --help`` (``pqa plugin new`` = ``pqa plugins new``)."""
+    alias = copy.copy(group)
+    alias.name, alias.hidden = name, True
+    return alias
+
+
+def _show_plugin_warnings() -> None:
+    """A plugin skipped by pqa is one ``Warning: ...`` line on stderr, not a Python warning with its source."""
+    from pqa_core.plugins import PluginWarning
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, PluginWarning):
+            click.echo(f"Warning: {str(message).removeprefix('pqa: ')}", err=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
+_show_plugin_warnings()
 
 
 _add_commands()

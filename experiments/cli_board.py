@@ -14,7 +14,26 @@ import click
 
 from .board import BoardError, parse_basic_auth, start_board, stop_board
 from .db import ensure_database
-from .urls import redact_url
+from .urls import describe_error, redact_url, url_secrets
+
+
+def _seed_columns(url: str, db_name: str, proc) -> None:
+    """Omniboard's column settings get pqa's columns where the user has none (``board_columns``)."""
+    import pymongo
+
+    from .board_columns import seed_columns
+
+    try:
+        with pymongo.MongoClient(url, serverSelectionTimeoutMS=5000, appname="pqa") as client:
+            added = seed_columns(client[db_name])
+    except pymongo.errors.PyMongoError as exc:
+        stop_board(proc)
+        raise BoardError(f"cannot write Omniboard's column settings to {redact_url(url)}: "
+                         f"{describe_error(exc, url_secrets(url), limit=200)}") from None
+    names = added["custom"] + added["metric"]
+    if names:
+        click.echo(f"added columns to Omniboard: {', '.join(names)} (remove or change them there; "
+                   f"pqa does not add them again)", err=True)
 
 
 def _is_loopback(host: str) -> bool:
@@ -36,7 +55,10 @@ def _is_loopback(host: str) -> bool:
 @click.option("--basic-auth", default=None, metavar="USER:PASSWORD", envvar="PQA_BOARD_BASIC_AUTH",
               help="Require HTTP basic auth (or set $PQA_BOARD_BASIC_AUTH, which stays out of `ps`).")
 @click.option("--no-browser", is_flag=True, help="Only print the URL; do not open a browser.")
-def board(port: int, host: str, mongo_url: str | None, basic_auth: str | None, no_browser: bool) -> None:
+@click.option("--no-columns", is_flag=True,
+              help="Do not add pqa's columns (components, key hyper-parameters, EM/F1/Recall@k) to Omniboard.")
+def board(port: int, host: str, mongo_url: str | None, basic_auth: str | None, no_browser: bool,
+          no_columns: bool) -> None:
     """Start Omniboard on the run store, print its URL and keep it running until Ctrl-C.
 
     Errors are PqaError lines, which the main ``pqa`` group prints with their exit code.
@@ -49,6 +71,8 @@ def board(port: int, host: str, mongo_url: str | None, basic_auth: str | None, n
                    "port can read and delete runs", err=True)
     click.echo(f"starting Omniboard for {redact_url(url_db)} (database {db_name!r}, from {source}) ...", err=True)
     proc, url = start_board(url_db, db_name=db_name, host=host, port=port, basic_auth=basic_auth)
+    if not no_columns:
+        _seed_columns(url_db, db_name, proc)
     click.echo(url)
     click.echo(f"Omniboard log: {proc.log_path}. Press Ctrl-C to stop.", err=True)
     if not no_browser:

@@ -102,10 +102,10 @@ def preflight(ex, updates, named_configs):
     from pqa_core.builder import check_d_z
     from pqa_core.checkpoints import check_loadable
     from pqa_core.config import PQAConfig, check_fits
+    from pqa_core.contract import check_config_components
     from pqa_core.data import load_corpus, load_qa
     from pqa_core.llm import llm_shape
     from pqa_core.pipeline import checkpoints_to_load, resolve_data_path
-    from pqa_core.plugins import validate
 
     try:
         with quiet_sacred():
@@ -124,17 +124,14 @@ def preflight(ex, updates, named_configs):
     except (KeyError, ValueError, TypeError, AssertionError) as exc:
         raise UsageError(f"bad config: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     config = PQAConfig.from_dict(dict(run.config))
-    for kind in ("selector", "query_encoder", "projection", "retrieval_loss", "generation_loss", "write_objective"):
-        section = getattr(config, kind)
-        validate(kind, section["name"], {k: v for k, v in section.items() if k != "name"})
     check_d_z(config)
-    if "control" in config.phases:
-        validate("control", config.control["name"], {k: v for k, v in config.control.items() if k != "name"})
     corpus = load_corpus(resolve_data_path(config.data.corpus))
     load_qa(resolve_data_path(config.data.qa), corpus)
     load_qa(resolve_data_path(config.data.eval_qa), corpus)
+    # before any component is built: m=1e8 would make the contract check allocate terabytes
     check_fits(config, len(corpus), config.data.corpus, llm_shape(config.model.llm))
     check_output_folder(Path(config.resume or config.output_dir or os.environ.get("PQA_OUTPUT_DIR", "outputs")))
+    check_config_components(config)  # names, parameters, then each component's contract on a stand-in model
     checkpoints = checkpoints_to_load(config)
     if checkpoints:  # init_from's and resume's: torn, corrupt, other model or size
         from pqa_core.data import split_passages
@@ -355,7 +352,13 @@ def run(phase, sacred_args, mongo_url, no_db, file_storage, as_json):
     updates, named_configs, files = sacred_inputs(ex, items)
     if command:
         with quiet_sacred():
-            ex.run(command, config_updates=updates, named_configs=named_configs, options={"--unobserved": True})
+            shown = ex.run(command, config_updates=updates, named_configs=named_configs,
+                           options={"--unobserved": True})
+        if command == "print_config":  # then its plugin names and parameters, checked as a run checks them
+            from pqa_core.config import PQAConfig
+            from pqa_core.contract import check_component_settings
+
+            check_component_settings(PQAConfig.from_dict(dict(shown.config)))
         return
     resumed_from = resolve_resume(updates, mongo_url, no_db, file_storage)
     config = preflight(ex, updates, named_configs)

@@ -12,6 +12,7 @@ import functools
 import json
 import math
 import re
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import click
@@ -295,7 +296,22 @@ def _section(title: str, values: Dict[str, Any]) -> None:
         click.echo(f"  {(key or 'value').ljust(width)}  {_fmt(value)}")
 
 
-@runs.command("compare", short_help="Compare runs: differing config keys, final metrics.")
+def paired_comparisons(db, a: int, b: int):
+    """(paired comparisons of runs ``a`` and ``b`` on their questions, or [] and why not)."""
+    import tempfile
+
+    from pqa_core.stats import compare_predictions
+
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            first = runs_lib.predictions_of_run(db, a, Path(folder))[0]
+            second = runs_lib.predictions_of_run(db, b, Path(folder))[0]
+            return compare_predictions(first, second), ""
+        except PqaError as exc:
+            return [], f"no paired test: {exc}"
+
+
+@runs.command("compare", short_help="Compare runs: config, final metrics, paired tests.")
 @click.argument("run_ids", type=int, nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Output JSON: {runs, config, result}, values in run order.")
 @click.option("--csv", "as_csv", is_flag=True, help="Output CSV: key, then one column per run.")
@@ -306,7 +322,9 @@ def compare(ctx, run_ids, as_json, as_csv) -> None:
     """Compare runs side by side: differing config keys, then final metrics.
 
     Rows are config.<key> for each config key whose value is not the same in every run
-    (Sacred's random seed usually is one), then result.<name> for every final metric.
+    (Sacred's random seed usually is one), then result.<name> for every final metric. Two runs
+    evaluated on the same questions also get a paired test per metric (EM, F1, substring): the mean
+    difference, its 95% paired-bootstrap interval and a sign-flip permutation p-value.
     """
     _exclusive(ctx, json=as_json, csv=as_csv)
     if len(set(run_ids)) < 2:
@@ -321,7 +339,15 @@ def compare(ctx, run_ids, as_json, as_csv) -> None:
         for key, row in frame.iterrows():
             section, _, name = key.partition(".")
             out[section][name or "value"] = [row[i] for i in ids]
+        if len(ids) == 2:
+            paired, why = paired_comparisons(_database(ctx), ids[0], ids[1])
+            out["paired"] = {c.metric: c.to_dict() for c in paired} if paired else {"unavailable": why}
         _dump(out)
         return
     rows = [[key] + [_fmt(row[i]) for i in ids] for key, row in frame.iterrows()]
     click.echo(_table(["key"] + [str(i) for i in ids], rows))
+    if len(ids) == 2:
+        paired, why = paired_comparisons(_database(ctx), ids[0], ids[1])
+        click.echo(f"\npaired on the same questions (run {ids[0]} - run {ids[1]}):" if paired else f"\n{why}")
+        for comparison in paired:
+            click.echo("  " + comparison.describe())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import datetime as _dt
 import math
+from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import pandas as pd
@@ -383,3 +384,25 @@ def _same(a: Any, b: Any) -> bool:
         return bool(a == b)
     except Exception:  # noqa: BLE001 - exotic values: fall back to their text
         return repr(a) == repr(b)
+
+
+def predictions_of_run(db, run_id: int, folder: Path) -> Tuple[Path, Optional[str], str]:
+    """(predictions file, corpus path or None, description) of a stored run: its ``predictions.jsonl``
+    artifact copied into ``folder``, else the file in its output folder."""
+    import gridfs
+
+    run = get_run(db, run_id, {"artifacts": 1, "info": 1, "config": 1, "experiment.name": 1})
+    name = (run.get("config") or {}).get("eval", {}).get("predictions_file", "predictions.jsonl")
+    info = run.get("info") or {}
+    corpus = ((info.get("data") or {}).get("corpus") or {}).get("path")
+    what = f"run {run_id} ({(run.get('experiment') or {}).get('name', '?')})"
+    artifact = next((a for a in run.get("artifacts") or [] if a.get("name") == Path(name).name), None)
+    if artifact is not None:
+        path = folder / f"run-{run_id}-{Path(name).name}"
+        path.write_bytes(gridfs.GridFS(db).get(artifact["file_id"]).read())
+        return path, corpus, f"{what}, artifact {Path(name).name}"
+    local = Path(info.get("output_dir") or "") / name
+    if info.get("output_dir") and local.is_file():
+        return local, corpus, f"{what}, {local}"
+    raise PqaError(f"run {run_id} has no predictions (no {Path(name).name} artifact, nor one in its output "
+                   f"folder): it has not finished an evaluation")

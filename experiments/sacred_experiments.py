@@ -13,9 +13,11 @@ from __future__ import annotations
 from typing import Any, Dict
 
 from sacred import Experiment
-from sacred.utils import apply_backspaces_and_linefeeds
+from sacred.config.config_summary import ConfigSummary
+from sacred.utils import apply_backspaces_and_linefeeds, iterate_flattened
 
 from pqa_core.config import PQAConfig
+from pqa_core.kinds import KIND
 from pqa_core.plugins import with_component_defaults
 
 from . import sacred_fixes
@@ -70,21 +72,21 @@ def default_config(phase: str) -> Dict[str, Any]:
     return config
 
 
-# A Sacred config scope: shows each chosen component's own defaults in the config. It runs after
-# overrides are fixed, so ``selector.name=mlp`` brings in mlp's defaults and drops cosine's
-# ``temperature``; values set explicitly always win. (No docstring: Sacred would print it as config.)
-def component_defaults(selector, query_encoder, projection, retrieval_loss, generation_loss, write_objective):
-    selector = with_component_defaults("selector", selector)
-    query_encoder = with_component_defaults("query_encoder", query_encoder)
-    projection = with_component_defaults("projection", projection)
-    retrieval_loss = with_component_defaults("retrieval_loss", retrieval_loss)
-    generation_loss = with_component_defaults("generation_loss", generation_loss)
-    write_objective = with_component_defaults("write_objective", write_objective)
+class ComponentDefaults:
+    """A Sacred config scope (what ``ex.config`` makes of a function: called with the fixed values and
+    the config so far, it returns a ``ConfigSummary``) that shows each chosen component's own defaults
+    in the config. It runs after overrides are fixed, so ``selector.name=mlp`` brings in mlp's
+    defaults, not cosine's ``temperature``; explicit values win. It sets whole component sections, as
+    a function scope assigning ``selector = ...`` would, so a component parameter given on the command
+    line is judged by the component's signature (pre-flight), not refused by Sacred as a new key."""
 
-
-# The same for the control experiment's ``control`` section.
-def control_defaults(control):
-    control = with_component_defaults("control", control)
+    def __call__(self, fixed=None, preset=None, fallback=None):
+        fixed, preset = fixed or {}, preset or {}
+        summary = ConfigSummary(added={path for path, _ in iterate_flattened(fixed) if path.split(".")[0] not in KIND})
+        for kind in KIND:
+            if isinstance(preset.get(kind), dict):
+                summary[kind] = with_component_defaults(kind, {**preset[kind], **fixed.get(kind, {})})
+        return summary
 
 
 def make_experiment(phase: str) -> Experiment:
@@ -94,9 +96,7 @@ def make_experiment(phase: str) -> Experiment:
     ex = Experiment(f"pqa_{phase}")
     ex.captured_out_filter = apply_backspaces_and_linefeeds
     ex.add_config(default_config(phase))
-    ex.config(component_defaults)
-    if phase == "control":
-        ex.config(control_defaults)
+    ex.configurations.append(ComponentDefaults())
     for name, values in NAMED_CONFIGS.items():
         ex.add_named_config(name, values)
 

@@ -11,6 +11,7 @@ from typing import Any, Dict
 from pqa_core.atomic import sha256_file
 from pqa_core.config import PQAConfig
 from pqa_core.pipeline import Pipeline, resolve_data_path
+from pqa_core.plugins import components_of_run
 from pqa_core.training import RunLogger
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ def run_pipeline_in_sacred(config: Dict[str, Any], run) -> Dict[str, float]:
         run.add_resource(str(path))
         data_hashes[key] = {"path": str(path.resolve()), "sha256": sha256_file(path)}
     run.info["data"] = data_hashes
+    run.info["components"] = components_of_run(pqa_config)  # which plugin, package and version supplied each
     output_dir = Path(pqa_config.resume or pqa_config.output_dir)
     run.info["output_dir"] = str(output_dir.resolve())
     # Store it now, not at the first heartbeat (10 s in): a run killed before that can still be

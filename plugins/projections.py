@@ -130,17 +130,19 @@ class HybridProjection(_ProjectionBase):
     embedding and gives every document a sensible first soft prompt through the map; the free
     part (zero at the start) holds what that map cannot, as in the ``direct`` setting. With
     ``detach_key`` (default) the generation loss never moves the key: only the retrieval loss
-    of the read phase does, so the write phase leaves retrieval as it found it.
+    of the read phase does, so the write phase leaves retrieval as it found it. With
+    ``key_in_prompt=False`` the soft tokens are the free part alone (e.g. started from the document's
+    salient word embeddings, ``model.content_init=keywords``) and the key serves retrieval only.
     ``model.d_z`` must be ``key_dims + num_memory_tokens x d_model`` (``model.d_z=0`` sets it).
     """
 
     def __init__(self, d_z: int, d_model: int, num_tokens: int, embedding_std: Optional[float] = None,
                  input_std: Optional[float] = None, key_dims: int = 384, hidden: Optional[int] = None,
-                 detach_key: bool = True):
+                 detach_key: bool = True, key_in_prompt: bool = True):
         super().__init__()
         _scales("hybrid", d_z, d_model, num_tokens, embedding_std, input_std)
         self.d_z, self.d_model, self.num_tokens = int(d_z), int(d_model), int(num_tokens)
-        self.key_dims, self.detach_key = int(key_dims), bool(detach_key)
+        self.key_dims, self.detach_key, self.key_in_prompt = int(key_dims), bool(detach_key), bool(key_in_prompt)
         needed = self.key_dims + self.num_tokens * self.d_model
         if self.key_dims < 1 or self.d_z != needed:
             raise ValueError(f"hybrid projection needs model.d_z = key_dims + num_memory_tokens x d_model = "
@@ -155,6 +157,8 @@ class HybridProjection(_ProjectionBase):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         self._check_input(z)
         key, free = z[..., :self.key_dims], z[..., self.key_dims:]
+        if not self.key_in_prompt:  # the key only retrieves; the soft tokens are the free part alone
+            return self._reshape(free)
         if self.detach_key:
             key = key.detach()
         return self.key_map(key) + self._reshape(free)

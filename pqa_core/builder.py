@@ -89,6 +89,56 @@ def initial_doc_vectors(config: PQAConfig, keys: torch.Tensor, key_dims: int, d_
     return table
 
 
+def model_context(config: PQAConfig, llm, tokenizer) -> dict:
+    """What the model supplies to a projection's factory (``kinds.MODEL_CONTEXT``); ``input_std`` is the
+    embedding std until the doc vectors exist."""
+    embedding_std = float(llm.get_input_embeddings().weight.detach().float().std())
+    d_model = llm.config.hidden_size if hasattr(llm.config, "hidden_size") else \
+        llm.get_input_embeddings().weight.shape[1]
+    d_z = resolve_d_z(config, d_model)
+    return dict(d_z=d_z, output_dim=d_z, d_model=d_model, num_tokens=config.model.num_memory_tokens, llm=llm,
+                vocab_size=len(tokenizer), embedding_std=embedding_std, input_std=embedding_std,
+                pad_token_id=tokenizer.pad_token_id)
+
+
+def key_context(context: dict, projection) -> dict:
+    """The context of the query encoder and the selector: they see only the retrieval key."""
+    key_dims = retrieval_key_dims(projection, context["d_z"])
+    return {**context, "d_z": key_dims, "output_dim": key_dims}
+
+
+def keyword_content(documents: List[Document], llm, tokenizer, num_tokens: int) -> torch.Tensor:
+    """``[N, num_tokens * d_model]``: each document's most salient words (``keywords.salient_token_ids``)
+    as the LLM's input embeddings, zero where a document has fewer."""
+    from .keywords import salient_token_ids
+
+    weight = llm.get_input_embeddings().weight.detach().float().cpu()
+    content = torch.zeros(len(documents), num_tokens, weight.shape[1])
+    for row, ids in enumerate(salient_token_ids([d.text for d in documents], tokenizer, num_tokens)):
+        if ids:
+            content[row, :len(ids)] = weight[torch.tensor(ids)]
+    return content.reshape(len(documents), -1)
+
+
+def apply_content_init(config: PQAConfig, table: torch.Tensor, documents, llm, tokenizer, key_dims: int,
+                       d_z: int) -> torch.Tensor:
+    """``model.content_init``: the soft-token part of z (after the retrieval key, or all of a keyless z)."""
+    name = config.model.content_init
+    if name == "zero":
+        return table
+    if name != "keywords":
+        raise UsageError(f"model.content_init must be 'zero' or 'keywords', got {name!r}")
+    start = key_dims if key_dims < d_z else 0
+    m, width = config.model.num_memory_tokens, d_z - start
+    d_model = llm.get_input_embeddings().weight.shape[1]
+    if width != m * d_model:
+        raise UsageError(f"model.content_init='keywords' needs z to hold num_memory_tokens x d_model = {m} x "
+                         f"{d_model} free floats (projection direct or hybrid, model.d_z=0); this z has {width}")
+    table = table.clone()
+    table[:, start:] = keyword_content(documents, llm, tokenizer, m)
+    return table
+
+
 def build_model(config: PQAConfig, documents: List[Document], llm_and_tokenizer=None,
                 device: Optional[torch.device] = None) -> ParametricQA:
     """Everything seeded from ``config.seed`` so two builds with one seed are identical."""
@@ -97,21 +147,17 @@ def build_model(config: PQAConfig, documents: List[Document], llm_and_tokenizer=
     llm.requires_grad_(False)
     if config.model.lora.enabled:
         llm = apply_lora(llm, config.model.lora)
-    embedding_std = float(llm.get_input_embeddings().weight.detach().float().std())
-    d_model = llm.config.hidden_size if hasattr(llm.config, "hidden_size") else \
-        llm.get_input_embeddings().weight.shape[1]
-    d_z = resolve_d_z(config, d_model)
-    context = dict(d_z=d_z, output_dim=d_z, d_model=d_model, num_tokens=config.model.num_memory_tokens, llm=llm,
-                   vocab_size=len(tokenizer), embedding_std=embedding_std, pad_token_id=tokenizer.pad_token_id)
+    context = model_context(config, llm, tokenizer)
+    d_z, embedding_std = context["d_z"], context["embedding_std"]
     keys = initial_keys(config, documents, embedding_std, d_z)
     context["input_std"] = float(keys.std()) if keys.numel() > 1 else embedding_std
     projection = build_component(config, "projection", context)
     key_dims = retrieval_key_dims(projection, d_z)
-    doc_init = initial_doc_vectors(config, keys, key_dims, d_z)
-    # the query encoder and the selector see only the retrieval key
-    key_context = {**context, "d_z": key_dims, "output_dim": key_dims}
-    query_encoder = build_component(config, "query_encoder", key_context)
-    selector = build_component(config, "selector", key_context)
+    doc_init = apply_content_init(config, initial_doc_vectors(config, keys, key_dims, d_z), documents, llm,
+                                  tokenizer, key_dims, d_z)
+    keyed = key_context(context, projection)
+    query_encoder = build_component(config, "query_encoder", keyed)
+    selector = build_component(config, "selector", keyed)
     model = ParametricQA(llm, tokenizer, len(documents), d_z, query_encoder, selector, projection, doc_init)
     return model.to(device or resolve_device(config.model.device))
 

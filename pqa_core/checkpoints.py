@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from .atomic import atomic_directory, sha256_file
 from .errors import CheckpointError
 from .fingerprint import CONFIG_KEY as FINGERPRINT_KEY
+from .kinds import MODEL_KINDS
 
 MANIFEST = "MANIFEST.json"
 DOCUMENTS = "documents.json"
@@ -42,7 +43,7 @@ FORMAT_VERSION = 1
 def trainable_state(model) -> Dict[str, torch.Tensor]:
     """The model's own (non-LLM) tensors, by name."""
     state = {"doc_vectors": model.doc_vectors.detach()}
-    for prefix in ("z_to_embedding", "selector", "query_encoder"):
+    for prefix in (kind.model_attribute for kind in MODEL_KINDS):
         for name, tensor in getattr(model, prefix).state_dict().items():
             state[f"{prefix}.{name}"] = tensor.detach()
     return {k: v.contiguous().cpu() for k, v in state.items()}
@@ -69,7 +70,7 @@ def _signature(config_dict: Dict[str, Any], num_docs: int, d_z, lora: bool) -> D
         "num_docs": num_docs,
         "d_z": d_z,
         "num_memory_tokens": model_cfg.get("num_memory_tokens"),
-        "components": {k: config_dict.get(k, {}).get("name") for k in ("selector", "query_encoder", "projection")},
+        "components": {kind.name: config_dict.get(kind.name, {}).get("name") for kind in MODEL_KINDS},
         "lora": lora,
         # the adapter's tensor shapes (absent from checkpoints written before they were recorded)
         "lora_r": lora_cfg.get("r") if lora else None,
@@ -349,7 +350,7 @@ def load_checkpoint(path, model, optimizer=None, *, config: Optional[Dict[str, A
     with torch.no_grad():
         device = model.doc_vectors.device
         model.doc_vectors.copy_(tensors["doc_vectors"].to(device))
-        for prefix in ("z_to_embedding", "selector", "query_encoder"):
+        for prefix in (kind.model_attribute for kind in MODEL_KINDS):
             sub = {k[len(prefix) + 1:]: v.to(device) for k, v in tensors.items() if k.startswith(prefix + ".")}
             getattr(model, prefix).load_state_dict(sub, strict=True)
     adapter = path / "adapter" / "adapter_model.safetensors"

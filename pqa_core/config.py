@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from .errors import UsageError
+from .kinds import KIND
 
 
 @dataclass
@@ -37,6 +38,7 @@ class ModelSettings:
     d_z: int = 384  # 0 = the size the projection needs (direct, hybrid: they hold m x d_model floats)
     num_memory_tokens: int = 4
     doc_init: str = "minilm"  # "minilm" (needs d_z=384) or "random" (scaled to the embedding std)
+    content_init: str = "zero"  # the soft-token part of z (hybrid, direct): "zero" or "keywords"
     lora: LoraSettings = field(default_factory=LoraSettings)
     device: str = "auto"
 
@@ -184,9 +186,10 @@ PHASES = ("write", "read", "eval", "control_read", "control")
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
-def _component(name: str) -> Dict[str, Any]:
-    """A component section: ``name`` plus keyword arguments (the component's own defaults apply)."""
-    return field(default_factory=lambda: {"name": name})
+def _component(kind: str) -> Dict[str, Any]:
+    """A component section: ``name`` (the kind's default, ``kinds.KINDS``) plus keyword arguments
+    (the component's own defaults apply)."""
+    return field(default_factory=lambda: {"name": KIND[kind].default})
 
 
 @dataclass
@@ -200,13 +203,13 @@ class PQAConfig:
     init_from: Optional[str] = None  # a checkpoint folder or run output folder to start the phases from
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
-    selector: Dict[str, Any] = _component("cosine")
-    query_encoder: Dict[str, Any] = _component("minilm")
-    projection: Dict[str, Any] = _component("mlp2x_gelu")
-    retrieval_loss: Dict[str, Any] = _component("gold_nll")
-    generation_loss: Dict[str, Any] = _component("ce")
-    write_objective: Dict[str, Any] = _component("reconstruct")
-    control: Dict[str, Any] = _component("bm25")  # the baseline the "control" phase scores (pqa_core.controls)
+    selector: Dict[str, Any] = _component("selector")
+    query_encoder: Dict[str, Any] = _component("query_encoder")
+    projection: Dict[str, Any] = _component("projection")
+    retrieval_loss: Dict[str, Any] = _component("retrieval_loss")
+    generation_loss: Dict[str, Any] = _component("generation_loss")
+    write_objective: Dict[str, Any] = _component("write_objective")
+    control: Dict[str, Any] = _component("control")  # the baseline the "control" phase scores (pqa_core.controls)
     write: WriteSettings = field(default_factory=WriteSettings)
     read: ReadSettings = field(default_factory=ReadSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
@@ -236,8 +239,7 @@ class PQAConfig:
         return self.eval.top_k or self.read.top_k
 
 
-COMPONENT_SECTIONS = ("selector", "query_encoder", "projection", "retrieval_loss", "generation_loss",
-                      "write_objective", "control")
+COMPONENT_SECTIONS = tuple(KIND)
 
 
 def _fill(cls, values: Dict[str, Any], prefix: str):

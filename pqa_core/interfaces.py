@@ -173,14 +173,3 @@ class Control:
                                     question if context is None else f"Context: {context}\n{question}"))
         return out
 
-
-COMPONENT_KINDS = {
-    "selector": Selector,
-    "query_encoder": QueryEncoder,
-    "projection": Projection,
-    "retrieval_loss": RetrievalLoss,
-    "generation_loss": GenerationLoss,
-    "write_objective": WriteObjective,
-    "control": Control,
-}
-"""Config namespace -> interface class. The config key ``selector.name`` picks a selector, and so on."""

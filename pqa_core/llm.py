@@ -133,6 +133,34 @@ def _file_identity(path: Path, sample: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _not_found(name: str, exc: Exception) -> UsageError:
+    return UsageError(f"model.llm={name!r}: not a built-in ({', '.join(BUILTIN_LLMS)}), "
+                      f"local folder or cached model: {exc}")
+
+
+def load_llm_stand_in(name: str, num_layers: int = 1) -> Tuple[torch.nn.Module, object]:
+    """(model, tokenizer) for checking components against ``name`` without loading its weights: the
+    tiny model itself, else ``name``'s own architecture, sizes and tokenizer with ``num_layers``
+    layers of random (seeded) weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        tokenizer = load_tokenizer(name)
+        if name == "tiny":
+            return build_tiny_llm(len(tokenizer)), tokenizer
+        config = AutoConfig.from_pretrained(smollm2_dir() if name == "smollm2-135m" else name, local_files_only=True)
+    except OSError as exc:
+        raise _not_found(name, exc) from None
+    if getattr(config, "num_hidden_layers", None):
+        config.num_hidden_layers = min(num_layers, config.num_hidden_layers)
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = config.layer_types[:config.num_hidden_layers]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model, tokenizer
+
+
 def load_llm(name: str) -> Tuple[torch.nn.Module, object]:
     """(model, tokenizer) for a built-in name, a local folder, or an HF name already in the local cache."""
     from transformers import AutoModelForCausalLM
@@ -145,7 +173,6 @@ def load_llm(name: str) -> Tuple[torch.nn.Module, object]:
         try:
             model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
         except OSError as exc:
-            raise UsageError(f"model.llm={name!r}: not a built-in ({', '.join(BUILTIN_LLMS)}), "
-                             f"local folder or cached model: {exc}") from None
+            raise _not_found(name, exc) from None
     model.config.use_cache = True
     return model, tokenizer

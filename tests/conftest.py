@@ -80,51 +80,79 @@ GOOD_EP = "pqa_test_good_ep"
 DIST = "pqa-test-fake-plugin"
 
 
+def write_distribution(root, dist: str, version: str, entry_points: dict, modules: dict) -> None:
+    """An installed-looking distribution in folder ``root`` (on ``sys.path`` or ``PYTHONPATH`` it is
+    what pip would have installed): the ``modules`` (name -> source) and a dist-info declaring the
+    ``entry_points`` (name -> module) of group ``pqa``."""
+    from pathlib import Path
+
+    root = Path(root)
+    for module, source in modules.items():
+        (root / f"{module}.py").write_text(textwrap.dedent(source))
+    dist_info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    (dist_info / "entry_points.txt").write_text(
+        "[pqa]\n" + "".join(f"{name} = {module}\n" for name, module in entry_points.items()))
+
+
 @pytest.fixture
-def fake_distribution(tmp_path, monkeypatch):
-    """A real installed-looking distribution on sys.path with two ``pqa`` entry points:
-    one whose module raises on import, one that registers selector ``third_party``.
+def installed_plugins(tmp_path, monkeypatch):
+    """``install(dist, version, entry_points, modules)`` puts a distribution on ``sys.path`` (folder
+    ``tmp_path/site``) for pqa to load as it loads pip-installed plugins.
 
     Resets ``pqa_core.plugins._loaded`` so the entry points are read again, and afterwards
     unregisters whatever the test loaded and restores the flag and ``PQA_LOAD_PLUGINS``.
     """
-    (tmp_path / "pqa_test_broken_mod.py").write_text('raise RuntimeError("kaboom from fake plugin")\n')
-    (tmp_path / "pqa_test_good_mod.py").write_text(textwrap.dedent("""
-        from pqa_core.hookspecs import hookimpl
-        from pqa_core.interfaces import Selector
-
-        class ThirdPartySelector(Selector):
-            def forward(self, query_vectors, doc_vectors):
-                return -(query_vectors @ doc_vectors.T)
-
-        @hookimpl
-        def pqa_register_selectors(register):
-            register("third_party", ThirdPartySelector)
-    """))
-    dist_info = tmp_path / "pqa_test_fake_plugin-0.1.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {DIST}\nVersion: 0.1\n")
-    (dist_info / "entry_points.txt").write_text(
-        f"[pqa]\n{BROKEN_EP} = pqa_test_broken_mod\n{GOOD_EP} = pqa_test_good_mod\n")
+    import sys
 
     import pqa_core.plugins as plugins
     from pqa_core.plugins import pm
 
     plugins.load_plugins()  # make sure the built-ins are registered before the snapshot
     before = {pm.get_name(p) for p in pm.get_plugins()}
-    monkeypatch.syspath_prepend(str(tmp_path))
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
     monkeypatch.delenv(plugins.LOAD_PLUGINS_ENV, raising=False)
     monkeypatch.setattr(plugins, "_loaded", False)  # monkeypatch restores the original value
+    monkeypatch.setattr(plugins, "_packages", dict(plugins._packages))
+    written = []
+
+    def install(dist, version, entry_points, modules):
+        write_distribution(site, dist, version, entry_points, modules)
+        written.extend(modules)
+        plugins._distributions.cache_clear()
+        return site
+
     try:
-        yield tmp_path
+        yield install
     finally:
         for plugin in list(pm.get_plugins()):
             name = pm.get_name(plugin)
             if name not in before:
                 pm.unregister(name=name)
-        import sys
-
-        for module in ("pqa_test_broken_mod", "pqa_test_good_mod"):
+        for module in written:
             sys.modules.pop(module, None)
+        plugins._distributions.cache_clear()
 
 
+@pytest.fixture
+def fake_distribution(installed_plugins):
+    """A distribution with two ``pqa`` entry points: one whose module raises on import, one that
+    registers selector ``third_party``."""
+    return installed_plugins(DIST, "0.1", {BROKEN_EP: "pqa_test_broken_mod", GOOD_EP: "pqa_test_good_mod"}, {
+        "pqa_test_broken_mod": 'raise RuntimeError("kaboom from fake plugin")\n',
+        "pqa_test_good_mod": """
+            from pqa_core.hookspecs import hookimpl
+            from pqa_core.interfaces import Selector
+
+            class ThirdPartySelector(Selector):
+                def forward(self, query_vectors, doc_vectors):
+                    return -(query_vectors @ doc_vectors.T)
+
+            @hookimpl
+            def pqa_register_selectors(register):
+                register("third_party", ThirdPartySelector)
+        """,
+    })

@@ -165,13 +165,13 @@ def test_write_capacity_smoke_runs_every_setting(tmp_path):
     from bench import write_capacity
 
     result = write_capacity.run("smoke", command="pytest smoke")
-    assert [(s["projection"], s["m"]) for s in result["settings"]] == [("direct", 1), ("direct", 4),
-                                                                        ("mlp2x_gelu", 4), ("hybrid", 4)]
+    assert [(s["projection"], s["m"]) for s in result["settings"]] == [("direct", 1), ("direct", 4), ("hybrid", 4)]
     tiny_d_model = 64
-    assert [s["floats_per_doc"] for s in result["settings"]] == [tiny_d_model, 4 * tiny_d_model, 384,
+    assert [s["floats_per_doc"] for s in result["settings"]] == [tiny_d_model, 4 * tiny_d_model,
                                                                  384 + 4 * tiny_d_model]
     for setting in result["settings"]:
         assert [c["step"] for c in setting["curve"]] == [2, 4]
         assert 0 <= setting["capacity"] <= setting["tokens_per_doc"]
+        assert setting["betas"] == [0.9, 0.9] and "to_target" in setting
     md = write_capacity.markdown(result)
     assert md.startswith("## (f) Write-phase capacity") and "| `hybrid` | 4 |" in md

@@ -405,3 +405,125 @@ def test_cli_prints_url_and_stops_on_ctrl_c(mongo_url, recorded_run):
     while listen_addresses(port) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not listen_addresses(port), "Omniboard kept running after Ctrl-C"
+
+
+# --------------------------------------------------------------------------- pqa's columns in Omniboard
+
+PQA_RUNS = (("cosine", 12.5), ("dot", 7.25))
+
+
+def _record_pqa_like_runs(mongo_url: str, db_name: str, recall_k: int = 3) -> None:
+    """Finished runs with pqa's config layout and final eval metrics (as ``pqa run`` logs them)."""
+    from sacred import Experiment
+    from sacred.observers import MongoObserver
+
+    for selector, em in PQA_RUNS:
+        ex = Experiment("pqa_pipeline", save_git_info=False)
+        ex.add_config({"model": {"llm": "tiny", "d_z": 384, "num_memory_tokens": 2}, "selector": {"name": selector},
+                       "query_encoder": {"name": "minilm"}, "projection": {"name": "mlp2x_gelu"},
+                       "read": {"top_k": recall_k, "epochs": 1}, "write": {"epochs": 2}})
+        ex.observers.append(MongoObserver(url=mongo_url, db_name=db_name))
+
+        @ex.main
+        def main(_run):
+            _run.log_scalar("write.loss", 3.0, 1)
+            for name, value in (("EM", em), ("F1", em + 10), (f"Recall@{recall_k}", 80.0)):
+                _run.log_scalar(f"eval.{name}", value, 0)
+            return {"EM": em}
+
+        ex.run(options={"--capture": "sys"})
+
+
+@pytest.fixture
+def pqa_runs_db(mongo_url, mongo_client):
+    db_name = "pqa_columns_" + uuid.uuid4().hex[:8]
+    _record_pqa_like_runs(mongo_url, db_name)
+    yield mongo_client[db_name]
+    mongo_client.drop_database(db_name)
+
+
+def test_seeded_columns_leave_the_users_own_choices_alone(pqa_runs_db, mongo_url):
+    from pqa_experiments.board_columns import CUSTOM, METRIC, seed_columns
+
+    db = pqa_runs_db
+    db[CUSTOM].insert_one({"name": "sel", "config_path": "config.selector.name"})  # the user's own
+    db[METRIC].insert_one({"name": "EM", "metric_name": "eval.EM", "extrema": "max", "lastn": 1})
+    added = seed_columns(db)
+    assert "selector" not in added["custom"] and {"projection", "LLM", "top_k"} <= set(added["custom"])
+    assert added["metric"] == ["F1", "Recall@3"]
+    assert db[METRIC].find_one({"name": "EM"})["extrema"] == "max"  # not overwritten
+    assert db[CUSTOM].count_documents({"config_path": "config.selector.name"}) == 1
+    db[METRIC].delete_one({"name": "F1"})  # the user removes a column pqa added
+    db[CUSTOM].update_one({"name": "top_k"}, {"$set": {"name": "k"}})  # and renames one
+    assert seed_columns(db) == {"custom": [], "metric": []}
+    assert db[METRIC].count_documents({"name": "F1"}) == 0 and db[CUSTOM].count_documents({"name": "top_k"}) == 0
+    _record_pqa_like_runs(mongo_url, db.name, recall_k=5)  # a new k: a new column, the rest as the user left it
+    assert seed_columns(db) == {"custom": [], "metric": ["Recall@5"]}
+
+
+@needs_board
+@needs_browser
+def test_pqa_board_opens_on_components_hyper_parameters_and_final_metrics(pqa_runs_db, mongo_url, tmp_path):
+    url = mongo_url.rstrip("/") + "/" + pqa_runs_db.name
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pqa_experiments.cli", "board", "--port", "0", "--mongo-url", url, "--no-browser"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        board_url = proc.stdout.readline().strip()
+        assert board_url.startswith("http://127.0.0.1:"), proc.stderr.read() if proc.poll() is not None else board_url
+        script = tmp_path / "columns.js"
+        script.write_text(COLUMNS_JS)
+        env = dict(os.environ, PW_CORE=str(board_mod.ensure_playwright_core()), CHROMIUM=CHROMIUM,
+                   USER_DATA_DIR=str(tmp_path / "profile"), BOARD_URL=board_url, OUT_DIR=str(ARTIFACTS))
+        ARTIFACTS.mkdir(exist_ok=True)
+        out = subprocess.run([NODE, str(script)], env=env, capture_output=True, text=True, timeout=240)
+        assert out.returncode == 0, f"browser script failed:\n{out.stderr[-3000:]}"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert "added columns to Omniboard: selector, query_encoder, projection" in err
+    cells = json.loads(out.stdout.strip().splitlines()[-1])  # run id -> column title -> cell text
+    for run_id, (selector, em) in zip(("1", "2"), PQA_RUNS):
+        row = cells[run_id]
+        assert (row["Selector"], row["Projection"], row["LLM"], row["Top K"]) == (selector, "mlp2x_gelu", "tiny", "3")
+        assert (float(row["EM"]), float(row["F1"]), float(row["Recall@3"])) == (em, em + 10, 80.0)
+    _assert_real_screenshot(ARTIFACTS / "omniboard-pqa-columns.png", 1000, 600)
+
+
+# Reads every cell of the run table: the table draws only the columns in view, so it scrolls right
+# and collects header titles and cells at each position.
+COLUMNS_JS = r"""
+const { chromium } = require(process.env.PW_CORE);
+const path = require('path');
+(async () => {
+  const context = await chromium.launchPersistentContext(process.env.USER_DATA_DIR, {
+    executablePath: process.env.CHROMIUM, headless: true, viewport: { width: 1400, height: 900 },
+    args: ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--no-first-run'] });
+  try {
+    const page = context.pages()[0] || await context.newPage();
+    await page.goto(process.env.BOARD_URL, { waitUntil: 'networkidle', timeout: 60000 });
+    await page.locator('.public_fixedDataTable_bodyRow', { hasText: 'pqa_pipeline' }).first()
+      .waitFor({ state: 'visible', timeout: 60000 });
+    await page.screenshot({ path: path.join(process.env.OUT_DIR, 'omniboard-pqa-columns.png') });
+    const cells = {};
+    const box = await page.locator('.public_fixedDataTable_main').first().boundingBox();
+    await page.mouse.move(box.x + box.width / 2, box.y + box.height / 2);
+    for (let step = 0; step < 40; step++) {
+      const titles = await page.locator('.public_fixedDataTable_header .public_fixedDataTableCell_main').allInnerTexts();
+      for (const row of await page.locator('.public_fixedDataTable_bodyRow').all()) {
+        const texts = await row.locator('.public_fixedDataTableCell_main').allInnerTexts();
+        if (texts.length !== titles.length) continue;
+        const id = texts[titles.indexOf('Id')].trim();
+        cells[id] = cells[id] || {};
+        titles.forEach((title, i) => { if (title) cells[id][title.trim()] = texts[i].trim(); });
+      }
+      await page.mouse.wheel(600, 0);
+      await page.waitForTimeout(150);
+    }
+    console.log(JSON.stringify(cells));
+  } finally {
+    await context.close();
+  }
+})().catch((e) => { console.error(e.stack || String(e)); process.exit(1); });
+"""

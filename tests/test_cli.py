@@ -51,7 +51,8 @@ def test_demo_pipeline_is_recorded_in_mongodb(db_url, outputs, mongo_client):
     assert run["status"] == "COMPLETED"
     assert run["config"]["model"]["llm"] == "smollm2-135m" and run["config"]["threads"] == 1
     assert run["config"]["selector"] == {"name": "cosine", "temperature": 0.05}
-    assert set(run["result"]) == {"EM", "F1", "substring", "Recall@3"} == set(reported["result"])
+    assert {"EM", "F1", "substring", "Recall@3", "questions", "EM_ci95_low", "EM_ci95_high"} <= set(run["result"])
+    assert set(run["result"]) == set(reported["result"])
     metrics = {m["name"]: m for m in db.metrics.find({"run_id": run["_id"]})}
     assert metrics["write.loss"]["steps"] == list(range(1, 11))  # 36 docs / batch 8 = 5 steps x 2 epochs
     assert len(metrics["read.total_loss"]["steps"]) == 14
@@ -106,7 +107,7 @@ def test_password_in_url_is_never_stored(embedded_db, outputs, mongo_client):
         mongo_client.admin.command("dropUser", "pqa_user")
 
 
-def test_pip_installed_plugin_is_listed_and_usable_by_name(tmp_path, db_url, outputs):
+def test_pip_installed_plugin_is_listed_and_usable_by_name(tmp_path, db_url, outputs, mongo_client):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(REPO / "examples" / "pqa-plugin-example")],
@@ -120,7 +121,13 @@ def test_pip_installed_plugin_is_listed_and_usable_by_name(tmp_path, db_url, out
     url, name = db_url
     proc = pqa("run", "pipeline", "--mongo-url", url, "--json", *SMOKE, "selector.name=l2",
                "selector.temperature=2.0", env_extra=env)
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["result"]["Recall@3"] >= 0
+    reported = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert reported["result"]["Recall@3"] >= 0
+    used = mongo_client[name].runs.find_one({"_id": reported["run_id"]})["info"]["components"]
+    assert used["selector"] == {"name": "l2", "plugin": "l2_selector", "package": "pqa-l2-selector",
+                                "version": "0.1.0"}
+    assert used["projection"] == {"name": "mlp2x_gelu", "plugin": "pqa_plugins.projections", "package": "pqa",
+                                  "version": "0.1.0"}
 
 
 @pytest.mark.parametrize("args, message", [
@@ -129,6 +136,8 @@ def test_pip_installed_plugin_is_listed_and_usable_by_name(tmp_path, db_url, out
     (["with", "smoke", "read.topk=2"], "unknown config key 'read.topk'"),
     (["with", "no_such_named_config"], "unknown named config 'no_such_named_config'"),
     (["with", "read.top_k='x'"], "config key 'read.top_k' must be an integer >= 1, got 'x'"),
+    (["with", "smoke", "selector.temperature=abc"], "selector 'cosine': parameter 'temperature' must be float, "
+                                                    "got 'abc' (str)"),
     (["with", "smoke", "model.d_z=0"], "model.d_z=0 (the projection's size) but projection 'mlp2x_gelu' has no "
                                        "needed_d_z: set model.d_z"),
 ])
@@ -158,5 +167,9 @@ def test_unreachable_database_fails_before_training(outputs, tmp_path):
 def test_print_config_and_help():
     config = pqa("run", "pipeline", "print_config", "with", "selector_mlp", "--no-db").stdout
     assert "hidden = 256" in config and "name = 'mlp'" in config
+    shown = pqa("run", "pipeline", "print_config", "with", "selector.temp=2", "--no-db", check=False)
+    assert "temp = 2" in shown.stdout and shown.returncode == 2  # shown, then refused as a run would be
+    assert shown.stderr.splitlines()[-1] == "Error: selector 'cosine' got unexpected parameter 'temp'; " \
+                                           "accepted: temperature"
     for command in ([], ["run"], ["runs"], ["db"], ["board"], ["plugins"]):
         assert "Usage:" in pqa(*command, "--help").stdout

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pqa_core.interfaces import COMPONENT_KINDS
+from pqa_core.kinds import COMPONENT_KINDS
 from pqa_core.minilm import MINILM_DIM, embed_texts
 from pqa_core.plugins import build, components
 

@@ -18,7 +18,8 @@ from pqa_core.controls import build_control, evaluate_control
 from pqa_core.errors import UsageError
 from pqa_core.evaluation import evaluate_qa
 from pqa_core.hookspecs import hookimpl
-from pqa_core.interfaces import COMPONENT_KINDS, Control
+from pqa_core.interfaces import Control
+from pqa_core.kinds import COMPONENT_KINDS
 from pqa_core.metrics import compute_em, compute_f1
 from pqa_core.pipeline import Pipeline
 from pqa_core.training import RecordingLogger

@@ -656,11 +656,16 @@ def test_optimizer_state_of_another_setting_is_stored_failed_one_line(store, ref
 
 
 BOOM_PLUGIN = '''
+import torch
 from pqa_core.hookspecs import hookimpl
 from pqa_core.interfaces import Selector
 
 class BoomSelector(Selector):
+    """Raises when it scores without gradients: pre-flight's contract check calls it with gradients and
+    passes, so the failure comes mid-run (the run's first retrieval evaluation)."""
     def forward(self, query_vectors, doc_vectors):
+        if torch.is_grad_enabled():
+            return query_vectors @ doc_vectors.T
         raise RuntimeError("boom from the selector plugin")
 
 @hookimpl
@@ -702,5 +707,7 @@ def test_pqa_load_plugins_empty_turns_off_an_installed_plugin(store, tmp_path):
                   PYTHONPATH=os.pathsep.join([_installed_boom_plugin(tmp_path), os.environ.get("PYTHONPATH", "")]))
     before = store["db"].runs.count_documents({})
     proc = pqa("run", "pipeline", "--mongo-url", store["url"], *RUN_ARGS, "selector.name=boom", env=env, check=False)
-    assert_refused(proc, "unknown selector 'boom'; available: bilinear, cosine, dot, mlp", code=2)
+    assert_refused(proc, "unknown selector 'boom'; available: bilinear, cosine, dot, mlp", code=2, only_line=False)
+    assert proc.stderr.splitlines()[0] == ("Warning: PQA_LOAD_PLUGINS is empty: 1 installed third-party plugin "
+                                           "entry point(s) not loaded")  # it says so
     assert store["db"].runs.count_documents({}) == before and not (tmp_path / "outputs").exists()

@@ -33,8 +33,12 @@ def store(embedded_db, tmp_path_factory):
     from sacred.observers import MongoObserver
 
     db_name = f"pqa_test_runs_{uuid.uuid4().hex[:8]}"
-    artifact = tmp_path_factory.mktemp("artifacts") / "predictions.jsonl"
-    artifact.write_text('{"q": "who?", "a": "me"}\n')
+    folder = tmp_path_factory.mktemp("artifacts")
+    predictions = {}
+    for name, right in (("dot", 12), ("cosine", 30)):  # the same 50 questions; cosine answers 18 more right
+        predictions[name] = folder / f"{name}.jsonl"
+        predictions[name].write_text("".join(json.dumps({"id": f"q{i}", "em": float(i < right), "f1": float(i < right),
+                                                         "substring": float(i < right)}) + "\n" for i in range(50)))
 
     ex = Experiment("tiny_runs", save_git_info=False)
 
@@ -51,8 +55,7 @@ def store(embedded_db, tmp_path_factory):
             _run.log_scalar("train.loss", 1.0 / (step + 1), step)
         _run.log_scalar("eval.EM", EM[selector["name"]], 3)
         _run.info["note"] = f"selector {selector['name']}"
-        if selector["name"] == "cosine":
-            _run.add_artifact(str(artifact), name="predictions.jsonl")
+        _run.add_artifact(str(predictions[selector["name"]]), name="predictions.jsonl")
         return {"EM": EM[selector["name"]], "F1": EM[selector["name"]] + 5, f"Recall@{read['top_k']}": 88.0}
 
     observer = MongoObserver(url=embedded_db, db_name=db_name)
@@ -200,6 +203,9 @@ def test_compare_json_side_by_side(store):
     assert out["config"]["selector.name"] == ["dot", "cosine"]
     assert "read.top_k" not in out["config"]  # equal in both runs
     assert out["result"] == {"EM": [12.5, 30.0], "F1": [17.5, 35.0], "Recall@3": [88.0, 88.0]}
+    f1 = out["paired"]["F1"]  # their predictions, paired by question id: dot - cosine
+    assert f1["n"] == 50 and f1["difference"] == pytest.approx(-0.36) and f1["significant"] and f1["p_value"] < 0.01
+    assert f1["low"] < -0.36 < f1["high"] < 0
 
 
 def test_compare_text_csv_and_usage(store):
@@ -210,6 +216,9 @@ def test_compare_text_csv_and_usage(store):
     assert lines[0].split() == ["key", str(ids["cosine"]), str(ids["dot"])]
     assert ["config.selector.name", "cosine", "dot"] in [line.split() for line in lines]
     assert ["result.EM", "30.00", "12.50"] in [line.split() for line in lines]
+    assert f"paired on the same questions (run {ids['cosine']} - run {ids['dot']}):" in lines
+    assert any(line.strip().startswith("F1: 60.0 vs 24.0, difference +36.0 [") and "significant" in line
+               for line in lines)
     rows = list(csv.reader(io.StringIO(cli(store, "compare", str(ids["dot"]), str(ids["cosine"]), "--csv").output)))
     assert rows[0] == ["key", str(ids["dot"]), str(ids["cosine"])]
     assert ["config.selector.name", "dot", "cosine"] in rows

@@ -166,3 +166,22 @@ def test_documents_added_after_training_are_written_with_the_reader_frozen(tmp_p
         Pipeline(config(tmp_path, output_dir=str(tmp_path / "other"), init_from=str(tmp_path / "grown"),
                         data={"corpus": str(small), "qa": str(small_qa), "eval_qa": str(small_qa)}),
                  RecordingLogger())
+
+
+def test_keyword_content_init_starts_soft_tokens_at_the_passages_rarest_words(tmp_path):
+    from pqa_core.keywords import salient_token_ids
+
+    pipeline = Pipeline(config(tmp_path, model={"llm": "tiny", "num_memory_tokens": 8, "d_z": 0,
+                                                "content_init": "keywords", "lora": {"r": 4}},
+                               projection={"name": "hybrid", "key_in_prompt": False}), RecordingLogger())
+    model, tok = pipeline.model, pipeline.tokenizer
+    ids = salient_token_ids([d.text for d in pipeline.rows.documents], tok, 8)
+    words = tok.decode(ids[0]).split()
+    text = pipeline.rows.documents[0].text
+    assert 0 < len(ids[0]) <= 8 and words[0] == "Marrowick"  # the rarest words first fill the budget
+    assert not {"the", "is", "a", "of", "on"} & set(words)  # never a stop word
+    assert [text.index(w) for w in words] == sorted(text.index(w) for w in words)  # in the text's order
+    embeddings = model.llm.get_input_embeddings().weight.detach()
+    soft = model.soft_prompts(torch.tensor([[0]]))[0].detach()  # [m, d_model]: the free part alone
+    assert torch.allclose(soft[:len(ids[0])], embeddings[torch.tensor(ids[0])])
+    assert torch.equal(model.doc_vectors[:, :384].detach(), pipeline.model.doc_vectors[:, :384].detach())
