@@ -26,6 +26,7 @@ setup(
         "gguf",
         "pluggy>=1.3",
         "click>=8",
+        "pyyaml>=5.1",
         "tqdm",
         "numpy",
         "pandas",

@@ -195,7 +195,7 @@ def sacred_args(params: dict, threads: int, output_dir: str):
 
 def check_stored(database, run: dict) -> dict:
     """The run's stored status, points and artifacts against what it logged and added."""
-    from pqa_experiments.observers import read_metric
+    from pqa_experiments.metric_chunks import read_metric
 
     doc = database.runs.find_one({"_id": run["run_id"]}, {"status": 1, "artifacts": 1, "resources": 1})
     stored = {name: read_metric(database, run["run_id"], name)

@@ -32,9 +32,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from pqa_core.errors import PqaError
+
+from .urls import describe_error, redact_text, redact_url, url_secrets
 
 OMNIBOARD_VERSION = "2.16.1"
 READY_MARK = "PQA_BOARD_LISTENING"
@@ -124,57 +126,7 @@ def ensure_playwright_core(version: str = PLAYWRIGHT_CORE_VERSION) -> Path:
     return ensure_npm_package("playwright-core", version, check=(f"{rel}/package.json",)) / rel
 
 
-# --------------------------------------------------------------------------- URLs and secrets
-
-def _url_password_forms(url: str) -> set:
-    """The password of a ``mongodb://user:pass@...`` URL as written and percent-decoded."""
-    netloc = urlsplit(url).netloc
-    userinfo = netloc.rsplit("@", 1)[0] if "@" in netloc else ""
-    if ":" not in userinfo:
-        return set()
-    raw = userinfo.split(":", 1)[1]
-    return {raw, unquote(raw)} - {""}
-
-
-def url_secrets(url: str) -> list:
-    """Strings that must never be printed: the URL itself and its password (longest first).
-
-    Adds ``pqa_experiments.settings.url_secrets`` (secret query options too) when present.
-    """
-    found = {url} | _url_password_forms(url)
-    try:
-        from pqa_experiments.settings import url_secrets as settings_secrets  # type: ignore
-    except ImportError:
-        pass
-    else:
-        found.update(settings_secrets(url))
-    return sorted((s for s in found if s), key=len, reverse=True)
-
-
-def _redact_url_local(url: str) -> str:
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    userinfo, hosts = parts.netloc.rsplit("@", 1)
-    user = userinfo.split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}" if ":" in userinfo else f"{user}@{hosts}"))
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password masked; uses ``pqa_experiments.settings.redact_url`` when present."""
-    try:
-        from pqa_experiments.settings import redact_url as settings_redact  # type: ignore
-    except ImportError:
-        return _redact_url_local(url)
-    return settings_redact(url)
-
-
-def _scrub(text: str, secrets: Sequence[str]) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
-
+# --------------------------------------------------------------------------- the database URL
 
 def omniboard_mongo_uri(mongo_url: str, db_name: str) -> str:
     """``mongo_url`` with ``db_name`` as its path, keeping the auth database it had.
@@ -328,9 +280,8 @@ def _check_mongo(mongo_url: str, secrets: Sequence[str], timeout_s: float = 5.0)
     try:
         client.admin.command("ping")
     except Exception as exc:  # noqa: BLE001 - any driver error becomes one user-facing line
-        msg = (str(exc).splitlines() or [type(exc).__name__])[0]
-        msg = msg.split(" (configured timeouts")[0].split(", Timeout:")[0].split(", full error:")[0]
-        raise BoardError(f"cannot reach MongoDB at {redact_url(mongo_url)}: {_scrub(msg, secrets)[:200]}") from None
+        raise BoardError(f"cannot reach MongoDB at {redact_url(mongo_url)}: "
+                         f"{describe_error(exc, secrets, limit=200)}") from None
     finally:
         client.close()
 
@@ -401,7 +352,7 @@ def start_board(mongo_url: str, db_name: str = "pqa", host: str = "127.0.0.1", p
     bound_port = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            tail = _scrub(log_path.read_text(errors="replace"), secrets).strip().splitlines()
+            tail = redact_text(log_path.read_text(errors="replace"), secrets).strip().splitlines()
             reason = next((ln for ln in reversed(tail) if ln.startswith("pqa board:")), tail[-1] if tail else "")
             raise BoardError(f"Omniboard exited with code {proc.returncode}: {reason[:200]} (log: {log_path})")
         if bound_port is None:

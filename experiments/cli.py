@@ -8,26 +8,29 @@ from __future__ import annotations
 
 import copy
 import logging
+import signal
 import warnings
 
 import click
 
-from pqa_core.errors import PqaError
+from pqa_core.errors import EnvironmentFailure, PqaError
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
 
 
 class PqaGroup(click.Group):
-    """Turns PqaError into one line on stderr and its exit code."""
+    """Turns PqaError, and an OSError the machine raised (read-only or looping folder, full disk), into
+    one line on stderr and its exit code."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except PqaError as exc:
+        except (PqaError, OSError) as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"Error: {exc}", err=True)
-            ctx.exit(exc.exit_code)
+            error = exc if isinstance(exc, PqaError) else EnvironmentFailure.from_os_error(exc)
+            click.echo(f"Error: {error}", err=True)
+            ctx.exit(error.exit_code)
 
 
 @click.group(cls=PqaGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -67,22 +70,20 @@ def _quiet_transformers(debug: bool) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def _add_optional_commands():
-    from .cli_run import run
-
-    cli.add_command(run)
-    for module, name in (("cli_db", "db"), ("cli_board", "board"), ("cli_runs", "runs"), ("cli_data", "data"),
-                         ("cli_bench", "bench"), ("cli_analyze", "analyze")):
-        try:
-            mod = __import__(f"pqa_experiments.{module}", fromlist=[name])
-        except ImportError:
-            continue
-        cli.add_command(getattr(mod, name))
+def _add_commands():
     from pqa_core.plugins import register_commands
 
+    from .cli_analyze import analyze
+    from .cli_bench import bench
+    from .cli_board import board
+    from .cli_data import data
+    from .cli_db import db
     from .cli_plugins import plugins
+    from .cli_run import run
+    from .cli_runs import runs
 
-    cli.add_command(plugins)
+    for command in (run, db, board, runs, data, bench, analyze, plugins):
+        cli.add_command(command)
     cli.add_command(_alias(plugins, "plugin"))
     register_commands(cli)  # plugins' commands; a raising hook or a taken name is skipped with a warning
 
@@ -112,11 +113,14 @@ def _show_plugin_warnings() -> None:
 _show_plugin_warnings()
 
 
-_add_optional_commands()
+_add_commands()
 
 
 def main():
-    cli(prog_name="pqa")
+    try:
+        cli(prog_name="pqa")
+    finally:  # all is said and saved: a Ctrl-C while Python shuts down ends it quietly, with no traceback
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,29 +12,9 @@ import webbrowser
 
 import click
 
-from .board import BoardError, _scrub, parse_basic_auth, redact_url, start_board, stop_board, url_secrets
-
-
-def _resolve(mongo_url: str | None) -> tuple[str, str, str]:
-    """(url, db_name, where it came from) for the run store, started or pinged like other commands."""
-    try:
-        from .db import ensure_database
-    except ImportError:
-        ensure_database = None
-    if ensure_database is not None:
-        target = ensure_database(mongo_url)
-        return target.url, target.db_name, target.source
-    try:
-        from . import settings
-    except ImportError:  # TODO: drop once pqa_experiments.settings has landed everywhere
-        if not mongo_url:
-            raise BoardError("no run store configured: pass --mongo-url mongodb://host:port/db") from None
-        path = mongo_url.split("://", 1)[-1].split("?", 1)[0].partition("/")[2]
-        return mongo_url, path or "pqa", "argument"
-    target = settings.resolve_mongo(mongo_url)
-    if target.embedded:
-        raise BoardError("the embedded run store is not available here (no pqa_experiments.db); pass --mongo-url")
-    return target.url, target.db_name, target.source
+from .board import BoardError, parse_basic_auth, start_board, stop_board
+from .db import ensure_database
+from .urls import describe_error, redact_url, url_secrets
 
 
 def _seed_columns(url: str, db_name: str, proc) -> None:
@@ -49,7 +29,7 @@ def _seed_columns(url: str, db_name: str, proc) -> None:
     except pymongo.errors.PyMongoError as exc:
         stop_board(proc)
         raise BoardError(f"cannot write Omniboard's column settings to {redact_url(url)}: "
-                         f"{_scrub(str(exc).splitlines()[0][:200], url_secrets(url))}") from None
+                         f"{describe_error(exc, url_secrets(url), limit=200)}") from None
     names = added["custom"] + added["metric"]
     if names:
         click.echo(f"added columns to Omniboard: {', '.join(names)} (remove or change them there; "
@@ -84,7 +64,8 @@ def board(port: int, host: str, mongo_url: str | None, basic_auth: str | None, n
     Errors are PqaError lines, which the main ``pqa`` group prints with their exit code.
     """
     parse_basic_auth(basic_auth)  # a malformed value fails before anything starts
-    url_db, db_name, source = _resolve(mongo_url)
+    target = ensure_database(mongo_url)
+    url_db, db_name, source = target.url, target.db_name, target.source
     if not _is_loopback(host) and not basic_auth:
         click.echo(f"warning: listening on {host} without --basic-auth: anyone who can reach this "
                    "port can read and delete runs", err=True)

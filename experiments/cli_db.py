@@ -84,8 +84,9 @@ def status(as_json):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_one_line_errors
 def recover(mongo_url, failure_dir, as_json):
-    """Upload metric points, artifacts and run records that runs saved locally while the
-    database was unreachable; each run gets its real final status back. Safe to run again."""
+    """Upload the metric points, artifacts and final records that runs saved locally while the
+    database was unreachable (each run gets its real final status back), and store runs whose
+    heartbeat stopped long ago as PROBABLY_DEAD. Safe to run again."""
     import pymongo
 
     from . import settings
@@ -94,20 +95,29 @@ def recover(mongo_url, failure_dir, as_json):
     target = _db.ensure_database(mongo_url)
     folder = failure_dir or str(settings.data_dir() / "failed_runs")
     with pymongo.MongoClient(target.url, appname="pqa-recover", serverSelectionTimeoutMS=10_000) as client:
-        report = _recover(client, folder)
+        report = _recover(client, folder, db_name=target.db_name)
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True, default=str))
     else:
-        for run in report["runs"]:
-            what = (f"{run['points_uploaded']} metric points uploaded ({run['points_already_stored']} already stored), "
-                    f"{run['artifacts_uploaded']} artifacts")
-            if run["recovered"]:
-                click.echo(f"run {run['run_id']} ({run['database']}): {what}; status {run['status']}")
-            else:
-                click.echo(f"run {run['run_id']} ({run['database']}): NOT recovered: {run['error']}", err=True)
-        for line in report["skipped"]:
-            click.echo(f"skipped {line}", err=True)
-        click.echo(f"{report['runs_recovered']} runs recovered, {report['runs_failed']} failed, "
-                   f"{report['points_uploaded']} points uploaded from {report['files']} files in {folder}")
+        _print_recovery(report, folder)
     if report["runs_failed"]:
         raise click.exceptions.Exit(1)
+
+
+def _print_recovery(report: dict, folder: str) -> None:
+    for run in report["runs"]:
+        if run["recovered"]:
+            click.echo(f"run {run['run_id']} ({run['database']}): restored {run['points_uploaded']} metric points "
+                       f"({run['points_already_stored']} were already stored), {run['artifacts_uploaded']} "
+                       f"artifacts; status {run['status']}")
+        else:
+            click.echo(f"run {run['run_id']} ({run['database']}): NOT recovered: {run['error']}", err=True)
+    for line in report["skipped"]:
+        click.echo(f"skipped {line}", err=True)
+    restored = [str(r["run_id"]) for r in report["runs"] if r["recovered"]]
+    click.echo(f"restored {report['points_uploaded']} metric points and {report['artifacts_uploaded']} artifacts "
+               f"to {len(restored)} runs ({', '.join(restored) or 'none'}) from {report['files']} files in {folder}"
+               + (f"; {report['runs_failed']} runs NOT recovered" if report["runs_failed"] else ""))
+    if report["marked_dead"]:
+        click.echo(f"stored as PROBABLY_DEAD (RUNNING, no heartbeat for over {report['dead_after_s']} s): runs "
+                   + ", ".join(str(i) for i in report["marked_dead"]))

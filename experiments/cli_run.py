@@ -1,21 +1,28 @@
 """``pqa run PHASE [Sacred args]``: validate everything first, then one tracked Sacred run.
 
-Bad config keys, plugin names, plugin kwargs, data files and the checkpoints ``init_from`` and
-``resume`` would load are caught before the run is created, so they leave nothing in the database.
-A folder another live run writes is refused (its lock), and an unreachable database is reported,
-before any training starts.
+Before the run is created (so nothing is stored and no folder is made): config files (YAML or
+JSON data only), every config key, type and range, plugin names and kwargs, data files, what the
+data and the LLM bound (``top_k``, memory tokens, the device), the output folder (writable; no
+other run's checkpoints in it), and the checkpoints ``init_from`` and ``resume`` would load
+(intact, of this model, and for ``resume`` made under this run's fingerprint). A folder another
+live run writes is refused (its lock), and an unreachable database is reported, before any
+training starts.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import os
+import re
+import stat
+import tempfile
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import click
 
-from pqa_core.errors import CheckpointError, PqaError, UsageError
+from pqa_core.errors import CheckpointError, EnvironmentFailure, PqaError, UsageError
 
 log = logging.getLogger(__name__)
 PHASES = ("write", "read", "eval", "pipeline", "control")
@@ -45,6 +52,36 @@ def parse_updates(items: List[str]):
     return get_config_updates(items)
 
 
+def sacred_inputs(ex, items: List[str]) -> Tuple[dict, List[str], List[Dict[str, str]]]:
+    """(config updates, named configs, config files read) for ``ex.run``, every one checked before Sacred
+    sees it: ``key=value`` types and ranges, named configs known, config files YAML or JSON data only
+    (``config_files``), each registered on ``ex`` as a named config of its values."""
+    from pqa_core.config import PQAConfig
+
+    from . import config_files
+    from .sacred_experiments import NAMED_CONFIGS
+
+    updates, names = parse_updates(items)
+    # the command line's own keys and values, before Sacred reads them (resume may be a run id: resolve_resume)
+    PQAConfig.from_dict({key: value for key, value in updates.items() if key != "resume"})
+    named, files = [], []
+    for name in names:
+        if name in NAMED_CONFIGS:
+            named.append(name)
+        elif config_files.looks_like_file(name):
+            values, warnings = config_files.load(name)
+            for line in warnings:
+                click.echo(line, err=True)
+            label = f"file_{len(files)}_" + re.sub(r"\W", "_", Path(name).name)  # no dot: Sacred reads a.b as a path
+            ex.add_named_config(label, values)
+            named.append(label)
+            files.append({"path": str(Path(name).resolve()), "sha256": config_files.digest(name)})
+        else:
+            raise UsageError(f"unknown named config {name!r}; available: {', '.join(sorted(NAMED_CONFIGS))} "
+                             "(or a .yaml, .yml or .json config file)")
+    return updates, named, files
+
+
 @contextlib.contextmanager
 def quiet_sacred():
     """Sacred's config warnings (its logger is the root logger) wait for the real run: a refused
@@ -60,19 +97,15 @@ def quiet_sacred():
 
 def preflight(ex, updates, named_configs):
     """Resolve the full config without observers and check everything that can be checked cheaply."""
+    from sacred.utils import ConfigAddedError
+
     from pqa_core.builder import check_d_z
     from pqa_core.checkpoints import check_loadable
-    from pqa_core.config import PQAConfig
+    from pqa_core.config import PQAConfig, check_fits
     from pqa_core.contract import check_config_components
     from pqa_core.data import load_corpus, load_qa
+    from pqa_core.llm import llm_shape
     from pqa_core.pipeline import checkpoints_to_load, resolve_data_path
-
-    from .sacred_experiments import NAMED_CONFIGS
-
-    for name in named_configs:
-        if name not in NAMED_CONFIGS:
-            raise UsageError(f"unknown named config {name!r}; available: {', '.join(sorted(NAMED_CONFIGS))}")
-    from sacred.utils import ConfigAddedError
 
     try:
         with quiet_sacred():
@@ -88,14 +121,17 @@ def preflight(ex, updates, named_configs):
             node[leaf] = None
             PQAConfig.from_dict(nested)
         raise UsageError(f"unknown config key(s): {', '.join(conflicting)}") from None
-    except KeyError as exc:
-        raise UsageError(f"bad config: {exc}") from None
+    except (KeyError, ValueError, TypeError, AssertionError) as exc:
+        raise UsageError(f"bad config: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     config = PQAConfig.from_dict(dict(run.config))
     check_d_z(config)
-    check_config_components(config)  # names, parameters, then each component's contract on a stand-in model
     corpus = load_corpus(resolve_data_path(config.data.corpus))
     load_qa(resolve_data_path(config.data.qa), corpus)
     load_qa(resolve_data_path(config.data.eval_qa), corpus)
+    # before any component is built: m=1e8 would make the contract check allocate terabytes
+    check_fits(config, len(corpus), config.data.corpus, llm_shape(config.model.llm))
+    check_output_folder(Path(config.resume or config.output_dir or os.environ.get("PQA_OUTPUT_DIR", "outputs")))
+    check_config_components(config)  # names, parameters, then each component's contract on a stand-in model
     checkpoints = checkpoints_to_load(config)
     if checkpoints:  # init_from's and resume's: torn, corrupt, other model or size
         from pqa_core.data import split_passages
@@ -107,6 +143,42 @@ def preflight(ex, updates, named_configs):
             grow = bool(config.init_from) and index == 0  # init_from's may start a larger corpus
             check_loadable(checkpoint, config.to_dict(), len(rows), row_ids=row_ids, grow=grow)
     return config
+
+
+def check_reuse(config) -> None:
+    """The checkpoints already in the run's folder: continued only by a resume under their fingerprint
+    (``force_resume`` says what it lets through). Called holding the folder's lock, so a folder a live
+    run writes is refused as in use, not as holding checkpoints."""
+    from pqa_core.pipeline import check_output_dir, fingerprint_of
+
+    folder = config.resume or config.output_dir
+    for line in check_output_dir(config, fingerprint_of(config), Path(folder)) if folder else []:
+        click.echo(f"warning: force_resume=True: {line} (recorded in the run)", err=True)
+
+
+def check_output_folder(folder: Path) -> None:
+    """The folder a run will write, or the nearest parent that exists, must be a folder this process can
+    write: a read-only mount, a symlink loop or a file in the way is one line (exit 1), not a FAILED run."""
+    try:
+        existing = folder
+        while True:
+            try:
+                mode = os.stat(existing).st_mode
+                break
+            except FileNotFoundError:
+                if existing.parent == existing:
+                    raise
+                existing = existing.parent
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(folder) else ""
+        raise EnvironmentFailure(f"output folder {folder}: {exc.strerror or exc}{where}") from None
+    if not stat.S_ISDIR(mode):
+        raise EnvironmentFailure(f"output folder {folder}: {existing} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise EnvironmentFailure(f"output folder {folder}: cannot write in {existing}: {exc.strerror or exc}") from None
 
 
 def output_folder_of(config):
@@ -211,24 +283,35 @@ def run_failure(ex, exc: Exception) -> PqaError:
     return PqaError(f"{run} FAILED: {reason} (the traceback is stored with the run; pqa --debug run ... prints it)")
 
 
-def tracked_run(ex, updates, named_configs, resumed_from: Optional[int]):
-    """``ex.run`` with its failures as one line; losses of the observer are raised at the end."""
+def tracked_run(ex, updates, named_configs, info: Dict[str, Any]):
+    """``ex.run`` with its failures as one line; what the run store did not take is said in that same line."""
     try:
-        return ex.run(config_updates=updates, named_configs=named_configs,
-                      info={"resumed_from_run": resumed_from} if resumed_from is not None else None)
+        finished = ex.run(config_updates=updates, named_configs=named_configs, info=info or None)
     except KeyboardInterrupt:
+        raise_for_losses(ex)
         raise click.Abort()
-    except PqaError:
+    except PqaError as exc:
+        raise_for_losses(ex, str(exc))
         raise
     except Exception as exc:  # a component raising mid-run: Sacred stored it FAILED with the traceback
         ctx = click.get_current_context(silent=True)
         if ctx is not None and (ctx.find_root().obj or {}).get("debug"):
             raise
-        raise run_failure(ex, exc) from None
-    finally:
-        for observer in ex.observers:
-            if hasattr(observer, "raise_for_losses"):
+        failure = run_failure(ex, exc)
+        raise_for_losses(ex, str(failure))
+        raise failure from None
+    raise_for_losses(ex)
+    return finished
+
+
+def raise_for_losses(ex, before: str = "") -> None:
+    """One PqaError line if an observer could not store everything, after ``before`` (the run's own error)."""
+    for observer in ex.observers:
+        if getattr(observer, "losses", None):
+            try:
                 observer.raise_for_losses()
+            except PqaError as exc:
+                raise PqaError(f"{before}; {exc}" if before else str(exc)) from None
 
 
 def interrupt_on_sigterm() -> None:
@@ -259,15 +342,18 @@ def run(phase, sacred_args, mongo_url, no_db, file_storage, as_json):
       pqa run read with init_from=outputs/pqa_write/<run> read.epochs=5
       pqa run pipeline with smoke resume=7   # continue run 7 (a new run) from its last checkpoint
       pqa run pipeline print_config with selector_mlp
+      pqa run pipeline with configs/phase1_poc.yaml model.llm=tiny   # a YAML or JSON config file
       pqa run control with control.name=bm25 read.top_k=3
     """
     from .sacred_experiments import make_experiment
 
     command, items = split_sacred_args(list(sacred_args))
-    updates, named_configs = parse_updates(items)
     ex = make_experiment(phase)
+    updates, named_configs, files = sacred_inputs(ex, items)
     if command:
-        shown = ex.run(command, config_updates=updates, named_configs=named_configs, options={"--unobserved": True})
+        with quiet_sacred():
+            shown = ex.run(command, config_updates=updates, named_configs=named_configs,
+                           options={"--unobserved": True})
         if command == "print_config":  # then its plugin names and parameters, checked as a run checks them
             from pqa_core.config import PQAConfig
             from pqa_core.contract import check_component_settings
@@ -276,12 +362,16 @@ def run(phase, sacred_args, mongo_url, no_db, file_storage, as_json):
         return
     resumed_from = resolve_resume(updates, mongo_url, no_db, file_storage)
     config = preflight(ex, updates, named_configs)
+    info = {"config_files": files} if files else {}
+    if resumed_from is not None:
+        info["resumed_from_run"] = resumed_from
     with output_folder_of(config):
+        check_reuse(config)
         interrupt_on_sigterm()
         where = attach_observer(ex, mongo_url, no_db, file_storage)
         if where:
             click.echo(f"recording to {where}", err=True)
-        finished = tracked_run(ex, updates, named_configs, resumed_from)
+        finished = tracked_run(ex, updates, named_configs, info)
     result = finished.result or {}
     if as_json:
         click.echo(json.dumps({"run_id": finished._id, "result": result}))

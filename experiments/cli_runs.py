@@ -20,6 +20,7 @@ import click
 from pqa_core.errors import PqaError
 
 from . import runs as runs_lib
+from .urls import describe_error, redact_url, url_secrets
 
 _PREFERRED_METRICS = ("EM", "F1", "substring")
 _MAX_LIST_METRICS = 6
@@ -81,15 +82,9 @@ def _errors_to_exit_codes(func):
             if _debug(ctx):
                 raise
             url = ctx.meta.get("pqa_runs.url")
-            where = ""
-            secrets: List[str] = []
-            if url:
-                from . import settings
-
-                where = f" at {settings.redact_url(url)}"
-                secrets = settings.url_secrets(url)
-            raise click.ClickException(f"MongoDB error{where}: {runs_lib.describe_mongo_error(exc, secrets)}") \
-                from None
+            where = f" at {redact_url(url)}" if url else ""
+            secrets: List[str] = url_secrets(url) if url else []
+            raise click.ClickException(f"MongoDB error{where}: {describe_error(exc, secrets)}") from None
 
     return wrapper
 
@@ -205,7 +200,8 @@ def runs() -> None:
                    "values are typed like Sacred's 'with' (5 is a number). Repeatable; "
                    "a key repeated matches any of its values.")
 @click.option("--status", type=click.Choice(runs_lib.STATUSES, case_sensitive=False), default=None,
-              help="Only runs with this status.")
+              help=f"Only runs with this status ({runs_lib.PROBABLY_DEAD}: RUNNING, but no heartbeat "
+                   f"for {runs_lib.DEAD_AFTER_S} s).")
 @click.option("--experiment", "-e", default=None, metavar="NAME", help="Only runs of this experiment.")
 @click.option("--limit", "-n", type=click.IntRange(min=1), default=None, metavar="N",
               help="At most N runs (the newest).")
@@ -228,7 +224,7 @@ def list_runs(ctx, where, status, experiment, limit, as_json, as_csv) -> None:
             "id": doc["_id"],
             "experiment": (doc.get("experiment") or {}).get("name"),
             "command": doc.get("command"),
-            "status": doc.get("status"),
+            "status": runs_lib.effective_status(doc),
             "start_time": doc.get("start_time"),
             "stop_time": doc.get("stop_time"),
             "duration_s": runs_lib.duration_s(doc),
@@ -244,8 +240,9 @@ def list_runs(ctx, where, status, experiment, limit, as_json, as_csv) -> None:
     headers = ["id", "experiment", "status", "start (UTC)", "duration"] + [m or "result" for m in metrics]
     rows = []
     for doc, result in zip(docs, results):
-        rows.append([str(doc["_id"]), _fmt((doc.get("experiment") or {}).get("name")), _fmt(doc.get("status")),
-                     _fmt(doc.get("start_time")), _fmt_duration(runs_lib.duration_s(doc))]
+        rows.append([str(doc["_id"]), _fmt((doc.get("experiment") or {}).get("name")),
+                     _fmt(runs_lib.effective_status(doc)), _fmt(doc.get("start_time")),
+                     _fmt_duration(runs_lib.duration_s(doc))]
                     + [_fmt(result.get(m)) for m in metrics])
     click.echo(_table(headers, rows))
 

@@ -15,25 +15,10 @@ Layout under ``<data_dir>/db`` (``data_dir`` defaults to ``settings.data_dir()``
                       of ./secantusd.toml, ~/.secantus/..., /etc/secantus/...)
     .lock             flock held while starting/stopping
 
-SecantusDB 0.7.0b3 quirks met here (measured on this machine):
-
-* :func:`ensure_running` takes 1.1-1.8 s to a first answered ping (the
-  daemon's own imports are ~0.5 s of it; listening ~0.4 s later); reuse of a
-  running one takes ~5 ms.
-* A bare SIGTERM stop took 3.6 s: closing the listening socket does not wake
-  the thread blocked in ``accept()``, so the server waits out a 2 s join.
-  :func:`stop` opens one throwaway TCP connection after the SIGTERM to wake
-  it; measured 0.2-0.4 s for an idle server.
-* By default it advertises itself as the primary of a one-node replica set
-  ``secantus`` (hosts ``['127.0.0.1:<port>']``), so pymongo sees
-  ``ReplicaSetWithPrimary``; change streams work. We keep that default.
-* Without ``--auth`` it still verifies credentials a client offers (like
-  mongod): a URL with an unknown user fails with AuthenticationFailed (18),
-  and ``createUser`` works without auth.
-* It closes client connections idle for 300 s; pymongo's pool notices and
-  reconnects, so nothing to do.
-* Documents over 16 MiB are refused like mongod (BSONObjectTooLarge 10334,
-  also for an update that grows a document past the limit).
+:func:`stop` opens one throwaway TCP connection after the SIGTERM: closing the
+listening socket does not wake SecantusDB's ``accept()`` thread, which would
+otherwise wait out a join. What else this server does differently from mongod,
+and what was measured, is in docs/run-store-notes.md.
 """
 from __future__ import annotations
 
@@ -52,6 +37,7 @@ from pathlib import Path
 from pqa_core.errors import PqaError, UsageError
 
 from . import settings
+from .urls import describe_error, redact_text, redact_url, url_secrets, validate_url
 
 STATE_FILE = "secantusd.json"
 LOG_FILE = "secantusd.log"
@@ -380,9 +366,9 @@ def check_reachable(url: str, timeout: float = 5.0) -> None:
     import pymongo
     import pymongo.errors as perr
 
-    settings.validate_url(url)
-    secrets = settings.url_secrets(url)
-    shown = settings.redact_url(url)
+    validate_url(url)
+    secrets = url_secrets(url)
+    shown = redact_url(url)
     try:
         client = pymongo.MongoClient(
             url,
@@ -391,25 +377,18 @@ def check_reachable(url: str, timeout: float = 5.0) -> None:
             appname="pqa",
         )
     except (perr.ConfigurationError, ValueError, TypeError) as exc:
-        raise UsageError(f"invalid MongoDB URL {shown}: {_one_line(exc, secrets)}") from None
+        raise UsageError(f"invalid MongoDB URL {shown}: {describe_error(exc, secrets)}") from None
     try:
         client.admin.command("ping")
     except perr.OperationFailure as exc:
-        reason = (exc.details or {}).get("errmsg") or _one_line(exc, secrets)
-        raise PqaError(f"MongoDB at {shown} refused pqa: {settings.redact_text(reason, secrets)}") from None
+        reason = (exc.details or {}).get("errmsg") or describe_error(exc, secrets)
+        raise PqaError(f"MongoDB at {shown} refused pqa: {redact_text(reason, secrets)}") from None
     except perr.PyMongoError as exc:
         raise PqaError(
-            f"cannot reach MongoDB at {shown} within {timeout:g}s: {_one_line(exc, secrets)}"
+            f"cannot reach MongoDB at {shown} within {timeout:g}s: {describe_error(exc, secrets)}"
         ) from None
     finally:
         client.close()
-
-
-def _one_line(exc: BaseException, secrets: list[str]) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    for cut in (", Timeout:", " (configured timeouts", ", full error:"):
-        text = text.split(cut)[0]
-    return settings.redact_text(text, secrets)[:300]
 
 
 def ensure_database(explicit_url: str | None = None, timeout: float = 5.0) -> settings.MongoTarget:

@@ -1,4 +1,4 @@
-"""Sacred 0.8.7's MongoObserver, with the holes that lose or leak data closed.
+"""The run store's observer: Sacred 0.8.7's MongoObserver, changed so that a run's record can be trusted.
 
 Use::
 
@@ -6,190 +6,57 @@ Use::
     obs = make_mongo_observer(target.url, target.db_name)
     ex.observers.append(obs)
     ex.run(...)
-    obs.raise_for_losses()                           # PqaError if anything was not stored
+    obs.raise_for_losses()                           # PqaError if anything is not in the store
 
-What is fixed, and why:
+What it changes, and why:
 
-* **Metric series over the 16 MiB document limit.** Sacred ``$push``-es a
-  whole series into one ``metrics`` document. A series of ~390k points (three
-  arrays, ~43 bytes a point) no longer fits: pymongo refuses the update (or the
-  server refuses the grown document, code 10334), Sacred's ``_safe_call``
-  swallows the error, drops the observer for the rest of the run, and the run
-  still ends COMPLETED with no metrics. Here a series is split into
-  continuation documents ``{run_id, name, chunk: k, n, steps, values,
-  timestamps}`` of at most :data:`CHUNK_POINTS` points; chunk 0 is the document
-  Sacred tools (Omniboard) already read, :func:`read_metric` reads them all.
-  Points that cannot be written stay queued and are retried on the next
-  heartbeat; writes are guarded by the stored count ``n`` so a retry after a
-  lost reply never duplicates points. Whatever is still unwritten when the run
-  ends is dumped to ``failure_dir``, the run is stored as FAILED, and
-  :meth:`PqaMongoObserver.raise_for_losses` raises. The observer itself never
-  raises from a heartbeat, so Sacred never silently drops it. An artifact
-  that could not be stored is retried at the next heartbeat and at the end.
-  Dumps are MongoDB extended JSON (never pickle) naming the database, the run
-  and the status the run really ended with; ``pqa db recover``
-  (:mod:`.recovery`) uploads them once the store is back.
-* **Heartbeat race.** Sacred joins the heartbeat thread for only 2 s before
-  ``completed_event``; the final metrics flush can take longer. We join the
-  stopping heartbeat thread before finishing the run.
-* **No indexes.** :func:`ensure_indexes` (run on observer creation) indexes
-  ``metrics`` on ``(run_id, name, chunk)`` (unique; serves ``run_id`` queries)
-  and ``runs`` on ``status``, ``start_time``, ``experiment.name``.
-* **Git repository without a commit.** Sacred's ``get_commit_if_possible``
-  reads ``repo.head.commit`` and raises ``ValueError: Reference at
-  'refs/heads/master' does not exist`` while *constructing the Experiment*.
-  Importing this module replaces it (:func:`install_sacred_fixes`) with one
-  built on :func:`git_info`, which returns None instead, and also redacts
-  credentials in the remote URL (``https://user:token@host/...``).
-* **Credentials.** The URL (and its password) must never be stored. Every run
-  document (config, meta/options, host, command, captured_out, info, result,
-  fail_trace) is scrubbed before each write: the URL, its password and any
-  ``scheme://user:pass@`` become ``***``. Uploaded source files are scrubbed
-  the same way. Passwords shorter than :data:`MIN_SECRET_LEN` are only
-  scrubbed as part of a URL (replacing every "ab" in a log would wreck it).
-  Artifacts (possibly huge binaries) are stored as given.
-* **Captured output.** Sacred re-stores the whole captured stdout every
-  heartbeat; a chatty run passes 16 MiB and the run document stops updating.
-  It is cut to :data:`CAPTURED_OUT_LIMIT` characters (head and tail kept, with
-  a marker saying how much was dropped).
-* Sacred stores source files again for every run because pymongo 4's GridFS
-  has no ``md5``; we store the digest so unchanged sources are shared.
-
-SecantusDB quirks measured here (0.7.0b3, ``--sync-on-commit``): an update
-costs time proportional to the *existing* document (appending 100 points to a
-50k-point document takes ~0.56 s, to a 5k-point one ~0.06 s), hence the small
-:data:`CHUNK_POINTS`; and an upsert that creates a document is ~5x slower than
-an insert (80 chunks of 5k points: 2.7 s vs 0.57 s), hence inserts for new
-chunks. A wildcard index (``config.$**``) is accepted but the planner never
-uses it (COLLSCAN), so none is made.
+* **Metric series** are written in chunks (:mod:`.metric_chunks`): no 16 MiB document limit,
+  no point stored twice after a lost reply, points that could not be written retried.
+* **The store going away loses nothing and holds nothing up.** During the run each write gives
+  up after :data:`BEAT_IO_S` and is retried at the next heartbeat (training never waits). When
+  the run ends, everything the store does not hold yet, the final record with the run's real
+  status included, is first written to a recovery file (:mod:`.unstored`, with Ctrl-C held back
+  while it is written); then the store gets at most :data:`END_BUDGET_S` seconds, announced in one
+  line, and Ctrl-C stops the wait without losing anything. Whatever it did not take stays in the
+  file for ``pqa db recover``; :meth:`raise_for_losses` says so in one line. Sacred itself would
+  wait minutes, drop the observer on the first error and store an interrupted end as INTERRUPTED.
+* **Credentials.** Every run document (config, meta, host, command, captured output, info,
+  result, fail trace), every source file and every recovery file is scrubbed of the URL's
+  password and of any ``scheme://user:pass@`` (:class:`.urls.Scrubber`). Artifacts are stored as given.
+* **Captured output** is cut to :data:`CAPTURED_OUT_LIMIT` characters (head and tail kept): Sacred
+  re-stores all of it at every heartbeat and a chatty run would pass 16 MiB.
+* **Sources** are stored once per digest (pymongo 4's GridFS has no ``md5``, so Sacred stores
+  them again for every run).
 """
 from __future__ import annotations
 
-import itertools
+import contextlib
 import logging
 import os
+import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pymongo
 import pymongo.errors
-from bson import json_util
 from sacred.observers.mongo import MongoObserver, force_bson_encodeable
 from sacred.serializer import flatten
-from sacred.utils import IntervalTimer, ObserverError
+from sacred.utils import IntervalTimer
 
 from pqa_core.errors import PqaError
 
-from . import settings
+from . import settings, unstored
+from .metric_chunks import ChunkWriter, ensure_indexes, store_unreachable
+from .urls import Scrubber, db_name_from_url, describe_error, redact_url, url_secrets, validate_url
 
 log = logging.getLogger(__name__)
 
-CHUNK_POINTS = 5_000
 CAPTURED_OUT_LIMIT = 1_000_000
-MIN_SECRET_LEN = 4
-HEARTBEAT_JOIN_S = 300.0
-FINAL_FLUSH_ATTEMPTS = 3
-DUMP_PREFIX = "pqa_unstored_"
-DUMP_FORMAT = 1
-_dump_counter = itertools.count()
-
-
-# --------------------------------------------------------------------------- git
-
-
-def git_info(path: str | os.PathLike) -> dict | None:
-    """``{url, commit, dirty, root}`` of the git repository holding ``path``, else None.
-
-    None for: no repository, a repository without any commit, no git, or any
-    git error. ``url`` is the ``origin`` remote with credentials redacted
-    (``git:/<root>`` without a remote), as Sacred records it.
-    """
-    try:
-        from git import Repo
-
-        p = Path(path)
-        repo = Repo(p if p.is_dir() else p.parent, search_parent_directories=True)
-    except Exception:
-        return None
-    try:
-        if not repo.head.is_valid():
-            return None  # `git init` but nothing committed yet
-        commit = repo.head.commit.hexsha
-        try:
-            url = settings.redact_text(repo.remote().url)
-        except ValueError:
-            url = "git:/" + str(repo.working_dir)
-        return {"url": url, "commit": commit, "dirty": repo.is_dirty(), "root": str(repo.working_dir)}
-    except Exception:
-        return None
-    finally:
-        repo.close()
-
-
-def _safe_get_commit_if_possible(filename, save_git_info):
-    """Drop-in for ``sacred.dependencies.get_commit_if_possible`` that cannot crash."""
-    if save_git_info is False:
-        return None, None, None
-    info = git_info(os.path.dirname(os.path.abspath(filename)))
-    if info is None:
-        return None, None, None
-    return info["url"], info["commit"], info["dirty"]
-
-
-_SACRED_GET_COMMIT = None
-
-
-def install_sacred_fixes() -> None:
-    """Patch Sacred's git lookup (idempotent). Runs on import of this module."""
-    global _SACRED_GET_COMMIT
-    import sacred.dependencies as deps
-
-    if deps.get_commit_if_possible is not _safe_get_commit_if_possible:
-        _SACRED_GET_COMMIT = deps.get_commit_if_possible
-        deps.get_commit_if_possible = _safe_get_commit_if_possible
-
-
-install_sacred_fixes()
-
-
-# --------------------------------------------------------------------------- scrubbing
-
-
-class _Scrubber:
-    """Replaces secrets (and any URL credentials) in strings, bytes and containers."""
-
-    def __init__(self, secrets):
-        self.secrets = sorted(
-            {s for s in secrets if s and (len(s) >= MIN_SECRET_LEN or "://" in s)}, key=len, reverse=True
-        )
-        self._bsecrets = [s.encode() for s in self.secrets]
-
-    def text(self, s: str) -> str:
-        if "://" not in s and not any(x in s for x in self.secrets):
-            return s
-        return settings.redact_text(s, self.secrets)
-
-    def data(self, b: bytes) -> bytes:
-        if not any(x in b for x in self._bsecrets) and b"://" not in b:
-            return b
-        return settings.redact_text(b.decode("utf-8", "surrogateescape"), self.secrets).encode(
-            "utf-8", "surrogateescape"
-        )
-
-    def __call__(self, obj):
-        if isinstance(obj, str):
-            return self.text(obj)
-        if isinstance(obj, dict):
-            return {self(k): self(v) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [self(v) for v in obj]
-        if isinstance(obj, tuple):  # namedtuples too; BSON stores them as arrays anyway
-            return tuple(self(v) for v in obj)
-        if isinstance(obj, bytes):
-            return self.data(obj)
-        return obj
+BEAT_IO_S = 5.0  # one write during the run gives up after this; it is retried at the next heartbeat
+END_BUDGET_S = 20.0  # every wait when a run ends, its last heartbeat included (Sacred adds up to 2 s before)
+FIRST_ATTEMPT_S = 2.0  # the first try at the end: longer only once the user has been told
+RETRY_PAUSE_S = 1.0
 
 
 def _truncate_output(text: str, limit: int = CAPTURED_OUT_LIMIT) -> str:
@@ -201,321 +68,330 @@ def _truncate_output(text: str, limit: int = CAPTURED_OUT_LIMIT) -> str:
     return text[:head] + marker + text[-(limit - head):]
 
 
-# --------------------------------------------------------------------------- indexes / reading
-
-
-def ensure_indexes(database, collection_prefix: str = "") -> None:
-    """Indexes Sacred never creates; idempotent and cheap when they exist."""
-    prefix = f"{collection_prefix}_" if collection_prefix else ""
-    metrics, runs = database[f"{prefix}metrics"], database[f"{prefix}runs"]
-    metrics.create_index(
-        [("run_id", pymongo.ASCENDING), ("name", pymongo.ASCENDING), ("chunk", pymongo.ASCENDING)],
-        unique=True,
-        name="pqa_run_id_name_chunk",
-    )
-    runs.create_index("status", name="pqa_status")
-    runs.create_index("start_time", name="pqa_start_time")
-    runs.create_index("experiment.name", name="pqa_experiment_name")
-
-
-def read_metric(database, run_id, name: str, collection_prefix: str = "", with_timestamps: bool = False):
-    """The whole series ``(steps, values)`` (plus ``timestamps``) across continuation documents."""
-    prefix = f"{collection_prefix}_" if collection_prefix else ""
-    fields = {"steps": 1, "values": 1, "chunk": 1, **({"timestamps": 1} if with_timestamps else {})}
-    steps, values, stamps = [], [], []
-    cursor = database[f"{prefix}metrics"].find({"run_id": run_id, "name": name}, fields)
-    for doc in cursor.sort("chunk", pymongo.ASCENDING):
-        steps.extend(doc.get("steps", []))
-        values.extend(doc.get("values", []))
-        stamps.extend(doc.get("timestamps", []))
-    return (steps, values, stamps) if with_timestamps else (steps, values)
-
-
-# --------------------------------------------------------------------------- observer
+@contextlib.contextmanager
+def _interrupts_held():
+    """Ctrl-C (and the SIGTERM the CLI turns into one) waits until the block is done, so a recovery
+    file is never cut short; a held signal is raised as KeyboardInterrupt after the block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if held:
+        raise KeyboardInterrupt
 
 
 class PqaMongoObserver(MongoObserver):
-    """MongoObserver that chunks metrics, never drops data silently, never stores secrets."""
+    """MongoObserver that chunks metrics, never loses data silently, never stores secrets."""
 
-    def __init__(self, *, client, db_name: str, failure_dir, secrets=(), collection_prefix: str = "", **kwargs):
+    def __init__(self, *, client, db_name: str, failure_dir, secrets=(), collection_prefix: str = "",
+                 redacted_url: str = "", end_budget_s: float = END_BUDGET_S, **kwargs):
         super().__init__(
             client=client, db_name=db_name, collection_prefix=collection_prefix, failure_dir=failure_dir, **kwargs
         )
-        self._scrub = _Scrubber(secrets)
+        self._scrub = Scrubber(secrets)
+        self._where = redacted_url or f"database {db_name}"
+        self.end_budget_s = end_budget_s
         self._lock = threading.RLock()
-        self._pending: dict[str, tuple[list, list, list]] = {}
-        self._chunks: dict[str, tuple[int, int]] = {}  # name -> (chunk, points in it)
-        self._info: dict | None = None
+        self._writer: ChunkWriter | None = None
+        self._info: dict | None = None  # Sacred's run.info, as the last heartbeat handed it over
         self._metric_error: BaseException | None = None
-        self._warned: set[str] = set()
         self._pending_artifacts: list[dict] = []
         self._artifact_error: BaseException | None = None
-        self._final: dict | None = None  # how the run really ended, kept in dumps for ``pqa db recover``
-        self._dumped = False
-        self.losses: list[str] = []  # data that did not reach the database (read by raise_for_losses)
+        self._down = False  # the last write found the store not answering: don't wait for it again this beat
+        self._ending = False  # the run has ended: the final record is this thread's job, heartbeats only queue
+        self._final_stored = False
+        self._finished = False  # the main function returned (main_finished)
+        self._finished_result = None
+        self._recovery_error = "no recovery file"
+        self._warned: set[str] = set()
+        self._announced = False
+        self.recovery_file: str | None = None
+        self.losses: list[str] = []  # what is not in the store (read by raise_for_losses)
 
     def __repr__(self):
         return f"PqaMongoObserver({self.runs.full_name})"
 
-    # -- metrics --------------------------------------------------------------------------
+    @property
+    def writer(self) -> ChunkWriter:
+        if self._writer is None or self._writer.run_id != self.run_entry["_id"]:
+            self._writer = ChunkWriter(self.metrics, self.run_entry["_id"])
+        return self._writer
+
+    # -- during the run: bounded writes, never raising (Sacred would drop the observer) -----------
 
     def log_metrics(self, metrics_by_name, info):
-        """Queue the new points and write what can be written; never raises (see module doc)."""
         with self._lock:
             self._info = info
-            for name, m in metrics_by_name.items():
-                steps, values, stamps = self._pending.setdefault(name, ([], [], []))
-                steps.extend(m["steps"])
-                values.extend(m["values"])
-                stamps.extend(m["timestamps"])
-            err = self._flush_metrics(info)
-            if err is not None:
-                self._warn("metrics", f"metrics not stored yet, will retry: {self._scrub.text(str(err))[:300]}")
+        for name, m in metrics_by_name.items():
+            self.writer.add(name, m["steps"], m["values"], m["timestamps"])
+        if not self._run_is_ending():
+            self._flush_metrics(info, BEAT_IO_S)
 
-    def _chunk_state(self, name: str) -> tuple[int, int]:
-        if name not in self._chunks:
-            last = self.metrics.find_one(
-                {"run_id": self.run_entry["_id"], "name": name}, {"chunk": 1, "n": 1}, sort=[("chunk", -1)]
-            )
-            if last is None:
-                self._chunks[name] = (0, 0)
-            elif "n" not in last:  # a plain Sacred document (overwritten run): start after it
-                self._chunks[name] = ((last.get("chunk") or 0) + 1, 0)
-            else:
-                self._chunks[name] = (last["chunk"], last["n"])
-        return self._chunks[name]
+    def _run_is_ending(self) -> bool:
+        """True once the run stops: a heartbeat then only hands over its points, and the end stores them."""
+        if self._ending or self._finished:
+            return True
+        thread = threading.current_thread()
+        return isinstance(thread, IntervalTimer) and thread.stopped.is_set()
 
-    def _flush_metrics(self, info) -> BaseException | None:
-        """Write all pending points; returns the first error (those points stay queued).
-
-        One failing series (say, a value BSON cannot encode) does not hold back the others.
-        """
-        first_error = None
-        for name in list(self._pending):
-            steps, values, stamps = self._pending[name]
-            while steps:
-                try:
-                    chunk, count = self._chunk_state(name)
-                    if count >= CHUNK_POINTS:
-                        chunk, count = chunk + 1, 0
-                    k = min(len(steps), CHUNK_POINTS - count)
-                    written = self._push(name, chunk, count, steps[:k], values[:k], stamps[:k], info)
-                except Exception as exc:  # noqa: BLE001 - anything: keep the points, report later
-                    first_error = first_error or exc
-                    if isinstance(exc, pymongo.errors.ConnectionFailure):
-                        self._metric_error = first_error
-                        return first_error  # the store is down: don't wait it out once per series
-                    break
-                del steps[:written], values[:written], stamps[:written]
-                self._chunks[name] = (chunk, count + written)
-            if not steps:
-                del self._pending[name]
-        self._metric_error = first_error
-        return first_error
-
-    def _push(self, name, chunk, count, steps, values, stamps, info) -> int:
-        """Add points to chunk ``chunk``, which must hold ``count``; returns how many landed.
-
-        A new chunk is an insert (SecantusDB: ~5x cheaper than an upsert), a
-        partial one gets a ``$push`` guarded by ``n == count``. Either way a
-        retry after a lost reply cannot duplicate points: the insert hits the
-        unique index, the guarded update misses, and the stored ``n`` tells how
-        many of the queued points are already there.
-        """
-        run_id = self.run_entry["_id"]
-        key = {"run_id": run_id, "name": name, "chunk": chunk}
-        if count == 0:
-            try:
-                result = self.metrics.insert_one(
-                    {**key, "n": len(steps), "steps": steps, "values": values, "timestamps": stamps}
-                )
-                if chunk == 0:
-                    info.setdefault("metrics", []).append({"name": name, "id": str(result.inserted_id)})
-                return len(steps)
-            except pymongo.errors.DuplicateKeyError:
-                pass
-        else:
-            result = self.metrics.update_one(
-                {**key, "n": count},
-                {
-                    "$push": {"steps": {"$each": steps}, "values": {"$each": values}, "timestamps": {"$each": stamps}},
-                    "$inc": {"n": len(steps)},
-                },
-            )
-            if result.matched_count:
-                return len(steps)
-        doc = self.metrics.find_one(key, {"n": 1})
-        stored = doc.get("n") if doc else None
-        if stored is None or not count < stored <= count + len(steps):
-            self._chunks.pop(name, None)
-            raise ObserverError(
-                f"metric {name!r} of run {run_id}: chunk {chunk} holds {stored} points, expected {count}; "
-                "another writer?"
-            )
-        if chunk == 0 and count == 0 and not any(m.get("name") == name for m in info.get("metrics", [])):
-            info.setdefault("metrics", []).append({"name": name, "id": str(doc["_id"])})
-        return stored - count
-
-    def _drain_metrics(self) -> None:
-        """Let the stopping heartbeat finish, then flush what is left (retrying connection errors)."""
-        me = threading.current_thread()
-        for t in threading.enumerate():
-            if isinstance(t, IntervalTimer) and t is not me and t.stopped.is_set():
-                t.join(HEARTBEAT_JOIN_S)
-        with self._lock:
-            for attempt in range(FINAL_FLUSH_ATTEMPTS):
-                err = self._flush_metrics(self._info if self._info is not None else {})
-                if err is None or not isinstance(err, pymongo.errors.ConnectionFailure):
-                    break
-                time.sleep(1.0 + attempt)
-            if self._info is not None:
-                self.run_entry["info"] = flatten(self._info)
-            if self._pending:
-                self._record_metric_loss()
-            if self._pending_artifacts:
-                self._retry_artifacts()
-            if self._pending_artifacts:
-                self._record_artifact_loss()
-
-    def _record_metric_loss(self) -> None:
-        total = sum(len(p[0]) for p in self._pending.values())
-        where = self._dump(
-            "metrics", {"run_id": self.run_entry["_id"], "metrics": self._pending, "error": repr(self._metric_error)}
-        )
-        self.losses.append(
-            f"{total} metric points of run {self.run_entry['_id']} ({', '.join(sorted(self._pending))}) "
-            f"were not stored: {self._scrub.text(str(self._metric_error))[:300]}; saved to {where}"
-        )
-        self._pending = {}
-
-    def _record_artifact_loss(self) -> None:
-        names = ", ".join(a["name"] for a in self._pending_artifacts)
-        where = self._dump("artifacts", {"run_id": self.run_entry["_id"], "artifacts": self._pending_artifacts,
-                                         "error": repr(self._artifact_error)})
-        self.losses.append(f"artifacts of run {self.run_entry['_id']} ({names}) were not stored: "
-                           f"{self._scrub.text(str(self._artifact_error))[:300]}; saved to {where}")
-        self._pending_artifacts = []
-
-    def _retry_artifacts(self) -> None:
-        """Store artifacts whose first attempt failed; those that fail again stay queued."""
-        with self._lock:
-            pending, self._pending_artifacts = self._pending_artifacts, []
-            for i, artifact in enumerate(pending):
-                try:
-                    self._store_artifact(**artifact)
-                except Exception as exc:  # noqa: BLE001
-                    self._artifact_error = exc
-                    self._pending_artifacts = pending[i:]
-                    return
-
-    def _store_artifact(self, name, filename, metadata=None, content_type=None) -> None:
-        if not any(a.get("name") == name for a in self.run_entry.get("artifacts", [])):
-            super().artifact_event(name, filename, metadata=metadata, content_type=content_type)
-        else:
-            self.save()
-
-    def _dump(self, what: str, payload) -> str:
-        """Keep unstored data on local disk and say where: MongoDB extended JSON (never pickle, so
-        ``pqa db recover`` runs no code from it), else a readable repr; secrets scrubbed."""
-        record = {
-            "format": DUMP_FORMAT, "kind": what, "run_id": self.run_entry["_id"],
-            "database": self.runs.database.name, "runs_collection": self.runs.name,
-            "metrics_collection": self.metrics.name, "final": self._final, "payload": payload,
-        }  # fmt: skip
-        try:
-            os.makedirs(self.failure_dir, mode=0o700, exist_ok=True)  # run data is private
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            name = f"{DUMP_PREFIX}{what}_run{self.run_entry['_id']}_{stamp}_{os.getpid()}_{next(_dump_counter)}"
-            path = Path(self.failure_dir) / f"{name}.json"
-            try:
-                data = json_util.dumps(record, json_options=json_util.RELAXED_JSON_OPTIONS).encode()
-            except Exception:  # a value JSON cannot hold: keep a readable record instead
-                path, data = path.with_suffix(".txt"), repr(record).encode()
-            tmp = path.with_name(f".{path.name}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(self._scrub.data(data))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # whole or absent: recover never reads half a file
-            self._dumped = self._dumped or path.suffix == ".json"
-            return str(path)
-        except OSError as exc:
-            return f"nowhere ({exc.strerror})"
-
-    # -- run lifecycle ---------------------------------------------------------------------
+    def _flush_metrics(self, info, timeout: float) -> BaseException | None:
+        with pymongo.timeout(timeout):
+            error = self.writer.flush(info)
+        self._metric_error = error
+        self._down = error is not None and store_unreachable(error)
+        if error is not None:
+            self._warn("metrics", f"metrics not stored yet, will retry: {self._describe(error)}")
+        return error
 
     def heartbeat_event(self, info, captured_out, beat_time, result):
-        # Never raise: Sacred would stop calling log_metrics for the rest of the run.
+        with self._lock:  # kept even when not stored now: the next save, or the end, carries it
+            self.run_entry.update(info=flatten(info), captured_out=captured_out, heartbeat=beat_time,
+                                  result=flatten(result))
+            if self._down or self._run_is_ending():
+                return  # this beat found the store away and the next one tries again; or the end stores it
         try:
-            super().heartbeat_event(info, captured_out, beat_time, result)
+            with pymongo.timeout(BEAT_IO_S):
+                self.save()
         except Exception as exc:  # noqa: BLE001
-            self._warn("heartbeat", f"run document not updated: {self._scrub.text(str(exc))[:300]}")
+            self._down = store_unreachable(exc)
+            self._warn("heartbeat", f"run document not updated: {self._describe(exc)}")
             return
         if self._pending_artifacts:
-            self._retry_artifacts()
+            self._retry_artifacts(BEAT_IO_S)
 
     def artifact_event(self, name, filename, metadata=None, content_type=None):
-        try:
-            super().artifact_event(name, filename, metadata=metadata, content_type=content_type)
-        except Exception as exc:  # noqa: BLE001 - retried later; a loss (dumped) only if that fails too
-            if any(a.get("name") == name for a in self.run_entry.get("artifacts", [])):
-                return  # stored; only the run document update failed, and the next save carries it
-            with self._lock:
-                self._pending_artifacts.append(
-                    {"name": name, "filename": str(filename), "metadata": metadata, "content_type": content_type})
+        artifact = {"name": name, "filename": str(filename), "metadata": metadata, "content_type": content_type}
+        if not self._down:
+            try:
+                with pymongo.timeout(BEAT_IO_S):
+                    super().artifact_event(name, filename, metadata=metadata, content_type=content_type)
+                return
+            except Exception as exc:  # noqa: BLE001 - retried later, kept in the recovery file if that fails too
+                self._down = store_unreachable(exc)
                 self._artifact_error = exc
-            self._warn("artifact", f"artifact {name!r} not stored yet, will retry: {self._scrub.text(str(exc))[:300]}")
+                if self._has_artifact(name):
+                    return  # stored; only the run document update failed, and the next save carries it
+        with self._lock:
+            self._pending_artifacts.append(artifact)
+        self._warn("artifact", f"artifact {name!r} not stored yet, will retry: {self._describe(self._artifact_error)}")
 
     def resource_event(self, filename):
         try:
-            super().resource_event(filename)
+            with pymongo.timeout(BEAT_IO_S):
+                super().resource_event(filename)
         except Exception as exc:  # noqa: BLE001
-            self.losses.append(f"resource {filename} was not recorded: {self._scrub.text(str(exc))[:300]}")
+            self.losses.append(f"resource {filename} was not recorded ({self._describe(exc)})")
+
+    def _has_artifact(self, name) -> bool:
+        return any(a.get("name") == name for a in self.run_entry.get("artifacts", []))
+
+    def _retry_artifacts(self, timeout: float) -> None:
+        """Store artifacts whose first attempt failed; those that fail again stay queued."""
+        with self._lock, pymongo.timeout(timeout):
+            while self._pending_artifacts:
+                artifact = self._pending_artifacts[0]
+                try:
+                    if not self._has_artifact(artifact["name"]):
+                        super().artifact_event(**artifact)
+                except Exception as exc:  # noqa: BLE001
+                    self._artifact_error = exc
+                    self._down = store_unreachable(exc)
+                    if not self._has_artifact(artifact["name"]):
+                        return
+                self._pending_artifacts.pop(0)
+
+    # -- the end of a run ----------------------------------------------------------------------------
+
+    def main_finished(self, result) -> None:
+        """The experiment's main function returned ``result``: the run is COMPLETED even if a Ctrl-C
+        comes before Sacred reports it (Sacred would then store INTERRUPTED), and the last heartbeat
+        only hands over its points, which the end stores."""
+        self._finished = True
+        self._finished_result = result
 
     def completed_event(self, stop_time, result):
-        self._final = {"status": "COMPLETED", "fail_trace": None}
-        self._drain_metrics()
-        if self.losses:  # finished, but not everything is in the database: say so in the record
-            self.run_entry.update(
-                stop_time=stop_time,
-                result=flatten(result),
-                status="FAILED",
-                fail_trace=["pqa: the run finished but not all of its data was stored:\n"]
-                + [f"pqa: {loss}\n" for loss in self.losses],
-            )
-            # The drain has just waited out FINAL_FLUSH_ATTEMPTS server selections: don't wait ten more.
-            down = isinstance(self._metric_error or self._artifact_error, pymongo.errors.ConnectionFailure)
-            self.final_save(attempts=3 if down else 10)
-        else:
-            super().completed_event(stop_time, result)
-        self._raise_losses()
+        self._end(status="COMPLETED", stop_time=stop_time, result=flatten(result))
 
     def interrupted_event(self, interrupt_time, status):
-        self._final = {"status": status, "fail_trace": None}
-        self._drain_metrics()
-        super().interrupted_event(interrupt_time, status)
-        self._raise_losses()
+        if self._finished:
+            self._end(status="COMPLETED", stop_time=interrupt_time, result=flatten(self._finished_result))
+        else:
+            self._end(status=status, stop_time=interrupt_time)
 
     def failed_event(self, fail_time, fail_trace):
-        self._final = {"status": "FAILED", "fail_trace": list(fail_trace or [])}
-        self._drain_metrics()
-        if self.losses:
-            fail_trace = list(fail_trace) + [f"pqa: {loss}\n" for loss in self.losses]
-        super().failed_event(fail_time, fail_trace)
-        self._raise_losses()
+        self._end(status="FAILED", stop_time=fail_time, fail_trace=list(fail_trace or []))
 
-    def _raise_losses(self):
-        # Said, not raised: Sacred would only log the exception with a traceback. raise_for_losses()
-        # after the run sets the exit code.
-        if self.losses:
-            print(f"pqa: ERROR: {'; '.join(self.losses)}", file=sys.stderr)
+    def _end(self, **final) -> None:
+        """Save the run's end to a recovery file, then store everything within END_BUDGET_S.
+
+        Runs once: a Ctrl-C while the store is awaited makes Sacred report an interruption as
+        well, which must not replace the status the run really ended with.
+        """
+        if self._ending:
+            return
+        deadline = time.monotonic() + self.end_budget_s
+        self._ending = True
+        interrupted = False
+        try:
+            if self._down:
+                self._announce(self._metric_error or self._artifact_error, deadline)
+            self._wait_for_last_heartbeat(deadline)
+        except KeyboardInterrupt:
+            interrupted = True
+        try:
+            with _interrupts_held():
+                with self._lock:
+                    self.run_entry.update(final)
+                    self._compose_record(note=False)
+                    self._save_recovery_file()
+            if not interrupted:
+                self._store_until(deadline)
+        except KeyboardInterrupt:
+            interrupted = True
+        if interrupted:
+            print("pqa: stopped waiting for the run store (Ctrl-C); nothing is lost", file=sys.stderr, flush=True)
+        with _interrupts_held():
+            self._account()
+            with pymongo.timeout(1.0):  # close ends the server sessions: not worth waiting for a store that is away
+                self.runs.database.client.close()  # its monitors would hold up the exit
+
+    def _compose_record(self, note: bool) -> None:
+        """The run document as it should be stored now: Sacred's info, what is missing (with ``note``), scrubbed."""
+        if self._info is not None:
+            self.run_entry["info"] = flatten(self._info)
+        self.run_entry.get("info", {}).pop("pqa_unstored", None)
+        missing = self._unstored_note() if note else None
+        if missing:
+            self.run_entry.setdefault("info", {})["pqa_unstored"] = missing
+        self._sanitize()
+
+    def _wait_for_last_heartbeat(self, deadline: float) -> None:
+        """Sacred's heartbeat thread makes one last beat after the run stops; it carries the last points."""
+        me = threading.current_thread()
+        for thread in threading.enumerate():
+            if isinstance(thread, IntervalTimer) and thread is not me and thread.stopped.is_set():
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _save_recovery_file(self) -> None:
+        record = {
+            "run_id": self.run_entry["_id"], "database": self.runs.database.name,
+            "runs_collection": self.runs.name, "metrics_collection": self.metrics.name,
+            "final": {"status": self.run_entry["status"], "fail_trace": self.run_entry.get("fail_trace")},
+            "payload": {"run": self.run_entry, "metrics": self.writer.pending(),
+                        "artifacts": list(self._pending_artifacts)},
+        }  # fmt: skip
+        try:
+            self.recovery_file = str(unstored.write(self.failure_dir, record, self._scrub))
+        except OSError as exc:
+            self.recovery_file = None
+            self._recovery_error = f"{exc.strerror or exc}: {exc.filename or self.failure_dir}"
+
+    def _store_until(self, deadline: float) -> None:
+        """Metrics, artifacts, then the final record; a store that does not answer is retried until
+        ``deadline``, the first attempt kept short so the user hears about it at once."""
+        attempt_s = FIRST_ATTEMPT_S
+        while True:
+            error = self._store_everything(max(0.1, min(deadline - time.monotonic(), attempt_s)))
+            if error is None or not store_unreachable(error):
+                return
+            self._announce(error, deadline)
+            if deadline - time.monotonic() <= RETRY_PAUSE_S:
+                return
+            time.sleep(RETRY_PAUSE_S)
+            attempt_s = BEAT_IO_S
+
+    def _announce(self, error, deadline: float) -> None:
+        """Say once, before waiting, that the store does not answer, for how long pqa tries, and where the run is."""
+        if self._announced:
+            return
+        self._announced = True
+        saved = f"the run is saved in {self.recovery_file}" if self.recovery_file else "saving the run locally"
+        print(f"pqa: the run store {self._where} does not answer ({self._describe(error)}); trying for up to "
+              f"{max(0, deadline - time.monotonic()):.0f} s; Ctrl-C stops waiting ({saved})", file=sys.stderr, flush=True)
+
+    def _store_everything(self, timeout: float) -> BaseException | None:
+        """One attempt; returns the error that left something unstored (None when all is stored)."""
+        error = self._flush_metrics(self._info if self._info is not None else {}, timeout)
+        if error is not None and store_unreachable(error):
+            return error
+        if self._pending_artifacts:
+            self._retry_artifacts(timeout)
+            if self._pending_artifacts and store_unreachable(self._artifact_error):
+                return self._artifact_error
+        with self._lock:
+            self._compose_record(note=True)
+        try:
+            self._final_write(timeout)
+        except Exception as exc:  # noqa: BLE001
+            return exc
+        if self.writer.pending_points():
+            return self._metric_error
+        return self._artifact_error if self._pending_artifacts else None
+
+    def _final_write(self, timeout: float) -> None:
+        with pymongo.timeout(timeout):
+            try:
+                self.runs.update_one({"_id": self.run_entry["_id"]}, {"$set": self.run_entry}, upsert=True)
+            except pymongo.errors.InvalidDocument:
+                # Sacred's fallback (str() of what BSON can't hold), scrubbed again.
+                self.run_entry = self._scrub(force_bson_encodeable(self.run_entry))
+                self.runs.update_one({"_id": self.run_entry["_id"]}, {"$set": self.run_entry}, upsert=True)
+        self._final_stored = True
+
+    def _unstored_note(self) -> dict | None:
+        """What the stored record must say is missing from it (None when nothing is)."""
+        points = self.writer.pending_points()
+        if not points and not self._pending_artifacts:
+            return None
+        return {"points": points, "series": sorted(self.writer.pending()),
+                "artifacts": [a["name"] for a in self._pending_artifacts], "saved_to": self.recovery_file}
+
+    def _account(self) -> None:
+        """After the end: delete the recovery file if the store holds everything, else record the loss."""
+        points = self.writer.pending_points()
+        artifacts = [a["name"] for a in self._pending_artifacts]
+        record_stored = self._final_stored
+        if not points and not artifacts and record_stored:
+            if self.recovery_file:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.recovery_file)
+            self.recovery_file = None
+            return
+        missing = []
+        if points:
+            series = sorted(self.writer.pending())
+            missing.append(f"{points} metric points" + (f" ({', '.join(series)})" if len(series) <= 3 else
+                                                        f" of {len(series)} series"))
+        if artifacts:
+            missing.append(f"{len(artifacts)} artifact{'s' if len(artifacts) > 1 else ''} ({', '.join(artifacts)})")
+        if not record_stored:
+            missing.append("the final record")
+        error = self._metric_error or self._artifact_error
+        why = f" ({self._describe(error)})" if error is not None else ""
+        if self.recovery_file:
+            where = f"saved in {self.recovery_file}"
+        else:
+            where = f"and they could NOT be saved locally ({self._recovery_error})"
+        self.losses.append(f"run {self.run_entry['_id']} ended {self.run_entry.get('status')}, but the run store "
+                           f"did not take {self._join(missing)}{why}; {where}")
+
+    @staticmethod
+    def _join(items: list[str]) -> str:
+        return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
     def raise_for_losses(self) -> None:
-        """After the run: :class:`PqaError` if any metric, artifact or resource was not stored."""
+        """After the run: :class:`PqaError` (one line) if any metric, artifact or record is not stored."""
         if self.losses:
-            hint = "; upload it with `pqa db recover` once the database is back" if self._dumped else ""
-            raise PqaError("run data not stored: " + "; ".join(self.losses) + hint)
+            hint = ": `pqa db recover` uploads it once the database is back" if self.recovery_file else ""
+            raise PqaError("; ".join(self.losses) + hint)
 
     # -- writes: every run document goes through the scrubber ------------------------------
 
@@ -530,24 +406,12 @@ class PqaMongoObserver(MongoObserver):
         return super().insert()
 
     def save(self):
+        """Sacred's save swallows connection errors; this one raises them, so a beat knows."""
         self._sanitize()
-        return super().save()
+        self.runs.update_one({"_id": self.run_entry["_id"]}, {"$set": self.run_entry})
 
-    def final_save(self, attempts):
-        self._sanitize()
-        for i in range(attempts):
-            try:
-                self.runs.update_one({"_id": self.run_entry["_id"]}, {"$set": self.run_entry}, upsert=True)
-                return
-            except pymongo.errors.ConnectionFailure:
-                if i < attempts - 1:
-                    time.sleep(1)
-            except pymongo.errors.InvalidDocument:
-                # Sacred's fallback (str() of what BSON can't hold), scrubbed again.
-                self.run_entry = self._scrub(force_bson_encodeable(self.run_entry))
-                print("pqa: warning: parts of the run entry were not BSON-serializable and were stringified", file=sys.stderr)
-        where = self._dump("run", self.run_entry)
-        self.losses.append(f"final state of run {self.run_entry['_id']} was not stored; saved to {where}")
+    def final_save(self, attempts):  # pragma: no cover - the end is _end's; kept for Sacred's API
+        self._final_write(self.end_budget_s)
 
     def save_sources(self, ex_info):
         """Sacred's version, plus scrubbing and an ``md5`` field so unchanged sources are reused."""
@@ -564,6 +428,9 @@ class PqaMongoObserver(MongoObserver):
             source_info.append([source_name, file_id])
         return source_info
 
+    def _describe(self, exc) -> str:
+        return describe_error(exc, self._scrub.secrets, limit=200) if exc is not None else "unknown error"
+
     def _warn(self, key: str, msg: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -579,6 +446,7 @@ def make_mongo_observer(
     extra_secrets=(),
     create_indexes: bool = True,
     index_timeout: float = 10.0,
+    end_budget_s: float = END_BUDGET_S,
     **client_kwargs,
 ) -> PqaMongoObserver:
     """A :class:`PqaMongoObserver` writing to ``db_name`` (default: URL path, else ``pqa``).
@@ -587,19 +455,21 @@ def make_mongo_observer(
     :class:`PqaError` line, password redacted) rather than mid-run. Unstored
     data goes to ``failure_dir`` (default ``<data_dir>/failed_runs``).
     """
-    settings.validate_url(url)
-    db_name = db_name or settings.db_name_from_url(url)
-    secrets = list(settings.url_secrets(url)) + list(extra_secrets)
+    validate_url(url)
+    db_name = db_name or db_name_from_url(url)
+    secrets = list(url_secrets(url)) + list(extra_secrets)
     try:
         client = pymongo.MongoClient(url, appname="pqa", **client_kwargs)
     except (pymongo.errors.ConfigurationError, ValueError, TypeError) as exc:
-        raise PqaError(f"invalid MongoDB URL {settings.redact_url(url)}: {settings.redact_text(str(exc), secrets)}") from None
+        raise PqaError(f"invalid MongoDB URL {redact_url(url)}: {describe_error(exc, secrets)}") from None
     obs = PqaMongoObserver(
         client=client,
         db_name=db_name,
         collection_prefix=collection_prefix,
         failure_dir=str(failure_dir or settings.data_dir() / "failed_runs"),
         secrets=secrets,
+        redacted_url=redact_url(url),
+        end_budget_s=end_budget_s,
     )
     if create_indexes:
         try:
@@ -607,6 +477,5 @@ def make_mongo_observer(
                 ensure_indexes(client[db_name], collection_prefix)
         except pymongo.errors.PyMongoError as exc:
             client.close()
-            reason = settings.redact_text(str(exc).splitlines()[0].split(", Timeout:")[0], secrets)[:300]
-            raise PqaError(f"cannot prepare the run store {settings.redact_url(url)}: {reason}") from None
+            raise PqaError(f"cannot prepare the run store {redact_url(url)}: {describe_error(exc, secrets)}") from None
     return obs

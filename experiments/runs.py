@@ -18,8 +18,13 @@ import pandas as pd
 
 from pqa_core.errors import PqaError, UsageError
 
+from .metric_chunks import metric_names, read_metric
+from .urls import describe_error
+
 FIXED_COLUMNS = ["id", "experiment", "command", "status", "start_time", "stop_time", "duration_s"]
-STATUSES = ("QUEUED", "RUNNING", "COMPLETED", "FAILED", "INTERRUPTED", "TIMEOUT")
+PROBABLY_DEAD = "PROBABLY_DEAD"  # Omniboard's name for a RUNNING run whose heartbeat stopped
+STATUSES = ("QUEUED", "RUNNING", "COMPLETED", "FAILED", "INTERRUPTED", "TIMEOUT", PROBABLY_DEAD)
+DEAD_AFTER_S = 120  # a run beats every 10 s; Omniboard calls it dead after the same 120 s
 DEFAULT_TIMEOUT_MS = 5000
 
 # Large or noisy fields a run listing never needs.
@@ -46,15 +51,10 @@ def resolve_store(mongo_url: Optional[str] = None, db_name: Optional[str] = None
     ``db_name`` None means the URL's path, else ``pqa``.
     """
     from . import settings
+    from .db import ensure_running
 
     target = settings.resolve_mongo(mongo_url)
-    url = target.url
-    if target.embedded:
-        try:
-            from .db import ensure_running
-        except ImportError:
-            raise DatabaseUnavailable("the embedded run store is not available here; pass --mongo-url") from None
-        url = ensure_running() or url
+    url = ensure_running() if target.embedded else target.url
     return url, db_name or target.db_name
 
 
@@ -63,26 +63,26 @@ def open_database(url: str, db_name: str, timeout_ms: int = DEFAULT_TIMEOUT_MS):
     import pymongo
     import pymongo.errors
 
-    from . import settings
+    from .urls import redact_url, url_secrets
 
     options = {}
     if "serverselectiontimeoutms" not in url.lower():
         options["serverSelectionTimeoutMS"] = timeout_ms
-    shown, secrets = settings.redact_url(url), settings.url_secrets(url)
+    shown, secrets = redact_url(url), url_secrets(url)
     try:
         client = pymongo.MongoClient(url, connect=False, appname="pqa", **options)
     except (pymongo.errors.ConfigurationError, ValueError, TypeError) as exc:
-        raise UsageError(f"invalid MongoDB URL {shown}: {describe_mongo_error(exc, secrets)}") from None
+        raise UsageError(f"invalid MongoDB URL {shown}: {describe_error(exc, secrets)}") from None
     database = client[db_name]
     try:
         database.command("ping")
     except pymongo.errors.OperationFailure as exc:
         client.close()
-        raise DatabaseUnavailable(f"MongoDB at {shown} refused pqa: {describe_mongo_error(exc, secrets)}") \
+        raise DatabaseUnavailable(f"MongoDB at {shown} refused pqa: {describe_error(exc, secrets)}") \
             from None
     except pymongo.errors.PyMongoError as exc:
         client.close()
-        raise DatabaseUnavailable(f"cannot reach MongoDB at {shown}: {describe_mongo_error(exc, secrets)}") \
+        raise DatabaseUnavailable(f"cannot reach MongoDB at {shown}: {describe_error(exc, secrets)}") \
             from None
     return database
 
@@ -92,16 +92,6 @@ def connect(mongo_url: Optional[str] = None, db_name: Optional[str] = None,
     """The run store's pymongo ``Database`` (see :func:`resolve_store`), checked with a ping."""
     url, name = resolve_store(mongo_url, db_name)
     return open_database(url, name, timeout_ms)
-
-
-def describe_mongo_error(exc: Exception, secrets: Sequence[str] = ()) -> str:
-    """pymongo's message cut to its first clause (the topology dump is noise), secrets removed."""
-    from . import settings
-
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    for cut in (", Timeout:", " (configured timeouts", ", full error:"):
-        text = text.split(cut)[0]
-    return settings.redact_text(text, list(secrets))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -173,10 +163,42 @@ def build_query(filters: Optional[Mapping[str, Any]] = None, status: Optional[st
         field = f"config.{key}"
         query[field] = candidates[0] if len(candidates) == 1 else {"$in": candidates}
     if status:
-        query["status"] = status.upper()
+        query.update(status_query(status.upper()))
     if experiment:
         query["experiment.name"] = experiment
     return query
+
+
+def _dead_cutoff(now: Optional[_dt.datetime] = None) -> _dt.datetime:
+    now = now or _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)  # Sacred stores naive UTC
+    return now - _dt.timedelta(seconds=DEAD_AFTER_S)
+
+
+def dead_runs_query(now: Optional[_dt.datetime] = None) -> Dict[str, Any]:
+    """RUNNING runs whose last heartbeat (else start) is more than DEAD_AFTER_S old."""
+    cutoff = _dead_cutoff(now)
+    return {"status": "RUNNING", "$or": [{"heartbeat": {"$lt": cutoff}},
+                                         {"heartbeat": None, "start_time": {"$lt": cutoff}}]}
+
+
+def status_query(status: str, now: Optional[_dt.datetime] = None) -> Dict[str, Any]:
+    """The query for runs showing ``status`` as :func:`effective_status` computes it."""
+    if status == PROBABLY_DEAD:
+        return {"$or": [{"status": PROBABLY_DEAD}, dead_runs_query(now)]}
+    if status == "RUNNING":
+        cutoff = _dead_cutoff(now)
+        return {"status": "RUNNING", "$or": [{"heartbeat": {"$gte": cutoff}},
+                                             {"heartbeat": None, "start_time": {"$gte": cutoff}}]}
+    return {"status": status}
+
+
+def effective_status(run: Mapping[str, Any], now: Optional[_dt.datetime] = None) -> Optional[str]:
+    """The stored status, except PROBABLY_DEAD for a RUNNING run whose heartbeat stopped (as Omniboard shows it)."""
+    status = run.get("status")
+    last = run.get("heartbeat") or run.get("start_time")
+    if status == "RUNNING" and isinstance(last, _dt.datetime) and last < _dead_cutoff(now):
+        return PROBABLY_DEAD
+    return status
 
 
 def duration_s(run: Mapping[str, Any]) -> Optional[float]:
@@ -219,7 +241,7 @@ def run_row(run: Mapping[str, Any]) -> Dict[str, Any]:
         "id": run.get("_id"),
         "experiment": (run.get("experiment") or {}).get("name"),
         "command": run.get("command"),
-        "status": run.get("status"),
+        "status": effective_status(run),
         "start_time": run.get("start_time"),
         "stop_time": run.get("stop_time"),
         "duration_s": duration_s(run),
@@ -283,51 +305,9 @@ def _run_id(run_id: Any) -> Any:
 
 
 def metric_series(db, run_id: int) -> Dict[str, Tuple[List[Any], List[Any]]]:
-    """``{name: (steps, values)}`` for every metric the run logged, in logging order.
-
-    Uses ``pqa_experiments.observers.read_metric`` when it exists so that series the
-    observer split into continuation documents (``chunk`` 0, 1, ...) come back whole;
-    otherwise merges the documents sharing a name in chunk, then insertion, order.
-    (Importing the observers module imports Sacred: ~1 s, paid only here.)
-    """
+    """``{name: (steps, values)}`` for every metric the run logged, each series whole across its chunks."""
     run_id = _run_id(run_id)
-    reader = _observer_reader()
-    names = _metric_names(db, run_id)
-    series: Dict[str, Tuple[List[Any], List[Any]]] = {}
-    if reader is not None:
-        for name in names:
-            series[name] = _as_series(reader(db, run_id, name))
-        return series
-    for doc in db.metrics.find({"run_id": run_id}).sort([("chunk", 1), ("_id", 1)]):
-        steps, values = series.setdefault(doc["name"], ([], []))
-        steps.extend(doc.get("steps") or [])
-        values.extend(doc.get("values") or [])
-    return series
-
-
-def _metric_names(db, run_id) -> List[str]:
-    names: Dict[str, None] = {}
-    for doc in db.metrics.find({"run_id": run_id}, {"name": 1}).sort("_id", 1):
-        names.setdefault(doc["name"])
-    return list(names)
-
-
-def _observer_reader():
-    try:
-        from .observers import read_metric  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return read_metric
-
-
-def _as_series(read: Any) -> Tuple[List[Any], List[Any]]:
-    """Accept ``(steps, values)``, a dict with ``steps``/``values`` or a metric document."""
-    if isinstance(read, Mapping):
-        return list(read.get("steps") or []), list(read.get("values") or [])
-    if read is None:
-        return [], []
-    steps, values = read[0], read[1]
-    return list(steps), list(values)
+    return {name: read_metric(db, run_id, name) for name in metric_names(db, run_id)}
 
 
 def final_metrics(series: Mapping[str, Tuple[List[Any], List[Any]]]) -> Dict[str, Dict[str, Any]]:
@@ -348,7 +328,7 @@ def run_summary(db, run_id: int) -> Dict[str, Any]:
         "id": run["_id"],
         "experiment": (run.get("experiment") or {}).get("name"),
         "command": run.get("command"),
-        "status": run.get("status"),
+        "status": effective_status(run),
         "start_time": run.get("start_time"),
         "stop_time": run.get("stop_time"),
         "heartbeat": run.get("heartbeat"),

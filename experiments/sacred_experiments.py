@@ -10,9 +10,6 @@ fast smoke run. Observers are attached by the CLI, never here.
 """
 from __future__ import annotations
 
-import os
-import time
-from pathlib import Path
 from typing import Any, Dict
 
 from sacred import Experiment
@@ -22,6 +19,8 @@ from sacred.utils import apply_backspaces_and_linefeeds, iterate_flattened
 from pqa_core.config import PQAConfig
 from pqa_core.kinds import KIND
 from pqa_core.plugins import with_component_defaults
+
+from . import sacred_fixes
 
 PHASES_OF = {"write": ["write"], "read": ["read"], "eval": ["eval"], "pipeline": ["write", "read", "eval"],
              "control": ["control"]}
@@ -90,18 +89,10 @@ class ComponentDefaults:
         return summary
 
 
-def run_output_dir(experiment_name: str, run_id) -> str:
-    """``$PQA_OUTPUT_DIR`` (default ./outputs) / experiment / time-runid."""
-    root = Path(os.environ.get("PQA_OUTPUT_DIR", "outputs"))
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return str(root / experiment_name / f"{stamp}-{run_id if run_id is not None else os.getpid()}")
-
-
 def make_experiment(phase: str) -> Experiment:
     if phase not in PHASES_OF:
         raise KeyError(phase)
-    from . import observers  # noqa: F401  (patches Sacred's git lookup, which crashes in a repo without commits)
-
+    sacred_fixes.install()  # Sacred's git lookup crashes in a repository without commits
     ex = Experiment(f"pqa_{phase}")
     ex.captured_out_filter = apply_backspaces_and_linefeeds
     ex.add_config(default_config(phase))

@@ -1,8 +1,10 @@
 """The bridge between a Sacred run and ``pqa_core``: a RunLogger that writes to ``_run``,
-data files as resources, git state and the checkpoint location in ``info``."""
+data files as resources, the run's output folder and the checkpoint locations in ``info``."""
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Any, Dict
 
@@ -14,7 +16,6 @@ from pqa_core.training import RunLogger
 
 log = logging.getLogger(__name__)
 
-SACRED_ONLY_KEYS = ()  # keys Sacred adds to the config that PQAConfig does not know
 
 
 class SacredLogger(RunLogger):
@@ -34,15 +35,15 @@ class SacredLogger(RunLogger):
         self.run.info[key] = value
 
 
-def pqa_config_from_sacred(config: Dict[str, Any]) -> PQAConfig:
-    values = {k: v for k, v in config.items() if k not in SACRED_ONLY_KEYS}
-    return PQAConfig.from_dict(values)
+def run_output_dir(experiment_name: str, run_id) -> str:
+    """``$PQA_OUTPUT_DIR`` (default ./outputs) / experiment / time-runid."""
+    root = Path(os.environ.get("PQA_OUTPUT_DIR", "outputs"))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return str(root / experiment_name / f"{stamp}-{run_id if run_id is not None else os.getpid()}")
 
 
 def run_pipeline_in_sacred(config: Dict[str, Any], run) -> Dict[str, float]:
-    from .sacred_experiments import run_output_dir
-
-    pqa_config = pqa_config_from_sacred(config)
+    pqa_config = PQAConfig.from_dict(config)
     if not pqa_config.output_dir and not pqa_config.resume:
         pqa_config.output_dir = run_output_dir(run.experiment_info["name"], run._id)
     logger = SacredLogger(run)
@@ -63,5 +64,8 @@ def run_pipeline_in_sacred(config: Dict[str, Any], run) -> Dict[str, float]:
     run.info["timings_s"] = {k: round(v, 2) for k, v in pipeline.timings.items()}
     run.info["checkpoints"] = {p: str((pipeline.checkpoint_root(p) / "final").resolve())
                                for p in ("write", "read") if (pipeline.checkpoint_root(p) / "final").exists()}
+    for observer in run.observers:  # from here on a Ctrl-C cannot make the run INTERRUPTED
+        if hasattr(observer, "main_finished"):
+            observer.main_finished(result)
     return result
 

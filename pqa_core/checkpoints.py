@@ -8,7 +8,8 @@ A checkpoint is a folder::
     optimizer.safetensors    optimizer state tensors, flattened ("state.<param>.<key>")
     rng.safetensors          torch (and CUDA) RNG state
     state.json               step, epoch, optimizer param groups, python/numpy RNG, config, model signature
-    MANIFEST.json            sha256 and size of every file above; written last
+    MANIFEST.json            sha256 and size of every file above, and the run's fingerprint
+                             (``fingerprint.py``: what produced the weights); written last
 
 It is built in a temp folder beside its final place and renamed in one step, so a crash leaves
 either the whole checkpoint or none. Loading checks the manifest first: a torn, truncated or
@@ -30,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_directory, sha256_file
 from .errors import CheckpointError
+from .fingerprint import CONFIG_KEY as FINGERPRINT_KEY
 from .kinds import MODEL_KINDS
 
 MANIFEST = "MANIFEST.json"
@@ -176,8 +178,11 @@ def _fsync_tree(root: Path) -> None:
 def save_checkpoint(path, model, optimizer=None, *, step: int, epoch: int, step_in_epoch: int = 0,
                     config: Optional[Dict[str, Any]] = None, phase: str = "", metrics: Optional[dict] = None,
                     scheduler=None) -> Path:
-    """Write a checkpoint folder at ``path`` atomically; an existing one there is replaced."""
+    """Write a checkpoint folder at ``path`` atomically; an existing one there is replaced. The
+    fingerprint the pipeline puts in ``config`` (``fingerprint.CONFIG_KEY``) goes to the manifest."""
     path = Path(path)
+    config = dict(config or {})
+    fingerprint = config.pop(FINGERPRINT_KEY, None)
     with atomic_directory(path) as tmp:
         save_file(trainable_state(model), str(tmp / "model.safetensors"))
         if getattr(model, "row_ids", None) is not None:
@@ -186,8 +191,8 @@ def save_checkpoint(path, model, optimizer=None, *, step: int, epoch: int, step_
             model.llm.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
         state: Dict[str, Any] = {
             "format": FORMAT_VERSION, "phase": phase, "step": step, "epoch": epoch,
-            "step_in_epoch": step_in_epoch, "metrics": metrics or {}, "config": config or {},
-            "signature": model_signature(model, config or {}),
+            "step_in_epoch": step_in_epoch, "metrics": metrics or {}, "config": config,
+            "signature": model_signature(model, config),
         }
         if optimizer is not None:
             tensors, meta = _flatten_optimizer(optimizer)
@@ -201,7 +206,8 @@ def save_checkpoint(path, model, optimizer=None, *, step: int, epoch: int, step_
         (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
         files = {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT_VERSION, "files": files}, indent=1))
+        manifest = {"format": FORMAT_VERSION, "files": files, **({"fingerprint": fingerprint} if fingerprint else {})}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=_json_default))
         _fsync_tree(tmp)
     return path
 

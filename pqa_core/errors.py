@@ -23,3 +23,16 @@ class CheckpointError(PqaError):
     """Missing, torn, corrupt or mismatched checkpoint."""
 
     exit_code = 1
+
+
+class EnvironmentFailure(PqaError):
+    """The machine refused: a read-only, missing or looping folder, a full disk (exit code 1)."""
+
+    exit_code = 1
+
+    @classmethod
+    def from_os_error(cls, exc: OSError, what: str = "") -> "EnvironmentFailure":
+        """``[what: ]path: reason`` in one line, from an OSError."""
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        where = ": ".join(str(f) for f in (exc.filename, exc.filename2) if f)
+        return cls(": ".join(part for part in (what, where, reason) if part))

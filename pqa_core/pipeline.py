@@ -16,21 +16,23 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from . import fingerprint
 from .builder import build_component, build_losses, build_model
 from .checkpoints import MANIFEST, load_checkpoint
-from .config import PQAConfig
+from .config import PHASES, PQAConfig
 from .data import ReadPhaseDataset, WritePhaseDataset, load_corpus, load_qa, sample_data_path, split_passages
-from .interfaces import WriteContext
-from .llm import load_llm
 from .errors import CheckpointError, UsageError
 from .evaluation import evaluate_qa, evaluate_retrieval
+from .fingerprint import CONFIG_KEY as FINGERPRINT_KEY
+from .fingerprint import TRAINING_DATA
+from .interfaces import WriteContext
+from .llm import llm_identity, load_llm
 from .read_phase import ReadPhaseTrainer
 from .run_lock import output_folder_lock
 from .training import RunLogger, seed_everything
 from .write_phase import WritePhaseTrainer
 
 log = logging.getLogger(__name__)
-PHASES = ("write", "read", "eval", "control_read", "control")
 
 
 def resolve_data_path(spec: str) -> Path:
@@ -44,13 +46,16 @@ class Pipeline:
     """Holds the loaded data and model so phases can also be run one at a time (notebooks, tests)."""
 
     def __init__(self, config: PQAConfig, logger: Optional[RunLogger] = None, llm_and_tokenizer=None):
-        for phase in config.phases:
-            if phase not in PHASES:
-                raise UsageError(f"config key 'phases': unknown phase {phase!r}; phases: {', '.join(PHASES)}")
+        config.validate()
         self.config = config
-        self.config_dict = config.to_dict()
         self.logger = logger or RunLogger()
         self.output_dir = Path(config.resume or config.output_dir or "outputs/run")
+        self.fingerprint = fingerprint_of(config)
+        forced = check_output_dir(config, self.fingerprint, self.output_dir)
+        self.config_dict = {**config.to_dict(), FINGERPRINT_KEY: self.fingerprint}  # checkpoints record it
+        self.logger.set_info("fingerprint", self.fingerprint["digest"])
+        if forced:
+            self.logger.set_info("resume_forced", forced)
         if config.threads > 0:
             torch.set_num_threads(config.threads)
         seed_everything(config.seed)
@@ -264,6 +269,24 @@ def checkpoints_to_load(config: PQAConfig) -> List[Path]:
             elif steps:
                 found.append(steps[-1])
     return found
+
+
+def fingerprint_of(config: PQAConfig) -> Dict[str, Any]:
+    """What will determine this run's weights (``fingerprint.py``), known before anything is built."""
+    init = initial_checkpoint(Path(config.init_from)) if config.init_from else None
+    data = {name: resolve_data_path(getattr(config.data, name)) for name in TRAINING_DATA}
+    return fingerprint.compute(config.to_dict(), data, llm_identity(config.model.llm), init)
+
+
+def check_output_dir(config: PQAConfig, run_fingerprint: Dict[str, Any], output_dir: Path) -> List[str]:
+    """``resume`` continues only checkpoints of this fingerprint (``force_resume`` lets others through:
+    their differences are returned, to be recorded); a run that is no resume refuses a folder that
+    already holds checkpoints."""
+    if not config.resume:
+        fingerprint.check_fresh(output_dir)
+        return []
+    own = [c for c in checkpoints_to_load(config) if Path(config.resume) in c.parents]
+    return fingerprint.check_resume(own, run_fingerprint, config.force_resume, f"resume={config.resume}")
 
 
 def run_pipeline(config, logger: Optional[RunLogger] = None) -> Dict[str, Any]:

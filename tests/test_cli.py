@@ -135,7 +135,7 @@ def test_pip_installed_plugin_is_listed_and_usable_by_name(tmp_path, db_url, out
     (["with", "smoke", "selector.temp=2"], "selector 'cosine' got unexpected parameter 'temp'; accepted: temperature"),
     (["with", "smoke", "read.topk=2"], "unknown config key 'read.topk'"),
     (["with", "no_such_named_config"], "unknown named config 'no_such_named_config'"),
-    (["with", "read.top_k='x'"], "config key 'read.top_k' must be int"),
+    (["with", "read.top_k='x'"], "config key 'read.top_k' must be an integer >= 1, got 'x'"),
     (["with", "smoke", "selector.temperature=abc"], "selector 'cosine': parameter 'temperature' must be float, "
                                                     "got 'abc' (str)"),
     (["with", "smoke", "model.d_z=0"], "model.d_z=0 (the projection's size) but projection 'mlp2x_gelu' has no "

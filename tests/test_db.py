@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from pqa_core.errors import PqaError, UsageError
-from pqa_experiments import db, settings
+from pqa_experiments import db, settings, urls
 from pqa_experiments.cli_db import db as db_cli
 
 from conftest import free_port, listen_addresses
@@ -99,8 +99,8 @@ def test_data_dir_follows_pqa_home_then_xdg(clean_env, monkeypatch):
     ],
 )
 def test_redact_url(url, shown):
-    assert settings.redact_url(url) == shown
-    assert PASSWORD not in settings.redact_url(url)
+    assert urls.redact_url(url) == shown
+    assert PASSWORD not in urls.redact_url(url)
 
 
 def test_bad_url_is_one_line_usage_error_without_password():
@@ -109,8 +109,8 @@ def test_bad_url_is_one_line_usage_error_without_password():
             settings.resolve_mongo(url)
         text = str(err.value)
         assert PASSWORD not in text and "\n" not in text, text
-    assert settings.url_secrets(f"mongodb://bob:p%40{PASSWORD}@h/") [1:] == [f"p%40{PASSWORD}", f"p@{PASSWORD}"]
-    assert settings.redact_text(f"see https://tok{PASSWORD}@github.com/x and {PASSWORD}", [PASSWORD]) == (
+    assert urls.url_secrets(f"mongodb://bob:p%40{PASSWORD}@h/") [1:] == [f"p%40{PASSWORD}", f"p@{PASSWORD}"]
+    assert urls.redact_text(f"see https://tok{PASSWORD}@github.com/x and {PASSWORD}", [PASSWORD]) == (
         "see https://***@github.com/x and ***"
     )
 

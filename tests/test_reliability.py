@@ -36,7 +36,7 @@ import pytest
 
 from pqa_core.run_lock import LOCK_FILE
 from pqa_experiments import db as pqa_db
-from pqa_experiments.observers import read_metric
+from pqa_experiments.metric_chunks import read_metric
 
 from conftest import free_port
 
@@ -191,6 +191,7 @@ def test_kill_9_at_a_random_step_then_resume_by_run_id_equals_an_uninterrupted_r
     assert left, context
     # the dead run's lock file is still there; the kernel released its lock with the process
     assert (output_dir / LOCK_FILE).read_text().strip() == str(victim.pid), context
+    assert_dead_run_is_marked(store, dead, env)
 
     proc = pqa("run", "pipeline", "--mongo-url", store["url"], "--json", *RUN_ARGS, f"resume={dead['_id']}", env=env)
     resumed = last_json(proc.stdout)
@@ -214,6 +215,26 @@ def test_kill_9_at_a_random_step_then_resume_by_run_id_equals_an_uninterrupted_r
     print(f"{context}left {left}; resumed run {doc['_id']} from run {dead['_id']}: result {resumed['result']}")
 
 
+def assert_dead_run_is_marked(store, dead, env) -> None:
+    """Time passes (its stored heartbeat moves back past DEAD_AFTER_S): ``pqa runs list`` shows the killed run
+    PROBABLY_DEAD, as Omniboard does, and ``pqa db recover`` stores it so."""
+    from pqa_experiments.runs import DEAD_AFTER_S
+
+    def listed(*args):
+        return {r["id"]: r["status"] for r in json.loads(pqa("runs", "list", "--mongo-url", store["url"], "--json",
+                                                             *args, env=env).stdout)}
+
+    assert listed()[dead["_id"]] == "RUNNING"  # beat a moment ago: alive as far as anyone can tell
+    past = _dt.timedelta(seconds=DEAD_AFTER_S + 1)
+    store["db"].runs.update_one({"_id": dead["_id"]}, {"$set": {"heartbeat": dead["heartbeat"] - past,
+                                                                "start_time": dead["start_time"] - past}})
+    assert listed()[dead["_id"]] == "PROBABLY_DEAD"
+    assert dead["_id"] in listed("--status", "PROBABLY_DEAD") and dead["_id"] not in listed("--status", "RUNNING")
+    out = pqa("db", "recover", "--mongo-url", store["url"], env=env).stdout
+    assert f"stored as PROBABLY_DEAD (RUNNING, no heartbeat for over {DEAD_AFTER_S} s): runs {dead['_id']}" in out
+    assert store["db"].runs.find_one({"_id": dead["_id"]})["status"] == "PROBABLY_DEAD"
+
+
 @pytest.mark.parametrize("resume, message", [
     ("999999", "resume=999999: no run 999999 in mongodb://127.0.0.1:"),
     ("{empty}", "no checkpoint under"),
@@ -228,6 +249,41 @@ def test_resume_of_a_missing_run_or_checkpoint_is_one_line(store, tmp_path, resu
     assert_refused(proc, message)
     assert store["db"].runs.count_documents({}) == before
     assert not (tmp_path / "outputs").exists() and snapshot(tmp_path / "empty") == {}
+
+
+def test_a_checkpoint_is_continued_only_under_the_configuration_that_made_it(store, reference, tmp_path):
+    """A finished run's folder: another run may not load its checkpoints as its own; a resume under another
+    seed or with shuffled data is one line naming what differs; force_resume=True continues and says so."""
+    folder = tmp_path / "finished"
+    shutil.copytree(reference["output_dir"], folder)
+    env, before = pqa_env(tmp_path), store["db"].runs.count_documents({})
+    fingerprints = {json.loads(m.read_text())["fingerprint"]["digest"]
+                    for m in folder.glob("checkpoints/*/*/MANIFEST.json")}
+    stored = store["db"].runs.find_one({"_id": reference["run_id"]})
+    assert fingerprints == {stored["info"]["fingerprint"]}  # every checkpoint, and the run, record one
+    untouched = snapshot(folder)
+
+    def run(*args):
+        return pqa("run", "pipeline", "--mongo-url", store["url"], *RUN_ARGS, *args, env=env, check=False)
+
+    assert_refused(run("seed=9", f"output_dir={folder}"), f"output_dir={folder} already holds checkpoints", code=2)
+    assert_refused(run("seed=9", f"resume={folder}"),
+                   f"resume={folder}: {folder}/checkpoints/write/final was made under another configuration: "
+                   "seed=0 (now 9); resume with the same configuration and data, or add force_resume=True")
+    shuffled = tmp_path / "corpus.jsonl"
+    shuffled.write_bytes(b"\n".join(reversed((SAMPLE / "corpus.jsonl").read_bytes().splitlines())) + b"\n")
+    line = assert_refused(run(f"data.corpus={shuffled}", f"resume={folder}"), "was made under another configuration")
+    assert re.search(r"data\.corpus\.sha256=[0-9a-f]{10}… \(now [0-9a-f]{10}…\)", line), line
+    assert store["db"].runs.count_documents({}) == before and snapshot(folder) == untouched
+
+    proc = run("seed=9", f"resume={folder}", "force_resume=True", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: force_resume=True: " in proc.stderr and "seed=0 (now 9) (recorded in the run)" in proc.stderr
+    doc = store["db"].runs.find_one({"_id": last_json(proc.stdout)["run_id"]})
+    assert doc["status"] == "COMPLETED" and doc["config"]["force_resume"] is True
+    assert [line.split(" was made")[0] for line in doc["info"]["resume_forced"]] == \
+        [f"{folder}/checkpoints/write/final", f"{folder}/checkpoints/read/final"]
+    assert all(line.endswith("seed=0 (now 9)") for line in doc["info"]["resume_forced"])
 
 
 # --------------------------------------------------------------------------- the database goes away
@@ -285,69 +341,102 @@ def test_database_stopped_mid_run_and_restarted_loses_no_point(own_db, reference
     assert doc["result"] == reference["result"]
     stored = assert_same_as_reference(own_db["db"], run_id, reference)
     assert stored == points(reference["metrics"])
-    assert not (tmp_path / "pqa_home" / "failed_runs").exists()  # nothing had to be saved aside
+    assert not list((tmp_path / "pqa_home").glob("failed_runs/pqa_unstored_*"))  # nothing left aside
     during = logged_between(own_db["db"], run_id, down, up)
     assert during > 0
     print(f"outage mid-run: {points(reference['metrics'])} points logged ({during} while the database was down), "
           f"{stored} stored")
 
 
-def test_database_down_when_the_run_ends_then_pqa_db_recover(own_db, reference, tmp_path):
+END_LIMIT_S = 60  # pqa waits at most ~27 s for a store that is down at the end; Sacred alone waited ~6 min
+
+
+def run_into_an_outage(own_db, tmp_path, ctrl_c: int = 0):
+    """A run whose store goes down at read step 3 and stays down (default server selection timeout,
+    so every bound is pqa's own). With ``ctrl_c``, that many SIGINTs once pqa says it is waiting.
+    Returns (output, seconds from "Completed after" to the exit, the saved recovery files)."""
     env, log = pqa_env(tmp_path), tmp_path / "run.log"
-    url = own_db["url"] + "?serverSelectionTimeoutMS=1500"  # it stays down: give up on each write quickly
-    with background_pqa("run", "pipeline", "--mongo-url", url, "--json", *RUN_ARGS, env=env, log=log) as proc:
+    with background_pqa("run", "pipeline", "--mongo-url", own_db["url"], "--json", *RUN_ARGS, env=env,
+                        log=log) as proc:
         wait_for(checkpoint_appeared(tmp_path / "outputs", "read", 3), proc, "read step 3", log)
         assert pqa_db.stop(own_db["home"])
-        down = utc_now()
-        proc.wait(timeout=SAFETY_TIMEOUT_S)  # the whole rest of the run, its end included, is in the outage
+        wait_for(lambda: "Completed after" in log.read_text(), proc, "the end of training", log)
+        completed = time.monotonic()
+        if ctrl_c:
+            wait_for(lambda: "does not answer" in log.read_text(), proc, "the message that pqa waits", log)
+            for _ in range(ctrl_c):
+                proc.send_signal(signal.SIGINT)
+                time.sleep(0.2)
+        proc.wait(timeout=SAFETY_TIMEOUT_S)
+        ended = time.monotonic() - completed
     output = log.read_text()
-    assert proc.returncode == 1, output
-    last = output.strip().splitlines()[-1]
-    assert last.startswith("Error: run data not stored:") and last.endswith("pqa db recover` once the database is back")
+    assert proc.returncode == 1 or (ctrl_c and proc.returncode == -signal.SIGINT), output
     assert "Traceback" not in output, output[-3000:]
-    failed = tmp_path / "pqa_home" / "failed_runs"
-    dumps = sorted(p.name for p in failed.glob("pqa_unstored_*"))
-    assert {re.match(r"pqa_unstored_(metrics|artifacts|run)_run\d+_", n).group(1) for n in dumps} == \
-        {"metrics", "artifacts", "run"}, dumps
-    assert all(name.endswith(".json") for name in dumps), dumps  # JSON, never pickle
-    saved = {p.name: p.read_bytes() for p in failed.glob("pqa_unstored_*")}
+    saved = sorted((tmp_path / "pqa_home" / "failed_runs").glob("pqa_unstored_*"))
+    assert len(saved) == 1 and saved[0].suffix == ".json", saved  # one file per run, JSON, never pickle
+    return output, ended, saved[0]
 
+
+def recover_and_compare(own_db, reference, tmp_path) -> dict:
+    """``pqa db recover`` as a user runs it: says what it restored to which run; the run then equals the reference."""
     pqa_db.ensure_running(own_db["home"], port=own_db["port"])
     database = own_db["db"]
     run_id = database.runs.find_one({})["_id"]
     before = points(all_metrics(database, run_id))
-    report = json.loads(pqa("db", "recover", "--mongo-url", own_db["url"], "--json", env=env).stdout)
-    assert report["runs_recovered"] == 1 and report["runs_failed"] == 0 and report["skipped"] == []
-    assert report["points_uploaded"] > 0 and report["artifacts_uploaded"] == 1
-
+    out = pqa("db", "recover", "--mongo-url", own_db["url"], env=pqa_env(tmp_path)).stdout
+    restored = int(re.search(rf"run {run_id} \(\w+\): restored (\d+) metric points", out).group(1))
+    assert f"restored {restored} metric points and 1 artifacts to 1 runs ({run_id})" in out, out
     doc = database.runs.find_one({"_id": run_id})
     assert doc["status"] == "COMPLETED" and "fail_trace" not in doc, doc.get("fail_trace")
-    assert doc["result"] == reference["result"]
-    assert doc["info"]["pqa_recovered"]["points"] == report["points_uploaded"]
+    assert doc["result"] == reference["result"] and "pqa_unstored" not in doc["info"]
+    assert doc["info"]["pqa_recovered"]["points"] == restored > 0
     stored = assert_same_as_reference(database, run_id, reference)
-    assert stored == before + report["points_uploaded"] == points(reference["metrics"])
+    assert stored == before + restored == points(reference["metrics"])
     predictions = {a["name"]: a["file_id"] for a in doc["artifacts"]}["predictions.jsonl"]
     import gridfs
 
     assert gridfs.GridFS(database).get(predictions).read() == (Path(doc["info"]["output_dir"]) /
                                                               "predictions.jsonl").read_bytes()
-    assert sorted(p.name for p in (failed / "recovered").iterdir()) == dumps
-    assert not list(failed.glob("pqa_unstored_*"))
+    return {"run_id": run_id, "before": before, "restored": restored, "stored": stored}
 
-    # Idempotent: nothing left to do; and the same files again (a recover cut short) add nothing.
+
+def test_database_down_when_the_run_ends_is_fast_one_line_then_pqa_db_recover(own_db, reference, tmp_path):
+    output, ended, saved = run_into_an_outage(own_db, tmp_path)
+    assert ended < END_LIMIT_S, f"{ended:.0f} s from 'Completed after' to the exit"
+    waiting = [line for line in output.splitlines() if "does not answer" in line]
+    assert len(waiting) == 1 and "Ctrl-C stops waiting" in waiting[0], waiting
+    errors = [line for line in output.splitlines() if "did not take" in line]
+    assert len(errors) == 1 and errors[0] == output.strip().splitlines()[-1], errors  # one line, printed once
+    assert re.match(r"Error: run \d+ ended COMPLETED, but the run store did not take \d+ metric points of \d+ "
+                    r"series, 1 artifact \(predictions.jsonl\) and the final record \(.*\); saved in "
+                    rf"{re.escape(str(saved))}: `pqa db recover` uploads it once the database is back$", errors[0])
+    assert len(errors[0]) < 600, errors[0]
+    data = saved.read_bytes()
+
+    result = recover_and_compare(own_db, reference, tmp_path)
+    failed = saved.parent
+    assert [p.name for p in (failed / "recovered").iterdir()] == [saved.name] and not list(failed.glob("pqa_*"))
+    # Idempotent: nothing left to do; and the same file again (a recover cut short) adds nothing.
+    env, database, run_id = pqa_env(tmp_path), own_db["db"], result["run_id"]
     again = json.loads(pqa("db", "recover", "--mongo-url", own_db["url"], "--json", env=env).stdout)
     assert again["files"] == 0 and again["points_uploaded"] == 0
-    for name, data in saved.items():
-        (failed / name).write_bytes(data)
+    saved.write_bytes(data)
     replay = json.loads(pqa("db", "recover", "--mongo-url", own_db["url"], "--json", env=env).stdout)
     assert replay["runs_recovered"] == 1 and replay["points_uploaded"] == 0 and replay["artifacts_uploaded"] == 0
-    assert replay["points_already_stored"] == report["points_uploaded"]
-    assert assert_same_as_reference(database, run_id, reference) == stored
+    assert replay["points_already_stored"] == result["restored"]
+    assert assert_same_as_reference(database, run_id, reference) == result["stored"]
     assert [a["name"] for a in database.runs.find_one({"_id": run_id})["artifacts"]] == ["predictions.jsonl"]
-    during = logged_between(database, run_id, down, utc_now())
-    assert 0 < during <= report["points_uploaded"]
-    print(f"outage at the end: {points(reference['metrics'])} points logged ({during} while the database was down), "
-          f"{before} stored during the run, {report['points_uploaded']} uploaded by pqa db recover, {stored} stored")
+    print(f"outage at the end: {ended:.1f} s from 'Completed after' to the exit; {result['before']} points stored "
+          f"during the run, {result['restored']} restored by pqa db recover, {result['stored']} stored")
+
+
+def test_ctrl_c_twice_while_the_store_is_awaited_loses_nothing(own_db, reference, tmp_path):
+    output, ended, saved = run_into_an_outage(own_db, tmp_path, ctrl_c=2)
+    assert "stopped waiting for the run store (Ctrl-C)" in output, output[-2000:]
+    assert "INTERRUPTED" not in saved.read_text()  # the run finished: its saved status is COMPLETED
+    result = recover_and_compare(own_db, reference, tmp_path)
+    print(f"Ctrl-C twice at the end: exit after {ended:.1f} s, {result['restored']} points restored, "
+          f"{result['stored']} stored")
 
 
 # --------------------------------------------------------------------------- concurrency
@@ -547,14 +636,16 @@ def test_bad_checkpoint_is_one_line_before_the_run_is_created(store, reference, 
 
 
 def test_optimizer_state_of_another_setting_is_stored_failed_one_line(store, reference, tmp_path):
-    """Saved without LoRA in the write optimizer, resumed with it: the same model, other param groups.
-    Only the built optimizer shows it, so the run starts, and is stored FAILED with the one-line reason."""
+    """Saved without LoRA in the write optimizer, resumed with it: the same model, other param groups. The
+    fingerprint refuses it before a run exists; forced, only the built optimizer shows it, so the run
+    starts, and is stored FAILED with the one-line reason."""
     run = tmp_path / "crashed"
     step = run / "checkpoints" / "write" / "step-0000004"
     shutil.copytree(reference["output_dir"] / "checkpoints" / "write" / "step-0000004", step)
     files = snapshot(run)
-    proc = pqa("run", "pipeline", "--mongo-url", store["url"], *RUN_ARGS, f"resume={run}", "write.train_lora=True",
-               env=pqa_env(tmp_path), check=False)
+    args = ["run", "pipeline", "--mongo-url", store["url"], *RUN_ARGS, f"resume={run}", "write.train_lora=True"]
+    assert_refused(pqa(*args, env=pqa_env(tmp_path), check=False), "write.train_lora=False (now True)")
+    proc = pqa(*args, "force_resume=True", env=pqa_env(tmp_path), check=False)
     line = assert_refused(proc, f"{step / 'optimizer.safetensors'}: optimizer state of another model or training "
                                 "setting (2 param groups saved, 3 here)", only_line=False)
     assert line.startswith(f"Error: {step / 'optimizer.safetensors'}") and "lora: " in line  # names the groups
