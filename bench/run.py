@@ -28,7 +28,8 @@ from bench import common  # noqa: E402
 BENCHMARKS = ("step_overhead", "selection_scale", "tracking_overhead", "batched_eval")  # what run_all runs
 # Every section of RESULTS.md, by its item letter in the benchmark issue; (a), (b) and (f) run on their own.
 SECTIONS = {"quality": "a", "latency": "b", "step_overhead": "c", "selection_scale": "d", "tracking_overhead": "e",
-            "write_capacity": "f", "batched_eval": "g"}
+            "write_capacity": "f", "batched_eval": "g", "corpus_scale": "h",
+            "processes": "i", "sweep_scale": "j"}
 PROFILES = ("smoke", "quick", "full")
 RESULTS_MD = common.RESULTS_MD
 default_out = common.default_out
@@ -165,6 +166,12 @@ def render(out: Path) -> str:
     ]
     if "write_capacity" in item:
         how.append("python bench/write_capacity.py     # (f) write-phase capacity vs memory tokens m")
+    if "corpus_scale" in item:
+        how.append("python bench/corpus_scale.py       # (h) write and read step cost vs the number of documents")
+    if "processes" in item:
+        how.append("python bench/processes.py          # (i) two training processes vs one, same global batch")
+    if "sweep_scale" in item:
+        how.append("python bench/sweep_scale.py        # (j) pqa sweep on Ray vs the same trials one after another")
     how.append("python bench/run.py --render-only  # rebuild this file from bench/results/*.json|md, measuring nothing")
     lines = [
         "# pqa benchmarks",

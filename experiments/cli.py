@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import signal
 import warnings
 
@@ -49,7 +50,8 @@ def cli(ctx, debug):
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun the others only warn
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO if main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "transformers", "filelock", "pymongo"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -81,8 +83,9 @@ def _add_commands():
     from .cli_plugins import plugins
     from .cli_run import run
     from .cli_runs import runs
+    from .cli_sweep import sweep
 
-    for command in (run, db, board, runs, data, bench, analyze, plugins):
+    for command in (run, db, board, runs, data, bench, analyze, plugins, sweep):
         cli.add_command(command)
     cli.add_command(_alias(plugins, "plugin"))
     register_commands(cli)  # plugins' commands; a raising hook or a taken name is skipped with a warning

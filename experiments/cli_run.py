@@ -100,12 +100,16 @@ def preflight(ex, updates, named_configs):
     from sacred.utils import ConfigAddedError
 
     from pqa_core.builder import check_d_z
+    from pqa_core.device import autocast_dtype, resolve_device
+    from pqa_core.doc_table import storage_of
     from pqa_core.checkpoints import check_loadable
     from pqa_core.config import PQAConfig, check_fits
     from pqa_core.contract import check_config_components
     from pqa_core.data import load_corpus, load_qa
     from pqa_core.llm import llm_shape
     from pqa_core.pipeline import checkpoints_to_load, resolve_data_path
+    from pqa_core.plugins import components
+    from pqa_core.selection_index import check_index_settings
 
     try:
         with quiet_sacred():
@@ -125,6 +129,9 @@ def preflight(ex, updates, named_configs):
         raise UsageError(f"bad config: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     config = PQAConfig.from_dict(dict(run.config))
     check_d_z(config)
+    autocast_dtype(config.model.precision, resolve_device(config.model.device))
+    storage_of(config, folder=Path("."))  # model.doc_dtype and model.doc_storage are known values
+    check_index_settings(config.eval, components("selector")[config.selector["name"]].factory)
     corpus = load_corpus(resolve_data_path(config.data.corpus))
     load_qa(resolve_data_path(config.data.qa), corpus)
     load_qa(resolve_data_path(config.data.eval_qa), corpus)
@@ -275,15 +282,18 @@ def describe_result(result: dict) -> str:
 
 
 def run_failure(ex, exc: Exception) -> PqaError:
-    """An unexpected exception inside a run as one line; the traceback stays in the stored run."""
+    """An unexpected exception inside a run as one line; the traceback stays in the stored run.
+    The error's ``run_id`` names the stored run (None when none was created)."""
     run_id = getattr(ex.current_run, "_id", None)
     text = str(exc).strip()
     reason = f"{type(exc).__name__}: {text.splitlines()[0][:500]}" if text else type(exc).__name__
     run = f"run {run_id}" if run_id is not None else "the run"
-    return PqaError(f"{run} FAILED: {reason} (the traceback is stored with the run; pqa --debug run ... prints it)")
+    error = PqaError(f"{run} FAILED: {reason} (the traceback is stored with the run; pqa --debug run ... prints it)")
+    error.run_id = run_id
+    return error
 
 
-def tracked_run(ex, updates, named_configs, info: Dict[str, Any]):
+def tracked_run(ex, updates, named_configs, info: Optional[dict] = None, debug: bool = False):
     """``ex.run`` with its failures as one line; what the run store did not take is said in that same line."""
     try:
         finished = ex.run(config_updates=updates, named_configs=named_configs, info=info or None)
@@ -294,8 +304,7 @@ def tracked_run(ex, updates, named_configs, info: Dict[str, Any]):
         raise_for_losses(ex, str(exc))
         raise
     except Exception as exc:  # a component raising mid-run: Sacred stored it FAILED with the traceback
-        ctx = click.get_current_context(silent=True)
-        if ctx is not None and (ctx.find_root().obj or {}).get("debug"):
+        if debug:
             raise
         failure = run_failure(ex, exc)
         raise_for_losses(ex, str(failure))
@@ -312,6 +321,76 @@ def raise_for_losses(ex, before: str = "") -> None:
                 observer.raise_for_losses()
             except PqaError as exc:
                 raise PqaError(f"{before}; {exc}" if before else str(exc)) from None
+
+
+def accept(phase: str, items: List[str], mongo_url: Optional[str] = None, no_db: bool = False,
+           file_storage: Optional[str] = None):
+    """Everything checked before a run exists: ``(experiment, updates, named configs, PQAConfig, the run
+    id resumed from, config files read)``. With several processes, the main one resolves ``resume`` and
+    the others take its updates."""
+    from pqa_core import distributed
+
+    from .sacred_experiments import make_experiment
+
+    group = distributed.current()
+    ex = make_experiment(phase)
+    updates, named_configs, files = sacred_inputs(ex, items)
+    resumed_from = resolve_resume(updates, mongo_url, no_db, file_storage) if group.is_main else None
+    updates = group.broadcast_object(updates)
+    return ex, updates, named_configs, preflight(ex, updates, named_configs), resumed_from, files
+
+
+def execute(phase: str, items: List[str], *, mongo_url: Optional[str] = None, no_db: bool = False,
+            file_storage: Optional[str] = None, info: Optional[dict] = None, debug: bool = False,
+            announce=None, on_start=None):
+    """One tracked run of ``phase`` with Sacred's ``with`` items: resolve ``resume``, pre-flight, the
+    output folder's lock and its checkpoints, the observer, the run. Returns the finished Sacred run;
+    raises PqaError. ``info`` starts the run's info (a sweep's tag); ``on_start()`` is called once the
+    run is accepted, ``announce(where)`` hears where it is recorded.
+
+    Under ``torchrun`` (several processes) every process trains its shard; only the main one (rank 0)
+    takes the folder's lock, records the run and writes; the others return None."""
+    from pqa_core import distributed
+
+    group = distributed.init_from_env()
+    ex, updates, named_configs, config, resumed_from, files = accept(phase, items, mongo_url, no_db, file_storage)
+    if not group.is_main:
+        from pqa_core.pipeline import Pipeline
+
+        Pipeline(config).run()  # the output folder, and every decision, come from the main process
+        return None
+    info = dict(info or {})
+    if files:
+        info["config_files"] = files
+    if resumed_from is not None:
+        info["resumed_from_run"] = resumed_from
+    with output_folder_of(config):
+        check_reuse(config)
+        if on_start is not None:
+            on_start()
+        where = attach_observer(ex, mongo_url, no_db, file_storage)
+        if where and announce is not None:
+            announce(where)
+        return tracked_run(ex, updates, named_configs, info, debug=debug)
+
+
+def launch(nproc: int, phase: str, sacred_args, *, mongo_url, no_db, file_storage, as_json, debug) -> int:
+    """``pqa run`` again in ``nproc`` processes under torchrun (``torch.distributed.run --standalone``);
+    returns its exit status."""
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "pqa_experiments.cli"] + (["--debug"] if debug else []) + ["run", phase]
+    command += (["--no-db"] if no_db else []) + (["-F", file_storage] if file_storage else [])
+    command += ["--json"] if as_json else []
+    env = dict(os.environ)
+    if mongo_url:
+        env["PQA_MONGO_URL"] = mongo_url  # not on a command line other users can read
+    log.info("starting %d processes: torchrun --standalone --nproc-per-node=%d -m pqa_experiments.cli run %s ...",
+             nproc, nproc, phase)
+    return subprocess.run(command + list(sacred_args), env=env).returncode
 
 
 def interrupt_on_sigterm() -> None:
@@ -331,7 +410,10 @@ def interrupt_on_sigterm() -> None:
 @click.option("--no-db", is_flag=True, help="Do not record the run anywhere.")
 @click.option("-F", "--file-storage", type=click.Path(file_okay=False), help="Record to a Sacred file-storage folder instead of MongoDB.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-def run(phase, sacred_args, mongo_url, no_db, file_storage, as_json):
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train on N processes of this machine (torchrun: gloo on CPU, nccl on GPUs); the run is "
+                   "recorded once. Several machines: run torchrun yourself (README).")
+def run(phase, sacred_args, mongo_url, no_db, file_storage, as_json, nproc):
     """Run a Sacred experiment: write, read, eval, pipeline or control (a baseline).
 
     \b
@@ -344,13 +426,14 @@ def run(phase, sacred_args, mongo_url, no_db, file_storage, as_json):
       pqa run pipeline print_config with selector_mlp
       pqa run pipeline with configs/phase1_poc.yaml model.llm=tiny   # a YAML or JSON config file
       pqa run control with control.name=bm25 read.top_k=3
+      pqa run pipeline --nproc 2 with smoke   # two processes, one global batch
     """
-    from .sacred_experiments import make_experiment
-
     command, items = split_sacred_args(list(sacred_args))
-    ex = make_experiment(phase)
-    updates, named_configs, files = sacred_inputs(ex, items)
     if command:
+        from .sacred_experiments import make_experiment
+
+        ex = make_experiment(phase)
+        updates, named_configs, _ = sacred_inputs(ex, items)
         with quiet_sacred():
             shown = ex.run(command, config_updates=updates, named_configs=named_configs,
                            options={"--unobserved": True})
@@ -360,22 +443,29 @@ def run(phase, sacred_args, mongo_url, no_db, file_storage, as_json):
 
             check_component_settings(PQAConfig.from_dict(dict(shown.config)))
         return
-    resumed_from = resolve_resume(updates, mongo_url, no_db, file_storage)
-    config = preflight(ex, updates, named_configs)
-    info = {"config_files": files} if files else {}
-    if resumed_from is not None:
-        info["resumed_from_run"] = resumed_from
-    with output_folder_of(config):
-        check_reuse(config)
-        interrupt_on_sigterm()
-        where = attach_observer(ex, mongo_url, no_db, file_storage)
-        if where:
-            click.echo(f"recording to {where}", err=True)
-        finished = tracked_run(ex, updates, named_configs, info)
+    ctx = click.get_current_context(silent=True)
+    debug = bool(ctx is not None and (ctx.find_root().obj or {}).get("debug"))
+    if nproc > 1:
+        from pqa_core.distributed import world_from_env
+
+        if world_from_env() <= 1:  # check here, then start the processes: a bad input is one line, exit 2
+            accept(phase, items, mongo_url, no_db, file_storage)
+            ctx.exit(launch(nproc, phase, sacred_args, mongo_url=mongo_url, no_db=no_db, file_storage=file_storage,
+                            as_json=as_json, debug=debug))
+    recorded = []
+
+    def announce(where):
+        recorded.append(where)
+        click.echo(f"recording to {where}", err=True)
+
+    finished = execute(phase, items, mongo_url=mongo_url, no_db=no_db, file_storage=file_storage, debug=debug,
+                       announce=announce, on_start=interrupt_on_sigterm)
+    if finished is None:  # a process other than the main one: the main one reports
+        return
     result = finished.result or {}
     if as_json:
         click.echo(json.dumps({"run_id": finished._id, "result": result}))
     else:
         click.echo(f"run {finished._id} {finished.status}: {describe_result(result)}")
-        if where and where.startswith("MongoDB"):
+        if recorded and recorded[0].startswith("MongoDB"):
             click.echo("browse it: pqa board    query it: pqa runs show " + str(finished._id))

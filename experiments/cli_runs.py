@@ -311,24 +311,38 @@ def paired_comparisons(db, a: int, b: int):
             return [], f"no paired test: {exc}"
 
 
-@runs.command("compare", short_help="Compare runs: config, final metrics, paired tests.")
-@click.argument("run_ids", type=int, nargs=-1, required=True)
+@runs.command("compare", short_help="Compare runs: config, final metrics, paired tests; or a sweep.")
+@click.argument("run_ids", type=int, nargs=-1)
+@click.option("--sweep", "sweep_id", default=None, metavar="ID",
+              help="Compare the runs of a sweep (pqa sweep): one row per trial, its swept values and metrics.")
+@click.option("--metric", default=None, metavar="NAME", help="With --sweep: the metric to sort and plot by "
+                                                              "(default: the spec's, else the first of EM, F1 ...).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
+              help="With --sweep: write a parallel-coordinates plot of the swept values against the metric.")
 @click.option("--json", "as_json", is_flag=True, help="Output JSON: {runs, config, result}, values in run order.")
 @click.option("--csv", "as_csv", is_flag=True, help="Output CSV: key, then one column per run.")
 @_db_options
 @click.pass_context
 @_errors_to_exit_codes
-def compare(ctx, run_ids, as_json, as_csv) -> None:
+def compare(ctx, run_ids, sweep_id, metric, plot_path, as_json, as_csv) -> None:
     """Compare runs side by side: differing config keys, then final metrics.
 
     Rows are config.<key> for each config key whose value is not the same in every run
     (Sacred's random seed usually is one), then result.<name> for every final metric. Two runs
     evaluated on the same questions also get a paired test per metric (EM, F1, substring): the mean
     difference, its 95% paired-bootstrap interval and a sign-flip permutation p-value.
+    With --sweep ID: one row per trial of the sweep, best first by the metric.
     """
     _exclusive(ctx, json=as_json, csv=as_csv)
+    if sweep_id is not None:
+        if run_ids:
+            raise click.UsageError("give run ids or --sweep, not both", ctx)
+        _compare_sweep(ctx, sweep_id, metric, plot_path, as_json, as_csv)
+        return
+    if metric or plot_path:
+        raise click.UsageError("--metric and --plot go with --sweep", ctx)
     if len(set(run_ids)) < 2:
-        raise click.UsageError("compare needs at least two different run ids", ctx)
+        raise click.UsageError("compare needs at least two different run ids (or --sweep ID)", ctx)
     frame = runs_lib.compare_runs(_database(ctx), run_ids)
     if as_csv:
         click.echo(frame.to_csv(), nl=False)
@@ -351,3 +365,41 @@ def compare(ctx, run_ids, as_json, as_csv) -> None:
         click.echo(f"\npaired on the same questions (run {ids[0]} - run {ids[1]}):" if paired else f"\n{why}")
         for comparison in paired:
             click.echo("  " + comparison.describe())
+
+
+def _compare_sweep(ctx, sweep_id: str, metric: Optional[str], plot_path: Optional[str], as_json: bool,
+                   as_csv: bool) -> None:
+    from .sweeps import sweep_rows
+
+    table = sweep_rows(_database(ctx), sweep_id)
+    rows, params = table["rows"], table["params"]
+    metric = metric or table["sweep"].get("metric") or next(iter(_main_metrics([r["metrics"] for r in rows])), None)
+    if metric is None:
+        raise PqaError(f"sweep {sweep_id}: no trial has a metric yet")
+    rows = sorted(rows, key=lambda r: (not isinstance(r["metrics"].get(metric), (int, float)),
+                                       -(r["metrics"].get(metric) or 0) if isinstance(r["metrics"].get(metric),
+                                                                                       (int, float)) else 0))
+    if plot_path:
+        from .sweep_plot import parallel_coordinates
+
+        parallel_coordinates(rows, params, metric, plot_path, title=f"{sweep_id} (pqa_{table['sweep']['experiment']})")
+        click.echo(f"wrote {plot_path}", err=True)
+    metrics = [metric] + [m for m in _main_metrics([r["metrics"] for r in rows]) if m != metric]
+    if as_json:
+        _dump({"sweep": sweep_id, "metric": metric, "params": params, "rows": rows})
+        return
+    headers = ["trial", "run", "status"] + params + metrics
+    cells = [[str(r["trial"]), _fmt(r["run_id"]), _fmt(r["status"])] + [_fmt(r["params"].get(p)) for p in params]
+             + [_fmt(r["metrics"].get(m)) for m in metrics] for r in rows]
+    if as_csv:
+        import csv
+        import io
+
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(headers)
+        writer.writerows([[r["trial"], r["run_id"], r["status"]] + [r["params"].get(p) for p in params]
+                          + [r["metrics"].get(m) for m in metrics] for r in rows])
+        click.echo(buffer.getvalue(), nl=False)
+        return
+    click.echo(_table(headers, cells))

@@ -1,7 +1,7 @@
 """Built-in generation losses: logits ``[B, T, V]`` aligned with labels ``[B, T]`` (-100 = ignore) -> scalar.
 
-Both average over the non-ignored tokens of the whole batch. A batch with no
-non-ignored token gives 0 (connected to the graph), not NaN.
+Both average over the non-ignored tokens of the whole batch (``batch_mean``: the global batch when
+several processes train). A batch with no non-ignored token gives 0 (connected to the graph), not NaN.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from pqa_core.distributed import batch_mean
 from pqa_core.hookspecs import hookimpl
 from pqa_core.interfaces import GenerationLoss
 
@@ -24,9 +25,8 @@ def _check(name: str, logits: torch.Tensor, labels: torch.Tensor):
 
 def _token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     keep = labels != IGNORE_INDEX
-    if not bool(keep.any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[keep].float(), labels[keep])
+    loss = batch_mean(F.cross_entropy(logits[keep].float(), labels[keep], reduction="none"))
+    return loss if bool(keep.any()) else loss + logits.sum() * 0.0
 
 
 class CrossEntropyLoss(GenerationLoss):
@@ -70,7 +70,7 @@ class KLDistillLoss(GenerationLoss):
         t = self.temperature
         student = F.log_softmax(logits[keep].float() / t, dim=-1)
         teacher = F.log_softmax(teacher_logits[keep].detach().float() / t, dim=-1)
-        kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")  # sum over V, mean over tokens
+        kl = batch_mean(F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1))  # sum over V
         return ce + self.alpha * t * t * kl
 
     def extra_repr(self) -> str:

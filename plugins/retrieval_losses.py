@@ -1,13 +1,15 @@
 """Built-in retrieval losses: scores ``[B, N]`` + boolean gold mask ``[B, N]`` -> scalar.
 
 A row may have several gold documents. A row with none is an error (it would
-otherwise contribute a silent 0 or NaN).
+otherwise contribute a silent 0 or NaN). Means are ``pqa_core.distributed.batch_mean``: over the
+whole global batch when several processes train.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from pqa_core.distributed import batch_mean
 from pqa_core.hookspecs import hookimpl
 from pqa_core.interfaces import RetrievalLoss
 
@@ -30,7 +32,7 @@ class GoldNLLLoss(RetrievalLoss):
     def forward(self, scores: torch.Tensor, gold_mask: torch.Tensor) -> torch.Tensor:
         gold_mask = _check("gold_nll", scores, gold_mask)
         log_probs = F.log_softmax(scores.float(), dim=-1)
-        return -log_probs[gold_mask].mean()
+        return batch_mean(-log_probs[gold_mask])
 
 
 class InfoNCELoss(RetrievalLoss):
@@ -46,7 +48,7 @@ class InfoNCELoss(RetrievalLoss):
         gold_mask = _check("infonce", scores, gold_mask)
         logits = scores.float() / self.temperature
         gold = logits.masked_fill(~gold_mask, float("-inf"))
-        return (torch.logsumexp(logits, dim=-1) - torch.logsumexp(gold, dim=-1)).mean()
+        return batch_mean(torch.logsumexp(logits, dim=-1) - torch.logsumexp(gold, dim=-1))
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
@@ -69,7 +71,7 @@ class MarginLoss(RetrievalLoss):
         hardest_negative = scores.masked_fill(gold_mask, float("-inf")).max(dim=-1).values
         has_negative = (~gold_mask).any(dim=-1)
         gap = torch.where(has_negative, lowest_gold - hardest_negative, torch.full_like(lowest_gold, float("inf")))
-        return F.relu(self.margin - gap).mean()
+        return batch_mean(F.relu(self.margin - gap))
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}"

@@ -1,12 +1,11 @@
 """Built-in selectors: query vectors ``[B, d_q]`` x doc vectors ``[N, d_z]`` -> scores ``[B, N]``.
 
-All of them score as a (possibly transformed) dot product between one vector per
-query and one per document, so scoring every document stays O(B * N * d) and a
-top-k over millions of documents is a matrix product plus ``torch.topk``.
+All of them score as a dot product between a query-side and a document-side vector
+(``embed_queries`` / ``embed_documents``), so scoring every document stays O(B * N * d), and
+at evaluation a ``pqa_core.selection_index`` index searches the document side.
 """
 from __future__ import annotations
 
-import weakref
 from typing import Optional
 
 import torch
@@ -15,6 +14,7 @@ from torch import nn
 
 from pqa_core.hookspecs import hookimpl
 from pqa_core.interfaces import Selector
+from pqa_core.staleness import Stamp
 
 
 def _check(query_vectors: torch.Tensor, doc_vectors: torch.Tensor, d_q: Optional[int], d_z: Optional[int]):
@@ -34,17 +34,23 @@ class DotSelector(Selector):
         _check(query_vectors, doc_vectors, None, None)
         return query_vectors @ doc_vectors.T
 
+    def embed_queries(self, query_vectors: torch.Tensor) -> torch.Tensor:
+        return query_vectors
+
+    def embed_documents(self, doc_vectors: torch.Tensor) -> torch.Tensor:
+        return doc_vectors
+
 
 class CosineSelector(Selector):
     """Cosine similarity divided by ``temperature`` (so scores lie in [-1/t, 1/t]).
 
     Normalising the N doc vectors costs more than the score matmul itself at large N (it reads and
     writes the whole matrix), so while no gradient has to reach them (evaluation, ``torch.no_grad``,
-    frozen doc vectors) the normalised matrix is kept and reused until the doc vectors change: the
-    cache is keyed on the tensor (a weak reference to it, or to the tensor it is a view of), its
-    storage address, layout and version counter (every in-place update, an optimizer step or
-    ``load_state_dict`` included, bumps it). It holds one normalised copy of the doc vectors.
-    With gradients flowing to the doc vectors (training), they are normalised on every call.
+    frozen doc vectors) the normalised matrix is kept and reused until the doc vectors change
+    (``pqa_core.staleness.Stamp``: the tensor, its storage, layout and version counter, which every
+    in-place update, an optimizer step or ``load_state_dict`` included, bumps). It holds one
+    normalised copy of the doc vectors. With gradients flowing to the doc vectors (training), they
+    are normalised on every call.
     """
 
     def __init__(self, temperature: float = 0.05):
@@ -52,13 +58,18 @@ class CosineSelector(Selector):
         if not temperature > 0:
             raise ValueError(f"cosine selector: temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
-        self._cache = None  # (weak reference to the base tensor, key, normalised doc vectors)
+        self._cache = None  # (stamp of the doc vectors, normalised doc vectors)
 
     def forward(self, query_vectors: torch.Tensor, doc_vectors: torch.Tensor) -> torch.Tensor:
         _check(query_vectors, doc_vectors, None, None)
+        return self.embed_queries(query_vectors) @ self.embed_documents(doc_vectors).T
+
+    def embed_queries(self, query_vectors: torch.Tensor) -> torch.Tensor:
         # scale the B queries, not the B x N scores
-        q = F.normalize(query_vectors, dim=-1) / self.temperature
-        return q @ self.normalized_docs(doc_vectors).T
+        return F.normalize(query_vectors, dim=-1) / self.temperature
+
+    def embed_documents(self, doc_vectors: torch.Tensor) -> torch.Tensor:
+        return self.normalized_docs(doc_vectors)
 
     def normalized_docs(self, doc_vectors: torch.Tensor) -> torch.Tensor:
         """``F.normalize(doc_vectors, dim=-1)``, from the cache when that is safe and up to date."""
@@ -67,17 +78,12 @@ class CosineSelector(Selector):
             return F.normalize(doc_vectors, dim=-1)
         if torch.is_inference_mode_enabled():  # its result could not be saved for a later backward
             return F.normalize(doc_vectors, dim=-1)
-        base = doc_vectors._base if doc_vectors._base is not None else doc_vectors
-        try:
-            key = (doc_vectors.data_ptr(), doc_vectors._version, tuple(doc_vectors.shape), doc_vectors.stride(),
-                   doc_vectors.storage_offset(), doc_vectors.dtype, doc_vectors.device)
-        except RuntimeError:  # an inference-mode tensor has no version counter: nothing to key on
-            return F.normalize(doc_vectors, dim=-1)
         cached = self._cache
-        if cached is not None and cached[0]() is base and cached[1] == key:
-            return cached[2]
+        if cached is not None and cached[0].matches([doc_vectors]):
+            return cached[1]
+        stamp = Stamp.of([doc_vectors])
         z = F.normalize(doc_vectors.detach(), dim=-1)
-        self._cache = (weakref.ref(base), key, z)
+        self._cache = None if stamp is None else (stamp, z)  # an inference-mode tensor: nothing to key on
         return z
 
     def __getstate__(self):  # pickling (torch.save of the module): a weak reference cannot be pickled
@@ -109,7 +115,13 @@ class BilinearSelector(Selector):
     def forward(self, query_vectors: torch.Tensor, doc_vectors: torch.Tensor) -> torch.Tensor:
         _check(query_vectors, doc_vectors, self.d_q, self.d_z)
         # (q W) z^T: transform the B queries, not the N documents
-        return (query_vectors @ self.weight.to(query_vectors.dtype)) @ doc_vectors.T
+        return self.embed_queries(query_vectors) @ doc_vectors.T
+
+    def embed_queries(self, query_vectors: torch.Tensor) -> torch.Tensor:
+        return query_vectors @ self.weight.to(query_vectors.dtype)
+
+    def embed_documents(self, doc_vectors: torch.Tensor) -> torch.Tensor:
+        return doc_vectors
 
     def extra_repr(self) -> str:
         return f"d_q={self.d_q}, d_z={self.d_z}"
@@ -150,7 +162,13 @@ class MLPSelector(Selector):
 
     def forward(self, query_vectors: torch.Tensor, doc_vectors: torch.Tensor) -> torch.Tensor:
         _check(query_vectors, doc_vectors, self.d_q, self.d_z)
-        return self.query_tower(query_vectors) @ self.doc_tower(doc_vectors).T
+        return self.embed_queries(query_vectors) @ self.embed_documents(doc_vectors).T
+
+    def embed_queries(self, query_vectors: torch.Tensor) -> torch.Tensor:
+        return self.query_tower(query_vectors)
+
+    def embed_documents(self, doc_vectors: torch.Tensor) -> torch.Tensor:
+        return self.doc_tower(doc_vectors)
 
 
 @hookimpl

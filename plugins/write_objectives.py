@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from pqa_core.atomic import sha256_file
 from pqa_core.data import _pad_id, _token_ids, pad_sequences
+from pqa_core.distributed import batch_mean
 from pqa_core.hookspecs import hookimpl
 from pqa_core.interfaces import WriteContext, WriteObjective
 from pqa_core.training import show_progress
@@ -54,7 +55,7 @@ class Reconstruct(WriteObjective):
         prefix = model.soft_prompts(rows[:, None])
         logits, labels = model.continuation_logits(prefix, ids[:, :0], mask[:, :0], ids, mask)
         valid = labels != -100
-        loss = F.cross_entropy(logits[valid].float(), labels[valid])
+        loss = batch_mean(F.cross_entropy(logits[valid].float(), labels[valid], reduction="none"))
         self._metrics = {"token_acc": float((logits.argmax(-1)[valid] == labels[valid]).float().mean())}
         return loss
 
@@ -206,7 +207,8 @@ class Distill(WriteObjective):
         teacher_ids = torch.cat([self.targets[i][1] for i in chosen]).to(device).long()
         loss = self.temperature ** 2 * topk_kl(teacher_logp, teacher_ids, student)
         if self.ce_weight:
-            loss = loss + self.ce_weight * F.cross_entropy(logits[valid].float(), labels[valid])
+            loss = loss + self.ce_weight * batch_mean(F.cross_entropy(logits[valid].float(), labels[valid],
+                                                                      reduction="none"))
         self._metrics = {"answer_acc": float((logits.argmax(-1)[valid] == labels[valid]).float().mean()),
                          "questions": float(len(chosen))}
         return loss
@@ -282,7 +284,7 @@ def topk_kl(teacher_logp: torch.Tensor, teacher_ids: torch.Tensor, student_logp:
     p_rest = (1 - p.sum(1)).clamp(min=1e-8)
     q_rest = (1 - student_top.exp().sum(1)).clamp(min=1e-8)
     kl = (p * (teacher_logp - student_top)).sum(1) + p_rest * (p_rest.log() - q_rest.log())
-    return kl.mean()
+    return batch_mean(kl)
 
 
 class Weighted(WriteObjective):

@@ -9,17 +9,13 @@ import torch
 from . import plugins
 from .config import PQAConfig
 from .data import Document
+from .device import autocast_dtype, resolve_device
+from .doc_table import TableStorage, storage_of, table_std
 from .errors import UsageError
 from .llm import load_llm
 from .model import ParametricQA, retrieval_key_dims
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def component_kwargs(section: dict) -> dict:
@@ -64,19 +60,21 @@ def resolve_d_z(config: PQAConfig, d_model: int) -> int:
     return int(needed(d_model, config.model.num_memory_tokens, **component_kwargs(config.projection)))
 
 
-def initial_keys(config: PQAConfig, documents: List[Document], embedding_std: float, d_z: int) -> torch.Tensor:
+def initial_keys(config: PQAConfig, documents: List[Document], embedding_std: float, d_z: int,
+                 storage: Optional[TableStorage] = None) -> torch.Tensor:
     """What z (or its retrieval key) starts from: MiniLM embeddings of the text, or Gaussian noise at
-    the LLM's embedding scale over all of ``d_z``."""
+    the LLM's embedding scale over all of ``d_z`` (drawn into ``storage``: it is the table)."""
     if config.model.doc_init == "minilm":
         from .minilm import embed_texts
 
         return embed_texts([(d.title.replace("_", " ") + ". " + d.text).strip(". ") for d in documents])
     if config.model.doc_init == "random":
-        return torch.randn(len(documents), d_z) * embedding_std
+        return (storage or TableStorage()).random((len(documents), d_z), embedding_std)
     raise UsageError(f"model.doc_init must be 'minilm' or 'random', got {config.model.doc_init!r}")
 
 
-def initial_doc_vectors(config: PQAConfig, keys: torch.Tensor, key_dims: int, d_z: int) -> torch.Tensor:
+def initial_doc_vectors(config: PQAConfig, keys: torch.Tensor, key_dims: int, d_z: int,
+                        storage: Optional[TableStorage] = None) -> torch.Tensor:
     """The doc vector table before training: MiniLM embeddings fill the retrieval key, the rest of z
     (content only the LLM reads, when the projection splits z) starts at zero."""
     if config.model.doc_init == "random":
@@ -84,8 +82,9 @@ def initial_doc_vectors(config: PQAConfig, keys: torch.Tensor, key_dims: int, d_
     if keys.shape[1] != key_dims:
         raise UsageError(f"model.doc_init='minilm' needs a {keys.shape[1]}-float retrieval key; "
                          f"got model.d_z={d_z} with projection {config.projection['name']!r} keying on {key_dims}")
-    table = torch.zeros(keys.shape[0], d_z)
-    table[:, :key_dims] = keys
+    storage = storage or TableStorage()
+    table = storage.zeros("doc_vectors", (keys.shape[0], d_z))
+    storage.fill_key(table, keys)
     return table
 
 
@@ -107,25 +106,32 @@ def key_context(context: dict, projection) -> dict:
     return {**context, "d_z": key_dims, "output_dim": key_dims}
 
 
-def keyword_content(documents: List[Document], llm, tokenizer, num_tokens: int) -> torch.Tensor:
-    """``[N, num_tokens * d_model]``: each document's most salient words (``keywords.salient_token_ids``)
-    as the LLM's input embeddings, zero where a document has fewer."""
+def fill_keyword_content(table: torch.Tensor, start: int, documents: List[Document], llm, tokenizer,
+                         num_tokens: int, block: int = 4096) -> None:
+    """Write each document's most salient words (``keywords.salient_token_ids``), as the LLM's input
+    embeddings, into ``table[:, start:]`` (``num_tokens x d_model`` floats; zero where a document has
+    fewer), a block of rows at a time: a large or memory-mapped table is never copied whole."""
     from .keywords import salient_token_ids
 
     weight = llm.get_input_embeddings().weight.detach().float().cpu()
-    content = torch.zeros(len(documents), num_tokens, weight.shape[1])
-    for row, ids in enumerate(salient_token_ids([d.text for d in documents], tokenizer, num_tokens)):
-        if ids:
-            content[row, :len(ids)] = weight[torch.tensor(ids)]
-    return content.reshape(len(documents), -1)
+    ids = salient_token_ids([d.text for d in documents], tokenizer, num_tokens)
+    with torch.no_grad():
+        for first in range(0, len(documents), block):
+            rows = ids[first:first + block]
+            content = torch.zeros(len(rows), num_tokens, weight.shape[1])
+            for i, row in enumerate(rows):
+                if row:
+                    content[i, :len(row)] = weight[torch.tensor(row)]
+            table[first:first + len(rows), start:] = content.reshape(len(rows), -1).to(table.dtype)
 
 
 def apply_content_init(config: PQAConfig, table: torch.Tensor, documents, llm, tokenizer, key_dims: int,
-                       d_z: int) -> torch.Tensor:
-    """``model.content_init``: the soft-token part of z (after the retrieval key, or all of a keyless z)."""
+                       d_z: int) -> None:
+    """``model.content_init``, in place: the soft-token part of z (after the retrieval key, or all of a
+    keyless z)."""
     name = config.model.content_init
     if name == "zero":
-        return table
+        return
     if name != "keywords":
         raise UsageError(f"model.content_init must be 'zero' or 'keywords', got {name!r}")
     start = key_dims if key_dims < d_z else 0
@@ -134,14 +140,14 @@ def apply_content_init(config: PQAConfig, table: torch.Tensor, documents, llm, t
     if width != m * d_model:
         raise UsageError(f"model.content_init='keywords' needs z to hold num_memory_tokens x d_model = {m} x "
                          f"{d_model} free floats (projection direct or hybrid, model.d_z=0); this z has {width}")
-    table = table.clone()
-    table[:, start:] = keyword_content(documents, llm, tokenizer, m)
-    return table
+    fill_keyword_content(table, start, documents, llm, tokenizer, m)
 
 
 def build_model(config: PQAConfig, documents: List[Document], llm_and_tokenizer=None,
-                device: Optional[torch.device] = None) -> ParametricQA:
-    """Everything seeded from ``config.seed`` so two builds with one seed are identical."""
+                device: Optional[torch.device] = None, table_dir=None) -> ParametricQA:
+    """Everything seeded from ``config.seed`` so two builds with one seed are identical. ``table_dir``:
+    where a memory-mapped table's files go (``model.doc_storage=mmap``)."""
+    storage = storage_of(config, table_dir)
     torch.manual_seed(config.seed)
     llm, tokenizer = llm_and_tokenizer or load_llm(config.model.llm)
     llm.requires_grad_(False)
@@ -149,17 +155,20 @@ def build_model(config: PQAConfig, documents: List[Document], llm_and_tokenizer=
         llm = apply_lora(llm, config.model.lora)
     context = model_context(config, llm, tokenizer)
     d_z, embedding_std = context["d_z"], context["embedding_std"]
-    keys = initial_keys(config, documents, embedding_std, d_z)
-    context["input_std"] = float(keys.std()) if keys.numel() > 1 else embedding_std
+    keys = initial_keys(config, documents, embedding_std, d_z, storage)
+    context["input_std"] = table_std(keys) if keys.numel() > 1 else embedding_std
     projection = build_component(config, "projection", context)
     key_dims = retrieval_key_dims(projection, d_z)
-    doc_init = apply_content_init(config, initial_doc_vectors(config, keys, key_dims, d_z), documents, llm,
-                                  tokenizer, key_dims, d_z)
+    doc_init = initial_doc_vectors(config, keys, key_dims, d_z, storage)
+    apply_content_init(config, doc_init, documents, llm, tokenizer, key_dims, d_z)
     keyed = key_context(context, projection)
     query_encoder = build_component(config, "query_encoder", keyed)
     selector = build_component(config, "selector", keyed)
-    model = ParametricQA(llm, tokenizer, len(documents), d_z, query_encoder, selector, projection, doc_init)
-    return model.to(device or resolve_device(config.model.device))
+    model = ParametricQA(llm, tokenizer, len(documents), d_z, query_encoder, selector, projection,
+                         storage.stored(doc_init), storage=storage)
+    device = device or resolve_device(config.model.device)
+    model.autocast_dtype = autocast_dtype(config.model.precision, device)
+    return model.to(device)
 
 
 def build_losses(config: PQAConfig):

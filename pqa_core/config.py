@@ -41,6 +41,12 @@ class ModelSettings:
     content_init: str = "zero"  # the soft-token part of z (hybrid, direct): "zero" or "keywords"
     lora: LoraSettings = field(default_factory=LoraSettings)
     device: str = "auto"
+    precision: str = "auto"  # auto: bfloat16 autocast on a CUDA GPU that has it, else float32; bf16; fp32
+    # how doc_vectors (and the row-wise optimizer's moments of it) are stored: "float32", or "bfloat16"
+    # (half the memory; rows are updated in float32 and stored by stochastic rounding), in "memory" or
+    # "mmap" (files under the output folder, mapped: a table larger than the RAM; pqa_core.doc_table)
+    doc_dtype: str = "float32"
+    doc_storage: str = "memory"
 
 
 @dataclass
@@ -87,6 +93,20 @@ class ReadSettings:
     weight_decay: float = 0.0  # AdamW decay of every group but z
     checkpoint_every: int = 0
     eval_every: int = 1  # epochs between full evaluations on the eval questions (0 = Recall@k only)
+    # whose retrieval keys the retrieval loss moves: "all" (every key, through the softmax over all
+    # documents: a step costs O(N x d_z)) or "batch" (the batch's gold and selected documents only: a
+    # step's cost and the rows it moves do not grow with the corpus; for large corpora)
+    key_updates: str = "all"
+
+
+@dataclass
+class FaissSettings:
+    """The faiss indexes' knobs (``eval.index=faiss_ivf`` / ``faiss_hnsw``; pqa_core.selection_index)."""
+    nlist: int = 0  # IVF lists; 0 = 4 x sqrt(N) as a power of two
+    nprobe: int = 32  # IVF lists searched per query
+    hnsw_m: int = 32  # HNSW graph degree
+    ef_construction: int = 80
+    ef_search: int = 128
 
 
 @dataclass
@@ -95,6 +115,8 @@ class EvalSettings:
     max_new_tokens: int = 24
     top_k: Optional[int] = None  # None = read.top_k
     predictions_file: str = "predictions.jsonl"
+    index: str = "exact"  # top-k search at evaluation: exact, faiss_flat, faiss_ivf, faiss_hnsw
+    faiss: FaissSettings = field(default_factory=FaissSettings)
 
 
 @dataclass(frozen=True)
@@ -174,6 +196,11 @@ RANGES: Dict[str, Range] = {
     "eval.batch_size": COUNT,
     "eval.max_new_tokens": COUNT,
     "eval.top_k": COUNT,  # and check_fits
+    "eval.faiss.nlist": SOME,  # 0: 4 x sqrt(N)
+    "eval.faiss.nprobe": COUNT,
+    "eval.faiss.hnsw_m": COUNT,
+    "eval.faiss.ef_construction": COUNT,
+    "eval.faiss.ef_search": COUNT,
 }
 
 # String keys that take one of a few values.

@@ -22,14 +22,15 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import plugins
+from . import distributed, plugins
 from .data import Document, QAExample, _pad_id, _token_ids, pad_sequences
 from .errors import UsageError
 from .evaluation import AnsweredBatch, decode_answers, score_answers
 from .interfaces import Control
+from .distributed import batch_mean
 from .metrics import compute_recall_at_k
-from .optim import RowwiseAdamW, clip_grad_norm
-from .training import EpochLoop, RunLogger, param_groups, to_device
+from .optim import RowwiseAdamW
+from .training import EpochLoop, RunLogger, apply_gradients, param_groups, to_device
 
 
 def build_control(section: Mapping[str, Any], corpus: Sequence[Document], tokenizer=None) -> Control:
@@ -65,8 +66,9 @@ def evaluate_control(model, control: Control, examples: Sequence[QAExample], *, 
             inputs = control.prepare(batch, top_k, prompt)
             ids = _token_ids(tokenizer, [item.prompt for item in inputs])
             query_ids, query_mask = pad_sequences(ids, pad, "left")
-            generated = model.generate_from(None, query_ids.to(device), query_mask.to(device),
-                                            max_new_tokens=max_new_tokens)
+            with model.autocast():
+                generated = model.generate_from(None, query_ids.to(device), query_mask.to(device),
+                                                max_new_tokens=max_new_tokens)
             yield AnsweredBatch(
                 indices=idx, predictions=decode_answers(tokenizer, generated),
                 selected=[item.rows for item in inputs], scores=[item.scores for item in inputs],
@@ -123,16 +125,16 @@ class ControlReaderTrainer:
 
     def train_step(self, batch) -> Dict[str, float]:
         self.model.train()
+        group = distributed.current()
+        batch, weight = group.shard(batch)
         batch = to_device(batch, self.model.doc_vectors.device)
-        logits, labels = self.model.continuation_logits(None, batch["query_ids"], batch["query_mask"],
-                                                        batch["answer_ids"], batch["answer_mask"])
-        valid = labels != -100
-        loss = F.cross_entropy(logits[valid].float(), labels[valid])
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_grad_norm(self.trainable, self.settings.grad_clip)
-        self.optimizer.step()
-        return {"loss": loss.item()}
+        with group.forward(weight), self.model.autocast():
+            logits, labels = self.model.continuation_logits(None, batch["query_ids"], batch["query_mask"],
+                                                            batch["answer_ids"], batch["answer_mask"])
+            valid = labels != -100
+            loss = batch_mean(F.cross_entropy(logits[valid].float(), labels[valid], reduction="none"))
+        apply_gradients(loss, self.optimizer, self.trainable, self.settings.grad_clip)
+        return group.mean_metrics({"loss": loss.item()}, weight)
 
     def fit(self, dataset: ControlReaderDataset, *, seed: int, checkpoint_root, config_dict,
             logger: Optional[RunLogger] = None) -> Dict[str, float]:

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .metrics import compute_em, compute_f1, compute_substring, recall_at_k
+from .selection_index import ExactIndex, SelectionIndex
 from .stats import intervals
 from .training import show_progress, to_device
 
@@ -121,15 +122,17 @@ def selected_passages(dataset, selected: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_retrieval(model, dataset, top_k: int, batch_size: int = 32) -> float:
-    """Gold-document Recall@k in percent, without generating."""
+def evaluate_retrieval(model, dataset, top_k: int, batch_size: int = 32,
+                       index: Optional[SelectionIndex] = None) -> float:
+    """Gold-document Recall@k in percent, without generating; documents searched by ``index`` (exact by default)."""
     model.eval()
     device = model.doc_vectors.device
+    index = index or ExactIndex()
     hits = []
     for start in range(0, len(dataset), batch_size):
         batch = to_device(dataset.collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]),
                           device)
-        selected, _ = model.select_documents(batch["encoder_ids"], batch["encoder_mask"], k=top_k)
+        selected, _ = model.top_documents(batch["encoder_ids"], batch["encoder_mask"], top_k, index)
         hits.append(recall_at_k(selected_passages(dataset, selected), batch["gold_passages"]))
     return 100.0 * float(torch.cat(hits).mean()) if hits else 0.0
 
@@ -137,8 +140,9 @@ def evaluate_retrieval(model, dataset, top_k: int, batch_size: int = 32) -> floa
 @torch.no_grad()
 def evaluate_qa(model, dataset, *, top_k: int = 5, batch_size: int = 16, max_new_tokens: int = 24,
                 predictions_path: Optional[str] = None, doc_ids=None, with_cost: bool = False,
-                seed: int = 0) -> Dict[str, float]:
-    """EM / F1 / substring / Recall@k over ``dataset`` (a ReadPhaseDataset), in percent.
+                seed: int = 0, index: Optional[SelectionIndex] = None) -> Dict[str, float]:
+    """EM / F1 / substring / Recall@k over ``dataset`` (a ReadPhaseDataset), in percent; documents
+    searched by ``index`` (``eval.index``; exact by default).
 
     ``with_cost`` adds ``latency_ms_per_question`` (wall time of collation, selection, generation and
     decoding at this batch size, per question) and ``prompt_tokens_per_question`` (``k*m`` soft
@@ -147,20 +151,23 @@ def evaluate_qa(model, dataset, *, top_k: int = 5, batch_size: int = 16, max_new
     model.eval()
     device = model.doc_vectors.device
     tokenizer = model.tokenizer
+    index = index or ExactIndex()
 
     def answered():
         for start in range(0, len(dataset), batch_size):
             idx = list(range(start, min(start + batch_size, len(dataset))))
             batch = to_device(dataset.collate([dataset[i] for i in idx]), device)
-            selected, scores = model.select_documents(batch["encoder_ids"], batch["encoder_mask"], k=top_k)
-            generated = model.generate(batch["query_ids"], selected, batch["query_mask"], max_new_tokens=max_new_tokens)
+            with model.autocast():
+                selected, scores = model.top_documents(batch["encoder_ids"], batch["encoder_mask"], top_k, index)
+                generated = model.generate(batch["query_ids"], selected, batch["query_mask"],
+                                           max_new_tokens=max_new_tokens)
             prompt_tokens = None
             if with_cost:  # Projection.num_tokens soft tokens per selected document, then the question
                 soft = selected.shape[1] * model.z_to_embedding.num_tokens
                 prompt_tokens = (batch["query_mask"].sum(1) + soft).tolist()
             yield AnsweredBatch(
                 indices=idx, predictions=decode_answers(tokenizer, generated), selected=selected.tolist(),
-                scores=scores.gather(1, selected).tolist(),
+                scores=scores.tolist(),
                 recalls=recall_at_k(selected_passages(dataset, selected), batch["gold_passages"]).tolist(),
                 prompt_tokens=prompt_tokens)
 

@@ -31,10 +31,31 @@ class QueryEncoder(nn.Module):
 
 
 class Selector(nn.Module):
-    """Query vectors ``[B, d_q]`` and doc vectors ``[N, d_z]`` -> scores ``[B, N]`` (higher is better)."""
+    """Query vectors ``[B, d_q]`` and doc vectors ``[N, d_z]`` -> scores ``[B, N]`` (higher is better).
+
+    A selector whose score is a dot product of a query side and a document side,
+    ``forward(q, z) == embed_queries(q) @ embed_documents(z).T``, implements both: evaluation then
+    searches the document side with an index (``eval.index``, ``pqa_core.selection_index``). One
+    that does not is scored by ``forward`` over blocks of documents (exact search only).
+    """
 
     def forward(self, query_vectors: torch.Tensor, doc_vectors: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def embed_queries(self, query_vectors: torch.Tensor) -> torch.Tensor:
+        """``[B, d_q]`` -> ``[B, e]``, the query side of the score."""
+        raise NotImplementedError
+
+    def embed_documents(self, doc_vectors: torch.Tensor) -> torch.Tensor:
+        """``[N, d_z]`` -> ``[N, e]``, the document side of the score."""
+        raise NotImplementedError
+
+
+def is_factorised(selector: Selector) -> bool:
+    """Whether the selector (or its class) implements ``embed_queries`` and ``embed_documents``."""
+    cls = selector if isinstance(selector, type) else type(selector)
+    return (getattr(cls, "embed_queries", None) not in (None, Selector.embed_queries)
+            and getattr(cls, "embed_documents", None) not in (None, Selector.embed_documents))
 
 
 class Projection(nn.Module):

@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .interfaces import Projection, QueryEncoder, Selector
+from .device import autocast
+from .doc_table import TableStorage
+from .selection_index import ExactIndex, SelectionIndex, block_scores, document_side_is_constant
 
 
 @lru_cache(maxsize=None)
@@ -35,7 +38,8 @@ def retrieval_key_dims(projection: Projection, d_z: int) -> int:
 
 class ParametricQA(nn.Module):
     def __init__(self, llm: nn.Module, tokenizer, num_docs: int, d_z: int, query_encoder: QueryEncoder,
-                 selector: Selector, projection: Projection, doc_init: Optional[torch.Tensor] = None):
+                 selector: Selector, projection: Projection, doc_init: Optional[torch.Tensor] = None,
+                 storage: Optional[TableStorage] = None):
         super().__init__()
         self.llm = llm
         self.tokenizer = tokenizer
@@ -46,12 +50,20 @@ class ParametricQA(nn.Module):
             doc_init = torch.randn(num_docs, d_z) * self.embedding_std()
         if tuple(doc_init.shape) != (num_docs, d_z):
             raise ValueError(f"doc_init has shape {tuple(doc_init.shape)}, expected {(num_docs, d_z)}")
-        self.doc_vectors = nn.Parameter(doc_init.clone().float())
+        # ``doc_init`` is the table itself (float32 or bfloat16, in memory or mapped from a file): not
+        # copied; what reads it computes in float32. ``storage`` allocates the optimizer's moments of it.
+        self.doc_vectors = nn.Parameter(doc_init if storage is not None else doc_init.clone().float())
+        self.table_storage = storage or TableStorage()
+        self.autocast_dtype: Optional[torch.dtype] = None  # model.precision (pqa_core.device); the builder sets it
         self.key_dims = retrieval_key_dims(projection, d_z)
         if not 0 < self.key_dims <= d_z:
             raise ValueError(f"projection key_dims={self.key_dims} must be in 1..d_z={d_z}")
 
     # --- helpers -------------------------------------------------------------------------
+    def autocast(self):
+        """The precision forward passes run in (``model.precision``): bfloat16 autocast, or float32."""
+        return autocast(self.doc_vectors.device, self.autocast_dtype)
+
     @property
     def num_docs(self) -> int:
         return self.doc_vectors.shape[0]
@@ -73,7 +85,7 @@ class ParametricQA(nn.Module):
     def doc_latents(self, doc_indices: torch.Tensor) -> torch.Tensor:
         """Rows of ``doc_vectors`` by index. The lookup's gradient is sparse (only these rows), so a
         training step's cost and the rows it moves do not depend on the size of the table."""
-        return F.embedding(doc_indices, self.doc_vectors, sparse=self.doc_vectors.requires_grad)
+        return F.embedding(doc_indices, self.doc_vectors, sparse=self.doc_vectors.requires_grad).float()
 
     def soft_prompts(self, doc_indices: torch.Tensor) -> torch.Tensor:
         """``doc_indices [B, k]`` -> soft prompt ``[B, k*m, d_model]`` (documents in rank order)."""
@@ -96,19 +108,49 @@ class ParametricQA(nn.Module):
 
     # --- selection -------------------------------------------------------------------------
     def retrieval_keys(self) -> torch.Tensor:
-        """What the selector scores: all of z, or its first ``key_dims`` coordinates (a view: gradients flow)."""
-        return self.doc_vectors if self.key_dims == self.doc_vectors.shape[1] else self.doc_vectors[:, :self.key_dims]
+        """What the selector scores: all of z, or its first ``key_dims`` coordinates (a view: gradients flow),
+        in float32 (a bfloat16 table's keys are converted: the scoring's own size, N x key_dims)."""
+        keys = self.doc_vectors if self.key_dims == self.doc_vectors.shape[1] else self.doc_vectors[:, :self.key_dims]
+        return keys.float()
 
     def score_documents(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
         query_vectors = self.query_encoder(query_ids, query_mask)
         return self.selector(query_vectors, self.retrieval_keys())
 
-    def select_documents(self, query_ids: torch.Tensor, query_mask: torch.Tensor, k: int
-                         ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Top-k doc ids ``[B, k]`` (best first) and all scores ``[B, N]`` (differentiable)."""
-        scores = self.score_documents(query_ids, query_mask)
-        k = min(k, scores.shape[-1])
-        return scores.topk(k, dim=-1).indices, scores
+    def select_documents(self, query_ids: torch.Tensor, query_mask: torch.Tensor, k: int,
+                         key_rows: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Top-k doc ids ``[B, k]`` (best first) and all scores ``[B, N]`` (differentiable).
+
+        With ``key_rows`` (doc rows, -1 = none) the scores' gradient reaches the retrieval keys of those
+        rows and of the selected ones only, through a sparse lookup; every other key is scored as a
+        constant. The scores, the selection and the gradient to the query side and the selector are
+        those of the full scoring; what the keys receive, and so the rows a step moves, is the batch's.
+        """
+        if key_rows is None or not self.doc_vectors.requires_grad or not torch.is_grad_enabled():
+            scores = self.score_documents(query_ids, query_mask)
+            return scores.topk(min(k, scores.shape[-1]), dim=-1).indices, scores
+        query_vectors = self.query_encoder(query_ids, query_mask)
+        if document_side_is_constant(self.selector):  # every key scored a block at a time, as a constant
+            table, key_dims, selector = self.doc_vectors, self.key_dims, self.selector
+            scores = block_scores(selector.embed_queries(query_vectors),
+                                  lambda a, b: selector.embed_documents(table[a:b, :key_dims].float()), self.num_docs)
+        else:
+            scores = self.selector(query_vectors, self.retrieval_keys().detach())
+        selected = scores.topk(min(k, scores.shape[-1]), dim=-1).indices
+        rows = torch.cat([key_rows.flatten(), selected.flatten()])
+        rows = rows[(rows >= 0) & (rows < self.num_docs)].unique()  # a bad gold row is the loss's error to report
+        keys = self.doc_latents(rows)[:, :self.key_dims]  # sparse gradient: these rows only
+        return selected, scores.index_copy(1, rows, self.selector(query_vectors, keys))
+
+    @torch.no_grad()
+    def top_documents(self, query_ids: torch.Tensor, query_mask: torch.Tensor, k: int,
+                      index: Optional[SelectionIndex] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Top-k doc ids ``[B, k]`` and their scores ``[B, k]``, best first, for evaluation and inference:
+        searched by ``index`` (exact by default), without the ``[B, N]`` score matrix."""
+        query_vectors = self.query_encoder(query_ids, query_mask)
+        scores, rows = (index or ExactIndex()).search(self.selector, self.retrieval_keys, query_vectors, k,
+                                                      source=self.doc_vectors)
+        return rows, scores
 
     # --- teacher-forced logits ---------------------------------------------------------------
     def continuation_logits(self, prefix: Optional[torch.Tensor], context_ids: torch.Tensor,

@@ -19,7 +19,9 @@ from torch.optim import Optimizer
 
 class RowwiseAdamW(Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, rowwise: bool = False):
+                 weight_decay: float = 0.0, rowwise: bool = False, state_factory=None):
+        # state_factory(table, name) -> zeros like the table, for a rowwise table's moments (a mapped file)
+        self.state_factory = state_factory or (lambda table, name: torch.zeros_like(table))
         if not lr > 0 or not math.isfinite(lr):
             raise ValueError(f"learning rate must be finite and > 0, got {lr}")
         if not all(0.0 <= b < 1.0 for b in betas):
@@ -67,18 +69,42 @@ class RowwiseAdamW(Optimizer):
         state = self.state[p]
         if not state:
             state["row_step"] = torch.zeros(p.shape[0], dtype=torch.float64, device=p.device)
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
+            state["exp_avg"] = self.state_factory(p, "exp_avg")
+            state["exp_avg_sq"] = self.state_factory(p, "exp_avg_sq")
         beta1, beta2 = group["betas"]
         state["row_step"][rows] += 1
-        step = state["row_step"][rows].to(p.dtype)[:, None]
-        exp_avg, exp_avg_sq = state["exp_avg"][rows], state["exp_avg_sq"][rows]
-        value = p[rows]
-        _adamw_update(value, values, exp_avg, exp_avg_sq, group["lr"], beta1, beta2, group["eps"],
+        step = state["row_step"][rows].to(torch.float32)[:, None]
+        # the rows' update in float32 whatever the table's dtype; a bfloat16 table (and its moments) takes
+        # the result by stochastic rounding, so updates smaller than its precision still move it on average
+        exp_avg, exp_avg_sq = state["exp_avg"][rows].float(), state["exp_avg_sq"][rows].float()
+        value = p[rows].float()
+        _adamw_update(value, values.float(), exp_avg, exp_avg_sq, group["lr"], beta1, beta2, group["eps"],
                       group["weight_decay"], 1 - beta1 ** step, 1 - beta2 ** step)
-        p[rows] = value
-        state["exp_avg"][rows] = exp_avg
-        state["exp_avg_sq"][rows] = exp_avg_sq
+        rounding = _rounding_generator(state, p) if p.dtype == torch.bfloat16 else None
+        p[rows] = _stored(value, p.dtype, rounding)
+        state["exp_avg"][rows] = _stored(exp_avg, p.dtype, rounding)
+        state["exp_avg_sq"][rows] = _stored(exp_avg_sq, p.dtype, rounding)
+
+
+def _rounding_generator(state, p: torch.Tensor) -> torch.Generator:
+    """A generator seeded by the table's own count of stochastically rounded steps (saved with the
+    optimizer state), so a resumed run rounds exactly as an uninterrupted one."""
+    if "rounding_step" not in state:
+        state["rounding_step"] = torch.zeros((), dtype=torch.int64)
+    state["rounding_step"] += 1
+    return torch.Generator(device=p.device).manual_seed(1_000_003 * int(state["rounding_step"]) + 17)
+
+
+def _stored(value: torch.Tensor, dtype: torch.dtype, generator) -> torch.Tensor:
+    """``value`` (float32) as ``dtype``: itself, or for bfloat16 rounded up or down at random in proportion
+    to its distance to each neighbour (random low 16 bits added, then cut off)."""
+    if dtype == torch.float32:
+        return value
+    if dtype != torch.bfloat16 or generator is None:
+        return value.to(dtype)
+    noise = torch.randint(0, 1 << 16, value.shape, dtype=torch.int32, device=value.device, generator=generator)
+    bits = (value.contiguous().view(torch.int32) + noise) & -65536  # keep the 16 high bits
+    return bits.view(torch.float32).to(torch.bfloat16)
 
 
 def _adamw_update(p, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, bias1, bias2) -> None:

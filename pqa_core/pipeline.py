@@ -8,6 +8,7 @@ lock (``run_lock``) while it runs, so no second process writes the same checkpoi
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -16,7 +17,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from . import fingerprint
+from . import distributed, fingerprint
 from .builder import build_component, build_losses, build_model
 from .checkpoints import MANIFEST, load_checkpoint
 from .config import PHASES, PQAConfig
@@ -28,6 +29,7 @@ from .fingerprint import TRAINING_DATA
 from .interfaces import WriteContext
 from .llm import llm_identity, load_llm
 from .read_phase import ReadPhaseTrainer
+from .selection_index import build_index, describe
 from .run_lock import output_folder_lock
 from .training import RunLogger, seed_everything
 from .write_phase import WritePhaseTrainer
@@ -49,9 +51,11 @@ class Pipeline:
         config.validate()
         self.config = config
         self.logger = logger or RunLogger()
-        self.output_dir = Path(config.resume or config.output_dir or "outputs/run")
+        self.group = distributed.current()  # several processes: every one builds the same model and data
+        self.output_dir = Path(self.group.broadcast_object(str(config.resume or config.output_dir or "outputs/run")))
         self.fingerprint = fingerprint_of(config)
-        forced = check_output_dir(config, self.fingerprint, self.output_dir)
+        # the folder is checked once, by the process that writes it
+        forced = check_output_dir(config, self.fingerprint, self.output_dir) if self.group.is_main else []
         self.config_dict = {**config.to_dict(), FINGERPRINT_KEY: self.fingerprint}  # checkpoints record it
         self.logger.set_info("fingerprint", self.fingerprint["digest"])
         if forced:
@@ -69,7 +73,9 @@ class Pipeline:
         self.logger.set_info("documents", {"passages": len(self.corpus), "rows": len(self.rows.documents),
                                            "split_passages": self.rows.split_passages,
                                            "max_doc_tokens": data.max_doc_tokens})
-        self.model = build_model(config, self.rows.documents, llm_and_tokenizer)
+        # a memory-mapped table (model.doc_storage=mmap) lives in the output folder, one per process
+        table_dir = self.output_dir / "tables" / f"rank-{self.group.rank}"
+        self.model = build_model(config, self.rows.documents, llm_and_tokenizer, table_dir=table_dir)
         self.model.row_ids = [[d.doc_id, d.part] for d in self.rows.documents]
         self.new_rows = list(range(len(self.rows.documents)))  # rows no init_from checkpoint filled
         self.tokenizer = self.model.tokenizer
@@ -83,8 +89,10 @@ class Pipeline:
         self.read_dataset = ReadPhaseDataset(self.train_qa, self.tokenizer, teacher_corpus=teacher, **read_kwargs)
         self.eval_dataset = ReadPhaseDataset(self.eval_qa, self.tokenizer, **read_kwargs)
         self.timings: Dict[str, float] = {}
+        self.index = build_index(config.eval)  # searched at every evaluation; rebuilt when z changed
         if config.init_from:
             self.load_initial(Path(config.init_from))
+        self.group.check_same(self.model.doc_vectors, "doc_vectors")
 
     def load_initial(self, source: Path) -> None:
         """Load the model (not the optimizer) from a checkpoint folder or an earlier run's output folder."""
@@ -131,7 +139,8 @@ class Pipeline:
         objective = build_component(self.config, "write_objective", {})
         context = self.write_context()
         context.train_rows = rows
-        objective.prepare(context)
+        with self.group.main_first():  # what it computes once may be cached on disk for the others
+            objective.prepare(context)
         trainer = WritePhaseTrainer(self.model, w, objective)
 
         def answer_quality(epoch: int, step: int) -> Dict[str, float]:  # e.g. new documents, a trained reader
@@ -147,7 +156,8 @@ class Pipeline:
         e = self.config.eval
         return evaluate_qa(self.model, self.eval_dataset, top_k=self.config.eval_top_k, batch_size=e.batch_size,
                            max_new_tokens=e.max_new_tokens, predictions_path=predictions_path,
-                           doc_ids=[d.doc_id for d in self.rows.documents], seed=self.config.seed)
+                           doc_ids=[d.doc_id for d in self.rows.documents], seed=self.config.seed,
+                           index=self.index)
 
     def run_read(self) -> Dict[str, float]:
         if self._finished("read"):
@@ -160,15 +170,18 @@ class Pipeline:
         def epoch_end(epoch: int, step: int) -> Dict[str, float]:
             if r.eval_every and (epoch % r.eval_every == 0 or epoch == r.epochs):
                 return {f"eval_{name}": value for name, value in self.evaluate_eval_questions().items()}
-            return {f"eval_Recall@{k}": evaluate_retrieval(self.model, self.eval_dataset, k)}
+            return {f"eval_Recall@{k}": evaluate_retrieval(self.model, self.eval_dataset, k, index=self.index)}
 
         return trainer.fit(self.read_dataset, seed=self.config.seed, checkpoint_root=self.checkpoint_root("read"),
                            config_dict=self.config_dict, logger=self.logger, epoch_end_fn=epoch_end)
 
     def run_eval(self) -> Dict[str, float]:
+        if not self.group.is_main:
+            return {}
         path = self.output_dir / self.config.eval.predictions_file
         metrics = self.evaluate_eval_questions(str(path))
         self.logger.add_artifact(str(path), "predictions.jsonl")
+        self.logger.set_info("eval_index", describe(self.index))
         for name, value in metrics.items():
             self.logger.log_scalar(f"eval.{name}", value, 0)
         return metrics
@@ -199,6 +212,8 @@ class Pipeline:
         """Score the control named in ``config.control`` on the eval questions, as ``run_eval`` scores pqa."""
         from .controls import evaluate_control
 
+        if not self.group.is_main:
+            return {}
         e = self.config.eval
         control = self.control()
         path = self.output_dir / e.predictions_file
@@ -213,17 +228,22 @@ class Pipeline:
 
     def run(self) -> Dict[str, Any]:
         """Run the configured phases; returns the eval metrics (or the last phase's metrics).
-        Holds the output folder's lock throughout: no second process writes these checkpoints."""
-        with output_folder_lock(self.output_dir):
+        Holds the output folder's lock throughout: no second run writes these checkpoints (with
+        several processes, the main one holds it and alone writes)."""
+        with output_folder_lock(self.output_dir) if self.group.is_main else contextlib.nullcontext():
             return self._run_phases()
 
     def _run_phases(self) -> Dict[str, Any]:
+        main = self.group.is_main
         self.logger.set_info("output_dir", str(self.output_dir.resolve()))
+        if self.group.active:
+            self.logger.set_info("processes", self.group.world)
         result: Dict[str, Any] = {}
         k = self.config.eval_top_k
-        if not set(self.config.phases) <= {"control", "control_read"}:
+        if main and not set(self.config.phases) <= {"control", "control_read"}:
             moment = "before_write" if "write" in self.config.phases else "before_read"
-            self.logger.set_info(f"Recall@{k}_{moment}", evaluate_retrieval(self.model, self.eval_dataset, k))
+            self.logger.set_info(f"Recall@{k}_{moment}",
+                                 evaluate_retrieval(self.model, self.eval_dataset, k, index=self.index))
         for phase in PHASES:
             if phase not in self.config.phases:
                 continue
@@ -235,10 +255,12 @@ class Pipeline:
             self.logger.set_info(f"{phase}_metrics", result)
             if phase in ("write", "read", "control_read"):
                 self.logger.set_info(f"{phase}_checkpoint", str((self.checkpoint_root(phase) / "final").resolve()))
-            if phase == "write":  # the selector scores z: a write objective must not lose retrieval
-                self.logger.set_info(f"Recall@{k}_after_write", evaluate_retrieval(self.model, self.eval_dataset, k))
-        (self.output_dir / "result.json").write_text(json.dumps(
-            {"metrics": result, "timings": self.timings}, indent=1))
+            if phase == "write" and main:  # the selector scores z: a write objective must not lose retrieval
+                self.logger.set_info(f"Recall@{k}_after_write",
+                                     evaluate_retrieval(self.model, self.eval_dataset, k, index=self.index))
+        if main:
+            (self.output_dir / "result.json").write_text(json.dumps(
+                {"metrics": result, "timings": self.timings}, indent=1))
         return result
 
 

@@ -11,10 +11,14 @@ import torch
 
 from .config import ReadSettings
 from .data import gold_mask
-from .errors import DataError
+from .errors import DataError, UsageError
 from .model import ParametricQA
-from .optim import RowwiseAdamW, clip_grad_norm
-from .training import EpochLoop, RunLogger, param_groups, to_device
+from . import distributed
+from .optim import RowwiseAdamW
+from .training import EpochLoop, RunLogger, apply_gradients, param_groups, to_device
+
+
+KEY_UPDATES = ("batch", "all")
 
 
 class ReadPhaseTrainer:
@@ -31,6 +35,9 @@ class ReadPhaseTrainer:
         self.top_k = s.top_k
         self.grad_clip = s.grad_clip
         self.device = device or model.doc_vectors.device
+        if s.key_updates not in KEY_UPDATES:
+            raise UsageError(f"config key 'read.key_updates' must be one of {', '.join(KEY_UPDATES)}, "
+                             f"got {s.key_updates!r}")
         decay = {"weight_decay": s.weight_decay}
         groups = param_groups([
             ("z", [model.doc_vectors], s.lr_z, {"rowwise": True}),
@@ -42,7 +49,7 @@ class ReadPhaseTrainer:
             ("lora", model.lora_parameters(), s.lr_lora, decay),
         ])
         self.trainable = [p for g in groups for p in g["params"]]
-        self.optimizer = RowwiseAdamW(groups)
+        self.optimizer = RowwiseAdamW(groups, state_factory=model.table_storage.state)
 
     def compute_retrieval_loss(self, scores: torch.Tensor, gold_doc_ids: torch.Tensor, example_ids=None):
         """``gold_doc_ids [B, G]`` padded with -1 -> retrieval loss; unknown ids are an error."""
@@ -67,21 +74,30 @@ class ReadPhaseTrainer:
         return logits
 
     def train_step(self, batch) -> Dict[str, float]:
+        """One step on a global batch (this process's shard of it when several train)."""
         self.model.train()
+        group = distributed.current()
+        batch, weight = group.shard(batch)
         batch = to_device(batch, self.device)
-        selected_ids, scores = self.model.select_documents(batch["encoder_ids"], batch["encoder_mask"], k=self.top_k)
+        with group.forward(weight), self.model.autocast():
+            gen_loss, retrieval_loss = self.losses(batch)
+            loss = gen_loss + self.retrieval_weight * retrieval_loss
+        apply_gradients(loss, self.optimizer, self.trainable, self.grad_clip)
+        return group.mean_metrics({"total_loss": loss.item(), "gen_loss": gen_loss.item(),
+                                   "retrieval_loss": retrieval_loss.item()}, weight)
+
+    def losses(self, batch):
+        """(generation loss, retrieval loss) of a batch on the model's device."""
+        key_rows = batch["gold_doc_ids"] if self.settings.key_updates == "batch" else None
+        selected_ids, scores = self.model.select_documents(batch["encoder_ids"], batch["encoder_mask"], k=self.top_k,
+                                                           key_rows=key_rows)
         logits, labels = self.model.answer_logits(batch["query_ids"], selected_ids, batch["answer_ids"],
                                                   batch["query_mask"], batch["answer_mask"])
         teacher = self.teacher_logits(batch) if getattr(self.generation_loss, "needs_teacher", False) else None
         gen_loss = self.generation_loss(logits, labels, teacher_logits=teacher) if teacher is not None \
             else self.generation_loss(logits, labels)
         retrieval_loss = self.compute_retrieval_loss(scores, batch["gold_doc_ids"], batch.get("example_ids"))
-        loss = gen_loss + self.retrieval_weight * retrieval_loss
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_grad_norm(self.trainable, self.grad_clip)
-        self.optimizer.step()
-        return {"total_loss": loss.item(), "gen_loss": gen_loss.item(), "retrieval_loss": retrieval_loss.item()}
+        return gen_loss, retrieval_loss
 
     def fit(self, dataset, *, seed: int, checkpoint_root, config_dict, logger: Optional[RunLogger] = None,
             epoch_end_fn=None) -> Dict[str, float]:

@@ -17,7 +17,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, step_dir
+from .device import pin_batches
+from .optim import clip_grad_norm
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +62,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def epoch_loader(dataset, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> DataLoader:
-    """Batch order depends only on (seed, epoch), so a resumed run sees the same batches."""
+def epoch_loader(dataset, batch_size: int, seed: int, epoch: int, shuffle: bool = True,
+                 pin_memory: bool = False) -> DataLoader:
+    """Batch order depends only on (seed, epoch), so a resumed run sees the same batches. ``pin_memory``:
+    batches collated into pinned memory (a GPU model copies them without blocking)."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      collate_fn=dataset.collate, num_workers=0)
+                      collate_fn=dataset.collate, num_workers=0, pin_memory=pin_memory)
 
 
 def to_device(batch: Dict[str, Any], device) -> Dict[str, Any]:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """Tensors moved to ``device``; from pinned memory without blocking."""
+    return {k: v.to(device, non_blocking=v.is_pinned()) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def show_progress() -> bool:
-    return os.environ.get("PQA_PROGRESS", "1") != "0"
+    """Progress bars, unless ``PQA_PROGRESS=0``; with several processes, on the main one only."""
+    return os.environ.get("PQA_PROGRESS", "1") != "0" and os.environ.get("RANK", "0") == "0"
 
 
 class EpochLoop:
@@ -109,7 +116,10 @@ class EpochLoop:
         return (state["epoch"], state["step_in_epoch"], state["step"], dict(partial.get("epoch_sums") or {}),
                 int(partial.get("epoch_steps") or 0))
 
-    def save(self, path, step, epoch, step_in_epoch, metrics=None) -> Path:
+    def save(self, path, step, epoch, step_in_epoch, metrics=None) -> Optional[Path]:
+        """Only the main process writes checkpoints (every process holds the same state)."""
+        if not distributed.current().is_main:
+            return None
         return save_checkpoint(path, self.model, self.optimizer, step=step, epoch=epoch,
                                step_in_epoch=step_in_epoch, config=self.config_dict, phase=self.phase,
                                metrics=metrics)
@@ -125,7 +135,8 @@ class EpochLoop:
             sums: Dict[str, float] = resumed_sums
             count = resumed_count
             resumed_sums, resumed_count = {}, 0
-            for i, batch in enumerate(epoch_loader(dataset, batch_size, seed, epoch)):
+            pin = pin_batches(self.model.doc_vectors.device)
+            for i, batch in enumerate(epoch_loader(dataset, batch_size, seed, epoch, pin_memory=pin)):
                 if i < skip:
                     continue
                 metrics = step_fn(batch)
@@ -142,7 +153,7 @@ class EpochLoop:
             skip = 0
             epoch += 1
             last = {f"epoch_{k}": v / max(count, 1) for k, v in sums.items()}
-            if epoch_end_fn is not None:
+            if epoch_end_fn is not None and distributed.current().is_main:  # evaluation: the main process's
                 last.update(epoch_end_fn(epoch, step))
             for name, value in last.items():
                 self.logger.log_scalar(f"{self.phase}.{name}", value, step)
@@ -151,6 +162,16 @@ class EpochLoop:
         bar.close()
         self.save(self.final_dir, step, epoch, 0, metrics=last)
         return last
+
+
+def apply_gradients(loss: torch.Tensor, optimizer, params, grad_clip: float) -> None:
+    """The end of every training step: backward, the gradients averaged over the processes when several
+    train (``pqa_core.distributed``), clipped, one optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    distributed.current().sync_gradients(params)
+    clip_grad_norm(params, grad_clip)
+    optimizer.step()
 
 
 def param_groups(named_groups: Iterable[tuple]) -> List[Dict[str, Any]]:

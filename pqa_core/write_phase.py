@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from .config import WriteSettings
 from .interfaces import WriteContext, WriteObjective
 from .model import ParametricQA
-from .optim import RowwiseAdamW, clip_grad_norm
-from .training import EpochLoop, RunLogger, param_groups, to_device
+from . import distributed
+from .optim import RowwiseAdamW
+from .training import EpochLoop, RunLogger, apply_gradients, param_groups, to_device
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +36,18 @@ class WritePhaseTrainer:
                                 s.lr_projection, {}),
                                ("lora", model.lora_parameters() if s.train_lora else [], s.lr_lora, {})])
         self.trainable = [p for g in groups for p in g["params"]]
-        self.optimizer = RowwiseAdamW(groups, weight_decay=0.0)
+        self.optimizer = RowwiseAdamW(groups, weight_decay=0.0, state_factory=model.table_storage.state)
 
     def train_step(self, batch) -> Dict[str, float]:
+        """One step on a global batch (this process's shard of it when several train)."""
         self.model.train()
+        group = distributed.current()
+        batch, weight = group.shard(batch)
         rows = batch["doc_row"].to(self.device)
-        loss = self.objective(self.model, rows)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_grad_norm(self.trainable, self.settings.grad_clip)
-        self.optimizer.step()
-        return {"loss": loss.item(), **self.objective.last_metrics()}
+        with group.forward(weight), self.model.autocast():
+            loss = self.objective(self.model, rows)
+        apply_gradients(loss, self.optimizer, self.trainable, self.settings.grad_clip)
+        return group.mean_metrics({"loss": loss.item(), **self.objective.last_metrics()}, weight)
 
     def _logits(self, batch):
         rows = batch["doc_row"]

@@ -140,6 +140,8 @@ def test_pip_installed_plugin_is_listed_and_usable_by_name(tmp_path, db_url, out
                                                     "got 'abc' (str)"),
     (["with", "smoke", "model.d_z=0"], "model.d_z=0 (the projection's size) but projection 'mlp2x_gelu' has no "
                                        "needed_d_z: set model.d_z"),
+    (["with", "smoke", "eval.index=annoy"], "config key 'eval.index': unknown index 'annoy'; indexes: exact, "
+                                            "faiss_flat, faiss_ivf, faiss_hnsw"),
 ])
 def test_usage_errors_are_one_line_exit_2_and_store_nothing(db_url, outputs, mongo_client, args, message):
     url, name = db_url
