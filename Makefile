@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 demo: install
-	$(VENV)/bin/pqa run pipeline
+	$(VENV)/bin/pqa demo
 
 test-deps: install
 	$(PIP) install -e ".[dev,faiss,sweep]"

@@ -339,6 +339,8 @@ def script_main(module, argv=None, add_arguments=None, run_kwargs=None) -> int:
         result = module.run(args.profile, threads=args.threads,
                             command=command_line(script_command(f"{module.NAME}.py", argv)),
                             **(run_kwargs(args, out) if run_kwargs is not None else {}))
+    if not args.render_only:  # the measurement is kept even if rendering it fails
+        write_result(result, "", out)
     md = module.markdown(result)
     write_result(result, md, out)
     if out.resolve() == DEFAULT_OUT.resolve():

@@ -75,8 +75,9 @@ def setup(llm_name: str, num_docs: int, batch_size: int, doc_dtype: str = "float
     from pqa_core.write_phase import WritePhaseTrainer, prepared_objective
 
     config = PQAConfig.from_dict({
-        "model": {"llm": llm_name, "d_z": 0, "device": "cpu", "doc_dtype": doc_dtype,
-                  "doc_storage": "mmap" if table_dir else "memory"},
+        # m=4 and zero content: the setting measured at 10^6 (at the default m=32 such a table is ~110 GB)
+        "model": {"llm": llm_name, "d_z": 0, "device": "cpu", "doc_dtype": doc_dtype, "num_memory_tokens": 4,
+                  "content_init": "zero", "doc_storage": "mmap" if table_dir else "memory"},
         "projection": {"name": "hybrid"},
         "read": {"batch_size": batch_size, "key_updates": "batch"}, "write": {"batch_size": batch_size}})
     corpus = load_corpus(sample_data_path("corpus.jsonl"))

@@ -39,13 +39,15 @@ NAME = "quality"
 SQUAD_DIR = common.SQUAD_DIR
 TEXT_RAG = ("bm25", "dense_minilm")
 GOALS = {"oracle_f1": 50.0, "rag_ratio": 0.8, "p_value": 0.05}
-DEFAULT_VARIANTS = {"pqa": {}}
+# pqa as `pqa run pipeline` runs it, and without its write phase (the read phase straight from the
+# initial z: MiniLM keys and keyword soft tokens): what writing adds
+DEFAULT_VARIANTS = {"pqa": {}, "pqa, no write phase": {"phases": ["read", "eval"]}}
 PROFILES = {
     # tiny random LLM on the shipped sample: checks the script, measures nothing
     "smoke": dict(llm="tiny", data="sample", articles=0, passages_per_article=0, new_articles=0,
                   new_passages_per_article=0, eval_fraction=0.25, top_k=3, max_new_tokens=4,
                   controls=["closed_book", "oracle", "bm25"], floors=["closed_book"],
-                  pqa_variants={"pqa": {"write": {"epochs": 1}}},
+                  pqa_variants={"pqa": {"write": {"epochs": 1}}, "pqa, no write phase": {"phases": ["read", "eval"]}},
                   new_write_epochs=2, overrides={"model": {"num_memory_tokens": 2, "lora": {"r": 4}},
                                                  "read": {"epochs": 1}}),
     "quick": dict(llm="smollm2-135m", data="squad", articles=8, passages_per_article=4, new_articles=2,
@@ -372,10 +374,12 @@ def markdown(result: dict) -> str:
         t = rows[label]["training"]
         acc = t["greedy_token_acc"][-1] if t["greedy_token_acc"] else None
         losses = ", ".join(f"{v:.2f}" for v in t["write_loss_per_epoch"])
-        training.append(f"- `{label}` (`{json.dumps(rows[label]['overrides'])}`): write loss per epoch {losses}; "
-                        f"greedy reconstruction {'n/a' if acc is None else f'{100 * acc:.0f}%'}; Recall@{k} "
-                        f"{t['recall_before_write']:.0f} before the write phase, {t['recall_after_write']:.0f} after; "
-                        f"phases {', '.join(f'{ph} {s / 60:.1f} min' for ph, s in t['timings_s'].items())}.")
+        before, after = t["recall_before_write"], t["recall_after_write"]
+        recall = (f"Recall@{k} {before:.0f} before the write phase, {after:.0f} after" if before is not None
+                  and after is not None else "no write phase")
+        training.append(f"- `{label}` (`{json.dumps(rows[label]['overrides'])}`): write loss per epoch "
+                        f"{losses or 'n/a'}; greedy reconstruction {'n/a' if acc is None else f'{100 * acc:.0f}%'}; "
+                        f"{recall}; phases {', '.join(f'{ph} {s / 60:.1f} min' for ph, s in t['timings_s'].items())}.")
     return common.section("(a) Answer quality: pqa vs controls, readers trained alike, with intervals", result, "\n".join([
         f"Data: **question split** {d['passages']} passages of {len(d['articles'])} articles of SQuAD v1.1 dev (the "
         f"first {p['passages_per_article']} of each), their questions split per passage: {d['train_questions']} "

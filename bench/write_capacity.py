@@ -89,10 +89,13 @@ def run_setting(llm_and_tokenizer, passages, params, setting, seed: int = 0):
 
     projection, m, lr_z, betas = setting
     llm, tokenizer = llm_and_tokenizer
-    model_cfg = {"llm": params["llm"], "num_memory_tokens": m, "lora": {"enabled": False}, "device": "cpu"}
+    # free vectors from zero (Cramming's protocol), the hybrid key in the prompt: capacity, not the default reader input
+    model_cfg = {"llm": params["llm"], "num_memory_tokens": m, "lora": {"enabled": False}, "device": "cpu",
+                 "content_init": "zero"}
     if projection in ("direct", "hybrid"):  # d_z=0: the size the projection needs (m x d_model free floats)
         model_cfg.update(d_z=0, doc_init="random" if projection == "direct" else "minilm")
-    config = PQAConfig.from_dict({"seed": seed, "model": model_cfg, "projection": {"name": projection}})
+    component = {"name": projection, **({"key_in_prompt": True} if projection == "hybrid" else {})}
+    config = PQAConfig.from_dict({"seed": seed, "model": model_cfg, "projection": component})
     lr_projection = WriteSettings().lr_projection
     model = build_model(config, passages, llm_and_tokenizer, device=torch.device("cpu"))
     # the measurement's own cut: each passage's first doc_tokens tokens, one row each

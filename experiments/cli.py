@@ -43,7 +43,8 @@ def cli(ctx, debug):
 
     \b
     Quick start:
-      pqa run pipeline                 # demo: SmolLM2-135M on the shipped sample
+      pqa demo                         # pqa beside closed-book on the shipped sample, in minutes
+      pqa run pipeline                 # one run: SmolLM2-135M on the shipped sample
       pqa run pipeline with smoke      # a fast check on a tiny random model
       pqa runs list                    # what has run
       pqa board                        # browse runs in Omniboard
@@ -80,12 +81,13 @@ def _add_commands():
     from .cli_board import board
     from .cli_data import data
     from .cli_db import db
+    from .cli_demo import demo
     from .cli_plugins import plugins
     from .cli_run import run
     from .cli_runs import runs
     from .cli_sweep import sweep
 
-    for command in (run, db, board, runs, data, bench, analyze, plugins, sweep):
+    for command in (run, demo, db, board, runs, data, bench, analyze, plugins, sweep):
         cli.add_command(command)
     cli.add_command(_alias(plugins, "plugin"))
     register_commands(cli)  # plugins' commands; a raising hook or a taken name is skipped with a warning

@@ -45,6 +45,17 @@ def _db_options(func):
     return func
 
 
+def _store_command(json_help: str, csv_help: str):
+    """A subcommand's tail: ``--json``/``--csv``, the store's options, the context, one line per error."""
+    def decorate(func):
+        func = _errors_to_exit_codes(func)
+        func = click.pass_context(func)
+        func = _db_options(func)
+        func = click.option("--csv", "as_csv", is_flag=True, help=csv_help)(func)
+        return click.option("--json", "as_json", is_flag=True, help=json_help)(func)
+    return decorate
+
+
 def _database(ctx: click.Context):
     """Connect once per invocation, on first use (so ``--help`` never touches the network)."""
     if "pqa_runs.db" not in ctx.meta:
@@ -205,11 +216,7 @@ def runs() -> None:
 @click.option("--experiment", "-e", default=None, metavar="NAME", help="Only runs of this experiment.")
 @click.option("--limit", "-n", type=click.IntRange(min=1), default=None, metavar="N",
               help="At most N runs (the newest).")
-@click.option("--json", "as_json", is_flag=True, help="Output a JSON list.")
-@click.option("--csv", "as_csv", is_flag=True, help="Output CSV: every column of the runs DataFrame.")
-@_db_options
-@click.pass_context
-@_errors_to_exit_codes
+@_store_command("Output a JSON list.", "Output CSV: every column of the runs DataFrame.")
 def list_runs(ctx, where, status, experiment, limit, as_json, as_csv) -> None:
     """List runs, newest first, with their main final metrics."""
     _exclusive(ctx, json=as_json, csv=as_csv)
@@ -319,11 +326,8 @@ def paired_comparisons(db, a: int, b: int):
                                                               "(default: the spec's, else the first of EM, F1 ...).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
               help="With --sweep: write a parallel-coordinates plot of the swept values against the metric.")
-@click.option("--json", "as_json", is_flag=True, help="Output JSON: {runs, config, result}, values in run order.")
-@click.option("--csv", "as_csv", is_flag=True, help="Output CSV: key, then one column per run.")
-@_db_options
-@click.pass_context
-@_errors_to_exit_codes
+@_store_command("Output JSON: {runs, config, result}, values in run order.",
+                "Output CSV: key, then one column per run.")
 def compare(ctx, run_ids, sweep_id, metric, plot_path, as_json, as_csv) -> None:
     """Compare runs side by side: differing config keys, then final metrics.
 

@@ -53,14 +53,22 @@ NAMED_CONFIGS: Dict[str, Dict[str, Any]] = {
     "distill_write": {"write_objective": {"name": "weighted"}},
     # a control whose reader (LoRA) is trained for its own input first, with the read phase's settings
     "train_reader": {"phases": ["control_read", "control"]},
-    # model ablations
+    # `pqa demo` (pqa and closed-book on the sample in minutes): the defaults, shorter (2 write epochs,
+    # 3 read epochs for its 108 training questions, no evaluation between epochs)
+    "demo": {"write": {"epochs": 2}, "read": {"epochs": 3, "eval_every": 0}},
+    # the read phase straight from the initial z (keywords, MiniLM keys): what the write phase adds
+    "no_write": {"phases": ["read", "eval"]},
+    # model ablations (the default: hybrid projection, MiniLM key for retrieval, 32 soft tokens per
+    # document started from its rarest words; bench/RESULTS.md (a))
     "no_lora": {"model": {"lora": {"enabled": False}}},
     "random_init": {"model": {"doc_init": "random"}},
-    "linear_projection": {"projection": {"name": "linear"}},
-    # a MiniLM retrieval key + m x d_model free floats per document (bench/RESULTS.md (a), (f))
-    "hybrid_projection": {"projection": {"name": "hybrid"}, "model": {"d_z": 0}},
-    "direct_projection": {"projection": {"name": "direct"}, "model": {"d_z": 0, "doc_init": "random"}},
-    "more_memory": {"model": {"num_memory_tokens": 8}},
+    "zero_content": {"model": {"content_init": "zero"}},
+    "key_in_prompt": {"projection": {"name": "hybrid", "key_in_prompt": True}},
+    # xRAG's setting, pqa's first default: a 384-float z (MiniLM) through a shared MLP to 4 soft tokens
+    "mlp_projection": {"projection": {"name": "mlp2x_gelu"}, "model": {"num_memory_tokens": 4}},
+    "linear_projection": {"projection": {"name": "linear"}, "model": {"num_memory_tokens": 4}},
+    "direct_projection": {"projection": {"name": "direct"}, "model": {"doc_init": "random"}},
+    "more_memory": {"model": {"num_memory_tokens": 64}},
 }
 
 

@@ -130,15 +130,16 @@ class HybridProjection(_ProjectionBase):
     embedding and gives every document a sensible first soft prompt through the map; the free
     part (zero at the start) holds what that map cannot, as in the ``direct`` setting. With
     ``detach_key`` (default) the generation loss never moves the key: only the retrieval loss
-    of the read phase does, so the write phase leaves retrieval as it found it. With
-    ``key_in_prompt=False`` the soft tokens are the free part alone (e.g. started from the document's
-    salient word embeddings, ``model.content_init=keywords``) and the key serves retrieval only.
+    of the read phase does, so the write phase leaves retrieval as it found it. By default
+    (``key_in_prompt=False``) the soft tokens are the free part alone (started from the document's
+    salient word embeddings, ``model.content_init=keywords``) and the key serves retrieval only: the
+    measured best reader input (bench/RESULTS.md (a)); ``key_in_prompt=True`` adds the mapped key.
     ``model.d_z`` must be ``key_dims + num_memory_tokens x d_model`` (``model.d_z=0`` sets it).
     """
 
     def __init__(self, d_z: int, d_model: int, num_tokens: int, embedding_std: Optional[float] = None,
                  input_std: Optional[float] = None, key_dims: int = 384, hidden: Optional[int] = None,
-                 detach_key: bool = True, key_in_prompt: bool = True):
+                 detach_key: bool = True, key_in_prompt: bool = False):
         super().__init__()
         _scales("hybrid", d_z, d_model, num_tokens, embedding_std, input_std)
         self.d_z, self.d_model, self.num_tokens = int(d_z), int(d_model), int(num_tokens)

@@ -35,14 +35,18 @@ def apply_lora(llm, lora_settings):
     return get_peft_model(llm, lora)
 
 
+MINILM_DIMS = 384  # what model.doc_init=minilm fills
+
+
+def _minilm_d_z(d_model: int, num_tokens: int, **_) -> int:
+    return MINILM_DIMS
+
+
 def _needed_d_z(config: PQAConfig):
-    """The chosen projection's ``needed_d_z``; a usage error when it has none."""
+    """The chosen projection's ``needed_d_z``; a projection without one (``linear``, ``mlp2x_gelu``, most
+    third-party ones) maps a MiniLM-sized z (384 floats)."""
     name = config.projection["name"]
-    needed = getattr(plugins.components("projection")[name].factory, "needed_d_z", None)
-    if needed is None:
-        raise UsageError(f"model.d_z=0 (the projection's size) but projection {name!r} has no needed_d_z: "
-                         f"set model.d_z")
-    return needed
+    return getattr(plugins.components("projection")[name].factory, "needed_d_z", None) or _minilm_d_z
 
 
 def check_d_z(config: PQAConfig) -> None:
@@ -132,11 +136,13 @@ def apply_content_init(config: PQAConfig, table: torch.Tensor, documents, llm, t
     name = config.model.content_init
     if name == "zero":
         return
-    if name != "keywords":
-        raise UsageError(f"model.content_init must be 'zero' or 'keywords', got {name!r}")
+    if name not in ("keywords", "auto"):
+        raise UsageError(f"model.content_init must be 'auto', 'keywords' or 'zero', got {name!r}")
     start = key_dims if key_dims < d_z else 0
     m, width = config.model.num_memory_tokens, d_z - start
     d_model = llm.get_input_embeddings().weight.shape[1]
+    if width != m * d_model and name == "auto":  # a projection that maps z (linear, mlp2x_gelu): nothing to fill
+        return
     if width != m * d_model:
         raise UsageError(f"model.content_init='keywords' needs z to hold num_memory_tokens x d_model = {m} x "
                          f"{d_model} free floats (projection direct or hybrid, model.d_z=0); this z has {width}")

@@ -35,10 +35,12 @@ class LoraSettings:
 @dataclass
 class ModelSettings:
     llm: str = "smollm2-135m"
-    d_z: int = 384  # 0 = the size the projection needs (direct, hybrid: they hold m x d_model floats)
-    num_memory_tokens: int = 4
+    d_z: int = 0  # 0 = the size the projection needs (hybrid, direct: m x d_model floats, + the key; others 384)
+    num_memory_tokens: int = 32
     doc_init: str = "minilm"  # "minilm" (needs d_z=384) or "random" (scaled to the embedding std)
-    content_init: str = "zero"  # the soft-token part of z (hybrid, direct): "zero" or "keywords"
+    # the soft-token part of z: "keywords" (the passage's rarest words' embeddings; hybrid, direct), "zero",
+    # "auto" (keywords where z holds m x d_model free floats, else zero)
+    content_init: str = "auto"
     lora: LoraSettings = field(default_factory=LoraSettings)
     device: str = "auto"
     precision: str = "auto"  # auto: bfloat16 autocast on a CUDA GPU that has it, else float32; bf16; fp32
@@ -62,10 +64,10 @@ class DataSettings:
 
 @dataclass
 class WriteSettings:
-    epochs: int = 30
+    epochs: int = 3
     batch_size: int = 8
-    lr_z: float = 5e-2
-    betas_z: List[float] = field(default_factory=lambda: [0.9, 0.999])  # row-wise Adam on z
+    lr_z: float = 1e-2  # Cramming's (2502.13063) lr and betas for memory vectors
+    betas_z: List[float] = field(default_factory=lambda: [0.9, 0.9])  # row-wise Adam on z
     lr_projection: float = 3e-2
     lr_lora: float = 1e-3
     train_lora: bool = False
@@ -80,10 +82,10 @@ class WriteSettings:
 
 @dataclass
 class ReadSettings:
-    epochs: int = 3
+    epochs: int = 2
     batch_size: int = 8
-    lr_z: float = 1e-4
-    lr_lora: float = 5e-5
+    lr_z: float = 1e-2
+    lr_lora: float = 3e-4
     lr_selector: float = 1e-4
     lr_query_encoder: Optional[float] = None  # None = 0.1 x lr_lora, as the seed notebook
     lr_projection: Optional[float] = None  # None = lr_lora, as the seed notebook
@@ -206,6 +208,7 @@ RANGES: Dict[str, Range] = {
 # String keys that take one of a few values.
 CHOICES: Dict[str, tuple] = {
     "model.doc_init": ("minilm", "random"),
+    "model.content_init": ("auto", "keywords", "zero"),
     "write.documents": ("all", "new"),
 }
 

@@ -52,7 +52,7 @@ KINDS: Tuple[Kind, ...] = (
     Kind("query_encoder", interfaces.QueryEncoder, "pqa_register_query_encoders", "pqa_plugins.query_encoders",
          "minilm", MODEL_CONTEXT, "query_encoder"),
     Kind("projection", interfaces.Projection, "pqa_register_projections", "pqa_plugins.projections",
-         "mlp2x_gelu", MODEL_CONTEXT, "z_to_embedding"),
+         "hybrid", MODEL_CONTEXT, "z_to_embedding"),
     Kind("retrieval_loss", interfaces.RetrievalLoss, "pqa_register_retrieval_losses",
          "pqa_plugins.retrieval_losses", "gold_nll"),
     Kind("generation_loss", interfaces.GenerationLoss, "pqa_register_generation_losses",

@@ -126,7 +126,7 @@ def test_pip_installed_plugin_is_listed_and_usable_by_name(tmp_path, db_url, out
     used = mongo_client[name].runs.find_one({"_id": reported["run_id"]})["info"]["components"]
     assert used["selector"] == {"name": "l2", "plugin": "l2_selector", "package": "pqa-l2-selector",
                                 "version": "0.1.0"}
-    assert used["projection"] == {"name": "mlp2x_gelu", "plugin": "pqa_plugins.projections", "package": "pqa",
+    assert used["projection"] == {"name": "hybrid", "plugin": "pqa_plugins.projections", "package": "pqa",
                                   "version": "0.1.0"}
 
 
@@ -138,8 +138,10 @@ def test_pip_installed_plugin_is_listed_and_usable_by_name(tmp_path, db_url, out
     (["with", "read.top_k='x'"], "config key 'read.top_k' must be an integer >= 1, got 'x'"),
     (["with", "smoke", "selector.temperature=abc"], "selector 'cosine': parameter 'temperature' must be float, "
                                                     "got 'abc' (str)"),
-    (["with", "smoke", "model.d_z=0"], "model.d_z=0 (the projection's size) but projection 'mlp2x_gelu' has no "
-                                       "needed_d_z: set model.d_z"),
+    (["with", "smoke", "model.content_init=words"], "config key 'model.content_init' = 'words': must be one of "
+                                                    "auto, keywords, zero"),
+    (["with", "smoke", "projection.name=mlp2x_gelu", "model.content_init=keywords"],
+     "model.content_init='keywords' needs z to hold num_memory_tokens x d_model"),
     (["with", "smoke", "eval.index=annoy"], "config key 'eval.index': unknown index 'annoy'; indexes: exact, "
                                             "faiss_flat, faiss_ivf, faiss_hnsw"),
 ])

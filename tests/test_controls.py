@@ -218,7 +218,7 @@ def test_bench_quality_and_latency_scripts_run(tmp_path):
     from bench import latency, quality
 
     q = quality.run("smoke", command="pytest smoke", out_dir=str(tmp_path))
-    assert set(q["rows"]) == {"pqa", "closed_book (trained reader)", "oracle (trained reader)",
+    assert set(q["rows"]) == {"pqa", "pqa, no write phase", "closed_book (trained reader)", "oracle (trained reader)",
                               "bm25 (trained reader)", "closed_book (plain LLM)"}
     for row in q["rows"].values():  # both splits scored, every question kept for the paired tests
         assert "F1_ci95_low" in row["metrics"] and "F1_ci95_low" in row["new"]["metrics"]
@@ -227,6 +227,7 @@ def test_bench_quality_and_latency_scripts_run(tmp_path):
     assert q["rows"]["oracle (trained reader)"]["metrics"]["Recall@3"] == 100.0
     assert len(q["rows"]["oracle (trained reader)"]["reader_losses"]) == 1
     assert "pqa vs closed_book (trained reader) [question split]" in q["comparisons"]
+    assert "no write phase" in quality.markdown(q)  # a variant without a write phase renders
     curve = q["rows"]["pqa"]["new"]["curve"]  # F1 before and after each write epoch of the new documents
     assert [c["write_steps"] for c in curve][0] == 0 and len(curve) == 3
     assert {"oracle", "above_closed_book", "rag_ratio"} <= set(q["goals"])
