@@ -99,7 +99,7 @@ def preflight(ex, updates, named_configs):
     """Resolve the full config without observers and check everything that can be checked cheaply."""
     from sacred.utils import ConfigAddedError
 
-    from pqa_core.builder import check_d_z
+    from pqa_core.builder import check_content_init, check_d_z
     from pqa_core.device import autocast_dtype, resolve_device
     from pqa_core.doc_table import storage_of
     from pqa_core.checkpoints import check_loadable
@@ -131,14 +131,16 @@ def preflight(ex, updates, named_configs):
     check_d_z(config)
     autocast_dtype(config.model.precision, resolve_device(config.model.device))
     storage_of(config, folder=Path("."))  # model.doc_dtype and model.doc_storage are known values
-    check_index_settings(config.eval, components("selector")[config.selector["name"]].factory)
     corpus = load_corpus(resolve_data_path(config.data.corpus))
     load_qa(resolve_data_path(config.data.qa), corpus)
     load_qa(resolve_data_path(config.data.eval_qa), corpus)
     # before any component is built: m=1e8 would make the contract check allocate terabytes
-    check_fits(config, len(corpus), config.data.corpus, llm_shape(config.model.llm))
+    shape = llm_shape(config.model.llm)
+    check_fits(config, len(corpus), config.data.corpus, shape)
     check_output_folder(Path(config.resume or config.output_dir or os.environ.get("PQA_OUTPUT_DIR", "outputs")))
     check_config_components(config)  # names, parameters, then each component's contract on a stand-in model
+    check_content_init(config, shape[0] if shape else None)
+    check_index_settings(config.eval, components("selector")[config.selector["name"]].factory)
     checkpoints = checkpoints_to_load(config)
     if checkpoints:  # init_from's and resume's: torn, corrupt, other model or size
         from pqa_core.data import split_passages

@@ -113,6 +113,9 @@ def _ping(url: str, timeout: float) -> bool:
         client.close()
 
 
+PORT_RELEASE_S = 10.0  # a stopped server's listening socket can outlive its pid briefly on a loaded machine
+
+
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -314,15 +317,18 @@ def _wait_dead(pid: int, timeout: float, port: int | None = None) -> bool:
 
 
 def _terminate(pid: int, port: int | None, timeout: float) -> None:
-    """SIGTERM, wait ``timeout``, then SIGKILL (WiredTiger recovers from its log on restart)."""
+    """SIGTERM, wait ``timeout``, then SIGKILL (WiredTiger recovers from its log on restart); then wait
+    (bounded) for the port to be released, so a restart right after a stop finds it free."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
-    if _wait_dead(pid, timeout, port):
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    if not _wait_dead(pid, 5.0):
-        raise PqaError(f"the embedded database (pid {pid}) survived SIGKILL")
+    if not _wait_dead(pid, timeout, port):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        if not _wait_dead(pid, 5.0):
+            raise PqaError(f"the embedded database (pid {pid}) survived SIGKILL")
+    released = time.monotonic() + PORT_RELEASE_S
+    while port is not None and not _port_free(port) and time.monotonic() < released:
+        time.sleep(0.05)
 
 
 def stop(data_dir: str | os.PathLike | None = None, timeout: float = 15.0) -> bool:

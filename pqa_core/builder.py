@@ -55,6 +55,20 @@ def check_d_z(config: PQAConfig) -> None:
         _needed_d_z(config)
 
 
+def check_content_init(config: PQAConfig, d_model: Optional[int]) -> None:
+    """Pre-flight: ``model.content_init=keywords`` needs a projection whose z holds the soft tokens
+    (one that sizes z itself, ``needed_d_z``: hybrid, direct) at the size it asks for."""
+    if config.model.content_init != "keywords" or d_model is None:
+        return
+    name = config.projection["name"]
+    needed = getattr(plugins.components("projection")[name].factory, "needed_d_z", None)
+    wanted = needed and int(needed(d_model, config.model.num_memory_tokens, **component_kwargs(config.projection)))
+    if not needed or (config.model.d_z and config.model.d_z != wanted):
+        raise UsageError(f"model.content_init='keywords' needs z to hold num_memory_tokens x d_model free floats "
+                         f"(projection direct or hybrid, model.d_z=0); projection {name!r} with model.d_z="
+                         f"{config.model.d_z} does not: use model.content_init=auto or zero")
+
+
 def resolve_d_z(config: PQAConfig, d_model: int) -> int:
     """``model.d_z``, or with ``model.d_z=0`` the size the projection needs (``needed_d_z`` of its class:
     ``direct`` and ``hybrid`` hold ``m x d_model`` floats, which depends on the LLM)."""
