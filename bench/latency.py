@@ -151,7 +151,7 @@ def run(profile: str = "full", command: str | None = None, threads: int | None =
     speedup = answer["bm25_over_pqa"]["ratio_of_medians"]
     f1_ratio = f1["pqa"] / f1["bm25"] if f1 and f1.get("bm25") else None
     return bench.finish({
-        "data": about, "rows": rows, "f1_from_quality": f1,
+        "data": about, "rows": rows, "f1_from_quality": f1, "memory_tokens": config.model.num_memory_tokens,
         "mean_gold_answer_tokens": sum(gold_tokens) / max(len(gold_tokens), 1),
         "goals": {
             "speedup": {"metric": f"bm25 text RAG / pqa answer latency, batch 1, G={answer['new_tokens']} new tokens, "
@@ -199,7 +199,7 @@ def markdown(result: dict) -> str:
     return common.section(
         "(b) Answer latency and prompt tokens: pqa vs text RAG, same k", result,
         f"{result['rows'][0]['questions']} held-out questions of the (a) subset ({d['passages']} passages), one at a "
-        f"time (batch 1), LLM `{p['llm']}` without LoRA on both sides, k={k}; pqa reads k x 4 soft tokens + the "
+        f"time (batch 1), LLM `{p['llm']}` without LoRA on both sides, k={k}; pqa reads k x {result.get('memory_tokens', 4)} soft tokens + the "
         f"question, bm25 reads `Context: <k whole passages>` + the question. Every answer is forced to exactly G new "
         f"tokens (G=1: selection + prefill, the time to the first token; the held-out gold answers average "
         f"{result['mean_gold_answer_tokens']:.1f} tokens, so G={ANSWER_TOKENS} is a short answer with its EOS). "

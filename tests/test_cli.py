@@ -66,6 +66,26 @@ def test_demo_pipeline_is_recorded_in_mongodb(db_url, outputs, mongo_client):
     assert run["experiment"]["name"] == "pqa_pipeline"
 
 
+def test_pqa_demo_records_pqa_and_a_trained_closed_book_reader_and_pairs_them(db_url, outputs, mongo_client):
+    """``pqa demo`` (here on the tiny model): two stored runs on the same questions, the paired tests, and the
+    next commands naming the runs."""
+    url, name = db_url
+    proc = pqa("demo", "--mongo-url", url, "--json", "with", "smoke", env_extra=outputs)
+    shown = json.loads(proc.stdout.strip().splitlines()[-1])
+    runs = mongo_client[name].runs
+    pqa_run, control = runs.find_one({"_id": shown["pqa"]["run_id"]}), runs.find_one({"_id": shown["closed_book"]["run_id"]})
+    assert pqa_run["experiment"]["name"] == "pqa_pipeline" and pqa_run["status"] == "COMPLETED"
+    assert control["config"]["control"]["name"] == "closed_book" and control["status"] == "COMPLETED"
+    assert control["config"]["phases"] == ["control_read", "control"]  # its own reader, trained
+    assert control["config"]["read"] == pqa_run["config"]["read"]  # ... the same way
+    paired = shown["paired"]["F1"]
+    assert paired["n"] == pqa_run["result"]["questions"] == control["result"]["questions"]
+    assert paired["mean_a"] * 100 == pytest.approx(pqa_run["result"]["F1"])
+    assert paired["low"] <= paired["difference"] <= paired["high"] and 0 < paired["p_value"] <= 1
+    text = pqa("demo", "--no-db", "with", "smoke", env_extra=outputs).stdout
+    assert "pqa - closed-book on the same questions" in text and "F1: " in text and "p=" in text
+
+
 def test_two_runs_differing_by_selector_are_compared_side_by_side(db_url, outputs):
     url, _ = db_url
     ids = []
