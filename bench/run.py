@@ -286,6 +286,12 @@ NOTES = [
     "A batch decodes until its slowest row stops, while the loop stops each question at its own EOS. "
     "Larger batches help (the batch-48 rows). No GPU was available for this run, so the GPU ratio is not "
     "measured.",
+    "- (i) two processes end with the same metrics as one, but on SmolLM2 with the default z learning rate "
+    "(1e-2) some weights differ by up to 1.9e-2, against 1e-3 on the tiny model of the test. Likely reading, "
+    "not yet checked tensor by tensor: an all-reduce sums gradients in another order, and Adam's first steps "
+    "move each element by about lr x sign(gradient), so an element whose gradient is near zero (a soft token "
+    "with no keyword) can step the other way; the difference is then of the order of lr, not of float error. "
+    "The throughput ratio 1.90 says two processes used both cores where one process used one thread.",
     "- Noise: the quick profile uses fewer rounds, and when other processes load the machine the per-round "
     "ranges widen (compare a quick table's ranges with the full run's). Read a goal from the full run, "
     "and rerun when a range is wide.",
