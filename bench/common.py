@@ -164,12 +164,15 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
-def write_result(result: dict, markdown: str, out_dir) -> Dict[str, str]:
-    """``out_dir/<name>.json`` and ``out_dir/<name>.md``, each written under a temporary name first."""
+def write_result(result: dict, markdown: Optional[str], out_dir) -> Dict[str, str]:
+    """``out_dir/<name>.json`` and ``out_dir/<name>.md`` (the JSON alone when ``markdown`` is None), each
+    written under a temporary name first."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for ext, text in (("json", json.dumps(result, indent=2, default=_jsonable) + "\n"), ("md", markdown + "\n")):
+    texts = [("json", json.dumps(result, indent=2, default=_jsonable) + "\n")]
+    texts += [("md", markdown + "\n")] if markdown is not None else []
+    for ext, text in texts:
         path = out / f"{result['name']}.{ext}"
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text(text, encoding="utf-8")
@@ -340,7 +343,7 @@ def script_main(module, argv=None, add_arguments=None, run_kwargs=None) -> int:
                             command=command_line(script_command(f"{module.NAME}.py", argv)),
                             **(run_kwargs(args, out) if run_kwargs is not None else {}))
     if not args.render_only:  # the measurement is kept even if rendering it fails
-        write_result(result, "", out)
+        write_result(result, None, out)
     md = module.markdown(result)
     write_result(result, md, out)
     if out.resolve() == DEFAULT_OUT.resolve():

@@ -18,7 +18,7 @@ import re
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import click
 
@@ -99,7 +99,7 @@ def preflight(ex, updates, named_configs):
     """Resolve the full config without observers and check everything that can be checked cheaply."""
     from sacred.utils import ConfigAddedError
 
-    from pqa_core.builder import check_content_init, check_d_z
+    from pqa_core.builder import check_content_init
     from pqa_core.device import autocast_dtype, resolve_device
     from pqa_core.doc_table import storage_of
     from pqa_core.checkpoints import check_loadable
@@ -128,7 +128,6 @@ def preflight(ex, updates, named_configs):
     except (KeyError, ValueError, TypeError, AssertionError) as exc:
         raise UsageError(f"bad config: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     config = PQAConfig.from_dict(dict(run.config))
-    check_d_z(config)
     autocast_dtype(config.model.precision, resolve_device(config.model.device))
     storage_of(config, folder=Path("."))  # model.doc_dtype and model.doc_storage are known values
     corpus = load_corpus(resolve_data_path(config.data.corpus))

@@ -371,6 +371,12 @@ def compare(ctx, run_ids, sweep_id, metric, plot_path, as_json, as_csv) -> None:
             click.echo("  " + comparison.describe())
 
 
+def _best_first(value: Any) -> tuple:
+    """Sort key: numbers, largest first, then the trials without one."""
+    number = isinstance(value, (int, float))
+    return (not number, -value if number else 0)
+
+
 def _compare_sweep(ctx, sweep_id: str, metric: Optional[str], plot_path: Optional[str], as_json: bool,
                    as_csv: bool) -> None:
     from .sweeps import sweep_rows
@@ -380,9 +386,7 @@ def _compare_sweep(ctx, sweep_id: str, metric: Optional[str], plot_path: Optiona
     metric = metric or table["sweep"].get("metric") or next(iter(_main_metrics([r["metrics"] for r in rows])), None)
     if metric is None:
         raise PqaError(f"sweep {sweep_id}: no trial has a metric yet")
-    rows = sorted(rows, key=lambda r: (not isinstance(r["metrics"].get(metric), (int, float)),
-                                       -(r["metrics"].get(metric) or 0) if isinstance(r["metrics"].get(metric),
-                                                                                       (int, float)) else 0))
+    rows = sorted(rows, key=lambda r: _best_first(r["metrics"].get(metric)))
     if plot_path:
         from .sweep_plot import parallel_coordinates
 
@@ -393,8 +397,8 @@ def _compare_sweep(ctx, sweep_id: str, metric: Optional[str], plot_path: Optiona
         _dump({"sweep": sweep_id, "metric": metric, "params": params, "rows": rows})
         return
     headers = ["trial", "run", "status"] + params + metrics
-    cells = [[str(r["trial"]), _fmt(r["run_id"]), _fmt(r["status"])] + [_fmt(r["params"].get(p)) for p in params]
-             + [_fmt(r["metrics"].get(m)) for m in metrics] for r in rows]
+    values = [[r["trial"], r["run_id"], r["status"]] + [r["params"].get(p) for p in params]
+              + [r["metrics"].get(m) for m in metrics] for r in rows]
     if as_csv:
         import csv
         import io
@@ -402,8 +406,7 @@ def _compare_sweep(ctx, sweep_id: str, metric: Optional[str], plot_path: Optiona
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(headers)
-        writer.writerows([[r["trial"], r["run_id"], r["status"]] + [r["params"].get(p) for p in params]
-                          + [r["metrics"].get(m) for m in metrics] for r in rows])
+        writer.writerows(values)
         click.echo(buffer.getvalue(), nl=False)
         return
-    click.echo(_table(headers, cells))
+    click.echo(_table(headers, [[_fmt(v) for v in row] for row in values]))

@@ -42,17 +42,15 @@ def _minilm_d_z(d_model: int, num_tokens: int, **_) -> int:
     return MINILM_DIMS
 
 
+def _own_needed_d_z(config: PQAConfig):
+    """The chosen projection's own ``needed_d_z`` (hybrid, direct: z holds its soft tokens), else None."""
+    return getattr(plugins.components("projection")[config.projection["name"]].factory, "needed_d_z", None)
+
+
 def _needed_d_z(config: PQAConfig):
     """The chosen projection's ``needed_d_z``; a projection without one (``linear``, ``mlp2x_gelu``, most
     third-party ones) maps a MiniLM-sized z (384 floats)."""
-    name = config.projection["name"]
-    return getattr(plugins.components("projection")[name].factory, "needed_d_z", None) or _minilm_d_z
-
-
-def check_d_z(config: PQAConfig) -> None:
-    """Pre-flight: ``model.d_z=0`` needs a projection that can size z (no LLM needed to know that)."""
-    if not config.model.d_z:
-        _needed_d_z(config)
+    return _own_needed_d_z(config) or _minilm_d_z
 
 
 def check_content_init(config: PQAConfig, d_model: Optional[int]) -> None:
@@ -60,13 +58,11 @@ def check_content_init(config: PQAConfig, d_model: Optional[int]) -> None:
     (one that sizes z itself, ``needed_d_z``: hybrid, direct) at the size it asks for."""
     if config.model.content_init != "keywords" or d_model is None:
         return
-    name = config.projection["name"]
-    needed = getattr(plugins.components("projection")[name].factory, "needed_d_z", None)
-    wanted = needed and int(needed(d_model, config.model.num_memory_tokens, **component_kwargs(config.projection)))
-    if not needed or (config.model.d_z and config.model.d_z != wanted):
+    needed = _own_needed_d_z(config)
+    if needed is None or config.model.d_z not in (0, _sized_z(config, d_model, needed)):
         raise UsageError(f"model.content_init='keywords' needs z to hold num_memory_tokens x d_model free floats "
-                         f"(projection direct or hybrid, model.d_z=0); projection {name!r} with model.d_z="
-                         f"{config.model.d_z} does not: use model.content_init=auto or zero")
+                         f"(projection direct or hybrid, model.d_z=0); projection {config.projection['name']!r} "
+                         f"with model.d_z={config.model.d_z} does not: use model.content_init=auto or zero")
 
 
 def resolve_d_z(config: PQAConfig, d_model: int) -> int:
@@ -74,7 +70,11 @@ def resolve_d_z(config: PQAConfig, d_model: int) -> int:
     ``direct`` and ``hybrid`` hold ``m x d_model`` floats, which depends on the LLM)."""
     if config.model.d_z:
         return int(config.model.d_z)
-    needed = _needed_d_z(config)
+    return _sized_z(config, d_model, _needed_d_z(config))
+
+
+def _sized_z(config: PQAConfig, d_model: int, needed) -> int:
+    """What ``needed`` (a projection's ``needed_d_z``) asks for with this config's m and parameters."""
     return int(needed(d_model, config.model.num_memory_tokens, **component_kwargs(config.projection)))
 
 

@@ -152,6 +152,8 @@ def test_pip_installed_plugin_is_listed_and_usable_by_name(tmp_path, db_url, out
 
 @pytest.mark.parametrize("args, message", [
     (["with", "smoke", "selector.name=nope"], "unknown selector 'nope'; available: bilinear, cosine, dot, mlp"),
+    (["with", "smoke", "projection.name=nope"], "unknown projection 'nope'; available: direct, hybrid, linear, "
+                                                "mlp2x_gelu"),
     (["with", "smoke", "selector.temp=2"], "selector 'cosine' got unexpected parameter 'temp'; accepted: temperature"),
     (["with", "smoke", "read.topk=2"], "unknown config key 'read.topk'"),
     (["with", "no_such_named_config"], "unknown named config 'no_such_named_config'"),
