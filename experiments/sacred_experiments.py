@@ -59,10 +59,11 @@ NAMED_CONFIGS: Dict[str, Dict[str, Any]] = {
     # the read phase straight from the initial z (keywords, MiniLM keys): what the write phase adds
     "no_write": {"phases": ["read", "eval"]},
     # model ablations (the default: hybrid projection, MiniLM key for retrieval, 32 soft tokens per
-    # document started from its rarest words; bench/RESULTS.md (a))
+    # document started from its salient words: tf-idf, names and numbers first; bench/RESULTS.md (a))
     "no_lora": {"model": {"lora": {"enabled": False}}},
     "random_init": {"model": {"doc_init": "random"}},
     "zero_content": {"model": {"content_init": "zero"}},
+    "rarest_keywords": {"model": {"keyword_scoring": "idf"}},
     "key_in_prompt": {"projection": {"name": "hybrid", "key_in_prompt": True}},
     # xRAG's setting, pqa's first default: a 384-float z (MiniLM) through a shared MLP to 4 soft tokens
     "mlp_projection": {"projection": {"name": "mlp2x_gelu"}, "model": {"num_memory_tokens": 4}},

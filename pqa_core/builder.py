@@ -125,14 +125,14 @@ def key_context(context: dict, projection) -> dict:
 
 
 def fill_keyword_content(table: torch.Tensor, start: int, documents: List[Document], llm, tokenizer,
-                         num_tokens: int, block: int = 4096) -> None:
+                         num_tokens: int, block: int = 4096, scoring: str = "tfidf_names") -> None:
     """Write each document's most salient words (``keywords.salient_token_ids``), as the LLM's input
     embeddings, into ``table[:, start:]`` (``num_tokens x d_model`` floats; zero where a document has
     fewer), a block of rows at a time: a large or memory-mapped table is never copied whole."""
     from .keywords import salient_token_ids
 
     weight = llm.get_input_embeddings().weight.detach().float().cpu()
-    ids = salient_token_ids([d.text for d in documents], tokenizer, num_tokens)
+    ids = salient_token_ids([d.text for d in documents], tokenizer, num_tokens, scoring)
     with torch.no_grad():
         for first in range(0, len(documents), block):
             rows = ids[first:first + block]
@@ -160,7 +160,7 @@ def apply_content_init(config: PQAConfig, table: torch.Tensor, documents, llm, t
     if width != m * d_model:
         raise UsageError(f"model.content_init='keywords' needs z to hold num_memory_tokens x d_model = {m} x "
                          f"{d_model} free floats (projection direct or hybrid, model.d_z=0); this z has {width}")
-    fill_keyword_content(table, start, documents, llm, tokenizer, m)
+    fill_keyword_content(table, start, documents, llm, tokenizer, m, scoring=config.model.keyword_scoring)
 
 
 def build_model(config: PQAConfig, documents: List[Document], llm_and_tokenizer=None,

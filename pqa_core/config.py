@@ -41,6 +41,9 @@ class ModelSettings:
     # the soft-token part of z: "keywords" (the passage's rarest words' embeddings; hybrid, direct), "zero",
     # "auto" (keywords where z holds m x d_model free floats, else zero)
     content_init: str = "auto"
+    # which words the keywords are (pqa_core.keywords): "tfidf_names" (frequent here, rare elsewhere,
+    # names and numbers first), "idf" (the rarest)
+    keyword_scoring: str = "tfidf_names"
     lora: LoraSettings = field(default_factory=LoraSettings)
     device: str = "auto"
     precision: str = "auto"  # auto: bfloat16 autocast on a CUDA GPU that has it, else float32; bf16; fp32
@@ -209,6 +212,7 @@ RANGES: Dict[str, Range] = {
 CHOICES: Dict[str, tuple] = {
     "model.doc_init": ("minilm", "random"),
     "model.content_init": ("auto", "keywords", "zero"),
+    "model.keyword_scoring": ("tfidf_names", "idf"),
     "write.documents": ("all", "new"),
 }
 

@@ -1,37 +1,67 @@
-"""Salient tokens of a passage: the words of highest inverse document frequency, kept in text order.
+"""Salient tokens of a passage: its most informative words, kept in text order.
 
 What ``model.content_init=keywords`` starts a document's soft tokens from: the input embeddings of
-its rarest words (names, numbers, terms: what questions ask about), as prompt tuning starts soft
-prompts from vocabulary embeddings. The write phase then moves them like any other z.
+the words questions ask about, as prompt tuning starts soft prompts from vocabulary embeddings. The
+write phase then moves them like any other z.
+
+How words are scored is ``model.keyword_scoring``:
+
+- ``tfidf_names`` (default): term frequency in the passage x inverse document frequency over the
+  corpus, doubled for names and numbers (a capital letter not starting a sentence, or a digit). SQuAD
+  answers are mostly names, dates and numbers; measured on 100 SQuAD passages (728 questions), 32
+  tokens hold every word of a gold answer for 44% of the questions against 32% for ``idf`` (24 other
+  articles: 40% against 32%).
+- ``idf``: the rarest words first (the selection before that measurement).
 """
 from __future__ import annotations
 
 import math
 import re
 from collections import Counter
-from typing import List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 WORD = re.compile(r"[\w'’\-]+")
+SENTENCE_END = re.compile(r"[.!?:;\"'“”()\[\]]\s*$")
 
 
-def salient_token_ids(texts: Sequence[str], tokenizer, budget: int) -> List[List[int]]:
-    """Per text, the LLM token ids of its highest-idf distinct words (idf over ``texts``; English stop
-    words never count), at most
-    ``budget`` tokens, in the order the words appear; ties go to the earlier word."""
+def is_name_or_number(word: str, start: int, text: str) -> bool:
+    """A digit anywhere, or a capital letter on a word that does not open the text or a sentence."""
+    if any(c.isdigit() for c in word):
+        return True
+    return word[:1].isupper() and start > 0 and not SENTENCE_END.search(text[max(0, start - 3):start])
+
+
+# score(idf, tf, word, start, text) -> higher is kept first
+SCORINGS: Dict[str, Callable[[float, int, str, int, str], float]] = {
+    "tfidf_names": lambda idf, tf, word, start, text: tf * idf * (2.0 if is_name_or_number(word, start, text) else 1.0),
+    "idf": lambda idf, tf, word, start, text: idf,
+}
+
+
+def salient_token_ids(texts: Sequence[str], tokenizer, budget: int, scoring: str = "tfidf_names") -> List[List[int]]:
+    """Per text, the LLM token ids of its highest-scoring distinct words (idf over ``texts``; English
+    stop words never count), at most ``budget`` tokens, in the order the words appear; ties go to the
+    earlier word. ``scoring``: a name of ``SCORINGS``."""
     from bm25s.stopwords import STOPWORDS_EN_PLUS  # NLTK's English stop words; a dependency already
 
+    if scoring not in SCORINGS:
+        raise ValueError(f"keyword scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
+    score = SCORINGS[scoring]
     words = [[m for m in WORD.finditer(text) if m.group(0).lower() not in STOPWORDS_EN_PLUS] for text in texts]
     df = Counter(w for found in words for w in {m.group(0).lower() for m in found})
     n = len(texts)
     out = []
-    for text_words in words:
+    for text, text_words in zip(texts, words):
+        tf = Counter(m.group(0).lower() for m in text_words)
         unique = {}
         for index, match in enumerate(text_words):
-            unique.setdefault(match.group(0).lower(), (index, match.group(0)))
-        ranked = sorted(unique.items(), key=lambda kv: (-math.log((n + 1) / (1 + df[kv[0]])), kv[1][0]))
+            unique.setdefault(match.group(0).lower(), (index, match))
+        ranked = sorted(unique.items(), key=lambda kv: (
+            -score(math.log((n + 1) / (1 + df[kv[0]])), tf[kv[0]], kv[1][1].group(0), kv[1][1].start(), text),
+            kv[1][0]))
         kept, used = [], 0
-        for _, (index, word) in ranked:
-            ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        for _, (index, match) in ranked:
+            ids = tokenizer(" " + match.group(0), add_special_tokens=False)["input_ids"]
             if used + len(ids) <= budget:
                 kept.append((index, ids))
                 used += len(ids)
