@@ -21,6 +21,17 @@ Systems, same LLM, same k, same prompt, greedy decoding, the same training quest
 Every metric has its 95% bootstrap interval; pqa's differences from closed-book and from the best text RAG
 are paired tests on the same questions. The PNG plots F1 on the article split against the new documents'
 write steps for each pqa variant, the controls as horizontal lines.
+
+In parts: every row is measured on its own (a fresh copy of the LLM, everything seeded), so the table can
+be measured a few rows at a time, on several cores or machines, and combined::
+
+    python bench/quality.py --full --rows pqa "pqa, no write phase" --out part1
+    python bench/quality.py --full --rows "closed_book (trained reader)" ... --out part2
+    python bench/quality.py --full --combine part1/quality.json part2/quality.json
+
+``--variant LABEL JSON`` adds a pqa variant (config overrides) to the profile's, e.g. an ablation row to
+measure with ``--rows`` and combine into the stored table without rerunning the controls. Each row keeps
+the command that measured it.
 """
 from __future__ import annotations
 
@@ -54,9 +65,11 @@ PROFILES = {
                   new_passages_per_article=4, eval_fraction=0.45, top_k=3, max_new_tokens=24,
                   controls=["closed_book", "oracle", "dense_minilm"], floors=["closed_book"],
                   pqa_variants=DEFAULT_VARIANTS, new_write_epochs=3, overrides={}),
-    "full": dict(llm="smollm2-135m", data="squad", articles=24, passages_per_article=5, new_articles=6,
-                 new_passages_per_article=5, eval_fraction=0.45, top_k=3, max_new_tokens=24,
-                 controls=["closed_book", "oracle", "dense_minilm"], floors=["closed_book", "oracle"],
+    # 100 passages, 324 training / 404 held-out questions, 102 on new articles: about two hours on 2 cores
+    # (reader training of text RAG dominates); the plain-LLM floor is closed-book alone
+    "full": dict(llm="smollm2-135m", data="squad", articles=20, passages_per_article=5, new_articles=4,
+                 new_passages_per_article=5, eval_fraction=0.5, top_k=3, max_new_tokens=24,
+                 controls=["closed_book", "oracle", "dense_minilm"], floors=["closed_book"],
                  pqa_variants=DEFAULT_VARIANTS, new_write_epochs=4, overrides={}),
 }
 
@@ -229,8 +242,11 @@ def paired(rows: dict, a: str, b: str, split: str = "question") -> dict:
 
 
 def comparisons(rows: dict, variants) -> dict:
-    """Paired tests: each pqa variant against closed-book and the best text RAG, both splits."""
+    """Paired tests: each pqa variant against closed-book and the best text RAG, both splits; the first
+    variant (pqa) against each other variant (what the ablation changes), question split."""
     out = {}
+    for variant in variants[1:]:
+        out[f"{variants[0]} vs {variant} [question split]"] = paired(rows, variants[0], variant)
     closed = next((n for n in rows if n.startswith("closed_book (trained")), None)
     rag = best_text_rag(rows)
     for variant in variants:
@@ -249,7 +265,7 @@ def best_text_rag(rows: dict, split: str = "question"):
 
 
 def goals_of(rows: dict, compared: dict, variants) -> dict:
-    pqa = "pqa" if "pqa" in rows else next(iter(variants))
+    pqa = "pqa" if "pqa" in rows else next(iter(variants), None)
     closed = next((n for n in rows if n.startswith("closed_book (trained")), None)
     oracle = next((n for n in rows if n.startswith("oracle (trained")), None)
     rag = best_text_rag(rows)
@@ -258,13 +274,13 @@ def goals_of(rows: dict, compared: dict, variants) -> dict:
         value = rows[oracle]["metrics"]["F1"]
         goals["oracle"] = {"metric": "oracle reader F1 (held-out questions)", "target": f">= {GOALS['oracle_f1']:.0f}",
                            "value": value, "met": value >= GOALS["oracle_f1"]}
-    if closed:
+    if closed and pqa:
         test = compared[f"{pqa} vs {closed} [question split]"]["F1"]
         goals["above_closed_book"] = {
             "metric": f"{pqa} F1 - closed-book F1 (trained readers), paired p-value", "target": "> 0, p < 0.05",
             "value": test["p_value"], "difference": 100 * test["difference"],
             "met": test["difference"] > 0 and test["p_value"] < GOALS["p_value"]}
-    if rag:
+    if rag and pqa:
         value = rows[pqa]["metrics"]["F1"] / rows[rag]["metrics"]["F1"] if rows[rag]["metrics"]["F1"] else None
         goals["rag_ratio"] = {"metric": f"{pqa} F1 / best text-RAG F1 ({rag})", "target": f">= {GOALS['rag_ratio']}",
                               "value": value, "met": value is not None and value >= GOALS["rag_ratio"]}
@@ -272,13 +288,32 @@ def goals_of(rows: dict, compared: dict, variants) -> dict:
 
 
 # --------------------------------------------------------------------------- run
+def row_labels(params: dict) -> list:
+    """Every row a profile measures, in table order: the pqa variants, the trained controls, the floors."""
+    return (list(params["pqa_variants"]) + [f"{n} (trained reader)" for n in params["controls"]]
+            + [f"{n} (plain LLM)" for n in params["floors"]])
+
+
 @common.isolated
 def run(profile: str = "full", command: str | None = None, threads: int | None = common.DEFAULT_THREADS,
-        out_dir: str | None = None, **overrides) -> dict:
+        out_dir: str | None = None, rows: list | None = None, variants: dict | None = None,
+        combine: list | None = None, **overrides) -> dict:
+    """Measure the profile's rows (or only ``rows``, labels as the table prints them), with ``variants``
+    (label -> config overrides) added to its pqa variants; ``combine``: measure nothing, join the rows of
+    these result files (:func:`combine_results`)."""
     from pqa_core.llm import load_llm
 
+    if combine:
+        return combine_results([json.loads(Path(p).read_text(encoding="utf-8")) for p in combine], out_dir)
+    if variants:
+        overrides["pqa_variants"] = {**PROFILES[profile]["pqa_variants"], **variants}
     bench = common.Bench(NAME, profile, PROFILES, overrides, threads, command)
     params = bench.params
+    wanted = row_labels(params) if not rows else list(rows)
+    unknown = [label for label in wanted if label not in row_labels(params)]
+    if unknown:
+        raise ValueError(f"unknown row(s) {', '.join(map(repr, unknown))}; this profile's rows: "
+                         f"{', '.join(map(repr, row_labels(params)))} (add a pqa variant with --variant LABEL JSON)")
     loaded = {}
 
     def llm():  # one load, a fresh copy of the weights per system (each trains its own LoRA)
@@ -289,26 +324,71 @@ def run(profile: str = "full", command: str | None = None, threads: int | None =
         model, tokenizer = loaded["pair"]
         return copy.deepcopy(model), tokenizer
 
-    rows = {}
+    measured = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data, about = build_splits(params, tmp / "data")
         for label, variant in params["pqa_variants"].items():
-            name, row = pqa_row(params, data, tmp, label, variant, llm)
-            rows[name] = row
-        for name in params["controls"]:
-            label, row = control_row(params, data, tmp, name, True, llm)
-            rows[label] = row
-        for name in params["floors"]:
-            label, row = control_row(params, data, tmp, name, False, llm)
-            rows[label] = row
-    variants = list(params["pqa_variants"])
-    compared = comparisons(rows, variants)
-    result = bench.finish({"data": about, "rows": rows, "comparisons": compared,
-                           "goals": goals_of(rows, compared, variants)})
+            if label in wanted:
+                measured[label] = pqa_row(params, data, tmp, label, variant, llm)[1]
+        for name, trained in [(n, True) for n in params["controls"]] + [(n, False) for n in params["floors"]]:
+            label = f"{name} (trained reader)" if trained else f"{name} (plain LLM)"
+            if label in wanted:
+                measured[label] = control_row(params, data, tmp, name, trained, llm)[1]
+    for row in measured.values():
+        row["command"] = bench.command
+    result = bench.finish({"data": about, "rows": measured, **judged(measured, params)})
     if out_dir:
         plot(result, Path(out_dir) / "quality_write_curve.png")
     return result
+
+
+def judged(rows: dict, params: dict) -> dict:
+    """The paired comparisons and the goals of the rows at hand (a part may lack closed-book or text RAG)."""
+    variants = [label for label in params["pqa_variants"] if label in rows]
+    compared = comparisons(rows, variants)
+    return {"comparisons": compared, "goals": goals_of(rows, compared, variants)}
+
+
+def combine_results(results: list, out_dir: str | None = None) -> dict:
+    """One table from results measured in parts: the same benchmark, profile, parameters (bar the pqa
+    variants, which are joined) and data. A row in several parts is taken from the last (a row measured
+    again after a change replaces the old one; said on stderr). Comparisons and goals are recomputed."""
+    if not results:
+        raise ValueError("--combine needs at least one result file")
+    first = results[0]
+    rest_of = lambda r: {k: v for k, v in r["params"].items() if k != "pqa_variants"}  # noqa: E731
+    variants = {}
+    for index, result in enumerate(results):
+        for field in ("name", "profile", "data"):
+            if result.get(field) != first.get(field):
+                raise ValueError(f"result {index + 1} differs from result 1 in {field!r}: not parts of one table")
+        if rest_of(result) != rest_of(first):
+            raise ValueError(f"result {index + 1} was measured with other parameters than result 1: "
+                             f"{sorted(k for k in rest_of(first) if rest_of(first)[k] != rest_of(result).get(k))}")
+        for label, overrides in result["params"]["pqa_variants"].items():
+            if label in variants and variants[label] != overrides:
+                raise ValueError(f"pqa variant {label!r} has other overrides in result {index + 1}")
+            variants[label] = overrides
+    params = {**first["params"], "pqa_variants": variants}
+    joined = {}
+    for index, result in enumerate(results):
+        for label, row in result["rows"].items():
+            if label in joined:
+                same = joined[label]["per_question"] == row["per_question"]
+                print(f"[quality] row {label!r}: result {index + 1} replaces an earlier part's "
+                      f"({'the same answers' if same else 'other answers'})", file=sys.stderr)
+            joined[label] = row
+    order = row_labels(params)
+    rows = {label: joined[label] for label in order if label in joined}
+    commands = list(dict.fromkeys(r["command"] for r in results))
+    combined = {**{k: first[k] for k in ("name", "profile", "machine")}, "command": " + ".join(commands),
+                "params": params, "data": first["data"], "rows": rows, **judged(rows, params),
+                "wall_s": sum(r["wall_s"] for r in results), "loadavg_at_end": results[-1].get("loadavg_at_end"),
+                "combined_from": len(results)}
+    if out_dir:
+        plot(combined, Path(out_dir) / "quality_write_curve.png")
+    return combined
 
 
 def plot(result: dict, path: Path):
@@ -321,7 +401,7 @@ def plot(result: dict, path: Path):
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for label in result["params"]["pqa_variants"]:
+    for label in [v for v in result["params"]["pqa_variants"] if v in result["rows"]]:
         curve = result["rows"][label]["new"]["curve"]
         steps = [c["write_steps"] for c in curve]
         ax.plot(steps, [c["F1"] for c in curve], marker="o", label=label)
@@ -364,13 +444,18 @@ def markdown(result: dict) -> str:
         f1 = by_metric["F1"]
         tests.append([label, f"{100 * f1['difference']:+.1f} [{100 * f1['low']:+.1f}, {100 * f1['high']:+.1f}]",
                       f"{f1['p_value']:.3g}", "**yes**" if f1["significant"] else "no"])
+    commands = {}
+    for name, row in rows.items():
+        commands.setdefault(row.get("command") or result["command"], []).append(name)
+    provenance = [] if len(commands) < 2 else ["Measured in parts (`--rows`, then `--combine`):", ""] + [
+        f"- `{command}`: {', '.join(names)}" for command, names in commands.items()]
     goal_lines = []
     for g in result["goals"].values():
         value = "n/a" if g["value"] is None else f"{g['value']:.3g}"
         extra = f" (difference {g['difference']:+.1f} F1)" if "difference" in g else ""
         goal_lines.append(f"- {g['metric']}: **{value}**{extra}, goal {g['target']}: **{common.verdict(g['met'])}**")
     training = []
-    for label in p["pqa_variants"]:
+    for label in [v for v in p["pqa_variants"] if v in rows]:
         t = rows[label]["training"]
         acc = t["greedy_token_acc"][-1] if t["greedy_token_acc"] else None
         losses = ", ".join(f"{v:.2f}" for v in t["write_loss_per_epoch"])
@@ -397,6 +482,7 @@ def markdown(result: dict) -> str:
         "",
         common.md_table(headers, table),
         "",
+        *([*provenance, ""] if provenance else []),
         "Paired tests (F1, same questions; difference in points [95% CI], sign-flip permutation p-value):",
         "",
         common.md_table(["comparison", "F1 difference", "p", "p < 0.05"], tests),
@@ -409,8 +495,32 @@ def markdown(result: dict) -> str:
     ]))
 
 
+def add_arguments(parser) -> None:
+    parser.add_argument("--rows", nargs="+", metavar="LABEL", help="measure only these rows (labels as the table "
+                                                                   "prints them)")
+    parser.add_argument("--variant", nargs=2, action="append", metavar=("LABEL", "JSON"), default=[],
+                        help="add a pqa variant: a label and its config overrides as JSON, e.g. "
+                             "'pqa, rarest keywords' '{\"model\": {\"keyword_scoring\": \"idf\"}}'")
+    parser.add_argument("--combine", nargs="+", metavar="RESULT_JSON",
+                        help="measure nothing: one table from results measured in parts (--rows)")
+
+
+def run_kwargs(args, out) -> dict:
+    variants = {}
+    for label, text in args.variant:
+        try:
+            variants[label] = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"--variant {label!r}: its overrides are not JSON: {error}")
+        if not isinstance(variants[label], dict):
+            raise SystemExit(f"--variant {label!r}: its overrides must be a JSON object, got {text!r}")
+    if args.rows and not args.out:
+        raise SystemExit("--rows measures part of the table: give --out (then --combine the parts)")
+    return {"out_dir": str(out), "rows": args.rows, "variants": variants, "combine": args.combine}
+
+
 def main(argv=None) -> int:
-    return common.script_main(sys.modules[__name__], argv, run_kwargs=lambda args, out: {"out_dir": str(out)})
+    return common.script_main(sys.modules[__name__], argv, add_arguments=add_arguments, run_kwargs=run_kwargs)
 
 
 if __name__ == "__main__":

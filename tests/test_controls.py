@@ -231,6 +231,9 @@ def test_bench_quality_and_latency_scripts_run(tmp_path):
     curve = q["rows"]["pqa"]["new"]["curve"]  # F1 before and after each write epoch of the new documents
     assert [c["write_steps"] for c in curve][0] == 0 and len(curve) == 3
     assert {"oracle", "above_closed_book", "rag_ratio"} <= set(q["goals"])
+    alone = quality.run("smoke", command="pytest alone", rows=["pqa, no write phase"])  # a row measured apart
+    assert list(alone["rows"]) == ["pqa, no write phase"]  # ... is the row of the whole run, answer for answer
+    assert alone["rows"]["pqa, no write phase"]["per_question"] == q["rows"]["pqa, no write phase"]["per_question"]
     (tmp_path / "quality.json").write_text(json.dumps(q, default=str))
     lat = latency.run("smoke", command="pytest smoke", quality_json=str(tmp_path / "quality.json"))
     assert [r["new_tokens"] for r in lat["rows"]] == [1, 8]
@@ -239,3 +242,33 @@ def test_bench_quality_and_latency_scripts_run(tmp_path):
     assert lat["f1_from_quality"]["bm25"] == q["rows"]["bm25 (trained reader)"]["metrics"]["F1"]
     for md in (quality.markdown(q), latency.markdown(lat)):
         assert md.startswith("## (") and "Command: `pytest smoke`" in md and "| " in md
+
+
+def test_bench_quality_measured_in_parts_combines_into_one_table():
+    """--rows measures part of bench (a), --variant adds a pqa variant, --combine joins the parts and
+    recomputes the paired tests; parts of different parameters are refused."""
+    from pqa_experiments.cli_bench import load_driver
+
+    load_driver()
+    from bench import quality
+
+    zero = {"model": {"content_init": "zero"}, "write": {"epochs": 1}}
+    part1 = quality.run("smoke", command="part one", rows=["pqa", "closed_book (trained reader)"])
+    part2 = quality.run("smoke", command="part two", rows=["pqa, zero content"], variants={"pqa, zero content": zero})
+    assert set(part1["rows"]) == {"pqa", "closed_book (trained reader)"} and list(part2["rows"]) == ["pqa, zero content"]
+    assert "pqa vs closed_book (trained reader) [question split]" in part1["comparisons"]
+    assert not part2["comparisons"] and "above_closed_book" not in part2["goals"]  # nothing to pair with yet
+    combined = quality.combine_results([part1, part2])
+    assert list(combined["rows"]) == ["pqa", "pqa, zero content", "closed_book (trained reader)"]
+    assert combined["params"]["pqa_variants"]["pqa, zero content"] == zero
+    assert {"pqa vs pqa, zero content [question split]", "pqa, zero content vs closed_book (trained reader) "
+            "[question split]"} <= set(combined["comparisons"])
+    md = quality.markdown(combined)
+    assert "Measured in parts" in md and "- `part two`: pqa, zero content" in md
+    with pytest.raises(ValueError, match="unknown row.*'nope'"):
+        quality.run("smoke", rows=["nope"])
+    changed = {**part2, "params": {**part2["params"], "top_k": 5}}
+    with pytest.raises(ValueError, match="other parameters than result 1: \\['top_k'\\]"):
+        quality.combine_results([part1, changed])
+    with pytest.raises(SystemExit, match="--rows measures part of the table: give --out"):
+        quality.main(["--smoke", "--rows", "pqa"])
