@@ -193,8 +193,11 @@ def command_line(default: str) -> str:
 
 
 def script_command(script: str, argv: Optional[Sequence[str]] = None) -> str:
+    """The command as a shell takes it back (arguments with spaces or quotes quoted)."""
+    import shlex
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    return " ".join(["python", f"bench/{script}"] + argv)
+    return shlex.join(["python", f"bench/{script}"] + argv)
 
 
 def quiet_libraries() -> None:
@@ -256,7 +259,8 @@ def header(result: dict) -> str:
     """The lines every benchmark section starts with: command, machine, wall time."""
     return (f"Command: `{result['command']}`  \n"
             f"Machine: {machine_line(result['machine'])}  \n"
-            f"Profile: {result['profile']}; this benchmark's wall time {result['wall_s']:.0f} s; "
+            f"Profile: {result['profile']}; this benchmark's wall time {result['wall_s']:.0f} s"
+            f"{' (its ' + str(result['combined_from']) + ' parts summed)' if result.get('combined_from') else ''}; "
             f"load average at end {result.get('loadavg_at_end', ['?'])[0]}")
 
 

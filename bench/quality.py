@@ -304,7 +304,7 @@ def run(profile: str = "full", command: str | None = None, threads: int | None =
     from pqa_core.llm import load_llm
 
     if combine:
-        return combine_results([json.loads(Path(p).read_text(encoding="utf-8")) for p in combine], out_dir)
+        return combine_results([json.loads(Path(p).read_text(encoding="utf-8")) for p in combine], out_dir, command)
     if variants:
         overrides["pqa_variants"] = {**PROFILES[profile]["pqa_variants"], **variants}
     bench = common.Bench(NAME, profile, PROFILES, overrides, threads, command)
@@ -350,7 +350,7 @@ def judged(rows: dict, params: dict) -> dict:
     return {"comparisons": compared, "goals": goals_of(rows, compared, variants)}
 
 
-def combine_results(results: list, out_dir: str | None = None) -> dict:
+def combine_results(results: list, out_dir: str | None = None, command: str | None = None) -> dict:
     """One table from results measured in parts: the same benchmark, profile, parameters (bar the pqa
     variants, which are joined) and data. A row in several parts is taken from the last (a row measured
     again after a change replaces the old one; said on stderr). Comparisons and goals are recomputed."""
@@ -381,8 +381,8 @@ def combine_results(results: list, out_dir: str | None = None) -> dict:
             joined[label] = row
     order = row_labels(params)
     rows = {label: joined[label] for label in order if label in joined}
-    commands = list(dict.fromkeys(r["command"] for r in results))
-    combined = {**{k: first[k] for k in ("name", "profile", "machine")}, "command": " + ".join(commands),
+    combined = {**{k: first[k] for k in ("name", "profile", "machine")},
+                "command": command or " + ".join(dict.fromkeys(r["command"] for r in results)),
                 "params": params, "data": first["data"], "rows": rows, **judged(rows, params),
                 "wall_s": sum(r["wall_s"] for r in results), "loadavg_at_end": results[-1].get("loadavg_at_end"),
                 "combined_from": len(results)}
