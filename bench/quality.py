@@ -158,13 +158,18 @@ def _scored(metrics: dict, predictions: Path, seconds: float, **extra) -> dict:
         qid: {k: r[k] for k in ("em", "f1", "substring")} for qid, r in records.items()}, **extra}
 
 
+def control_label(name: str, trained: bool) -> str:
+    """A control's row label: with its own trained reader, or the plain LLM (the floor)."""
+    return f"{name} (trained reader)" if trained else f"{name} (plain LLM)"
+
+
 def control_row(params, data, tmp: Path, name: str, trained: bool, llm):
     """A control scored on both splits: with its own trained reader, or with the plain LLM."""
     from pqa_core.controls import build_control, evaluate_control
     from pqa_core.pipeline import Pipeline
     from pqa_core.training import RecordingLogger
 
-    label = f"{name} (trained reader)" if trained else f"{name} (plain LLM)"
+    label = control_label(name, trained)
     folder = tmp / label.replace(" ", "_").replace("(", "").replace(")", "")
     config = run_config(params, data, folder, {"control": {"name": name},
                                                "phases": ["control_read", "control"] if trained else ["control"]})
@@ -290,8 +295,8 @@ def goals_of(rows: dict, compared: dict, variants) -> dict:
 # --------------------------------------------------------------------------- run
 def row_labels(params: dict) -> list:
     """Every row a profile measures, in table order: the pqa variants, the trained controls, the floors."""
-    return (list(params["pqa_variants"]) + [f"{n} (trained reader)" for n in params["controls"]]
-            + [f"{n} (plain LLM)" for n in params["floors"]])
+    return (list(params["pqa_variants"]) + [control_label(n, True) for n in params["controls"]]
+            + [control_label(n, False) for n in params["floors"]])
 
 
 @common.isolated
@@ -309,11 +314,12 @@ def run(profile: str = "full", command: str | None = None, threads: int | None =
         overrides["pqa_variants"] = {**PROFILES[profile]["pqa_variants"], **variants}
     bench = common.Bench(NAME, profile, PROFILES, overrides, threads, command)
     params = bench.params
-    wanted = row_labels(params) if not rows else list(rows)
-    unknown = [label for label in wanted if label not in row_labels(params)]
+    known = row_labels(params)
+    wanted = list(rows) if rows else known
+    unknown = [label for label in wanted if label not in known]
     if unknown:
         raise ValueError(f"unknown row(s) {', '.join(map(repr, unknown))}; this profile's rows: "
-                         f"{', '.join(map(repr, row_labels(params)))} (add a pqa variant with --variant LABEL JSON)")
+                         f"{', '.join(map(repr, known))} (add a pqa variant with --variant LABEL JSON)")
     loaded = {}
 
     def llm():  # one load, a fresh copy of the weights per system (each trains its own LoRA)
@@ -332,7 +338,7 @@ def run(profile: str = "full", command: str | None = None, threads: int | None =
             if label in wanted:
                 measured[label] = pqa_row(params, data, tmp, label, variant, llm)[1]
         for name, trained in [(n, True) for n in params["controls"]] + [(n, False) for n in params["floors"]]:
-            label = f"{name} (trained reader)" if trained else f"{name} (plain LLM)"
+            label = control_label(name, trained)
             if label in wanted:
                 measured[label] = control_row(params, data, tmp, name, trained, llm)[1]
     for row in measured.values():
@@ -358,14 +364,16 @@ def combine_results(results: list, out_dir: str | None = None, command: str | No
         raise ValueError("--combine needs at least one result file")
     first = results[0]
     rest_of = lambda r: {k: v for k, v in r["params"].items() if k != "pqa_variants"}  # noqa: E731
+    base = rest_of(first)
     variants = {}
     for index, result in enumerate(results):
         for field in ("name", "profile", "data"):
             if result.get(field) != first.get(field):
                 raise ValueError(f"result {index + 1} differs from result 1 in {field!r}: not parts of one table")
-        if rest_of(result) != rest_of(first):
+        params = rest_of(result)
+        if params != base:
             raise ValueError(f"result {index + 1} was measured with other parameters than result 1: "
-                             f"{sorted(k for k in rest_of(first) if rest_of(first)[k] != rest_of(result).get(k))}")
+                             f"{sorted(k for k in base if base[k] != params.get(k))}")
         for label, overrides in result["params"]["pqa_variants"].items():
             if label in variants and variants[label] != overrides:
                 raise ValueError(f"pqa variant {label!r} has other overrides in result {index + 1}")

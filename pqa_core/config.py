@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from .errors import UsageError
+from .keywords import SCORINGS as KEYWORD_SCORINGS
 from .kinds import KIND
 
 
@@ -212,7 +213,7 @@ RANGES: Dict[str, Range] = {
 CHOICES: Dict[str, tuple] = {
     "model.doc_init": ("minilm", "random"),
     "model.content_init": ("auto", "keywords", "zero"),
-    "model.keyword_scoring": ("tfidf_names", "idf"),
+    "model.keyword_scoring": tuple(KEYWORD_SCORINGS),
     "write.documents": ("all", "new"),
 }
 
