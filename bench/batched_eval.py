@@ -1,4 +1,4 @@
-"""(g) Batched evaluation (``pqa_core.evaluation.evaluate_qa``) vs the seed notebook's per-question loop.
+"""(g) Batched evaluation (``pqa_core.evaluation.qa.evaluate_qa``) vs the seed notebook's per-question loop.
 
 The seed's ``evaluate_qa`` took one question at a time, tokenized with ``padding="max_length",
 max_length=128``, selected documents and generated with ``max_new_tokens=64``. The reimplementation
@@ -43,9 +43,9 @@ DEFAULT_BATCH = 16  # EvalSettings.batch_size: the goal is read at pqa's default
 def _setup(llm_name: str, n_questions: int, top_k: int):
     import torch
 
-    from pqa_core.builder import build_model
+    from pqa_core.modeling.builder import build_model
     from pqa_core.config import PQAConfig
-    from pqa_core.data import ReadPhaseDataset, load_corpus, load_qa, sample_data_path
+    from pqa_core.data.loading import ReadPhaseDataset, load_corpus, load_qa, sample_data_path
 
     config = PQAConfig.from_dict({"model": {"llm": llm_name, "device": "cpu"}, "read": {"top_k": top_k}})
     corpus = load_corpus(sample_data_path("corpus.jsonl"))
@@ -64,8 +64,8 @@ def seed_loop(model, dataset, prompt: str, top_k: int, max_new_tokens: int):
     """The seed's evaluation shape: one question at a time, padded to 128. Returns (metrics, predictions)."""
     import torch
 
-    from pqa_core.evaluation import decode_answers
-    from pqa_core.metrics import compute_em, compute_f1
+    from pqa_core.evaluation.qa import decode_answers
+    from pqa_core.evaluation.metrics import compute_em, compute_f1
 
     model.eval()
     tokenizer = model.tokenizer
@@ -94,7 +94,7 @@ def seed_loop(model, dataset, prompt: str, top_k: int, max_new_tokens: int):
 def batched_predictions(model, dataset, top_k: int, batch_size: int, max_new_tokens: int):
     import json
 
-    from pqa_core.evaluation import evaluate_qa
+    from pqa_core.evaluation.qa import evaluate_qa
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "predictions.jsonl")
@@ -163,7 +163,7 @@ def markdown(result: dict) -> str:
                              "speedup", "per-round range", "new tokens/q (seed)", "same predictions"], rows)
     return common.section(
         "(g) Batched evaluation vs the seed's per-question loop", result,
-        f"Questions of the shipped sample (`pqa_core/sample_data`, eval then train), untrained models built from the "
+        f"Questions of the shipped sample (`pqa_core/data/sample_data`, eval then train), untrained models built from the "
         f"default config (MiniLM query encoder, cosine selector, LoRA on), top_k={p['top_k']}, 4 soft tokens per "
         f"document; **both sides generate at most {p['max_new_tokens']} new tokens** (greedy, KV cache, stop at EOS); "
         f"seed loop: batch 1, question padded to {SEED_MAX_LENGTH} tokens; batched: `evaluate_qa` (predictions file "

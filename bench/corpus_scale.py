@@ -47,7 +47,7 @@ def widen(model, num_docs: int, seed: int = 0) -> None:
     real rows first, then random unit keys with zero content (filled a block of rows at a time)."""
     import torch
 
-    from pqa_core.doc_table import BLOCK_ROWS
+    from pqa_core.modeling.doc_table import BLOCK_ROWS
 
     real = model.doc_vectors.detach()
     g = torch.Generator().manual_seed(seed)
@@ -68,11 +68,11 @@ def setup(llm_name: str, num_docs: int, batch_size: int, doc_dtype: str = "float
     (``table_dir``: a memory-mapped table's folder)."""
     import torch
 
-    from pqa_core.builder import build_losses, build_model
+    from pqa_core.modeling.builder import build_losses, build_model
     from pqa_core.config import PQAConfig
-    from pqa_core.data import ReadPhaseDataset, WritePhaseDataset, load_corpus, load_qa, sample_data_path
-    from pqa_core.read_phase import ReadPhaseTrainer
-    from pqa_core.write_phase import WritePhaseTrainer, prepared_objective
+    from pqa_core.data.loading import ReadPhaseDataset, WritePhaseDataset, load_corpus, load_qa, sample_data_path
+    from pqa_core.training.read_phase import ReadPhaseTrainer
+    from pqa_core.training.write_phase import WritePhaseTrainer, prepared_objective
 
     config = PQAConfig.from_dict({
         # m=4 and zero content: the setting measured at 10^6 (at the default m=32 such a table is ~110 GB)
@@ -130,7 +130,7 @@ def large_table(llm_name: str, num_docs: int, batch_size: int, folder: str, thre
 
     import torch
 
-    from pqa_core.checkpoints import save_checkpoint
+    from pqa_core.storage.checkpoints import save_checkpoint
 
     torch.set_num_threads(threads)
     common.quiet_libraries()

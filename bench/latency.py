@@ -63,7 +63,7 @@ class FixedLengthTokenizer:
 
 def _setup(params: dict, tmp: Path):
     from pqa_core.config import PQAConfig
-    from pqa_core.data import ReadPhaseDataset
+    from pqa_core.data.loading import ReadPhaseDataset
     from pqa_core.pipeline import Pipeline
 
     paths, about = quality.build_splits(params, tmp / "data")
@@ -99,8 +99,8 @@ def run(profile: str = "full", command: str | None = None, threads: int | None =
         quality_json: str | None = None, **overrides) -> dict:
     import torch
 
-    from pqa_core.controls import build_control, evaluate_control
-    from pqa_core.evaluation import evaluate_qa
+    from pqa_core.training.controls import build_control, evaluate_control
+    from pqa_core.evaluation.qa import evaluate_qa
 
     bench = common.Bench(NAME, profile, PROFILES, overrides, threads, command)
     params = bench.params

@@ -49,7 +49,7 @@ def final_tensors(folder: Path) -> dict:
 
 
 def one_run(nproc: int, params: dict, threads: int, folder: Path) -> dict:
-    command = [sys.executable, "-m", "pqa_experiments.cli", "run", "pipeline", "--nproc", str(nproc), "--no-db",
+    command = [sys.executable, "-m", "pqa_experiments.cli.main", "run", "pipeline", "--nproc", str(nproc), "--no-db",
                "with", f"model.llm={params['llm']}", *params["args"], f"threads={threads or 1}", "seed=0",
                f"output_dir='{folder}'"]
     env = dict(os.environ, PQA_PROGRESS="0")

@@ -98,7 +98,7 @@ def _first_passages(corpus, titles, per_article):
 def build_splits(params: dict, out_dir: Path, squad_dir: Path = SQUAD_DIR):
     """Files of both splits in ``out_dir``: ``corpus``, ``qa`` (training), ``eval_qa`` (held-out) of the
     question split; ``grown_corpus`` (its passages + the new ones) and ``new_eval_qa`` of the article split."""
-    from pqa_core.data import load_corpus, load_qa, sample_data_path, split_examples
+    from pqa_core.data.loading import load_corpus, load_qa, sample_data_path, split_examples
 
     if params["data"] == "sample":  # the sample's passages are one-article each: the last 8 play the new articles
         corpus = load_corpus(sample_data_path("corpus.jsonl"))
@@ -151,7 +151,7 @@ def run_config(params: dict, data: dict, output_dir: Path, *overrides: dict):
 
 
 def _scored(metrics: dict, predictions: Path, seconds: float, **extra) -> dict:
-    from pqa_core.stats import read_predictions
+    from pqa_core.evaluation.stats import read_predictions
 
     records = read_predictions(predictions)
     return {"metrics": metrics, "seconds": seconds, "per_question": {
@@ -165,9 +165,9 @@ def control_label(name: str, trained: bool) -> str:
 
 def control_row(params, data, tmp: Path, name: str, trained: bool, llm):
     """A control scored on both splits: with its own trained reader, or with the plain LLM."""
-    from pqa_core.controls import build_control, evaluate_control
+    from pqa_core.training.controls import build_control, evaluate_control
     from pqa_core.pipeline import Pipeline
-    from pqa_core.training import RecordingLogger
+    from pqa_core.training.loop import RecordingLogger
 
     label = control_label(name, trained)
     folder = tmp / label.replace(" ", "_").replace("(", "").replace(")", "")
@@ -180,7 +180,7 @@ def control_row(params, data, tmp: Path, name: str, trained: bool, llm):
     row = _scored(metrics, folder / "predictions.jsonl", time.perf_counter() - start,
                   reader_losses=[v for _, v in logger.scalars.get("control_read.epoch_loss", [])])
     # the article split: the same reader, the corpus grown by the new passages
-    from pqa_core.data import load_corpus, load_qa
+    from pqa_core.data.loading import load_corpus, load_qa
 
     grown = load_corpus(data["grown_corpus"])
     control = build_control(config.control, grown, pipeline.tokenizer)
@@ -197,7 +197,7 @@ def control_row(params, data, tmp: Path, name: str, trained: bool, llm):
 def pqa_row(params, data, tmp: Path, label: str, overrides: dict, llm):
     """A pqa variant: write + read on the question split, then the new documents written with its reader."""
     from pqa_core.pipeline import Pipeline
-    from pqa_core.training import RecordingLogger
+    from pqa_core.training.loop import RecordingLogger
 
     folder = tmp / label.replace(" ", "_")
     config = run_config(params, data, folder, {"phases": ["write", "read", "eval"]}, overrides)
@@ -239,7 +239,7 @@ def pqa_row(params, data, tmp: Path, label: str, overrides: dict, llm):
 
 # --------------------------------------------------------------------------- comparisons and goals
 def paired(rows: dict, a: str, b: str, split: str = "question") -> dict:
-    from pqa_core.stats import compare_records
+    from pqa_core.evaluation.stats import compare_records
 
     pick = (lambda r: r["per_question"]) if split == "question" else (lambda r: r["new"]["per_question"])
     out = {c.metric: c.to_dict() for c in compare_records(pick(rows[a]), pick(rows[b]), names=(a, b))}
@@ -306,7 +306,7 @@ def run(profile: str = "full", command: str | None = None, threads: int | None =
     """Measure the profile's rows (or only ``rows``, labels as the table prints them), with ``variants``
     (label -> config overrides) added to its pqa variants; ``combine``: measure nothing, join the rows of
     these result files (:func:`combine_results`)."""
-    from pqa_core.llm import load_llm
+    from pqa_core.modeling.llm import load_llm
 
     if combine:
         return combine_results([json.loads(Path(p).read_text(encoding="utf-8")) for p in combine], out_dir, command)

@@ -6,7 +6,7 @@ B=64 queries, d=384: ``scores = q @ Z.T`` then top-10, in these forms:
 
 - ``matmul``: the ``[B, N]`` scores alone (no top-k);
 - ``exact_topk``: full ``[B, N]`` scores then ``torch.topk`` (what evaluation did before the index);
-- ``chunked_topk``: pqa's exact search (``eval.index=exact``, ``pqa_core.selection_index.matmul_topk``):
+- ``chunked_topk``: pqa's exact search (``eval.index=exact``, ``pqa_core.modeling.selection_index.matmul_topk``):
   blocks of Z rows scored into one reused buffer, and only the rows whose block maximum beats their
   running 10th best merge the block's top-10 (same result; the ``[B, N]`` matrix never exists);
 - ``cosine_topk``: the ``cosine`` selector through pqa's exact index (normalised doc vectors kept
@@ -125,9 +125,9 @@ def squad_minilm(question_count: int, squad_dir: Path = SQUAD_DIR):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from pqa_core.atomic import sha256_file
-    from pqa_core.data import load_corpus, load_qa
-    from pqa_core.minilm import embed_texts
+    from pqa_core.storage.atomic import sha256_file
+    from pqa_core.data.loading import load_corpus, load_qa
+    from pqa_core.modeling.minilm import embed_texts
 
     if not (squad_dir / "corpus.jsonl").exists():
         raise FileNotFoundError(f"SQuAD v1.1 data not found in {squad_dir} (corpus.jsonl, qa.jsonl)")
@@ -207,8 +207,8 @@ def index_rows(z, queries, params, dataset: str):
     import torch
 
     from pqa_core.config import PQAConfig
-    from pqa_core.plugins import build
-    from pqa_core.selection_index import ExactIndex, build_index, ivf_lists
+    from pqa_core.components.plugins import build
+    from pqa_core.modeling.selection_index import ExactIndex, build_index, ivf_lists
 
     k, B = params["k"], params["batch"]
     dot = build("selector", "dot", {})
@@ -275,8 +275,8 @@ def run(profile: str = "quick", command: str | None = None, threads: int | None 
         out_dir=None, **overrides) -> dict:
     import torch
 
-    from pqa_core.plugins import build
-    from pqa_core.selection_index import DEFAULT_CHUNK, ExactIndex, matmul_topk
+    from pqa_core.components.plugins import build
+    from pqa_core.modeling.selection_index import DEFAULT_CHUNK, ExactIndex, matmul_topk
 
     bench = common.Bench(NAME, profile, PROFILES, overrides, threads, command)
     params = bench.params

@@ -38,10 +38,10 @@ PROFILES = {
 def _setup(llm_name: str, batch_size: int, top_k: int = 3, num_memory_tokens: int = 4):
     import torch
 
-    from pqa_core.builder import build_losses, build_model
+    from pqa_core.modeling.builder import build_losses, build_model
     from pqa_core.config import PQAConfig
-    from pqa_core.data import ReadPhaseDataset, load_corpus, load_qa, sample_data_path
-    from pqa_core.read_phase import ReadPhaseTrainer
+    from pqa_core.data.loading import ReadPhaseDataset, load_corpus, load_qa, sample_data_path
+    from pqa_core.training.read_phase import ReadPhaseTrainer
 
     config = PQAConfig.from_dict({"model": {"llm": llm_name, "num_memory_tokens": num_memory_tokens,
                                             "lora": {"enabled": True}, "device": "cpu"},

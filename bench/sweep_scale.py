@@ -38,7 +38,7 @@ PROFILES = {
 
 
 def _pqa(args, env):
-    proc = subprocess.run([sys.executable, "-m", "pqa_experiments.cli", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "pqa_experiments.cli.main", *args], capture_output=True, text=True,
                           env=env)
     return proc
 
@@ -48,8 +48,8 @@ def run(profile: str = "quick", command: str | None = None, threads: int | None 
         **overrides) -> dict:
     import pymongo
 
-    from pqa_experiments import db
-    from pqa_experiments.sweep_spec import parse_spec
+    from pqa_experiments.store import db
+    from pqa_experiments.sweeps.spec import parse_spec
 
     from bench.tracking_overhead import free_port
 

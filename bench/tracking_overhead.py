@@ -1,6 +1,6 @@
 """(e) Tracking overhead: the same ``pqa run`` with the MongoDB observer and without it.
 
-Both sides are the ``pqa run`` command itself (``pqa_experiments.cli_run.run``, called in this process
+Both sides are the ``pqa run`` command itself (``pqa_experiments.cli.run.run``, called in this process
 so that imports are paid once, not per run): the ``pipeline`` experiment on the shipped sample, every
 phase (write, read, eval), with the same config, seed and threads; only the run store differs:
 
@@ -10,7 +10,7 @@ phase (write, read, eval), with the same config, seed and threads; only the run 
   set-up (client, indexes), the run document, sources and data files (GridFS), the captured output,
   a heartbeat every 10 s (info, captured output, the step metrics in chunked documents), the
   predictions artifact and the final save. The store is an embedded SecantusDB daemon that this
-  script starts on a free port with its data in a temporary folder (``pqa_experiments.db``, as the
+  script starts on a free port with its data in a temporary folder (``pqa_experiments.store.db``, as the
   tests do), and stops at the end; ``--mongo-url`` measures another server instead.
 
 Rounds are interleaved, the order reversed every other round; reported, with the per-round spread:
@@ -127,7 +127,9 @@ class Probe:
         return make
 
     def __enter__(self):
-        from pqa_experiments import db, observers, tracking
+        from pqa_experiments.store import db
+        from pqa_experiments.store import observers
+        from pqa_experiments.tracking import bridge as tracking
 
         probe = self
 
@@ -179,7 +181,7 @@ def _output_to(path: Path):
 
 def pqa_run(args) -> None:
     """``pqa run <args>`` in this process (SIGTERM's handler, which the command sets, restored after)."""
-    from pqa_experiments.cli_run import run as run_command
+    from pqa_experiments.cli.run import run as run_command
 
     handler = signal.getsignal(signal.SIGTERM)
     try:
@@ -195,7 +197,7 @@ def sacred_args(params: dict, threads: int, output_dir: str):
 
 def check_stored(database, run: dict) -> dict:
     """The run's stored status, points and artifacts against what it logged and added."""
-    from pqa_experiments.metric_chunks import read_metric
+    from pqa_experiments.store.metric_chunks import read_metric
 
     doc = database.runs.find_one({"_id": run["run_id"]}, {"status": 1, "artifacts": 1, "resources": 1})
     stored = {name: read_metric(database, run["run_id"], name)
@@ -213,7 +215,7 @@ def run(profile: str = "quick", command: str | None = None, threads: int | None 
         mongo_url: str | None = None, **overrides) -> dict:
     import pymongo
 
-    from pqa_experiments import db
+    from pqa_experiments.store import db
 
     bench = common.Bench(NAME, profile, PROFILES, overrides, threads, command)
     params, threads_in_force = bench.params, bench.threads
@@ -231,7 +233,7 @@ def run(profile: str = "quick", command: str | None = None, threads: int | None 
             else:
                 url = db.ensure_running(data_dir=home, port=free_port()).rstrip("/")
                 daemon_pid = db.status(data_dir=home)["pid"]
-                store = "embedded SecantusDB daemon (pqa_experiments.db) on 127.0.0.1, data in a temporary folder"
+                store = "embedded SecantusDB daemon (pqa_experiments.store.db) on 127.0.0.1, data in a temporary folder"
             target = f"{url}/{db_name}"
             counter = {side: 0 for side in SIDES}
 

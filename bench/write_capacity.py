@@ -69,7 +69,7 @@ def first_mistakes(hits, valid):
 
 def load_passages(tokenizer, docs: int, doc_tokens: int):
     """The first ``docs`` passages with at least ``doc_tokens`` tokens: SQuAD when present, else the sample."""
-    from pqa_core.data import load_corpus, sample_data_path
+    from pqa_core.data.loading import load_corpus, sample_data_path
 
     source = SQUAD_CORPUS if SQUAD_CORPUS.exists() else Path(sample_data_path("corpus.jsonl"))
     chosen = [d for d in load_corpus(str(source))
@@ -82,10 +82,10 @@ def load_passages(tokenizer, docs: int, doc_tokens: int):
 def run_setting(llm_and_tokenizer, passages, params, setting, seed: int = 0):
     import torch
 
-    from pqa_core.builder import build_model
+    from pqa_core.modeling.builder import build_model
     from pqa_core.config import PQAConfig, WriteSettings
-    from pqa_core.data import DocumentRows, WritePhaseDataset
-    from pqa_core.write_phase import WritePhaseTrainer, prepared_objective
+    from pqa_core.data.loading import DocumentRows, WritePhaseDataset
+    from pqa_core.training.write_phase import WritePhaseTrainer, prepared_objective
 
     projection, m, lr_z, betas = setting
     llm, tokenizer = llm_and_tokenizer
@@ -134,7 +134,7 @@ def run_setting(llm_and_tokenizer, passages, params, setting, seed: int = 0):
 @common.isolated
 def run(profile: str = "full", command: str | None = None, threads: int | None = common.DEFAULT_THREADS,
         **overrides) -> dict:
-    from pqa_core.llm import load_llm
+    from pqa_core.modeling.llm import load_llm
 
     bench = common.Bench(NAME, profile, PROFILES, overrides, threads, command)
     params = bench.params

@@ -12,7 +12,7 @@ config) and one ``@hookimpl`` function that registers them by name:
 - ``controls`` (baselines, plain objects, not modules): ``closed_book``, ``random_docs``, ``oracle``,
   ``bm25``, ``dense_minilm``
 
-Constructor parameters named like the model context (``pqa_core.kinds.MODEL_CONTEXT``: ``d_z``,
+Constructor parameters named like the model context (``pqa_core.components.kinds.MODEL_CONTEXT``: ``d_z``,
 ``d_model``, ``num_tokens``, ``llm`` ...) are supplied by the model to selectors, query encoders and
-projections (see ``pqa_core.plugins.build``); all others are user config.
+projections (see ``pqa_core.components.plugins.build``); all others are user config.
 """

@@ -25,7 +25,7 @@ from pqa_core.interfaces import Control
 
 
 def _title_and_text(doc) -> str:
-    """The text retrieval indexes, as ``pqa_core.builder.initial_keys`` embeds it."""
+    """The text retrieval indexes, as ``pqa_core.modeling.builder.initial_keys`` embeds it."""
     return (doc.title.replace("_", " ") + ". " + doc.text).strip(". ")
 
 
@@ -102,7 +102,7 @@ class DenseMiniLM(Control):
 
     @torch.no_grad()
     def _embed(self, texts: Sequence[str], max_length: int) -> torch.Tensor:
-        from pqa_core.minilm import MINILM_DIM, mean_pool
+        from pqa_core.modeling.minilm import MINILM_DIM, mean_pool
 
         model, tokenizer = self._encoder
         out: List[torch.Tensor] = []
@@ -114,7 +114,7 @@ class DenseMiniLM(Control):
 
     def index(self, corpus, tokenizer=None):
         super().index(corpus, tokenizer)
-        from pqa_core.minilm import load_minilm
+        from pqa_core.modeling.minilm import load_minilm
 
         self._encoder = load_minilm()  # once: embed_texts would reload it on every call
         self.doc_embeddings = self._embed([_title_and_text(d) for d in corpus], max_length=256)

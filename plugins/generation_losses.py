@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from pqa_core.distributed import batch_mean
+from pqa_core.training.distributed import batch_mean
 from pqa_core.hookspecs import hookimpl
 from pqa_core.interfaces import GenerationLoss
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from pqa_core.hookspecs import hookimpl
 from pqa_core.interfaces import QueryEncoder
-from pqa_core.minilm import MINILM_DIM, load_minilm, mean_pool
+from pqa_core.modeling.minilm import MINILM_DIM, load_minilm, mean_pool
 
 
 class LLMMeanEncoder(QueryEncoder):

@@ -1,7 +1,7 @@
 """Built-in retrieval losses: scores ``[B, N]`` + boolean gold mask ``[B, N]`` -> scalar.
 
 A row may have several gold documents. A row with none is an error (it would
-otherwise contribute a silent 0 or NaN). Means are ``pqa_core.distributed.batch_mean``: over the
+otherwise contribute a silent 0 or NaN). Means are ``pqa_core.training.distributed.batch_mean``: over the
 whole global batch when several processes train.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pqa_core.distributed import batch_mean
+from pqa_core.training.distributed import batch_mean
 from pqa_core.hookspecs import hookimpl
 from pqa_core.interfaces import RetrievalLoss
 

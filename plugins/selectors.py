@@ -2,7 +2,7 @@
 
 All of them score as a dot product between a query-side and a document-side vector
 (``embed_queries`` / ``embed_documents``), so scoring every document stays O(B * N * d), and
-at evaluation a ``pqa_core.selection_index`` index searches the document side.
+at evaluation a ``pqa_core.modeling.selection_index`` index searches the document side.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import nn
 
 from pqa_core.hookspecs import hookimpl
 from pqa_core.interfaces import Selector
-from pqa_core.staleness import Stamp
+from pqa_core.modeling.staleness import Stamp
 
 
 def _check(query_vectors: torch.Tensor, doc_vectors: torch.Tensor, d_q: Optional[int], d_z: Optional[int]):
@@ -47,7 +47,7 @@ class CosineSelector(Selector):
     Normalising the N doc vectors costs more than the score matmul itself at large N (it reads and
     writes the whole matrix), so while no gradient has to reach them (evaluation, ``torch.no_grad``,
     frozen doc vectors) the normalised matrix is kept and reused until the doc vectors change
-    (``pqa_core.staleness.Stamp``: the tensor, its storage, layout and version counter, which every
+    (``pqa_core.modeling.staleness.Stamp``: the tensor, its storage, layout and version counter, which every
     in-place update, an optimizer step or ``load_state_dict`` included, bumps). It holds one
     normalised copy of the doc vectors. With gradients flowing to the doc vectors (training), they
     are normalised on every call.

@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from pqa_core.atomic import sha256_file
-from pqa_core.data import _pad_id, _token_ids, pad_sequences
-from pqa_core.distributed import batch_mean
+from pqa_core.storage.atomic import sha256_file
+from pqa_core.data.loading import _pad_id, _token_ids, pad_sequences
+from pqa_core.training.distributed import batch_mean
 from pqa_core.hookspecs import hookimpl
 from pqa_core.interfaces import WriteContext, WriteObjective
-from pqa_core.training import show_progress
+from pqa_core.training.loop import show_progress
 
 log = logging.getLogger(__name__)
 QUESTION_SOURCES = {"train", "cloze"}
@@ -292,7 +292,7 @@ class Weighted(WriteObjective):
 
     def __init__(self, objectives: Optional[dict] = None):
         super().__init__()
-        from pqa_core import plugins
+        from pqa_core.components import plugins
 
         objectives = objectives or {"reconstruct": 1.0, "distill": 1.0}
         if not isinstance(objectives, dict) or not objectives:

@@ -19,9 +19,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from .errors import UsageError
-from .keywords import SCORINGS as KEYWORD_SCORINGS
-from .kinds import KIND
+from pqa_core.errors import UsageError
+from pqa_core.modeling.keywords import SCORINGS as KEYWORD_SCORINGS
+from pqa_core.components.kinds import KIND
 
 
 @dataclass
@@ -42,7 +42,7 @@ class ModelSettings:
     # the soft-token part of z: "keywords" (the passage's rarest words' embeddings; hybrid, direct), "zero",
     # "auto" (keywords where z holds m x d_model free floats, else zero)
     content_init: str = "auto"
-    # which words the keywords are (pqa_core.keywords): "tfidf_names" (frequent here, rare elsewhere,
+    # which words the keywords are (pqa_core.modeling.keywords): "tfidf_names" (frequent here, rare elsewhere,
     # names and numbers first), "idf" (the rarest)
     keyword_scoring: str = "tfidf_names"
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -50,7 +50,7 @@ class ModelSettings:
     precision: str = "auto"  # auto: bfloat16 autocast on a CUDA GPU that has it, else float32; bf16; fp32
     # how doc_vectors (and the row-wise optimizer's moments of it) are stored: "float32", or "bfloat16"
     # (half the memory; rows are updated in float32 and stored by stochastic rounding), in "memory" or
-    # "mmap" (files under the output folder, mapped: a table larger than the RAM; pqa_core.doc_table)
+    # "mmap" (files under the output folder, mapped: a table larger than the RAM; pqa_core.modeling.doc_table)
     doc_dtype: str = "float32"
     doc_storage: str = "memory"
 
@@ -107,7 +107,7 @@ class ReadSettings:
 
 @dataclass
 class FaissSettings:
-    """The faiss indexes' knobs (``eval.index=faiss_ivf`` / ``faiss_hnsw``; pqa_core.selection_index)."""
+    """The faiss indexes' knobs (``eval.index=faiss_ivf`` / ``faiss_hnsw``; pqa_core.modeling.selection_index)."""
     nlist: int = 0  # IVF lists; 0 = 4 x sqrt(N) as a power of two
     nprobe: int = 32  # IVF lists searched per query
     hnsw_m: int = 32  # HNSW graph degree
@@ -244,7 +244,7 @@ class PQAConfig:
     retrieval_loss: Dict[str, Any] = _component("retrieval_loss")
     generation_loss: Dict[str, Any] = _component("generation_loss")
     write_objective: Dict[str, Any] = _component("write_objective")
-    control: Dict[str, Any] = _component("control")  # the baseline the "control" phase scores (pqa_core.controls)
+    control: Dict[str, Any] = _component("control")  # the baseline the "control" phase scores (pqa_core.training.controls)
     write: WriteSettings = field(default_factory=WriteSettings)
     read: ReadSettings = field(default_factory=ReadSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)

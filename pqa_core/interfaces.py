@@ -35,7 +35,7 @@ class Selector(nn.Module):
 
     A selector whose score is a dot product of a query side and a document side,
     ``forward(q, z) == embed_queries(q) @ embed_documents(z).T``, implements both: evaluation then
-    searches the document side with an index (``eval.index``, ``pqa_core.selection_index``). One
+    searches the document side with an index (``eval.index``, ``pqa_core.modeling.selection_index``). One
     that does not is scored by ``forward`` over blocks of documents (exact search only).
     """
 
@@ -157,7 +157,7 @@ class ControlInput:
 class Control:
     """A baseline: which passages' text the LLM reads before the question (``pqa run control``).
 
-    ``index(corpus, tokenizer)`` is called once with the corpus (``pqa_core.data.Document`` list)
+    ``index(corpus, tokenizer)`` is called once with the corpus (``pqa_core.data.loading.Document`` list)
     and the LLM's tokenizer; ``select(examples, k)`` returns, per question (``QAExample``), up to
     ``k`` corpus rows best first and their scores (or ``None``). ``prepare`` turns that into the
     prompt ``"Context: <passage>\\n<passage>\\n<prompt>"`` (the distillation teacher's layout) or,

@@ -1,5 +1,5 @@
 """One run: load data, build the model, then the configured phases (write -> read -> eval), or the
-``control`` phase, which scores a baseline (``pqa_core.controls``) on the eval questions instead.
+``control`` phase, which scores a baseline (``pqa_core.training.controls``) on the eval questions instead.
 
 Every phase ends in an atomic checkpoint under ``output_dir/checkpoints/<phase>/final``. With
 ``resume`` set to an earlier run's output folder, finished phases are loaded instead of re-run
@@ -17,22 +17,23 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from . import distributed, fingerprint
-from .builder import build_component, build_losses, build_model
-from .checkpoints import MANIFEST, load_checkpoint
-from .config import PHASES, PQAConfig
-from .data import ReadPhaseDataset, WritePhaseDataset, load_corpus, load_qa, sample_data_path, split_passages
-from .errors import CheckpointError, UsageError
-from .evaluation import evaluate_qa, evaluate_retrieval
-from .fingerprint import CONFIG_KEY as FINGERPRINT_KEY
-from .fingerprint import TRAINING_DATA
-from .interfaces import WriteContext
-from .llm import llm_identity, load_llm
-from .read_phase import ReadPhaseTrainer
-from .selection_index import build_index, describe
-from .run_lock import output_folder_lock
-from .training import RunLogger, seed_everything
-from .write_phase import WritePhaseTrainer
+from pqa_core.training import distributed
+from pqa_core.storage import fingerprint
+from pqa_core.modeling.builder import build_component, build_losses, build_model
+from pqa_core.storage.checkpoints import MANIFEST, load_checkpoint
+from pqa_core.config import PHASES, PQAConfig
+from pqa_core.data.loading import ReadPhaseDataset, WritePhaseDataset, load_corpus, load_qa, sample_data_path, split_passages
+from pqa_core.errors import CheckpointError, UsageError
+from pqa_core.evaluation.qa import evaluate_qa, evaluate_retrieval
+from pqa_core.storage.fingerprint import CONFIG_KEY as FINGERPRINT_KEY
+from pqa_core.storage.fingerprint import TRAINING_DATA
+from pqa_core.interfaces import WriteContext
+from pqa_core.modeling.llm import llm_identity, load_llm
+from pqa_core.training.read_phase import ReadPhaseTrainer
+from pqa_core.modeling.selection_index import build_index, describe
+from pqa_core.storage.run_lock import output_folder_lock
+from pqa_core.training.loop import RunLogger, seed_everything
+from pqa_core.training.write_phase import WritePhaseTrainer
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ class Pipeline:
 
     def control(self):
         """The control named in ``config.control``, indexed on the corpus once per run."""
-        from .controls import build_control
+        from pqa_core.training.controls import build_control
 
         if getattr(self, "_control", None) is None:
             self._control = build_control(self.config.control, self.corpus, self.tokenizer)
@@ -197,7 +198,7 @@ class Pipeline:
     def run_control_read(self) -> Dict[str, float]:
         """Train the LoRA to answer from the control's input (passage text, or nothing) on the training
         questions, with the read phase's settings: a reader of its own, as pqa's read phase gives pqa one."""
-        from .controls import ControlReaderDataset, ControlReaderTrainer
+        from pqa_core.training.controls import ControlReaderDataset, ControlReaderTrainer
 
         if self._finished("control_read"):
             return {}
@@ -210,7 +211,7 @@ class Pipeline:
 
     def run_control(self) -> Dict[str, float]:
         """Score the control named in ``config.control`` on the eval questions, as ``run_eval`` scores pqa."""
-        from .controls import evaluate_control
+        from pqa_core.training.controls import evaluate_control
 
         if not self.group.is_main:
             return {}

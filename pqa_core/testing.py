@@ -17,8 +17,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Dict, Mapping, Optional
 
-from . import plugins
-from .contract import ContractError, check_component, check_in_default_run
+from pqa_core.components import plugins
+from pqa_core.components.contract import ContractError, check_component, check_in_default_run
 
 __all__ = ["ContractError", "check_component", "check_plugin", "plugin_registered", "tiny_model_context"]
 
@@ -42,9 +42,9 @@ def check_plugin(kind: str, name: str, params: Optional[Mapping[str, Any]] = Non
 def tiny_model_context(d_z: int = 384, num_tokens: int = 2) -> Dict[str, Any]:
     """The model context a projection's factory gets on the tiny random Llama (``llm``, ``d_model``,
     ``vocab_size`` ...); a query encoder and a selector get the same, sized to the retrieval key."""
-    from .builder import model_context
-    from .config import PQAConfig
-    from .llm import load_llm_stand_in
+    from pqa_core.modeling.builder import model_context
+    from pqa_core.config import PQAConfig
+    from pqa_core.modeling.llm import load_llm_stand_in
 
     config = PQAConfig.from_dict({"model": {"llm": "tiny", "d_z": d_z, "num_memory_tokens": num_tokens}})
     return model_context(config, *load_llm_stand_in("tiny"))

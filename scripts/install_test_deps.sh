@@ -14,7 +14,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${PQA_PYTHON:-$ROOT/.venv/bin/python}"
 [ -x "$PY" ] || PY=python3
 if command -v npm >/dev/null 2>&1 && command -v node >/dev/null 2>&1; then
-  "$PY" -c 'from pqa_experiments.board import ensure_omniboard, ensure_playwright_core
+  "$PY" -c 'from pqa_experiments.board.omniboard import ensure_omniboard, ensure_playwright_core
 ensure_omniboard(); ensure_playwright_core()' \
     || echo "warning: could not install Omniboard/playwright-core from npm; tests/test_board.py will fail" >&2
 else

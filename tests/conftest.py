@@ -49,12 +49,12 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def embedded_db(tmp_path_factory):
-    """URL of a SecantusDB daemon started by ``pqa_experiments.db`` in a tmp data dir.
+    """URL of a SecantusDB daemon started by ``pqa_experiments.store.db`` in a tmp data dir.
 
     Session-scoped because a start costs ~1 s; stopped (and checked gone) at the end.
     Tests isolate themselves by database name.
     """
-    from pqa_experiments import db
+    from pqa_experiments.store import db
 
     data_dir = tmp_path_factory.mktemp("pqa_home")
     url = db.ensure_running(data_dir=data_dir, port=free_port())
@@ -101,13 +101,13 @@ def installed_plugins(tmp_path, monkeypatch):
     """``install(dist, version, entry_points, modules)`` puts a distribution on ``sys.path`` (folder
     ``tmp_path/site``) for pqa to load as it loads pip-installed plugins.
 
-    Resets ``pqa_core.plugins._loaded`` so the entry points are read again, and afterwards
+    Resets ``pqa_core.components.plugins._loaded`` so the entry points are read again, and afterwards
     unregisters whatever the test loaded and restores the flag and ``PQA_LOAD_PLUGINS``.
     """
     import sys
 
-    import pqa_core.plugins as plugins
-    from pqa_core.plugins import pm
+    import pqa_core.components.plugins as plugins
+    from pqa_core.components.plugins import pm
 
     plugins.load_plugins()  # make sure the built-ins are registered before the snapshot
     before = {pm.get_name(p) for p in pm.get_plugins()}

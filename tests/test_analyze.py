@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pqa_core.analysis import analyze_predictions, read_predictions
-from pqa_core.data import Document
+from pqa_core.evaluation.analysis import analyze_predictions, read_predictions
+from pqa_core.data.loading import Document
 from pqa_core.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def test_a_malformed_predictions_line_names_the_file_and_line(tmp_path):
 
 def pqa(*args, env=None, check=True):
     full = dict(os.environ, PQA_PROGRESS="0", **(env or {}))
-    proc = subprocess.run([sys.executable, "-m", "pqa_experiments.cli", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "pqa_experiments.cli.main", *args], capture_output=True, text=True,
                           env=full, timeout=900, cwd=str(REPO))
     if check and proc.returncode != 0:
         raise AssertionError(f"pqa {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")

@@ -6,8 +6,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pqa_experiments.cli_bench import bench as bench_command
-from pqa_experiments.cli_bench import load_driver
+from pqa_experiments.cli.bench import bench as bench_command
+from pqa_experiments.cli.bench import load_driver
 
 driver = load_driver()  # bench/ from the checkout, importable as ``bench``
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from pqa_experiments import board as board_mod
-from pqa_experiments.board import BoardError, start_board, stop_board
+from pqa_experiments.board import omniboard as board_mod
+from pqa_experiments.board.omniboard import BoardError, start_board, stop_board
 
 from conftest import listen_addresses
 
@@ -386,7 +386,7 @@ def test_browser_shows_run_and_metric_plot(board, recorded_run, tmp_path):
 def test_cli_prints_url_and_stops_on_ctrl_c(mongo_url, recorded_run):
     url = mongo_url.rstrip("/") + "/" + recorded_run["db_name"]
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from pqa_experiments.cli_board import board; board()", "--port", "0",
+        [sys.executable, "-c", "from pqa_experiments.cli.board import board; board()", "--port", "0",
          "--mongo-url", url, "--no-browser"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -443,7 +443,7 @@ def pqa_runs_db(mongo_url, mongo_client):
 
 
 def test_seeded_columns_leave_the_users_own_choices_alone(pqa_runs_db, mongo_url):
-    from pqa_experiments.board_columns import CUSTOM, METRIC, seed_columns
+    from pqa_experiments.board.columns import CUSTOM, METRIC, seed_columns
 
     db = pqa_runs_db
     db[CUSTOM].insert_one({"name": "sel", "config_path": "config.selector.name"})  # the user's own
@@ -466,7 +466,7 @@ def test_seeded_columns_leave_the_users_own_choices_alone(pqa_runs_db, mongo_url
 def test_pqa_board_opens_on_components_hyper_parameters_and_final_metrics(pqa_runs_db, mongo_url, tmp_path):
     url = mongo_url.rstrip("/") + "/" + pqa_runs_db.name
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pqa_experiments.cli", "board", "--port", "0", "--mongo-url", url, "--no-browser"],
+        [sys.executable, "-m", "pqa_experiments.cli.main", "board", "--port", "0", "--mongo-url", url, "--no-browser"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 def pqa(*args, env_extra=None, timeout=900, check=True):
     env = dict(os.environ, PQA_PROGRESS="0", PYTHONUNBUFFERED="1")
     env.update(env_extra or {})
-    proc = subprocess.run([sys.executable, "-m", "pqa_experiments.cli", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "pqa_experiments.cli.main", *args], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=env.get("PQA_TEST_CWD", str(REPO)))
     if check and proc.returncode != 0:
         raise AssertionError(f"pqa {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")

@@ -1,4 +1,4 @@
-"""Behaviour of every built-in component, each built by name through ``pqa_core.plugins.build``."""
+"""Behaviour of every built-in component, each built by name through ``pqa_core.components.plugins.build``."""
 from __future__ import annotations
 
 import math
@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pqa_core.kinds import COMPONENT_KINDS
-from pqa_core.minilm import MINILM_DIM, embed_texts
-from pqa_core.plugins import build, components
+from pqa_core.components.kinds import COMPONENT_KINDS
+from pqa_core.modeling.minilm import MINILM_DIM, embed_texts
+from pqa_core.components.plugins import build, components
 
 BUILTINS = {
     "selector": {"dot", "cosine", "bilinear", "mlp"},
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def tiny():
-    from pqa_core.llm import load_llm
+    from pqa_core.modeling.llm import load_llm
 
     model, tokenizer = load_llm("tiny")
     model.eval()

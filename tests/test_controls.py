@@ -12,17 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from pqa_core import plugins
+from pqa_core.components import plugins
 from pqa_core.config import PQAConfig
-from pqa_core.controls import build_control, evaluate_control
+from pqa_core.training.controls import build_control, evaluate_control
 from pqa_core.errors import UsageError
-from pqa_core.evaluation import evaluate_qa
+from pqa_core.evaluation.qa import evaluate_qa
 from pqa_core.hookspecs import hookimpl
 from pqa_core.interfaces import Control
-from pqa_core.kinds import COMPONENT_KINDS
-from pqa_core.metrics import compute_em, compute_f1
+from pqa_core.components.kinds import COMPONENT_KINDS
+from pqa_core.evaluation.metrics import compute_em, compute_f1
 from pqa_core.pipeline import Pipeline
-from pqa_core.training import RecordingLogger
+from pqa_core.training.loop import RecordingLogger
 
 REPO = Path(__file__).resolve().parents[1]
 SQUAD = REPO.parent / "shared" / "data" / "squad_v1.1"
@@ -182,7 +182,7 @@ def test_control_phase_is_a_normal_pipeline_run(tmp_path):
 
 def test_cli_run_control_bm25(tmp_path):
     env = dict(os.environ, PQA_PROGRESS="0", PQA_OUTPUT_DIR=str(tmp_path / "outputs"))
-    proc = subprocess.run([sys.executable, "-m", "pqa_experiments.cli", "run", "control", "--no-db", "--json",
+    proc = subprocess.run([sys.executable, "-m", "pqa_experiments.cli.main", "run", "control", "--no-db", "--json",
                            "with", "smoke", "control.name=bm25", "read.top_k=2"],
                           capture_output=True, text=True, env=env, timeout=600, cwd=str(REPO))
     assert proc.returncode == 0, proc.stderr
@@ -198,7 +198,7 @@ def test_cli_run_control_bm25(tmp_path):
                     reason=f"SQuAD v1.1 data not found at {SQUAD} (the shared data folder beside the repository)")
 def test_bm25_retrieves_squad_passages():
     """BM25 over all 1733 SQuAD dev passages (no LLM): the gold passage is usually in the top 5."""
-    from pqa_core.data import load_corpus, load_qa
+    from pqa_core.data.loading import load_corpus, load_qa
 
     corpus = load_corpus(SQUAD / "corpus.jsonl")
     questions = load_qa(SQUAD / "qa.jsonl", corpus)[::40]
@@ -212,7 +212,7 @@ def test_bm25_retrieves_squad_passages():
 
 def test_bench_quality_and_latency_scripts_run(tmp_path):
     """bench/quality.py and bench/latency.py end to end at smoke size (tiny LLM, sample data); no timing asserted."""
-    from pqa_experiments.cli_bench import load_driver
+    from pqa_experiments.cli.bench import load_driver
 
     load_driver()  # puts the checkout's bench/ on sys.path
     from bench import latency, quality
@@ -247,7 +247,7 @@ def test_bench_quality_and_latency_scripts_run(tmp_path):
 def test_bench_quality_measured_in_parts_combines_into_one_table():
     """--rows measures part of bench (a), --variant adds a pqa variant, --combine joins the parts and
     recomputes the paired tests; parts of different parameters are refused."""
-    from pqa_experiments.cli_bench import load_driver
+    from pqa_experiments.cli.bench import load_driver
 
     load_driver()
     from bench import quality

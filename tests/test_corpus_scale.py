@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from pqa_core.pipeline import Pipeline
-from pqa_core.builder import build_component
-from pqa_core.read_phase import ReadPhaseTrainer
-from pqa_core.training import RecordingLogger
-from pqa_core.write_phase import WritePhaseTrainer
+from pqa_core.modeling.builder import build_component
+from pqa_core.training.read_phase import ReadPhaseTrainer
+from pqa_core.training.loop import RecordingLogger
+from pqa_core.training.write_phase import WritePhaseTrainer
 from test_pipeline import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

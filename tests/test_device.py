@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pqa_core.device import autocast_dtype
+from pqa_core.modeling.device import autocast_dtype
 from pqa_core.errors import UsageError
 from pqa_core.pipeline import Pipeline
-from pqa_core.read_phase import ReadPhaseTrainer
-from pqa_core.training import RecordingLogger
+from pqa_core.training.read_phase import ReadPhaseTrainer
+from pqa_core.training.loop import RecordingLogger
 from test_pipeline import short_config, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -54,7 +54,7 @@ def test_a_pipeline_on_the_gpu_trains_under_autocast_with_pinned_batches(tmp_pat
     result = pipeline.run()
     assert all(torch.isfinite(torch.tensor(v)) for v in result.values() if isinstance(v, float))
 
-    from pqa_core.training import epoch_loader
+    from pqa_core.training.loop import epoch_loader
 
     batch = next(iter(epoch_loader(pipeline.read_dataset, 4, 0, 0, pin_memory=True)))
     assert all(v.is_pinned() for v in batch.values() if torch.is_tensor(v))

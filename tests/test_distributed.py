@@ -69,7 +69,7 @@ def test_two_processes_train_what_one_does_record_once_and_resume_on_one(tmp_pat
 def _sync_rows(rank, world, init_file, out):
     import torch.distributed as dist
 
-    from pqa_core import distributed
+    from pqa_core.training import distributed
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     distributed._current = distributed.Context(rank, world)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from pqa_core.keywords import is_name_or_number, salient_token_ids
-from pqa_core.llm import load_tokenizer
+from pqa_core.modeling.keywords import is_name_or_number, salient_token_ids
+from pqa_core.modeling.llm import load_tokenizer
 
 # "zorbic" and "Halvorsen" are each in one passage (same idf); "Halvorsen" is a name said twice.
 PASSAGES = [

@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from pqa_core.metrics import (compute_em, compute_f1, compute_recall_at_k, compute_substring, normalize_answer,
+from pqa_core.evaluation.metrics import (compute_em, compute_f1, compute_recall_at_k, compute_substring, normalize_answer,
                               recall_at_k)
 
 # a SQuAD v1.1 dev question ("Where did Super Bowl 50 take place?") and its three gold answers

@@ -15,9 +15,12 @@ from sacred import SETTINGS, Experiment
 from sacred.observers import MongoObserver
 
 from pqa_core.errors import PqaError
-from pqa_experiments import db, metric_chunks, observers, sacred_fixes
-from pqa_experiments.metric_chunks import read_metric
-from pqa_experiments.observers import make_mongo_observer
+from pqa_experiments.store import db
+from pqa_experiments.store import metric_chunks
+from pqa_experiments.store import observers
+from pqa_experiments.tracking import sacred_fixes
+from pqa_experiments.store.metric_chunks import read_metric
+from pqa_experiments.store.observers import make_mongo_observer
 
 from conftest import free_port
 

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from pqa_core.checkpoints import config_signature, load_checkpoint, model_signature, save_checkpoint
+from pqa_core.storage.checkpoints import config_signature, load_checkpoint, model_signature, save_checkpoint
 from pqa_core.config import PQAConfig
 from pqa_core.errors import CheckpointError, DataError
 from pqa_core.pipeline import Pipeline
-from pqa_core.training import RecordingLogger, param_groups
+from pqa_core.training.loop import RecordingLogger, param_groups
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -139,8 +139,8 @@ def test_batched_generation_equals_one_at_a_time(tmp_path):
 
 
 def test_out_of_range_gold_id_names_the_example(tmp_path):
-    from pqa_core.read_phase import ReadPhaseTrainer
-    from pqa_core.builder import build_losses
+    from pqa_core.training.read_phase import ReadPhaseTrainer
+    from pqa_core.modeling.builder import build_losses
 
     pipeline = Pipeline(short_config(tmp_path), RecordingLogger())
     retrieval, generation = build_losses(pipeline.config)
@@ -243,10 +243,10 @@ def test_pickle_in_checkpoint_is_never_executed(tmp_path):
 def test_hybrid_projection_keys_retrieval_on_minilm_and_write_phase_leaves_it(tmp_path):
     """z = [384-float MiniLM key | free content]: the selector reads only the key, the write phase
     trains the content and the shared map but never moves the key (so retrieval is kept)."""
-    from pqa_core.builder import build_model
-    from pqa_core.data import WritePhaseDataset, load_corpus, sample_data_path
+    from pqa_core.modeling.builder import build_model
+    from pqa_core.data.loading import WritePhaseDataset, load_corpus, sample_data_path
     from pqa_core.config import WriteSettings
-    from pqa_core.write_phase import WritePhaseTrainer, prepared_objective
+    from pqa_core.training.write_phase import WritePhaseTrainer, prepared_objective
 
     m, d_model = 2, 64  # the tiny LLM's hidden size
     config = tiny_config(tmp_path, model={"llm": "tiny", "doc_init": "minilm", "num_memory_tokens": m,
@@ -284,8 +284,8 @@ def test_hybrid_projection_keys_retrieval_on_minilm_and_write_phase_leaves_it(tm
 
 
 def test_minilm_init_with_a_key_of_the_wrong_size_is_a_usage_error(tmp_path):
-    from pqa_core.builder import build_model
-    from pqa_core.data import load_corpus, sample_data_path
+    from pqa_core.modeling.builder import build_model
+    from pqa_core.data.loading import load_corpus, sample_data_path
     from pqa_core.errors import UsageError
 
     config = tiny_config(tmp_path, model={"llm": "tiny", "doc_init": "minilm", "num_memory_tokens": 2, "d_z": 128,

@@ -25,13 +25,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import pqa_core.plugins as plugins
+import pqa_core.components.plugins as plugins
 from pqa_core.config import PQAConfig
-from pqa_core.contract import ContractError, check_config_components
+from pqa_core.components.contract import ContractError, check_config_components
 from pqa_core.errors import UsageError
-from pqa_core.kinds import KIND, KINDS
-from pqa_core.llm import load_llm_stand_in
-from pqa_core.plugins import PluginWarning, components, register_commands
+from pqa_core.components.kinds import KIND, KINDS
+from pqa_core.modeling.llm import load_llm_stand_in
+from pqa_core.components.plugins import PluginWarning, components, register_commands
 from pqa_core.testing import check_plugin, plugin_registered, tiny_model_context
 
 from conftest import write_distribution
@@ -352,7 +352,7 @@ def test_testing_helpers_register_one_plugin_in_a_clean_manager(installed_plugin
 
 @pytest.mark.parametrize("kind", [kind.name for kind in KINDS])
 def test_new_plugin_skeleton_passes_its_own_test(tmp_path, kind):
-    from pqa_experiments.plugin_skeleton import write_skeleton
+    from pqa_experiments.cli.plugin_skeleton import write_skeleton
 
     folder = write_skeleton(f"pqa-my-{kind.replace('_', '-')}", kind, tmp_path)
     module_name = f"pqa_my_{kind}"
@@ -372,7 +372,7 @@ def test_new_plugin_skeleton_passes_its_own_test(tmp_path, kind):
 
 
 def test_new_plugin_refuses_an_existing_folder_and_a_bad_name(tmp_path):
-    from pqa_experiments.plugin_skeleton import write_skeleton
+    from pqa_experiments.cli.plugin_skeleton import write_skeleton
 
     (tmp_path / "taken").mkdir()
     with pytest.raises(UsageError, match="already exists"):
@@ -384,7 +384,7 @@ def test_new_plugin_refuses_an_existing_folder_and_a_bad_name(tmp_path):
 
 def test_plugins_verbose_lists_parameters_types_defaults_and_summary(installed_plugins):
     install(installed_plugins, BROKEN_DIST, "0.3", BROKEN)
-    from pqa_experiments.cli import cli
+    from pqa_experiments.cli.main import cli
 
     text = CliRunner().invoke(cli, ["plugins", "--verbose"]).output
     assert "pqa_broken_parts (pqa-broken-parts 0.3)" in text
@@ -401,7 +401,7 @@ def test_plugins_verbose_lists_parameters_types_defaults_and_summary(installed_p
 
 def test_plugins_check_reports_each_component_and_fails_on_a_broken_one(installed_plugins):
     install(installed_plugins, BROKEN_DIST, "0.3", BROKEN)
-    from pqa_experiments.cli import cli
+    from pqa_experiments.cli.main import cli
 
     result = CliRunner().invoke(cli, ["plugins", "check", BROKEN_DIST, "cosine"])
     assert result.exit_code == 1, result.output
@@ -424,7 +424,7 @@ def test_plugins_check_reports_each_component_and_fails_on_a_broken_one(installe
 
 def pqa(*args, env=None, timeout=600):
     full = dict(os.environ, PQA_PROGRESS="0", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "pqa_experiments.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pqa_experiments.cli.main", *args], capture_output=True, text=True,
                           env=full, timeout=timeout, cwd=str(REPO))
 
 
@@ -463,7 +463,7 @@ def test_raising_and_clashing_plugin_hooks_leave_every_command_usable(tmp_path):
 
 
 def test_readme_documents_every_context_parameter_and_every_kind():
-    from pqa_core.kinds import CONTEXT_DOCS, MODEL_CONTEXT
+    from pqa_core.components.kinds import CONTEXT_DOCS, MODEL_CONTEXT
 
     readme = (REPO / "README.md").read_text()
     assert set(CONTEXT_DOCS) == set(MODEL_CONTEXT)

@@ -6,11 +6,11 @@ import warnings
 import pytest
 import torch
 
-import pqa_core.plugins as plugins
+import pqa_core.components.plugins as plugins
 from pqa_core.errors import UsageError
 from pqa_core.hookspecs import hookimpl
 from pqa_core.interfaces import Selector
-from pqa_core.plugins import build, components, plugin_info, pm
+from pqa_core.components.plugins import build, components, plugin_info, pm
 
 BUILTINS = {
     "selector": ["bilinear", "cosine", "dot", "mlp"],

@@ -34,9 +34,9 @@ from pathlib import Path
 import pymongo
 import pytest
 
-from pqa_core.run_lock import LOCK_FILE
-from pqa_experiments import db as pqa_db
-from pqa_experiments.metric_chunks import read_metric
+from pqa_core.storage.run_lock import LOCK_FILE
+from pqa_experiments.store import db as pqa_db
+from pqa_experiments.store.metric_chunks import read_metric
 
 from conftest import free_port
 
@@ -56,7 +56,7 @@ def pqa_env(tmp: Path, **extra) -> dict:
 
 
 def pqa(*args, env, check=True):
-    proc = subprocess.run([sys.executable, "-m", "pqa_experiments.cli", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "pqa_experiments.cli.main", *args], capture_output=True, text=True,
                           env=env, timeout=SAFETY_TIMEOUT_S, cwd=str(REPO))
     if check and proc.returncode != 0:
         raise AssertionError(f"pqa {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
@@ -67,7 +67,7 @@ def start_pqa(*args, env, log: Path) -> subprocess.Popen:
     """A ``pqa`` command in the background, stdout+stderr into ``log`` (read while it runs)."""
     out = open(log, "w")
     try:
-        return subprocess.Popen([sys.executable, "-m", "pqa_experiments.cli", *args], stdout=out,
+        return subprocess.Popen([sys.executable, "-m", "pqa_experiments.cli.main", *args], stdout=out,
                                 stderr=subprocess.STDOUT, text=True, env=env, cwd=str(REPO))
     finally:
         out.close()  # the child has its own copy
@@ -218,7 +218,7 @@ def test_kill_9_at_a_random_step_then_resume_by_run_id_equals_an_uninterrupted_r
 def assert_dead_run_is_marked(store, dead, env) -> None:
     """Time passes (its stored heartbeat moves back past DEAD_AFTER_S): ``pqa runs list`` shows the killed run
     PROBABLY_DEAD, as Omniboard does, and ``pqa db recover`` stores it so."""
-    from pqa_experiments.runs import DEAD_AFTER_S
+    from pqa_experiments.store.runs import DEAD_AFTER_S
 
     def listed(*args):
         return {r["id"]: r["status"] for r in json.loads(pqa("runs", "list", "--mongo-url", store["url"], "--json",
@@ -476,7 +476,7 @@ def test_a_folder_a_live_run_writes_is_refused_to_a_second_process(store, tmp_pa
         assert running["status"] == "RUNNING"
         before = store["db"].runs.count_documents({})
         attempts = [[f"resume={running['_id']}"], [f"resume={folder}"], [f"output_dir={folder}"]]
-        procs = [subprocess.Popen([sys.executable, "-m", "pqa_experiments.cli", "run", "pipeline", "--mongo-url",
+        procs = [subprocess.Popen([sys.executable, "-m", "pqa_experiments.cli.main", "run", "pipeline", "--mongo-url",
                                    store["url"], *slow, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, env=env, cwd=str(REPO)) for args in attempts]  # at once
         for proc, args in zip(procs, attempts):

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from pqa_core.run_lock import LOCK_FILE, FolderInUseError, output_folder_lock
+from pqa_core.storage.run_lock import LOCK_FILE, FolderInUseError, output_folder_lock
 
 HOLD = """
 import sys, time
-from pqa_core.run_lock import output_folder_lock
+from pqa_core.storage.run_lock import output_folder_lock
 with output_folder_lock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(600)

@@ -53,12 +53,12 @@ def user(tmp_path, store, monkeypatch):
 
     class User:
         def run(self, *args, command="pipeline"):
-            from pqa_experiments.cli import cli
+            from pqa_experiments.cli.main import cli
 
             return CliRunner().invoke(cli, ["run", command, "--mongo-url", store["url"], *args])
 
         def subprocess(self, *args, command="pipeline"):
-            proc = subprocess.run([sys.executable, "-m", "pqa_experiments.cli", "run", command, "--mongo-url",
+            proc = subprocess.run([sys.executable, "-m", "pqa_experiments.cli.main", "run", command, "--mongo-url",
                                    store["url"], *args], capture_output=True, text=True, cwd=str(REPO),
                                   env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, timeout=900)
             proc.output, proc.exit_code = proc.stdout + proc.stderr, proc.returncode
@@ -276,7 +276,7 @@ def test_output_folder_through_a_symlink_loop_or_a_file_is_one_line(user, tmp_pa
 
 
 def test_debug_shows_the_traceback_of_an_environment_failure(user, tmp_path):
-    from pqa_experiments.cli import cli
+    from pqa_experiments.cli.main import cli
 
     (tmp_path / "file").write_text("")
     result = CliRunner().invoke(cli, ["--debug", "run", "pipeline", "--no-db", "with", "smoke",

@@ -1,4 +1,4 @@
-"""``pqa runs`` and ``pqa_experiments.runs`` against a real SecantusDB, with runs written by a
+"""``pqa runs`` and ``pqa_experiments.store.runs`` against a real SecantusDB, with runs written by a
 real (tiny, model-free) Sacred experiment through Sacred's own MongoObserver."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import uuid
 import pytest
 from click.testing import CliRunner
 
-from pqa_experiments import runs as runs_lib
-from pqa_experiments.cli_runs import runs
+from pqa_experiments.store import runs as runs_lib
+from pqa_experiments.cli.runs import runs
 
 EM = {"dot": 12.5, "cosine": 30.0}
 
@@ -242,7 +242,7 @@ def test_unreachable_database_is_one_redacted_line():
 
 
 def test_registered_in_pqa_cli(store):
-    main = pytest.importorskip("pqa_experiments.cli")
+    main = pytest.importorskip("pqa_experiments.cli.main")
     assert main.cli.commands.get("runs") is runs
     result = CliRunner().invoke(main.cli, ["runs", "show", "4242", "--mongo-url", store["url"],
                                            "--db-name", store["db_name"]])

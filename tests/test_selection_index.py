@@ -8,8 +8,8 @@ import torch
 
 from pqa_core.config import PQAConfig
 from pqa_core.errors import UsageError
-from pqa_core.plugins import build
-from pqa_core.selection_index import ExactIndex, build_index, chunked_topk, ivf_lists, matmul_topk
+from pqa_core.components.plugins import build
+from pqa_core.modeling.selection_index import ExactIndex, build_index, chunked_topk, ivf_lists, matmul_topk
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -153,7 +153,7 @@ def test_a_run_evaluates_through_the_configured_index_built_once_while_z_is_unch
     from test_pipeline import tiny_config
 
     from pqa_core.pipeline import Pipeline
-    from pqa_core.training import RecordingLogger
+    from pqa_core.training.loop import RecordingLogger
 
     results = {}
     for name in ("exact", "faiss_hnsw"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pqa_core.plugins import build
+from pqa_core.components.plugins import build
 
 
 def reference(q, z, t):

@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pqa_core.data import load_corpus, load_qa
+from pqa_core.data.loading import load_corpus, load_qa
 from pqa_core.errors import DataError, UsageError
-from pqa_core.squad import assign_splits, convert_squad, import_squad, read_squad
-from pqa_experiments.cli_data import data as data_cli
+from pqa_core.data.squad import assign_splits, convert_squad, import_squad, read_squad
+from pqa_experiments.cli.data import data as data_cli
 
 SQUAD_DIR = Path(__file__).resolve().parent.parent / ".." / "shared" / "data" / "squad_v1.1"
 OUT_FILES = ("corpus.jsonl", "qa_train.jsonl", "qa_dev.jsonl", "qa_test.jsonl", "import.json")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pqa_core.errors import DataError
-from pqa_core.stats import bootstrap_interval, compare_predictions, format_interval, intervals, paired_comparison
+from pqa_core.evaluation.stats import bootstrap_interval, compare_predictions, format_interval, intervals, paired_comparison
 
 
 def test_bootstrap_interval_of_a_proportion_matches_the_binomial_interval():

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pqa_core.optim import RowwiseAdamW
-from pqa_core.tensor_files import create_mapped, map_tensor
+from pqa_core.training.optim import RowwiseAdamW
+from pqa_core.storage.tensor_files import create_mapped, map_tensor
 
 
 def rowwise(table, lr):
@@ -49,7 +49,7 @@ def test_a_bfloat16_table_follows_small_updates_on_average_and_leaves_other_rows
 
 
 def test_bfloat16_rounding_resumes_exactly(tmp_path):
-    from pqa_core.checkpoints import _flatten_optimizer, _unflatten_optimizer
+    from pqa_core.storage.checkpoints import _flatten_optimizer, _unflatten_optimizer
 
     torch.manual_seed(1)
     start = (torch.randn(20, 8) * 0.3).to(torch.bfloat16)
@@ -75,9 +75,9 @@ def test_bfloat16_rounding_resumes_exactly(tmp_path):
 def test_a_pipeline_with_a_bfloat16_table_trains_and_its_checkpoint_loads_into_float32(tmp_path):
     from test_pipeline import short_config
 
-    from pqa_core.checkpoints import load_checkpoint
+    from pqa_core.storage.checkpoints import load_checkpoint
     from pqa_core.pipeline import Pipeline
-    from pqa_core.training import RecordingLogger
+    from pqa_core.training.loop import RecordingLogger
 
     pipeline = Pipeline(short_config(tmp_path, **{"model.doc_dtype": "bfloat16", "phases": ["write"]}),
                         RecordingLogger())
@@ -107,8 +107,8 @@ def test_a_checkpoint_of_a_large_table_and_its_optimizer_state_holds_no_second_c
     what it held before plus little, not a second copy of either."""
     script = textwrap.dedent(f"""
         import torch
-        from pqa_core.checkpoints import save_checkpoint
-        from pqa_core.optim import RowwiseAdamW
+        from pqa_core.storage.checkpoints import save_checkpoint
+        from pqa_core.training.optim import RowwiseAdamW
 
         class Model(torch.nn.Module):  # what a checkpoint reads of a ParametricQA
             def __init__(self):
@@ -140,7 +140,7 @@ def test_a_memory_mapped_table_trains_as_the_same_table_in_memory(tmp_path, dtyp
     from test_pipeline import short_config
 
     from pqa_core.pipeline import Pipeline
-    from pqa_core.training import RecordingLogger
+    from pqa_core.training.loop import RecordingLogger
 
     runs = {}
     for storage in ("memory", "mmap"):

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from pqa_core.errors import UsageError
-from pqa_experiments.sweep_spec import load_spec, parse_spec
+from pqa_experiments.sweeps.spec import load_spec, parse_spec
 
 from test_cli import db_url, outputs, pqa  # noqa: F401  (fixtures)
 

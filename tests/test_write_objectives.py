@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from pqa_core.config import PQAConfig, WriteSettings
-from pqa_core.optim import RowwiseAdamW
+from pqa_core.training.optim import RowwiseAdamW
 from pqa_core.pipeline import Pipeline
-from pqa_core.training import RecordingLogger
-from pqa_core.write_phase import WritePhaseTrainer
+from pqa_core.training.loop import RecordingLogger
+from pqa_core.training.write_phase import WritePhaseTrainer
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -30,7 +30,7 @@ def pipeline(tmp_path_factory):
 
 
 def build(pipeline, name, **params):
-    from pqa_core import plugins
+    from pqa_core.components import plugins
 
     objective = plugins.build("write_objective", name, params)
     objective.prepare(pipeline.write_context())
@@ -133,7 +133,7 @@ def test_documents_added_after_training_are_written_with_the_reader_frozen(tmp_p
     no projection or LoRA training), everything the earlier run learnt is kept."""
     import json
 
-    from pqa_core.data import load_corpus, load_qa, sample_data_path
+    from pqa_core.data.loading import load_corpus, load_qa, sample_data_path
 
     corpus = load_corpus(sample_data_path("corpus.jsonl"))
     questions = load_qa(sample_data_path("qa_train.jsonl"), corpus)
@@ -169,7 +169,7 @@ def test_documents_added_after_training_are_written_with_the_reader_frozen(tmp_p
 
 
 def test_keyword_content_init_starts_soft_tokens_at_the_passages_salient_words(tmp_path):
-    from pqa_core.keywords import salient_token_ids
+    from pqa_core.modeling.keywords import salient_token_ids
 
     pipeline = Pipeline(config(tmp_path, model={"llm": "tiny", "num_memory_tokens": 8, "d_z": 0,
                                                 "content_init": "keywords", "lora": {"r": 4}},

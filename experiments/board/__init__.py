@@ -1,0 +1,1 @@
+"""Omniboard: install, start, and its seeded column settings."""

@@ -1,0 +1,1 @@
+"""The pqa command line (click): one module per command group."""

@@ -1,0 +1,1 @@
+"""Sweeps on Ray: the spec, trials as tasks, the parallel-coordinates plot."""

@@ -1,0 +1,112 @@
+"""A component factory's parameters: names, defaults, annotated types, and values checked against them.
+
+A config value reaches a factory as Sacred parsed it (``rank=abc`` is the string ``'abc'``,
+``rank=2.5`` a float). Checking it against the factory's annotation before anything is built turns
+a late ``TypeError`` deep inside a run into one line naming the component and the parameter.
+Annotations understood: ``int``, ``float`` (an int is accepted), ``bool`` (only true/false, not 0/1),
+``str``, ``Literal[...]``, ``Optional``/``Union`` of those, ``list``/``tuple``; anything else is
+not checked. An unannotated parameter takes the type of its default, when that is one of those.
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+import types
+import typing
+from typing import Any, Callable, Dict, Optional
+
+from pqa_core.errors import UsageError
+
+_NOT_CHECKED = object()
+
+
+def accepted_parameters(factory: Callable[..., Any]) -> Dict[str, inspect.Parameter]:
+    """The keyword parameters a factory takes (``*args``/``**kwargs`` excluded)."""
+    params = inspect.signature(factory).parameters
+    return {n: p for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def parameter_types(factory: Callable[..., Any]) -> Dict[str, Any]:
+    """Each parameter's annotation, resolved (string annotations evaluated in the factory's module);
+    one that cannot be resolved is left out."""
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    try:
+        return typing.get_type_hints(target)
+    except Exception:  # an unresolvable forward reference: resolve what can be resolved
+        pass
+    module = sys.modules.get(getattr(target, "__module__", ""), None)
+    namespace = dict(vars(typing), **(vars(module) if module else {}))
+    found = {}
+    for name, annotation in getattr(target, "__annotations__", {}).items():
+        try:
+            found[name] = eval(annotation, namespace) if isinstance(annotation, str) else annotation  # noqa: S307
+        except Exception:
+            continue
+    return found
+
+
+def type_name(annotation: Any) -> str:
+    """``int``, ``Optional[float]``, ``Literal['a', 'b']`` ... as a user reads them."""
+    if annotation is inspect.Parameter.empty:
+        return "any"
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def _matches(value: Any, annotation: Any) -> Any:
+    """True/False, or ``_NOT_CHECKED`` for an annotation this module does not understand."""
+    origin = typing.get_origin(annotation)
+    if annotation is Any or annotation is inspect.Parameter.empty:
+        return _NOT_CHECKED
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin is typing.Literal:
+        return any(value == choice and type(value) is type(choice) for choice in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        results = [_matches(value, arg) for arg in typing.get_args(annotation)]
+        if any(r is True for r in results):
+            return True
+        return _NOT_CHECKED if any(r is _NOT_CHECKED for r in results) else False
+    if annotation in (list, tuple) or origin in (list, tuple, typing.Sequence):
+        return isinstance(value, (list, tuple))
+    return _NOT_CHECKED
+
+
+def check_value(what: str, key: str, value: Any, annotation: Any) -> None:
+    """``UsageError`` when ``value`` does not fit ``annotation``; ``what`` names the component."""
+    if _matches(value, annotation) is False:
+        raise UsageError(f"{what}: parameter {key!r} must be {type_name(annotation)}, "
+                         f"got {value!r} ({type(value).__name__})")
+
+
+def expected_types(factory: Callable[..., Any]) -> Dict[str, Any]:
+    """What each parameter takes: its annotation, else the type of a ``bool``/``int``/``float``/``str``
+    default (``rank=1`` takes an int), else nothing is known."""
+    types = parameter_types(factory)
+    for name, param in accepted_parameters(factory).items():
+        if name not in types and type(param.default) in (bool, int, float, str):
+            types[name] = type(param.default)
+    return types
+
+
+def check_values(what: str, factory: Callable[..., Any], kwargs: Dict[str, Any]) -> None:
+    """Check every user value against what its parameter takes (``expected_types``)."""
+    types = expected_types(factory)
+    for key, value in kwargs.items():
+        if key in types:
+            check_value(what, key, value, types[key])
+
+
+def first_doc_line(obj: Any) -> Optional[str]:
+    """The first line of ``obj``'s own docstring (not one inherited from its interface)."""
+    doc = inspect.cleandoc(obj.__doc__ or "")
+    return doc.splitlines()[0] if doc else None

@@ -1,0 +1,1 @@
+"""Data: loading and validating corpus and QA files, the shipped sample, SQuAD import."""

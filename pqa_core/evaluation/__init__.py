@@ -1,0 +1,1 @@
+"""Evaluation: QA scoring, metrics, intervals and paired tests, per-question analysis."""

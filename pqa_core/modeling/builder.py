@@ -1,0 +1,196 @@
+"""Build a ParametricQA from a PQAConfig: LLM (+ LoRA), components by plugin name, doc-vector init."""
+from __future__ import annotations
+
+import logging
+from typing import List, Optional
+
+import torch
+
+from pqa_core.components import plugins
+from pqa_core.config import PQAConfig
+from pqa_core.data.loading import Document
+from pqa_core.modeling.device import autocast_dtype, resolve_device
+from pqa_core.modeling.doc_table import TableStorage, storage_of, table_std
+from pqa_core.errors import UsageError
+from pqa_core.modeling.llm import load_llm
+from pqa_core.modeling.model import ParametricQA, retrieval_key_dims
+
+log = logging.getLogger(__name__)
+
+
+def component_kwargs(section: dict) -> dict:
+    return {k: v for k, v in section.items() if k != "name"}
+
+
+def build_component(config: PQAConfig, kind: str, context: dict):
+    section = getattr(config, kind)
+    return plugins.build(kind, section["name"], component_kwargs(section), context)
+
+
+def apply_lora(llm, lora_settings):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=lora_settings.r, lora_alpha=lora_settings.alpha, lora_dropout=lora_settings.dropout,
+                      target_modules=list(lora_settings.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(llm, lora)
+
+
+MINILM_DIMS = 384  # what model.doc_init=minilm fills
+
+
+def _minilm_d_z(d_model: int, num_tokens: int, **_) -> int:
+    return MINILM_DIMS
+
+
+def _own_needed_d_z(config: PQAConfig):
+    """The chosen projection's own ``needed_d_z`` (hybrid, direct: z holds its soft tokens), else None."""
+    return getattr(plugins.components("projection")[config.projection["name"]].factory, "needed_d_z", None)
+
+
+def _needed_d_z(config: PQAConfig):
+    """The chosen projection's ``needed_d_z``; a projection without one (``linear``, ``mlp2x_gelu``, most
+    third-party ones) maps a MiniLM-sized z (384 floats)."""
+    return _own_needed_d_z(config) or _minilm_d_z
+
+
+def check_content_init(config: PQAConfig, d_model: Optional[int]) -> None:
+    """Pre-flight: ``model.content_init=keywords`` needs a projection whose z holds the soft tokens
+    (one that sizes z itself, ``needed_d_z``: hybrid, direct) at the size it asks for."""
+    if config.model.content_init != "keywords" or d_model is None:
+        return
+    needed = _own_needed_d_z(config)
+    if needed is None or config.model.d_z not in (0, _sized_z(config, d_model, needed)):
+        raise UsageError(f"model.content_init='keywords' needs z to hold num_memory_tokens x d_model free floats "
+                         f"(projection direct or hybrid, model.d_z=0); projection {config.projection['name']!r} "
+                         f"with model.d_z={config.model.d_z} does not: use model.content_init=auto or zero")
+
+
+def resolve_d_z(config: PQAConfig, d_model: int) -> int:
+    """``model.d_z``, or with ``model.d_z=0`` the size the projection needs (``needed_d_z`` of its class:
+    ``direct`` and ``hybrid`` hold ``m x d_model`` floats, which depends on the LLM)."""
+    if config.model.d_z:
+        return int(config.model.d_z)
+    return _sized_z(config, d_model, _needed_d_z(config))
+
+
+def _sized_z(config: PQAConfig, d_model: int, needed) -> int:
+    """What ``needed`` (a projection's ``needed_d_z``) asks for with this config's m and parameters."""
+    return int(needed(d_model, config.model.num_memory_tokens, **component_kwargs(config.projection)))
+
+
+def initial_keys(config: PQAConfig, documents: List[Document], embedding_std: float, d_z: int,
+                 storage: Optional[TableStorage] = None) -> torch.Tensor:
+    """What z (or its retrieval key) starts from: MiniLM embeddings of the text, or Gaussian noise at
+    the LLM's embedding scale over all of ``d_z`` (drawn into ``storage``: it is the table)."""
+    if config.model.doc_init == "minilm":
+        from pqa_core.modeling.minilm import embed_texts
+
+        return embed_texts([(d.title.replace("_", " ") + ". " + d.text).strip(". ") for d in documents])
+    if config.model.doc_init == "random":
+        return (storage or TableStorage()).random((len(documents), d_z), embedding_std)
+    raise UsageError(f"model.doc_init must be 'minilm' or 'random', got {config.model.doc_init!r}")
+
+
+def initial_doc_vectors(config: PQAConfig, keys: torch.Tensor, key_dims: int, d_z: int,
+                        storage: Optional[TableStorage] = None) -> torch.Tensor:
+    """The doc vector table before training: MiniLM embeddings fill the retrieval key, the rest of z
+    (content only the LLM reads, when the projection splits z) starts at zero."""
+    if config.model.doc_init == "random":
+        return keys
+    if keys.shape[1] != key_dims:
+        raise UsageError(f"model.doc_init='minilm' needs a {keys.shape[1]}-float retrieval key; "
+                         f"got model.d_z={d_z} with projection {config.projection['name']!r} keying on {key_dims}")
+    storage = storage or TableStorage()
+    table = storage.zeros("doc_vectors", (keys.shape[0], d_z))
+    storage.fill_key(table, keys)
+    return table
+
+
+def model_context(config: PQAConfig, llm, tokenizer) -> dict:
+    """What the model supplies to a projection's factory (``kinds.MODEL_CONTEXT``); ``input_std`` is the
+    embedding std until the doc vectors exist."""
+    embedding_std = float(llm.get_input_embeddings().weight.detach().float().std())
+    d_model = llm.config.hidden_size if hasattr(llm.config, "hidden_size") else \
+        llm.get_input_embeddings().weight.shape[1]
+    d_z = resolve_d_z(config, d_model)
+    return dict(d_z=d_z, output_dim=d_z, d_model=d_model, num_tokens=config.model.num_memory_tokens, llm=llm,
+                vocab_size=len(tokenizer), embedding_std=embedding_std, input_std=embedding_std,
+                pad_token_id=tokenizer.pad_token_id)
+
+
+def key_context(context: dict, projection) -> dict:
+    """The context of the query encoder and the selector: they see only the retrieval key."""
+    key_dims = retrieval_key_dims(projection, context["d_z"])
+    return {**context, "d_z": key_dims, "output_dim": key_dims}
+
+
+def fill_keyword_content(table: torch.Tensor, start: int, documents: List[Document], llm, tokenizer,
+                         num_tokens: int, block: int = 4096, scoring: str = "tfidf_names") -> None:
+    """Write each document's most salient words (``keywords.salient_token_ids``), as the LLM's input
+    embeddings, into ``table[:, start:]`` (``num_tokens x d_model`` floats; zero where a document has
+    fewer), a block of rows at a time: a large or memory-mapped table is never copied whole."""
+    from pqa_core.modeling.keywords import salient_token_ids
+
+    weight = llm.get_input_embeddings().weight.detach().float().cpu()
+    ids = salient_token_ids([d.text for d in documents], tokenizer, num_tokens, scoring)
+    with torch.no_grad():
+        for first in range(0, len(documents), block):
+            rows = ids[first:first + block]
+            content = torch.zeros(len(rows), num_tokens, weight.shape[1])
+            for i, row in enumerate(rows):
+                if row:
+                    content[i, :len(row)] = weight[torch.tensor(row)]
+            table[first:first + len(rows), start:] = content.reshape(len(rows), -1).to(table.dtype)
+
+
+def apply_content_init(config: PQAConfig, table: torch.Tensor, documents, llm, tokenizer, key_dims: int,
+                       d_z: int) -> None:
+    """``model.content_init``, in place: the soft-token part of z (after the retrieval key, or all of a
+    keyless z)."""
+    name = config.model.content_init
+    if name == "zero":
+        return
+    if name not in ("keywords", "auto"):
+        raise UsageError(f"model.content_init must be 'auto', 'keywords' or 'zero', got {name!r}")
+    start = key_dims if key_dims < d_z else 0
+    m, width = config.model.num_memory_tokens, d_z - start
+    d_model = llm.get_input_embeddings().weight.shape[1]
+    if width != m * d_model and name == "auto":  # a projection that maps z (linear, mlp2x_gelu): nothing to fill
+        return
+    if width != m * d_model:
+        raise UsageError(f"model.content_init='keywords' needs z to hold num_memory_tokens x d_model = {m} x "
+                         f"{d_model} free floats (projection direct or hybrid, model.d_z=0); this z has {width}")
+    fill_keyword_content(table, start, documents, llm, tokenizer, m, scoring=config.model.keyword_scoring)
+
+
+def build_model(config: PQAConfig, documents: List[Document], llm_and_tokenizer=None,
+                device: Optional[torch.device] = None, table_dir=None) -> ParametricQA:
+    """Everything seeded from ``config.seed`` so two builds with one seed are identical. ``table_dir``:
+    where a memory-mapped table's files go (``model.doc_storage=mmap``)."""
+    storage = storage_of(config, table_dir)
+    torch.manual_seed(config.seed)
+    llm, tokenizer = llm_and_tokenizer or load_llm(config.model.llm)
+    llm.requires_grad_(False)
+    if config.model.lora.enabled:
+        llm = apply_lora(llm, config.model.lora)
+    context = model_context(config, llm, tokenizer)
+    d_z, embedding_std = context["d_z"], context["embedding_std"]
+    keys = initial_keys(config, documents, embedding_std, d_z, storage)
+    context["input_std"] = table_std(keys) if keys.numel() > 1 else embedding_std
+    projection = build_component(config, "projection", context)
+    key_dims = retrieval_key_dims(projection, d_z)
+    doc_init = initial_doc_vectors(config, keys, key_dims, d_z, storage)
+    apply_content_init(config, doc_init, documents, llm, tokenizer, key_dims, d_z)
+    keyed = key_context(context, projection)
+    query_encoder = build_component(config, "query_encoder", keyed)
+    selector = build_component(config, "selector", keyed)
+    model = ParametricQA(llm, tokenizer, len(documents), d_z, query_encoder, selector, projection,
+                         storage.stored(doc_init), storage=storage)
+    device = device or resolve_device(config.model.device)
+    model.autocast_dtype = autocast_dtype(config.model.precision, device)
+    return model.to(device)
+
+
+def build_losses(config: PQAConfig):
+    """(retrieval_loss, generation_loss) modules named in the config."""
+    return (build_component(config, "retrieval_loss", {}), build_component(config, "generation_loss", {}))

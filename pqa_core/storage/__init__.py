@@ -1,0 +1,1 @@
+"""Storage: checkpoints, atomic files, safetensors helpers, fingerprints, the output folder's lock."""
