@@ -21,7 +21,8 @@ setup(
         "pqa_plugins": "plugins",
         "pqa_experiments": "experiments",
     },
-    package_data={"pqa_core.data": ["sample_data/*.jsonl", "sample_data/*.md"]},
+    package_data={"pqa_core.data": ["sample_data/*.jsonl", "sample_data/*.md"],
+                  "pqa_core": ["pretrained/*/*/*"]},  # the shipped artifacts (bench/pretrain.py)
     install_requires=[
         "torch>=2.2",
         "transformers>=4.46,<6",

@@ -41,11 +41,20 @@ def _zero(model, rows: torch.Tensor) -> torch.Tensor:
 
 
 class Reconstruct(WriteObjective):
-    """Token cross-entropy of the document's text (then eos) given its soft prompt alone."""
+    """Token cross-entropy of the document's text (then eos) given its soft prompt alone; with
+    ``max_tokens`` > 0, of its first ``max_tokens`` tokens (pretraining keeps the step short)."""
+
+    def __init__(self, max_tokens: int = 0):
+        super().__init__()
+        if max_tokens < 0:
+            raise ValueError(f"reconstruct: max_tokens={max_tokens}: expected >= 0 (0 = the whole document)")
+        self.max_tokens = int(max_tokens)
 
     def prepare(self, context: WriteContext) -> None:
         eos = context.tokenizer.eos_token_id
-        self.targets = [list(ids) + [eos] for ids in context.doc_tokens]
+        cut = self.max_tokens or None
+        self.targets = [list(ids)[:cut] + ([eos] if cut is None or len(ids) <= cut else [])
+                        for ids in context.doc_tokens]
         self.pad = _pad_id(context.tokenizer)
         self._metrics: Dict[str, float] = {}
 

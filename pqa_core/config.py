@@ -39,9 +39,13 @@ class ModelSettings:
     d_z: int = 0  # 0 = the size the projection needs (hybrid, direct: m x d_model floats, + the key; others 384)
     num_memory_tokens: int = 32
     doc_init: str = "minilm"  # "minilm" (needs d_z=384) or "random" (scaled to the embedding std)
-    # the soft-token part of z: "keywords" (the passage's rarest words' embeddings; hybrid, direct), "zero",
-    # "auto" (keywords where z holds m x d_model free floats, else zero)
+    # the soft-token part of z: "writer" (the writer section's component writes it: keywords or an encoder;
+    # hybrid, direct), "keywords" (the same, its older name), "zero", "auto" (the writer where z holds
+    # m x d_model free floats, else zero)
     content_init: str = "auto"
+    # a pretrained artifact (`pqa run pretrain`'s output folder or its pretrained/ folder, or shipped:NAME):
+    # the reader LoRA, the writer and the projection start from it
+    pretrained: Optional[str] = None
     # which words the keywords are (pqa_core.modeling.keywords): "tfidf_names" (frequent here, rare elsewhere,
     # names and numbers first), "idf" (the rarest)
     keyword_scoring: str = "tfidf_names"
@@ -67,8 +71,27 @@ class DataSettings:
 
 
 @dataclass
+class PretrainSettings:
+    """``pqa run pretrain``: the reusable parts learn their jobs on a disjoint corpus (data.corpus, data.qa)."""
+    # what is pretrained: "pqa" (the reader LoRA reading soft tokens, the writer and the projection, trained
+    # together: the writer encodes each gold passage and its top-k neighbours as the reader reads them), "text"
+    # (a reader of passage text: the oracle's and text RAG's start) or "closed_book" (a reader of nothing)
+    reader: str = "pqa"
+    epochs: int = 1
+    batch_size: int = 8
+    lr_lora: float = 3e-4
+    lr_writer: float = 1e-3
+    lr_projection: float = 1e-3
+    top_k: int = 3  # passages the reader reads per question (the gold one among them when retrieved)
+    reconstruct_weight: float = 0.5  # + this x reconstruction of the gold passages from their soft tokens (ICAE)
+    reconstruct_tokens: int = 64  # the first tokens of each gold passage reconstructed
+    grad_clip: float = 1.0
+    checkpoint_every: int = 50  # steps; resumable
+
+
+@dataclass
 class WriteSettings:
-    epochs: int = 3
+    epochs: int = 3  # 0: z stays as the writer wrote it
     batch_size: int = 8
     lr_z: float = 1e-2  # Cramming's (2502.13063) lr and betas for memory vectors
     betas_z: List[float] = field(default_factory=lambda: [0.9, 0.9])  # row-wise Adam on z
@@ -176,7 +199,17 @@ RANGES: Dict[str, Range] = {
     "data.max_doc_tokens": COUNT,
     "data.max_query_tokens": COUNT,
     "data.max_answer_tokens": COUNT,
-    "write.epochs": COUNT,
+    "write.epochs": SOME,  # 0: no refinement, z as the writer wrote it
+    "pretrain.epochs": COUNT,
+    "pretrain.batch_size": COUNT,
+    "pretrain.lr_lora": RATE,
+    "pretrain.lr_writer": RATE,
+    "pretrain.lr_projection": RATE,
+    "pretrain.top_k": COUNT,
+    "pretrain.reconstruct_weight": WEIGHT,
+    "pretrain.reconstruct_tokens": COUNT,
+    "pretrain.grad_clip": RATE,
+    "pretrain.checkpoint_every": SOME,
     "write.batch_size": COUNT,
     "write.lr_z": RATE,
     "write.lr_projection": RATE,
@@ -212,12 +245,17 @@ RANGES: Dict[str, Range] = {
 # String keys that take one of a few values.
 CHOICES: Dict[str, tuple] = {
     "model.doc_init": ("minilm", "random"),
-    "model.content_init": ("auto", "keywords", "zero"),
+    "model.content_init": ("auto", "writer", "keywords", "zero"),
+    "pretrain.reader": ("pqa", "text", "closed_book"),
     "model.keyword_scoring": tuple(KEYWORD_SCORINGS),
     "write.documents": ("all", "new"),
 }
 
-PHASES = ("write", "read", "eval", "control_read", "control")
+PHASES = ("pretrain", "write", "read", "eval", "control_read", "control")
+TRAINED_PHASES = ("pretrain", "write", "read", "control_read")  # phases that end in a checkpoint
+EXPERIMENT_PHASES = {"pretrain": ["pretrain"], "write": ["write"], "read": ["read"], "eval": ["eval"],
+                     "pipeline": ["write", "read", "eval"], "control": ["control"]}
+"""The experiments users run (``pqa run NAME``) and the phases each runs: named here, once."""
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -241,10 +279,12 @@ class PQAConfig:
     selector: Dict[str, Any] = _component("selector")
     query_encoder: Dict[str, Any] = _component("query_encoder")
     projection: Dict[str, Any] = _component("projection")
+    writer: Dict[str, Any] = _component("writer")
     retrieval_loss: Dict[str, Any] = _component("retrieval_loss")
     generation_loss: Dict[str, Any] = _component("generation_loss")
     write_objective: Dict[str, Any] = _component("write_objective")
     control: Dict[str, Any] = _component("control")  # the baseline the "control" phase scores (pqa_core.training.controls)
+    pretrain: PretrainSettings = field(default_factory=PretrainSettings)
     write: WriteSettings = field(default_factory=WriteSettings)
     read: ReadSettings = field(default_factory=ReadSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)

@@ -24,6 +24,11 @@ def pqa_register_projections(register):
 
 
 @hookspec
+def pqa_register_writers(register):
+    """Register writers: a document's text -> the soft-token part of its z (keywords, an encoder)."""
+
+
+@hookspec
 def pqa_register_retrieval_losses(register):
     """Register retrieval losses: scores + gold mask -> scalar."""
 

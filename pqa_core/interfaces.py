@@ -1,6 +1,6 @@
 """The component contracts every plugin implements.
 
-The five model components are ``torch.nn.Module`` subclasses, so their parameters train with the
+The model components (selector, query encoder, projection, writer) and the losses are ``torch.nn.Module`` subclasses, so their parameters train with the
 model, move with ``.to()`` and save with the checkpoint. A ``Control`` (a baseline that feeds the
 LLM passage text, or nothing, instead of latents) trains nothing and is a plain object. Shapes below use
 B = batch, N = number of documents, d_q = query-vector size, d_z = doc-vector
@@ -98,6 +98,25 @@ class GenerationLoss(nn.Module):
         teacher_logits: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         raise NotImplementedError
+
+
+class Writer(nn.Module):
+    """How a document's z is first made from its text: the soft-token part of z, ``[N, m, d_model]``.
+
+    ``write_documents(texts, token_ids)`` writes N documents at once (their text and their LLM token
+    ids, no eos) without gradient; the run calls it once when the model is built, and the write phase
+    may refine what it wrote. A writer with trainable parameters (``trainable = True``) also implements
+    ``forward(token_ids) -> [B, m, d_model]`` with gradient: ``pqa run pretrain`` trains it through the
+    reader (ICAE/PISCO-style). One without (``keywords``) has nothing to pretrain.
+    """
+
+    trainable = False
+
+    def write_documents(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no trainable encoder")
 
 
 @dataclass

@@ -21,7 +21,7 @@ from pqa_core.training import distributed
 from pqa_core.storage import fingerprint
 from pqa_core.modeling.builder import build_component, build_losses, build_model
 from pqa_core.storage.checkpoints import MANIFEST, load_checkpoint
-from pqa_core.config import PHASES, PQAConfig
+from pqa_core.config import PHASES, TRAINED_PHASES, PQAConfig
 from pqa_core.data.loading import ReadPhaseDataset, WritePhaseDataset, load_corpus, load_qa, sample_data_path, split_passages
 from pqa_core.errors import CheckpointError, UsageError
 from pqa_core.evaluation.qa import evaluate_qa, evaluate_retrieval
@@ -76,8 +76,15 @@ class Pipeline:
                                            "max_doc_tokens": data.max_doc_tokens})
         # a memory-mapped table (model.doc_storage=mmap) lives in the output folder, one per process
         table_dir = self.output_dir / "tables" / f"rank-{self.group.rank}"
-        self.model = build_model(config, self.rows.documents, llm_and_tokenizer, table_dir=table_dir)
+        if config.model.pretrained:  # before the model is built: one line, nothing written
+            self.check_pretrained_disjoint()
+        self.model = build_model(config, self.rows.documents, llm_and_tokenizer, table_dir=table_dir,
+                                 row_tokens=self.rows.tokens, write=not self.pretrains_writer)
         self.model.row_ids = [[d.doc_id, d.part] for d in self.rows.documents]
+        self.model.row_tokens = self.rows.tokens
+        for key in ("pretrained", "write_info"):  # what the run started from, and the writer's speed
+            if getattr(self.model, key, None):
+                self.logger.set_info({"write_info": "writer"}.get(key, key), getattr(self.model, key))
         self.new_rows = list(range(len(self.rows.documents)))  # rows no init_from checkpoint filled
         self.tokenizer = self.model.tokenizer
         encoder_tokenizer = getattr(self.model.query_encoder, "tokenizer", None)
@@ -94,6 +101,87 @@ class Pipeline:
         if config.init_from:
             self.load_initial(Path(config.init_from))
         self.group.check_same(self.model.doc_vectors, "doc_vectors")
+
+    @property
+    def pretrains_writer(self) -> bool:
+        """A pqa pretraining run: the writer writes each step's documents itself, never the table."""
+        return "pretrain" in self.config.phases and self.config.pretrain.reader == "pqa"
+
+    def check_pretrained_disjoint(self) -> None:
+        """``model.pretrained``'s pretraining data holds none of this run's evaluation questions or their passages."""
+        from pqa_core.storage.pretrained import check_for_run
+
+        check_for_run(self.config, self.corpus, self.eval_qa)
+
+    def run_pretrain(self) -> Dict[str, float]:
+        """Train the reusable parts (``pqa_core.training.pretrain``), then save them as an artifact in
+        ``output_dir/pretrained`` (``pqa_core.storage.pretrained``) and score them on ``data.eval_qa``."""
+        from pqa_core.training.controls import ControlReaderDataset, ControlReaderTrainer
+        from pqa_core.training.pretrain import PretrainTrainer, read_settings, reconstruction_objective
+
+        p, data = self.config.pretrain, self.config.data
+        metrics: Dict[str, float] = {}
+        start = time.perf_counter()
+        if not self._finished("pretrain"):
+            root = self.checkpoint_root("pretrain")
+            if p.reader == "pqa":
+                trainer = PretrainTrainer(self.model, p, retrieval_loss=self.retrieval_loss,
+                                          generation_loss=self.generation_loss,
+                                          reconstruction=reconstruction_objective(self.write_context(),
+                                                                                  p.reconstruct_tokens))
+                metrics = trainer.fit(self.read_dataset, seed=self.config.seed, checkpoint_root=root,
+                                      config_dict=self.config_dict, logger=self.logger, phase="pretrain")
+            else:
+                dataset = ControlReaderDataset(self.control_of_pretrain(), self.train_qa, self.tokenizer, top_k=p.top_k,
+                                               prompt=data.prompt, max_answer_tokens=data.max_answer_tokens)
+                metrics = ControlReaderTrainer(self.model, read_settings(p)).fit(
+                    dataset, seed=self.config.seed, checkpoint_root=root, config_dict=self.config_dict,
+                    logger=self.logger, phase="pretrain")
+        if self.group.is_main:
+            path = self.save_pretrained(metrics, time.perf_counter() - start)
+            self.logger.set_info("pretrained_artifact", str(path.resolve()))
+            self.logger.add_artifact(str(path / "MANIFEST.json"), "pretrained_MANIFEST.json")
+            metrics = {**metrics, **self.score_pretrained()}
+        return metrics
+
+    def save_pretrained(self, metrics: Dict[str, float], seconds: float) -> Path:
+        from pqa_core.storage.pretrained import data_summary, save_pretrained
+
+        data = self.config.data
+        summary = data_summary(resolve_data_path(data.corpus), resolve_data_path(data.qa), len(self.corpus),
+                               len(self.train_qa))
+        p = self.config.pretrain
+        steps = -(-len(self.train_qa) // p.batch_size) * p.epochs
+        training = {"epochs": p.epochs, "steps": steps, "batch_size": p.batch_size, "lr_lora": p.lr_lora,
+                    "lr_writer": p.lr_writer, "lr_projection": p.lr_projection, "top_k": p.top_k,
+                    "reconstruct_weight": p.reconstruct_weight, "reconstruct_tokens": p.reconstruct_tokens,
+                    "seconds": round(seconds, 1), "metrics": metrics}
+        return save_pretrained(self.output_dir / "pretrained", self.model, self.config,
+                               llm_identity=llm_identity(self.config.model.llm), data=summary,
+                               passages=[d.text for d in self.corpus], questions=[q.question for q in self.train_qa],
+                               training=training, fingerprint=self.fingerprint["digest"])
+
+    def score_pretrained(self) -> Dict[str, float]:
+        """The pretrained reader on ``data.eval_qa`` (held-out questions of the pretraining corpus)."""
+        if self.config.pretrain.reader == "pqa":
+            self.model.live_writer = True
+            return {f"eval_{k}": v for k, v in self.evaluate_eval_questions().items()}
+        from pqa_core.training.controls import evaluate_control
+
+        e = self.config.eval
+        return {f"eval_{k}": v for k, v in evaluate_control(
+            self.model, self.control_of_pretrain(), self.eval_qa, top_k=self.config.pretrain.top_k,
+            batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, prompt=self.config.data.prompt,
+            seed=self.config.seed).items()}
+
+    def control_of_pretrain(self):
+        from pqa_core.training.controls import build_control
+        from pqa_core.training.pretrain import CONTROL_OF_READER
+
+        if getattr(self, "_control", None) is None:
+            self._control = build_control({"name": CONTROL_OF_READER[self.config.pretrain.reader]}, self.corpus,
+                                          self.tokenizer)
+        return self._control
 
     def load_initial(self, source: Path) -> None:
         """Load the model (not the optimizer) from a checkpoint folder or an earlier run's output folder."""
@@ -129,9 +217,12 @@ class Pipeline:
             seed=self.config.seed, cache_dir=str(self.output_dir / "cache"))
 
     def run_write(self) -> Dict[str, float]:
+        w = self.config.write
+        if w.epochs == 0:  # z stays as the writer wrote it
+            log.info("write phase: write.epochs=0, z as the writer wrote it")
+            return {}
         if self._finished("write"):
             return {}
-        w = self.config.write
         if w.documents not in ("all", "new"):
             raise UsageError(f"write.documents={w.documents!r}: expected 'all' or 'new'")
         rows = self.new_rows if w.documents == "new" else None
@@ -254,7 +345,7 @@ class Pipeline:
             self.timings[phase] = time.perf_counter() - start
             self.logger.set_info(f"{phase}_seconds", round(self.timings[phase], 2))
             self.logger.set_info(f"{phase}_metrics", result)
-            if phase in ("write", "read", "control_read"):
+            if phase in TRAINED_PHASES:
                 self.logger.set_info(f"{phase}_checkpoint", str((self.checkpoint_root(phase) / "final").resolve()))
             if phase == "write" and main:  # the selector scores z: a write objective must not lose retrieval
                 self.logger.set_info(f"Recall@{k}_after_write",
@@ -283,7 +374,7 @@ def checkpoints_to_load(config: PQAConfig) -> List[Path]:
     ``init_from``'s, and with ``resume`` each training phase's ``final`` or else its highest step (a
     step folder without its manifest is returned too: it is torn, and checking it refuses it)."""
     found = [initial_checkpoint(Path(config.init_from))] if config.init_from else []
-    for phase in ("write", "read", "control_read") if config.resume else ():
+    for phase in TRAINED_PHASES if config.resume else ():
         if phase in config.phases:
             root = Path(config.resume) / "checkpoints" / phase
             steps = sorted(root.glob("step-*"))
@@ -298,7 +389,10 @@ def fingerprint_of(config: PQAConfig) -> Dict[str, Any]:
     """What will determine this run's weights (``fingerprint.py``), known before anything is built."""
     init = initial_checkpoint(Path(config.init_from)) if config.init_from else None
     data = {name: resolve_data_path(getattr(config.data, name)) for name in TRAINING_DATA}
-    return fingerprint.compute(config.to_dict(), data, llm_identity(config.model.llm), init)
+    from pqa_core.storage.pretrained import artifact_path
+
+    pretrained = artifact_path(config)
+    return fingerprint.compute(config.to_dict(), data, llm_identity(config.model.llm), init, pretrained)
 
 
 def check_output_dir(config: PQAConfig, run_fingerprint: Dict[str, Any], output_dir: Path) -> List[str]:

@@ -40,8 +40,9 @@ def check_plugin(kind: str, name: str, params: Optional[Mapping[str, Any]] = Non
 
 
 def tiny_model_context(d_z: int = 384, num_tokens: int = 2) -> Dict[str, Any]:
-    """The model context a projection's factory gets on the tiny random Llama (``llm``, ``d_model``,
-    ``vocab_size`` ...); a query encoder and a selector get the same, sized to the retrieval key."""
+    """The model context a writer's factory gets on the tiny random Llama (``llm``, ``d_model``,
+    ``vocab_size``, ``tokenizer`` ...); a projection gets the same less the writer-only names, a query
+    encoder and a selector that, sized to the retrieval key."""
     from pqa_core.modeling.builder import model_context
     from pqa_core.config import PQAConfig
     from pqa_core.modeling.llm import load_llm_stand_in

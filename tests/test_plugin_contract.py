@@ -242,7 +242,7 @@ def test_a_loss_declaring_model_context_is_told_losses_get_none(tiny):
 
     with plugin_registered(Plugin(), name="smoothing_plugin"):
         with pytest.raises(ContractError, match=r"needs parameter\(s\) vocab_size; .*generation_loss factories get "
-                                                r"no model context: only selector, query_encoder, projection do"):
+                                                r"no model context: only selector, query_encoder, projection, writer do"):
             check_config_components(smoke_config(generation_loss={"name": "smoothed"}), tiny)
 
 
@@ -318,7 +318,7 @@ def test_load_plugins_env_matching_names_is_silent(installed_plugins, monkeypatc
 def test_components_of_a_run_name_their_plugin_package_and_version(installed_plugins):
     install(installed_plugins, BROKEN_DIST, "0.3", BROKEN)
     used = plugins.components_of_run(smoke_config(selector={"name": "ranked"}))
-    assert set(used) == {"selector", "query_encoder", "projection", "retrieval_loss", "generation_loss",
+    assert set(used) == {"selector", "query_encoder", "projection", "writer", "retrieval_loss", "generation_loss",
                          "write_objective"}
     assert "write_objective" not in plugins.components_of_run(smoke_config(phases=["read", "eval"]))
     assert used["selector"] == {"name": "ranked", "plugin": BROKEN_EP, "package": BROKEN_DIST, "version": "0.3"}
@@ -347,7 +347,7 @@ def test_testing_helpers_register_one_plugin_in_a_clean_manager(installed_plugin
     context = tiny_model_context(d_z=16, num_tokens=3)
     assert context["d_z"] == context["output_dim"] == 16 and context["num_tokens"] == 3
     assert context["d_model"] == 64 and context["vocab_size"] == len(tiny[1])
-    assert set(context) == set(KIND["projection"].context)
+    assert set(context) == set(KIND["writer"].context) > set(KIND["projection"].context)
 
 
 @pytest.mark.parametrize("kind", [kind.name for kind in KINDS])
@@ -463,10 +463,10 @@ def test_raising_and_clashing_plugin_hooks_leave_every_command_usable(tmp_path):
 
 
 def test_readme_documents_every_context_parameter_and_every_kind():
-    from pqa_core.components.kinds import CONTEXT_DOCS, MODEL_CONTEXT
+    from pqa_core.components.kinds import CONTEXT_DOCS
 
     readme = (REPO / "README.md").read_text()
-    assert set(CONTEXT_DOCS) == set(MODEL_CONTEXT)
+    assert set(CONTEXT_DOCS) == {name for kind in KINDS for name in kind.context}
     for name, meaning in CONTEXT_DOCS.items():
         assert f"| `{name}` | {meaning} |" in readme, name
     for kind in KINDS:

@@ -1,7 +1,9 @@
 """``pqa demo``: the point of pqa in a few minutes.
 
 Two tracked runs on the same questions: pqa (write, read, eval) and closed-book with its own reader
-trained the same way (``train_reader``: the same epochs, batch size and learning rate). Then the paired
+trained the same way (``train_reader``: the same epochs, batch size and learning rate), each reader
+starting from the artifact shipped for the LLM (``model.pretrained=auto``: ``pqa_core/pretrained/``,
+pretrained on SQuAD articles disjoint from the sample; pqa's documents written by its encoder). Then the paired
 comparison of the two on every held-out question, and where to look next. Both runs take the
 ``demo`` named config, so ``pqa demo with read.epochs=8`` changes them alike.
 """
@@ -37,6 +39,9 @@ def _run(phase: str, items: List[str], label: str, mongo_url, no_db, debug, quie
     if not quiet:
         ident = f"run {run._id}" if run._id is not None else "(not recorded)"
         click.echo(f"{label}: {ident} {run.status}: {describe_result(run.result or {})}", err=True)
+        started = (run.info or {}).get("pretrained") or {}
+        click.echo(f"{label}: started from {started.get('path') or started.get('why') or 'no pretrained artifact'}",
+                   err=True)
     return run
 
 
@@ -50,7 +55,8 @@ def demo(ctx, sacred_args, mongo_url: Optional[str], no_db: bool, as_json: bool)
     """pqa beside closed-book on the shipped sample, in minutes (SmolLM2-135M).
 
     Runs ``pqa run pipeline with demo`` and ``pqa run control with demo train_reader
-    control.name=closed_book`` (a reader trained the same way, reading no documents), then compares
+    control.name=closed_book`` (a reader trained the same way, reading no documents), both starting from
+    the pretrained artifacts shipped for the LLM (``model.pretrained=auto``), then compares
     them question by question: the mean difference in each metric, its 95% interval and a paired p-value.
     36 held-out questions give wide intervals: the demo shows the workflow; bench (a) measures.
 

@@ -58,6 +58,28 @@ COMPONENTS: Dict[str, tuple] = {
             out = torch.tanh(self.proj(z)) * self.scale
             return out.view(*z.shape[:-1], self.num_tokens, self.d_model)
     '''),
+    "writer": ("Writer", "import torch\nfrom torch import nn", '''
+        """Soft tokens from the mean input embedding of a document's tokens plus ``num_tokens`` trained offsets."""
+
+        trainable = True
+
+        def __init__(self, llm, d_model: int, num_tokens: int, embedding_std: float = 0.02):
+            super().__init__()
+            self.embeddings = llm.get_input_embeddings()  # the LLM's: referenced, not trained here
+            self.offsets = nn.Parameter(torch.randn(int(num_tokens), int(d_model)) * float(embedding_std))
+
+        def forward(self, token_ids):
+            # B lists of LLM token ids -> [B, num_tokens, d_model], with gradient to the offsets
+            device = self.offsets.device
+            means = torch.stack([self.embeddings(torch.tensor(ids or [0], device=device)).mean(0)
+                                 for ids in token_ids]).float()
+            return means[:, None, :] + self.offsets
+
+        @torch.no_grad()
+        def write_documents(self, texts, token_ids):
+            # N documents -> [N, num_tokens, d_model], no gradient
+            return self(token_ids)
+    '''),
     "retrieval_loss": ("RetrievalLoss", "import torch", '''
         """``-log`` of the softmax mass on the gold documents at ``temperature``, mean over questions."""
 

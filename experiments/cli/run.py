@@ -22,10 +22,11 @@ from typing import Dict, List, Optional, Tuple
 
 import click
 
+from pqa_core.config import EXPERIMENT_PHASES
 from pqa_core.errors import CheckpointError, EnvironmentFailure, PqaError, UsageError
 
 log = logging.getLogger(__name__)
-PHASES = ("write", "read", "eval", "pipeline", "control")
+PHASES = tuple(EXPERIMENT_PHASES)
 SACRED_COMMANDS = ("print_config", "print_named_configs", "print_dependencies")
 
 
@@ -132,9 +133,13 @@ def preflight(ex, updates, named_configs):
     storage_of(config, folder=Path("."))  # model.doc_dtype and model.doc_storage are known values
     corpus = load_corpus(resolve_data_path(config.data.corpus))
     load_qa(resolve_data_path(config.data.qa), corpus)
-    load_qa(resolve_data_path(config.data.eval_qa), corpus)
+    eval_questions = load_qa(resolve_data_path(config.data.eval_qa), corpus)
     # before any component is built: m=1e8 would make the contract check allocate terabytes
     shape = llm_shape(config.model.llm)
+    if config.model.pretrained:  # another LLM, shape or reader; pretraining data that overlaps the evaluation
+        from pqa_core.storage.pretrained import check_for_run
+
+        check_for_run(config, corpus, eval_questions, shape[0] if shape else None)
     check_fits(config, len(corpus), config.data.corpus, shape)
     check_output_folder(Path(config.resume or config.output_dir or os.environ.get("PQA_OUTPUT_DIR", "outputs")))
     check_config_components(config)  # names, parameters, then each component's contract on a stand-in model

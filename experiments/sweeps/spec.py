@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List
 
+from pqa_core.config import EXPERIMENT_PHASES
 from pqa_core.errors import UsageError
 
-EXPERIMENTS = ("write", "read", "eval", "pipeline", "control")
+EXPERIMENTS = tuple(EXPERIMENT_PHASES)
 TOP_KEYS = ("experiment", "with", "grid", "random", "metric")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from pqa_core.storage.atomic import sha256_file
-from pqa_core.config import PQAConfig
+from pqa_core.config import TRAINED_PHASES, PQAConfig
 from pqa_core.pipeline import Pipeline, resolve_data_path
 from pqa_core.components.plugins import components_of_run
 from pqa_core.training.loop import RunLogger
@@ -63,7 +63,7 @@ def run_pipeline_in_sacred(config: Dict[str, Any], run) -> Dict[str, float]:
     result = pipeline.run()  # holds the folder's lock; a run that fails before writing leaves no folders
     run.info["timings_s"] = {k: round(v, 2) for k, v in pipeline.timings.items()}
     run.info["checkpoints"] = {p: str((pipeline.checkpoint_root(p) / "final").resolve())
-                               for p in ("write", "read") if (pipeline.checkpoint_root(p) / "final").exists()}
+                               for p in TRAINED_PHASES if (pipeline.checkpoint_root(p) / "final").exists()}
     for observer in run.observers:  # from here on a Ctrl-C cannot make the run INTERRUPTED
         if hasattr(observer, "main_finished"):
             observer.main_finished(result)

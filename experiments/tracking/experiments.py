@@ -1,5 +1,5 @@
-"""The Sacred experiments users run: ``write``, ``read``, ``eval``, ``pipeline`` and ``control``
-(a baseline, ``control.name=bm25``, scored like ``eval``).
+"""The Sacred experiments users run: ``pretrain`` (the reusable parts, on a disjoint corpus), ``write``,
+``read``, ``eval``, ``pipeline`` and ``control`` (a baseline, ``control.name=bm25``, scored like ``eval``).
 
 One config namespace per component kind, so overrides read naturally::
 
@@ -16,14 +16,13 @@ from sacred import Experiment
 from sacred.config.config_summary import ConfigSummary
 from sacred.utils import apply_backspaces_and_linefeeds, iterate_flattened
 
-from pqa_core.config import PQAConfig
+from pqa_core.config import EXPERIMENT_PHASES, PQAConfig
 from pqa_core.components.kinds import KIND
 from pqa_core.components.plugins import with_component_defaults
 
 from pqa_experiments.tracking import sacred_fixes
 
-PHASES_OF = {"write": ["write"], "read": ["read"], "eval": ["eval"], "pipeline": ["write", "read", "eval"],
-             "control": ["control"]}
+PHASES_OF = EXPERIMENT_PHASES
 
 SMOKE = {
     "threads": 1,
@@ -53,9 +52,14 @@ NAMED_CONFIGS: Dict[str, Dict[str, Any]] = {
     "distill_write": {"write_objective": {"name": "weighted"}},
     # a control whose reader (LoRA) is trained for its own input first, with the read phase's settings
     "train_reader": {"phases": ["control_read", "control"]},
-    # `pqa demo` (pqa and closed-book on the sample in minutes): the defaults, shorter (2 write epochs,
-    # 3 read epochs for its 108 training questions, no evaluation between epochs)
-    "demo": {"write": {"epochs": 2}, "read": {"epochs": 3, "eval_every": 0}},
+    # `pqa demo` (pqa and closed-book on the sample in minutes): both readers start from the shipped
+    # artifacts for the LLM (model.pretrained=auto: pretrained on SQuAD articles, disjoint from the sample),
+    # pqa's documents written by the pretrained encoder in one pass (no per-document write steps), then
+    # 3 read epochs on the sample's 108 training questions, no evaluation between epochs
+    "demo": {"model": {"pretrained": "auto"}, "writer": {"name": "encoder"}, "write": {"epochs": 0},
+             "read": {"epochs": 3, "eval_every": 0}},
+    # the encoder writer (pretrain it first: `pqa run pretrain`, or start from an artifact)
+    "encoder_writer": {"writer": {"name": "encoder"}},
     # the read phase straight from the initial z (keywords, MiniLM keys): what the write phase adds
     "no_write": {"phases": ["read", "eval"]},
     # model ablations (the default: hybrid projection, MiniLM key for retrieval, 32 soft tokens per

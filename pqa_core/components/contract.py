@@ -196,7 +196,26 @@ def probe_write_objective(objective, context, g) -> None:
                       "(reach z through model.doc_latents(rows) or model.soft_prompts)")
 
 
+def probe_writer(writer, context, g) -> None:
+    m, d_model = context["num_tokens"], context["d_model"]
+    tokenizer = context.get("tokenizer")
+    if tokenizer is None:
+        raise _Broken("a writer is checked with the LLM's tokenizer in its context")
+    tokens = tokenizer(PROBE_TEXTS, add_special_tokens=False)["input_ids"]
+    what = f"writer.write_documents({len(PROBE_TEXTS)} texts, their token ids)"
+    _expect_tensor(writer.write_documents(PROBE_TEXTS, tokens), (len(PROBE_TEXTS), m, d_model), what,
+                   "[N, num_tokens, d_model]")
+    if getattr(writer, "trainable", False):
+        trainable = [p for p in writer.parameters() if p.requires_grad]
+        out = _expect_tensor(writer(tokens[:B]), (B, m, d_model), f"writer(token_ids of {B} documents)",
+                             "[B, num_tokens, d_model]")
+        _backward(out, g)
+        if not trainable or not any(_has_grad(p) for p in trainable):
+            raise _Broken("writer(token_ids): no gradient reaches its trainable parameters (pretraining trains them)")
+
+
 PROBES: Dict[str, Callable[[Any, Mapping[str, Any], torch.Generator], None]] = {
+    "writer": probe_writer,
     "projection": probe_projection,
     "query_encoder": probe_query_encoder,
     "selector": probe_selector,

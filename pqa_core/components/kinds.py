@@ -17,6 +17,9 @@ MODEL_CONTEXT = ("d_z", "output_dim", "d_model", "num_tokens", "llm", "vocab_siz
                  "input_std", "pad_token_id")
 """Values the model supplies to the factories of model components that declare a parameter so named."""
 
+WRITER_CONTEXT = MODEL_CONTEXT + ("tokenizer", "keyword_scoring", "lora_target_modules")
+"""A writer also gets the LLM's tokenizer, ``model.keyword_scoring`` and the LoRA's target modules."""
+
 CONTEXT_DOCS = {
     "d_z": "size of the vectors the component reads: all of z for a projection; the retrieval key (the "
            "projection's `key_dims`, else all of z) for a query encoder and a selector",
@@ -28,6 +31,9 @@ CONTEXT_DOCS = {
     "embedding_std": "std of the LLM's input embedding weights (the scale soft tokens should have)",
     "input_std": "std of the initial doc vectors z (MiniLM or random init)",
     "pad_token_id": "the LLM tokenizer's pad token id",
+    "tokenizer": "the LLM's tokenizer (writers only)",
+    "keyword_scoring": "`model.keyword_scoring`: which words are a passage's keywords (writers only)",
+    "lora_target_modules": "`model.lora.target_modules`: the module names a LoRA adapts (writers only)",
 }
 """What each ``MODEL_CONTEXT`` parameter means (the README's table of them; a test keeps the two equal)."""
 
@@ -53,6 +59,8 @@ KINDS: Tuple[Kind, ...] = (
          "minilm", MODEL_CONTEXT, "query_encoder"),
     Kind("projection", interfaces.Projection, "pqa_register_projections", "pqa_plugins.projections",
          "hybrid", MODEL_CONTEXT, "z_to_embedding"),
+    Kind("writer", interfaces.Writer, "pqa_register_writers", "pqa_plugins.writers", "keywords",
+         WRITER_CONTEXT, "writer"),
     Kind("retrieval_loss", interfaces.RetrievalLoss, "pqa_register_retrieval_losses",
          "pqa_plugins.retrieval_losses", "gold_nll"),
     Kind("generation_loss", interfaces.GenerationLoss, "pqa_register_generation_losses",

@@ -54,13 +54,13 @@ def _needed_d_z(config: PQAConfig):
 
 
 def check_content_init(config: PQAConfig, d_model: Optional[int]) -> None:
-    """Pre-flight: ``model.content_init=keywords`` needs a projection whose z holds the soft tokens
+    """Pre-flight: ``model.content_init=writer`` (or ``keywords``) needs a projection whose z holds the soft tokens
     (one that sizes z itself, ``needed_d_z``: hybrid, direct) at the size it asks for."""
-    if config.model.content_init != "keywords" or d_model is None:
+    if config.model.content_init not in ("keywords", "writer") or d_model is None:
         return
     needed = _own_needed_d_z(config)
     if needed is None or config.model.d_z not in (0, _sized_z(config, d_model, needed)):
-        raise UsageError(f"model.content_init='keywords' needs z to hold num_memory_tokens x d_model free floats "
+        raise UsageError(f"model.content_init={config.model.content_init!r} needs z to hold num_memory_tokens x d_model free floats "
                          f"(projection direct or hybrid, model.d_z=0); projection {config.projection['name']!r} "
                          f"with model.d_z={config.model.d_z} does not: use model.content_init=auto or zero")
 
@@ -115,7 +115,9 @@ def model_context(config: PQAConfig, llm, tokenizer) -> dict:
     d_z = resolve_d_z(config, d_model)
     return dict(d_z=d_z, output_dim=d_z, d_model=d_model, num_tokens=config.model.num_memory_tokens, llm=llm,
                 vocab_size=len(tokenizer), embedding_std=embedding_std, input_std=embedding_std,
-                pad_token_id=tokenizer.pad_token_id)
+                pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer,
+                keyword_scoring=config.model.keyword_scoring,
+                lora_target_modules=list(config.model.lora.target_modules))
 
 
 def key_context(context: dict, projection) -> dict:
@@ -124,71 +126,87 @@ def key_context(context: dict, projection) -> dict:
     return {**context, "d_z": key_dims, "output_dim": key_dims}
 
 
-def fill_keyword_content(table: torch.Tensor, start: int, documents: List[Document], llm, tokenizer,
-                         num_tokens: int, block: int = 4096, scoring: str = "tfidf_names") -> None:
-    """Write each document's most salient words (``keywords.salient_token_ids``), as the LLM's input
-    embeddings, into ``table[:, start:]`` (``num_tokens x d_model`` floats; zero where a document has
-    fewer), a block of rows at a time: a large or memory-mapped table is never copied whole."""
-    from pqa_core.modeling.keywords import salient_token_ids
-
-    weight = llm.get_input_embeddings().weight.detach().float().cpu()
-    ids = salient_token_ids([d.text for d in documents], tokenizer, num_tokens, scoring)
-    with torch.no_grad():
-        for first in range(0, len(documents), block):
-            rows = ids[first:first + block]
-            content = torch.zeros(len(rows), num_tokens, weight.shape[1])
-            for i, row in enumerate(rows):
-                if row:
-                    content[i, :len(row)] = weight[torch.tensor(row)]
-            table[first:first + len(rows), start:] = content.reshape(len(rows), -1).to(table.dtype)
+def content_slice(table_width: int, key_dims: int) -> int:
+    """Where the soft-token part of z starts: after the retrieval key, or at 0 for a keyless z."""
+    return key_dims if key_dims < table_width else 0
 
 
-def apply_content_init(config: PQAConfig, table: torch.Tensor, documents, llm, tokenizer, key_dims: int,
-                       d_z: int) -> None:
-    """``model.content_init``, in place: the soft-token part of z (after the retrieval key, or all of a
-    keyless z)."""
+def writes_content(config: PQAConfig, d_z: int, key_dims: int, d_model: int) -> bool:
+    """Whether the writer fills z's soft-token part (``model.content_init``): ``writer``/``keywords``
+    require room for ``m x d_model`` free floats, ``auto`` uses it where there is room, ``zero`` never."""
     name = config.model.content_init
     if name == "zero":
-        return
-    if name not in ("keywords", "auto"):
-        raise UsageError(f"model.content_init must be 'auto', 'keywords' or 'zero', got {name!r}")
-    start = key_dims if key_dims < d_z else 0
-    m, width = config.model.num_memory_tokens, d_z - start
-    d_model = llm.get_input_embeddings().weight.shape[1]
-    if width != m * d_model and name == "auto":  # a projection that maps z (linear, mlp2x_gelu): nothing to fill
-        return
-    if width != m * d_model:
-        raise UsageError(f"model.content_init='keywords' needs z to hold num_memory_tokens x d_model = {m} x "
-                         f"{d_model} free floats (projection direct or hybrid, model.d_z=0); this z has {width}")
-    fill_keyword_content(table, start, documents, llm, tokenizer, m, scoring=config.model.keyword_scoring)
+        return False
+    m = config.model.num_memory_tokens
+    width = d_z - content_slice(d_z, key_dims)
+    if width == m * d_model:
+        return True
+    if name == "auto":  # a projection that maps z (linear, mlp2x_gelu): nothing to fill
+        return False
+    raise UsageError(f"model.content_init={name!r} needs z to hold num_memory_tokens x d_model = {m} x "
+                     f"{d_model} free floats (projection direct or hybrid, model.d_z=0); this z has {width}")
+
+
+def write_content(model: ParametricQA, rows, documents: List[Document], tokens, block: int = 4096) -> dict:
+    """The writer writes ``rows`` of the table's soft-token part, a block of rows at a time (a large or
+    memory-mapped table is never copied whole). Returns what the writer says of its speed."""
+    table = model.doc_vectors
+    start = content_slice(table.shape[1], model.key_dims)
+    rows = list(rows)
+    with torch.no_grad():
+        for first in range(0, len(rows), block):
+            part = rows[first:first + block]
+            content = model.writer.write_documents([documents[r].text for r in part], [tokens[r] for r in part])
+            table[torch.tensor(part), start:] = content.reshape(len(part), -1).to(table.dtype)
+    return dict(getattr(model.writer, "last_write", {}) or {})
 
 
 def build_model(config: PQAConfig, documents: List[Document], llm_and_tokenizer=None,
-                device: Optional[torch.device] = None, table_dir=None) -> ParametricQA:
+                device: Optional[torch.device] = None, table_dir=None, row_tokens=None,
+                write: bool = True) -> ParametricQA:
     """Everything seeded from ``config.seed`` so two builds with one seed are identical. ``table_dir``:
-    where a memory-mapped table's files go (``model.doc_storage=mmap``)."""
+    where a memory-mapped table's files go (``model.doc_storage=mmap``). ``row_tokens``: each document's
+    LLM token ids, for the writer (tokenized here when not given). With ``model.pretrained``, the reader
+    LoRA, the writer and the projection are loaded before the writer writes (``write=False``: it does not,
+    a pretraining run's writer writes each step's documents itself)."""
     storage = storage_of(config, table_dir)
     torch.manual_seed(config.seed)
     llm, tokenizer = llm_and_tokenizer or load_llm(config.model.llm)
     llm.requires_grad_(False)
+    context = model_context(config, llm, tokenizer)
+    writer = build_component(config, "writer", context)  # before the LoRA: its layers are the LLM's own
     if config.model.lora.enabled:
         llm = apply_lora(llm, config.model.lora)
-    context = model_context(config, llm, tokenizer)
+        context["llm"] = llm
     d_z, embedding_std = context["d_z"], context["embedding_std"]
     keys = initial_keys(config, documents, embedding_std, d_z, storage)
     context["input_std"] = table_std(keys) if keys.numel() > 1 else embedding_std
     projection = build_component(config, "projection", context)
     key_dims = retrieval_key_dims(projection, d_z)
     doc_init = initial_doc_vectors(config, keys, key_dims, d_z, storage)
-    apply_content_init(config, doc_init, documents, llm, tokenizer, key_dims, d_z)
     keyed = key_context(context, projection)
     query_encoder = build_component(config, "query_encoder", keyed)
     selector = build_component(config, "selector", keyed)
     model = ParametricQA(llm, tokenizer, len(documents), d_z, query_encoder, selector, projection,
-                         storage.stored(doc_init), storage=storage)
+                         storage.stored(doc_init), storage=storage, writer=writer)
     device = device or resolve_device(config.model.device)
     model.autocast_dtype = autocast_dtype(config.model.precision, device)
-    return model.to(device)
+    model = model.to(device)
+    if config.model.pretrained:
+        from pqa_core.storage.pretrained import load_pretrained
+
+        model.pretrained = load_pretrained(config, model)
+    if write and writes_content(config, d_z, key_dims, context["d_model"]):
+        with model.autocast():
+            model.write_info = write_content(model, range(len(documents)), documents,
+                                             row_tokens or _token_lists(tokenizer, documents))
+    return model
+
+
+def _token_lists(tokenizer, documents: List[Document]) -> List[List[int]]:
+    from pqa_core.data.loading import _token_ids
+
+    return _token_ids(tokenizer, [d.text for d in documents])
 
 
 def build_losses(config: PQAConfig):

@@ -39,13 +39,19 @@ def retrieval_key_dims(projection: Projection, d_z: int) -> int:
 class ParametricQA(nn.Module):
     def __init__(self, llm: nn.Module, tokenizer, num_docs: int, d_z: int, query_encoder: QueryEncoder,
                  selector: Selector, projection: Projection, doc_init: Optional[torch.Tensor] = None,
-                 storage: Optional[TableStorage] = None):
+                 storage: Optional[TableStorage] = None, writer: Optional[nn.Module] = None):
         super().__init__()
         self.llm = llm
         self.tokenizer = tokenizer
         self.query_encoder = query_encoder
         self.selector = selector
         self.z_to_embedding = projection
+        self.writer = writer if writer is not None else nn.Module()  # a checkpoint part (kinds: writer)
+        # pretraining: the soft-token part of z is the writer's reading of each row's tokens, made at
+        # every step with gradient (``row_tokens`` the rows' LLM token ids), not the table's
+        self.live_writer = False
+        self.row_tokens = None
+        self.written = None  # within a pretraining step: row -> what the writer wrote of it (with gradient)
         if doc_init is None:
             doc_init = torch.randn(num_docs, d_z) * self.embedding_std()
         if tuple(doc_init.shape) != (num_docs, d_z):
@@ -90,8 +96,21 @@ class ParametricQA(nn.Module):
     def soft_prompts(self, doc_indices: torch.Tensor) -> torch.Tensor:
         """``doc_indices [B, k]`` -> soft prompt ``[B, k*m, d_model]`` (documents in rank order)."""
         z = self.doc_latents(doc_indices)  # [B, k, d_z]
+        if self.live_writer:
+            z = self.written_latents(doc_indices, z)
         emb = self.z_to_embedding(z)  # [B, k, m, d_model]
         return emb.reshape(emb.shape[0], -1, emb.shape[-1])
+
+    def written_latents(self, doc_indices: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """z with its soft-token part replaced by what the writer makes of the rows' tokens now."""
+        start = self.key_dims if self.key_dims < z.shape[-1] else 0
+        flat = doc_indices.reshape(-1).tolist()
+        memo = self.written if self.written is not None else {}  # a step writes each row once
+        todo = sorted({r for r in flat if r not in memo})
+        if todo:
+            memo.update(zip(todo, self.writer([self.row_tokens[r] for r in todo]).unbind(0)))
+        content = torch.stack([memo[r] for r in flat]).to(z.dtype).reshape(*doc_indices.shape, -1)
+        return torch.cat([z[..., :start], content], dim=-1) if start else content
 
     @staticmethod
     def assemble(prefix: Optional[torch.Tensor], parts, masks):

@@ -3,7 +3,8 @@
 The fingerprint is every key of the resolved run config (new sections and keys are included by
 themselves) except those listed in ``NOT_WEIGHTS``, which cannot change the weights, plus what
 the config names but does not hold: the sha256 of the training data files, the LLM's identity,
-the content of the ``init_from`` checkpoint, and the pqa version. Every checkpoint's manifest
+the content of the ``init_from`` checkpoint and of the ``model.pretrained`` artifact, and the pqa
+version (the ``pretrain`` section counts only in a run that pretrains). Every checkpoint's manifest
 records it. A run that would load checkpoints from its own folder (``resume``) must have the
 same fingerprint, else one line names the keys that differ; ``force_resume=True`` continues
 anyway and the run records the differences. A run pointed at a folder that already holds
@@ -27,6 +28,7 @@ NOT_WEIGHTS: Dict[str, str] = {
     "resume": "which folder is continued",
     "force_resume": "the override of this check",
     "init_from": "a path: the content of the checkpoint it names counts instead",
+    "model.pretrained": "a path: the content of the artifact it names counts instead",
     "data.corpus": "a path: the file's sha256 counts instead",
     "data.qa": "a path: the file's sha256 counts instead",
     "data.eval_qa": "the evaluation questions are scored, never trained on",
@@ -37,6 +39,7 @@ NOT_WEIGHTS: Dict[str, str] = {
     "write.eval_qa_every": "evaluation during training",
     "write.checkpoint_every": "when checkpoints are written (resuming from any of them gives the same weights)",
     "read.checkpoint_every": "when checkpoints are written",
+    "pretrain.checkpoint_every": "when checkpoints are written",
     "threads": "how many CPU threads compute the same steps (float rounding may differ)",
     "model.device": "which device computes the same steps (float rounding may differ)",
 }
@@ -44,14 +47,18 @@ TRAINING_DATA = ("corpus", "qa")  # data files whose content the weights depend 
 
 
 def compute(config_dict: Mapping[str, Any], data_files: Mapping[str, Path], llm: Mapping[str, Any],
-            init_checkpoint: Optional[Path] = None) -> Dict[str, Any]:
+            init_checkpoint: Optional[Path] = None, pretrained: Optional[Path] = None) -> Dict[str, Any]:
     """``{"digest": sha256, "values": {dotted key: value}}`` of what determines the weights."""
-    values = {key: value for key, value in _flatten(config_dict).items() if not excluded(key)}
+    pretrains = "pretrain" in (config_dict.get("phases") or ())
+    values = {key: value for key, value in _flatten(config_dict).items()
+              if not excluded(key) and (pretrains or not key.startswith("pretrain."))}
     for name, path in sorted(data_files.items()):
         values[f"data.{name}.sha256"] = sha256_file(path)
     values.update({f"llm.{k}": v for k, v in _flatten(llm).items()})
     if init_checkpoint is not None:
         values["init_from.content"] = content_digest(init_checkpoint)
+    if pretrained is not None:
+        values["model.pretrained.content"] = content_digest(pretrained)
     values["pqa_version"] = pqa_version()
     return {"digest": _digest(values), "values": values}
 

@@ -100,9 +100,9 @@ class ReadPhaseTrainer:
         return gen_loss, retrieval_loss
 
     def fit(self, dataset, *, seed: int, checkpoint_root, config_dict, logger: Optional[RunLogger] = None,
-            epoch_end_fn=None) -> Dict[str, float]:
+            epoch_end_fn=None, phase: str = "read") -> Dict[str, float]:
         s = self.settings
-        loop = EpochLoop(self.model, self.optimizer, phase="read", checkpoint_root=checkpoint_root,
+        loop = EpochLoop(self.model, self.optimizer, phase=phase, checkpoint_root=checkpoint_root,
                          config_dict=config_dict, logger=logger or RunLogger(), checkpoint_every=s.checkpoint_every)
         return loop.run(dataset, epochs=s.epochs, batch_size=s.batch_size, seed=seed,
                         step_fn=self.train_step, epoch_end_fn=epoch_end_fn)

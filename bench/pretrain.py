@@ -1,0 +1,129 @@
+"""Build the pretrained artifacts (``pqa run pretrain``) on the SQuAD articles no benchmark uses.
+
+bench (a) uses the first 24 articles of ``shared/data/squad_v1.1``; this script takes the articles after
+them (by default all 16 that are left: 685 passages, 3,285 questions), holds out ``--held-out`` of their
+questions (by question, seeded) to score each artifact, and runs one tracked ``pqa run pretrain`` per
+reader: ``pqa`` (the encoder writer, the reader LoRA, the projection), ``closed_book`` and optionally
+``text`` (the controls' readers, trained with the same steps and learning rate). Each run is resumable:
+run the same command again after an interruption. With ``--ship`` the artifacts are copied into
+``pqa_core/pretrained/<llm>/<reader>/`` (what ``pqa demo`` starts from), beside a README saying how they
+were made.
+
+    python bench/pretrain.py --readers pqa closed_book --ship           # about 1 h 20 min on 2 CPU cores
+    python bench/pretrain.py --readers text --questions 3285            # the text reader, for bench (a)
+
+Everything the runs take is given on the command line and recorded (Sacred, and each artifact's manifest).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import REPO_ROOT, SQUAD_DIR  # noqa: E402
+
+BENCH_ARTICLES = 24  # bench (a) full: 20 articles + 4 new ones; every later article is unused by it
+SHIPPED = REPO_ROOT / "pqa_core" / "pretrained"
+
+
+def _write_jsonl(path: Path, rows) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+def build_data(out: Path, questions: int, held_out: int, seed: int = 0, squad_dir: Path = SQUAD_DIR) -> dict:
+    """corpus/train/held-out files of the unused articles; returns their paths and counts."""
+    corpus = [json.loads(line) for line in open(squad_dir / "corpus.jsonl", encoding="utf-8")]
+    qa = [json.loads(line) for line in open(squad_dir / "qa.jsonl", encoding="utf-8")]
+    titles = list(dict.fromkeys(d["title"] for d in corpus))
+    unused = set(titles[BENCH_ARTICLES:])
+    docs = [d for d in corpus if d["title"] in unused]
+    ids = {d["doc_id"] for d in docs}
+    pool = [q for q in qa if set(q["gold_doc_ids"]) <= ids]
+    random.Random(seed).shuffle(pool)
+    evaluation, train = pool[:held_out], pool[held_out:held_out + questions]
+    return {"corpus": _write_jsonl(out / "corpus.jsonl", docs), "qa": _write_jsonl(out / "train.jsonl", train),
+            "eval_qa": _write_jsonl(out / "eval.jsonl", evaluation),
+            "about": {"articles": sorted(unused, key=titles.index), "passages": len(docs),
+                      "train_questions": len(train), "held_out_questions": len(evaluation)}}
+
+
+def pretrain_command(reader: str, data: dict, out: Path, args) -> list:
+    values = [f"model.llm={args.llm}", f"data.corpus={data['corpus']}", f"data.qa={data['qa']}",
+              f"data.eval_qa={data['eval_qa']}", f"pretrain.reader={reader}", f"pretrain.epochs={args.epochs}",
+              f"pretrain.batch_size={args.batch_size}", f"threads={args.threads}", f"output_dir={out}",
+              f"writer.name={args.writer}", f"writer.layers={args.writer_layers}",
+              f"model.num_memory_tokens={args.m}"]
+    if (out / "checkpoints" / "pretrain").exists():
+        values.append(f"resume={out}")
+    return [str(REPO_ROOT / ".venv" / "bin" / "pqa"), "run", "pretrain", "--json", "with", *values]
+
+
+def ship(llm: str, reader: str, artifact: Path, data: dict, command: list, seconds: float) -> Path:
+    target = SHIPPED / llm / reader
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(artifact, target)
+    manifest = json.loads((artifact / "MANIFEST.json").read_text())
+    about = data["about"]
+    (target / "README.md").write_text(f"""# {llm} — pretrained {reader} reader
+
+Made by `python bench/pretrain.py` with: `{shlex.join(command)}` ({seconds / 60:.0f} min on this project's
+2-core CPU machine). Files: `model.safetensors` (tensors), `contents.json` (hashes of the pretraining passages
+and questions: a run refuses this artifact when its evaluation overlaps them), `MANIFEST.json` (what made it,
+the sha256 of every file).
+
+Data: SQuAD v1.1 development set, the {len(about['articles'])} articles after the first {BENCH_ARTICLES} of
+`shared/data/squad_v1.1` (none of them used by any benchmark): {about['passages']} passages,
+{about['train_questions']} training questions ({about['held_out_questions']} held out to score it:
+{json.dumps({k: round(v, 1) for k, v in manifest['training']['metrics'].items() if k.startswith('eval_') and 'ci95' not in k})}).
+SQuAD: Rajpurkar et al., 2016, arXiv:1606.05250, licensed CC BY-SA 4.0; these weights are derived from it
+and are shared under the same licence (CC BY-SA 4.0).
+Articles: {', '.join(about['articles'])}.
+""")
+    return target
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--readers", nargs="+", default=["pqa", "closed_book"], choices=["pqa", "closed_book", "text"])
+    parser.add_argument("--llm", default="smollm2-135m")
+    parser.add_argument("--questions", type=int, default=3285, help="training questions (at most all of them)")
+    parser.add_argument("--held-out", type=int, default=200, help="questions held out to score each artifact")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--writer", default="encoder")
+    parser.add_argument("--writer-layers", type=int, default=4)
+    parser.add_argument("--m", type=int, default=32, help="soft tokens per document")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("outputs/pretrain"))
+    parser.add_argument("--ship", action="store_true", help="copy the artifacts into pqa_core/pretrained/")
+    args = parser.parse_args(argv)
+    data = build_data(args.out / "data", args.questions, args.held_out)
+    print(json.dumps(data["about"]), file=sys.stderr)
+    for reader in args.readers:
+        out = (args.out / reader).resolve()
+        command = pretrain_command(reader, data, out, args)
+        print("$", shlex.join(command), file=sys.stderr)
+        start = time.perf_counter()
+        subprocess.run(command, check=True)
+        seconds = time.perf_counter() - start
+        print(f"{reader}: {seconds / 60:.1f} min -> {out / 'pretrained'}", file=sys.stderr)
+        if args.ship:
+            print(f"shipped: {ship(args.llm, reader, out / 'pretrained', data, command, seconds)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""Pretrained artifacts: the reusable parts of a model (the reader LoRA, the writer, the projection), as
+``pqa run pretrain`` leaves them, for any later run to start from (``model.pretrained``).
+
+An artifact is a folder::
+
+    model.safetensors   lora.<peft name>, writer.<name>, projection.<name>
+    contents.json       hashes of the pretraining passages and questions (a run checks it is disjoint)
+    MANIFEST.json       what made it (reader, LLM, shapes, components, data hashes, training, fingerprint),
+                        the sha256 of the files above; written last
+
+``model.pretrained`` names one: a folder, a run's output folder (its ``pretrained/``), ``shipped:NAME``
+(``pqa_core/pretrained/NAME``, made by ``bench/pretrain.py``), or ``auto``: the shipped artifact for the
+run's LLM and reader when there is one (``pqa demo``), else none. A run refuses, in one line and before it
+exists, an artifact of another LLM, m, LoRA shape, writer or projection, of another reader than it
+needs, or one whose pretraining data holds any of the run's evaluation questions or their passages.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pqa_core.errors import CheckpointError, UsageError
+from pqa_core.storage.atomic import atomic_directory, sha256_file
+
+MANIFEST = "MANIFEST.json"
+CONTENTS = "contents.json"
+FORMAT = "pqa-pretrained/1"
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "pretrained"
+PARTS = ("lora", "writer", "projection")
+
+
+# --- names ------------------------------------------------------------------------------------
+def artifact_path(config) -> Optional[Path]:
+    """The folder ``config.model.pretrained`` names, or None (no artifact: unset, or ``auto`` with none shipped)."""
+    spec = config.model.pretrained
+    if not spec:
+        return None
+    if spec == "auto":
+        path = SHIPPED_DIR / config.model.llm / reader_needed(config)
+        return path if (path / MANIFEST).exists() else None
+    return resolve(spec)
+
+
+def resolve(spec: str) -> Path:
+    """``shipped:NAME`` -> the package's artifact; a run's output folder -> its ``pretrained/``; else the path."""
+    if spec.startswith("shipped:"):
+        name = spec[len("shipped:"):]
+        path = SHIPPED_DIR / name
+        if not re.fullmatch(r"[\w.-]+(/[\w.-]+)*", name) or not (path / MANIFEST).exists():
+            have = sorted(str(p.parent.relative_to(SHIPPED_DIR)) for p in SHIPPED_DIR.rglob(MANIFEST))
+            raise UsageError(f"model.pretrained={spec!r}: no such shipped artifact; shipped: {', '.join(have) or 'none'}")
+        return path
+    path = Path(spec).expanduser()
+    return path / "pretrained" if (path / "pretrained" / MANIFEST).exists() else path
+
+
+def text_hash(text: str) -> str:
+    """A passage's or question's identity across files: its whitespace-normalised, lower-cased text."""
+    return hashlib.sha256(" ".join(text.lower().split()).encode()).hexdigest()[:16]
+
+
+def reader_needed(config) -> str:
+    """The reader an artifact must hold for this run: soft tokens (pqa), passage text, or nothing."""
+    phases = set(config.phases)
+    if phases & {"control", "control_read"}:
+        return "closed_book" if config.control.get("name") == "closed_book" else "text"
+    if "pretrain" in phases:
+        return config.pretrain.reader
+    return "pqa"
+
+
+SPEED_ONLY = ("batch_size",)
+"""Component parameters that change how fast, not what: an artifact fits whatever they are."""
+
+
+def shape_of(config, d_model: Optional[int]) -> Dict[str, Any]:
+    """What must match for an artifact's tensors to fit a model of ``config`` (components with their defaults)."""
+    from pqa_core.components.plugins import with_component_defaults
+
+    def section(kind):
+        filled = with_component_defaults(kind, getattr(config, kind))
+        return {k: v for k, v in sorted(filled.items()) if k not in SPEED_ONLY}
+
+    m, lora = config.model, config.model.lora
+    return {"d_model": d_model, "num_memory_tokens": m.num_memory_tokens,
+            "lora": {"r": lora.r, "alpha": lora.alpha, "target_modules": sorted(lora.target_modules)}
+            if lora.enabled else None,
+            "writer": section("writer"), "projection": section("projection")}
+
+
+# --- writing ----------------------------------------------------------------------------------
+def save_pretrained(path, model, config, *, llm_identity: dict, data: Dict[str, Any], passages: Iterable[str],
+                    questions: Iterable[str], training: Dict[str, Any], fingerprint: Optional[str] = None) -> Path:
+    """Write the artifact of ``model`` (trained by ``config``'s pretraining) at ``path``, atomically."""
+    reader = config.pretrain.reader
+    tensors: Dict[str, torch.Tensor] = {}
+    for name, param in model.llm.named_parameters():
+        if "lora_" in name:
+            tensors[f"lora.{name}"] = param.detach()
+    if reader == "pqa":
+        for part, module in (("writer", model.writer), ("projection", model.z_to_embedding)):
+            for name, tensor in module.state_dict().items():
+                tensors[f"{part}.{name}"] = tensor.detach()
+    tensors = {k: v.float().contiguous().cpu() for k, v in tensors.items()}
+    d_model = model.llm.get_input_embeddings().weight.shape[1]
+    manifest = {
+        "format": FORMAT, "reader": reader, "llm": llm_identity, "shape": shape_of(config, int(d_model)),
+        "data": data, "training": training, "fingerprint": fingerprint,
+        "made": {"pqa": _version("pqa"), "torch": torch.__version__, "transformers": _version("transformers"),
+                 "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+    }
+    with atomic_directory(path) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"))
+        (tmp / CONTENTS).write_text(json.dumps({"passages": sorted({text_hash(t) for t in passages}),
+                                                "questions": sorted({text_hash(t) for t in questions})}))
+        manifest["files"] = {f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+                             for f in sorted(tmp.iterdir()) if f.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return Path(path)
+
+
+def _version(name: str) -> Optional[str]:
+    try:
+        return package_version(name)
+    except Exception:  # noqa: BLE001 - not installed as a distribution
+        return None
+
+
+# --- reading ----------------------------------------------------------------------------------
+def read_manifest(spec: str, path: Optional[Path] = None) -> Dict[str, Any]:
+    """The artifact's manifest, its files checked against it (a torn or edited artifact is refused)."""
+    path = path or resolve(spec)
+    file = path / MANIFEST
+    if not file.exists():
+        raise CheckpointError(f"model.pretrained={spec!r}: {path} holds no pretrained artifact ({MANIFEST} missing)")
+    try:
+        manifest = json.loads(file.read_text())
+        files = {name: (int(e["bytes"]), str(e["sha256"])) for name, e in manifest["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{file}: unreadable manifest ({type(exc).__name__}: {exc})") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{file}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    for name, (size, digest) in files.items():
+        f = path / name
+        if not f.exists() or f.stat().st_size != size or sha256_file(f) != digest:
+            raise CheckpointError(f"{f}: missing or not what {MANIFEST} lists (torn or edited artifact)")
+    manifest["path"] = str(path)
+    return manifest
+
+
+def check_fits_run(config, manifest: Dict[str, Any], llm_identity: dict, d_model: Optional[int]) -> None:
+    """An artifact made for another LLM, shape, writer, projection or reader is refused, naming the difference."""
+    spec = config.model.pretrained
+    needed = reader_needed(config)
+    if manifest.get("reader") != needed:
+        raise UsageError(f"model.pretrained={spec!r}: a {manifest.get('reader')!r} reader; this run needs a "
+                         f"{needed!r} one (pqa run pretrain with pretrain.reader={needed})")
+    if manifest.get("llm") != llm_identity:
+        raise UsageError(f"model.pretrained={spec!r}: made for LLM {_short(manifest.get('llm'))}, this run has "
+                         f"{_short(llm_identity)}")
+    saved, current = dict(manifest.get("shape", {})), shape_of(config, d_model)
+    for kind in ("writer", "projection"):
+        if isinstance(saved.get(kind), dict):
+            saved[kind] = {k: v for k, v in sorted(saved[kind].items()) if k not in SPEED_ONLY}
+    keys = ["d_model", "lora"] + (["num_memory_tokens", "writer", "projection"] if needed == "pqa" else [])
+    for key in keys:
+        if key == "d_model" and d_model is None:
+            continue
+        if saved.get(key) != current.get(key):
+            raise UsageError(f"model.pretrained={spec!r}: made for {key}={saved.get(key)!r}, this run has "
+                             f"{key}={current.get(key)!r}")
+
+
+def _short(identity) -> str:
+    return repr(identity.get("name")) if isinstance(identity, dict) else repr(identity)
+
+
+def check_disjoint(config, manifest: Dict[str, Any], eval_questions, passages_of) -> None:
+    """The run's evaluation questions, and the passages they are about, must be absent from the artifact's
+    pretraining data (``passages_of(question)``: the texts of its gold passages)."""
+    contents = json.loads((Path(manifest["path"]) / CONTENTS).read_text())
+    seen_q, seen_p = set(contents.get("questions", ())), set(contents.get("passages", ()))
+    questions = [q for q in eval_questions if text_hash(q.question) in seen_q]
+    passages = {text_hash(t) for q in eval_questions for t in passages_of(q)} & seen_p
+    if questions or passages:
+        example = f"e.g. question {questions[0].id!r}" if questions else "e.g. a gold passage"
+        raise UsageError(f"model.pretrained={config.model.pretrained!r}: its pretraining data overlaps this run's "
+                         f"evaluation ({len(questions)} of {len(eval_questions)} questions, {len(passages)} of their "
+                         f"passages; {example}, data.eval_qa={config.data.eval_qa}): pretrain on a disjoint corpus")
+
+
+def check_for_run(config, corpus, eval_questions, d_model: Optional[int] = None) -> Optional[Dict[str, Any]]:
+    """Pre-flight of ``model.pretrained`` (cheap: the manifest and file hashes, no model): an artifact for
+    this LLM, shape and reader, whose pretraining data is disjoint from the run's evaluation."""
+    from pqa_core.modeling.llm import llm_identity
+
+    path = artifact_path(config)
+    if path is None:
+        return None
+    manifest = read_manifest(config.model.pretrained, path)
+    check_fits_run(config, manifest, llm_identity(config.model.llm), d_model)
+    texts = {d.doc_id: d.text for d in corpus}
+    check_disjoint(config, manifest, eval_questions, lambda q: [texts[i] for i in q.gold_doc_ids if i in texts])
+    return manifest
+
+
+def load_pretrained(config, model) -> Dict[str, Any]:
+    """Load ``config.model.pretrained`` into ``model`` (its reader LoRA, and for a pqa reader the writer and
+    the projection); returns what the run records of it."""
+    from pqa_core.modeling.llm import llm_identity
+
+    path = artifact_path(config)
+    if path is None:
+        return {"path": None, "why": f"model.pretrained={config.model.pretrained!r}: no artifact shipped for "
+                                     f"{config.model.llm!r} ({reader_needed(config)} reader); started untrained"}
+    manifest = read_manifest(config.model.pretrained, path)
+    d_model = int(model.llm.get_input_embeddings().weight.shape[1])
+    check_fits_run(config, manifest, llm_identity(config.model.llm), d_model)
+    file = Path(manifest["path"]) / "model.safetensors"
+    try:
+        tensors = load_file(str(file))
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{file}: not a valid safetensors file ({exc})") from None
+    targets = {"lora": {n: p for n, p in model.llm.named_parameters() if "lora_" in n},
+               "writer": dict(model.writer.state_dict(keep_vars=True)),
+               "projection": dict(model.z_to_embedding.state_dict(keep_vars=True))}
+    loaded: Dict[str, int] = {}
+    for key, tensor in tensors.items():
+        part, _, name = key.partition(".")
+        target = targets.get(part, {}).get(name)
+        if target is None or tuple(target.shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{file}: tensor {key!r} {tuple(tensor.shape)} fits nothing in this model"
+                                  + (f" (it has {tuple(target.shape)})" if target is not None else ""))
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{file}: tensor {key!r} holds NaN or inf")
+        with torch.no_grad():
+            target.copy_(tensor.to(target.dtype))
+        loaded[part] = loaded.get(part, 0) + 1
+    missing = [part for part in ("lora",) + (("writer",) if model.writer.state_dict() else ())
+               if targets[part] and part not in loaded and manifest.get("reader") == "pqa"]
+    if missing:
+        raise CheckpointError(f"{file}: holds no {' or '.join(missing)} tensors for this model")
+    return {"path": manifest["path"], "reader": manifest.get("reader"), "manifest_sha256":
+            sha256_file(Path(manifest["path"]) / MANIFEST), "tensors": loaded,
+            "data": manifest.get("data"), "training": manifest.get("training")}
+
+
+def data_summary(corpus_path: Path, qa_path: Path, passages: int, questions: int) -> Dict[str, Any]:
+    """What the artifact records of its pretraining data."""
+    return {"corpus": str(corpus_path), "corpus_sha256": sha256_file(corpus_path), "qa": str(qa_path),
+            "qa_sha256": sha256_file(qa_path), "passages": passages, "questions": questions}
+

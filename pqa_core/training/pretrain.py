@@ -1,0 +1,74 @@
+"""Pretraining: the reusable parts learn their jobs on many questions of a disjoint corpus, before any run.
+
+A pqa reader (``pretrain.reader=pqa``) is trained as the read phase trains it, with two differences:
+each selected document's soft tokens are written by the writer *at every step* (``model.live_writer``),
+so the gradient reaches the writer (its LoRA, memory slots and map) as well as the reader's LoRA and the
+projection; and the gold passages are also reconstructed from their soft tokens (ICAE's autoencoding,
+``pretrain.reconstruct_weight``). Retrieval is not pretrained (the doc table, query encoder and selector
+stay frozen): the selected neighbours are only the distractors a reader meets at run time.
+A control's reader (``text``: passages chosen by dense MiniLM retrieval, ``closed_book``: none) is trained
+with the same steps and learning rate, so a comparison of pretrained readers stays fair.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+from pqa_core.config import PretrainSettings, ReadSettings
+from pqa_core.interfaces import WriteContext
+from pqa_core.training.read_phase import ReadPhaseTrainer
+
+CONTROL_OF_READER = {"text": "dense_minilm", "closed_book": "closed_book"}
+"""The control whose input a non-pqa pretrained reader learns to read."""
+
+
+def read_settings(p: PretrainSettings) -> ReadSettings:
+    """The read phase's settings that pretraining reuses (no retrieval loss, no evaluation between epochs)."""
+    return ReadSettings(epochs=p.epochs, batch_size=p.batch_size, lr_lora=p.lr_lora, lr_projection=p.lr_projection,
+                        top_k=p.top_k, retrieval_weight=0.0, grad_clip=p.grad_clip, eval_every=0,
+                        checkpoint_every=p.checkpoint_every, key_updates="batch")
+
+
+class PretrainTrainer(ReadPhaseTrainer):
+    """The read phase's step over a live writer, plus reconstruction of the gold passages."""
+
+    def __init__(self, model, settings: PretrainSettings, *, retrieval_loss, generation_loss, reconstruction):
+        if not getattr(model.writer, "trainable", False):
+            raise ValueError("pretrain.reader=pqa trains the writer: choose one with parameters (writer.name=encoder)")
+        for frozen in (model.doc_vectors, *model.selector.parameters(), *model.query_encoder.parameters()):
+            frozen.requires_grad_(False)
+        super().__init__(model, read_settings(settings), retrieval_loss=retrieval_loss,
+                         generation_loss=generation_loss)
+        writer = [p for p in model.writer.parameters() if p.requires_grad]
+        self.optimizer.add_param_group({"params": writer, "lr": settings.lr_writer, "name": "writer",
+                                        "weight_decay": 0.0})
+        self.trainable += writer
+        self.reconstruct_weight = settings.reconstruct_weight
+        self.reconstruction = reconstruction
+        model.live_writer = True
+
+    def losses(self, batch):
+        self.model.written = {}  # the answer's and the reconstruction's passes share each row's writing
+        try:
+            gen_loss, retrieval_loss = super().losses(batch)
+            if self.reconstruct_weight > 0:
+                gold = batch["gold_doc_ids"][:, 0]
+                gen_loss = gen_loss + self.reconstruct_weight * self.reconstruction(self.model, gold[gold >= 0])
+        finally:
+            self.model.written = None
+        return gen_loss, retrieval_loss
+
+    def train_step(self, batch) -> Dict[str, float]:
+        metrics = super().train_step(batch)
+        metrics.pop("retrieval_loss", None)
+        metrics.update({f"reconstruct_{k}": v for k, v in self.reconstruction.last_metrics().items()})
+        return metrics
+
+
+def reconstruction_objective(context: WriteContext, max_tokens: int):
+    """The ``reconstruct`` write objective on the first ``max_tokens`` tokens of each row."""
+    from pqa_core.components import plugins
+
+    objective = plugins.build("write_objective", "reconstruct", {"max_tokens": max_tokens})
+    objective.prepare(context)
+    return objective
+

@@ -1,0 +1,218 @@
+"""Pretraining (issue 17) on the tiny model: ``pqa run pretrain`` saves a resumable artifact, a run starts from
+it and records it, a mismatched or overlapping one is refused before the run exists, and the encoder writer
+trains and writes a batch of documents in one pass."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pqa_core.config import PQAConfig
+from pqa_core.data.loading import load_corpus, load_qa, sample_data_path
+from pqa_core.pipeline import Pipeline
+from pqa_core.storage import pretrained as artifacts
+from pqa_core.training.loop import RecordingLogger
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"llm": "tiny", "num_memory_tokens": 2, "lora": {"r": 4}}
+ENCODER = {"name": "encoder", "layers": 1, "batch_size": 4}
+
+
+def _jsonl(path: Path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    """The sample cut in two: pretraining data (28 passages and their questions) and a run's evaluation
+    (questions about the other 8 passages), disjoint."""
+    root = tmp_path_factory.mktemp("split")
+    corpus = load_corpus(sample_data_path("corpus.jsonl"))
+    questions = load_qa(sample_data_path("qa_train.jsonl"), corpus) + load_qa(sample_data_path("qa_eval.jsonl"), corpus)
+    old = {d.doc_id for d in corpus[:28]}
+    row = lambda q: {"id": q.id, "question": q.question, "answers": q.answers, "gold_doc_ids": q.gold_doc_ids}  # noqa: E731
+    docs = lambda ds: [{"doc_id": d.doc_id, "title": d.title, "text": d.text} for d in ds]  # noqa: E731
+    pre = [row(q) for q in questions if set(q.gold_doc_ids) <= old]
+    new = [row(q) for q in questions if not set(q.gold_doc_ids) & old]
+    return {"pre_corpus": _jsonl(root / "pre_corpus.jsonl", docs(corpus[:28])),
+            "pre_qa": _jsonl(root / "pre_qa.jsonl", pre[:-8]), "pre_eval": _jsonl(root / "pre_eval.jsonl", pre[-8:]),
+            "corpus": _jsonl(root / "corpus.jsonl", docs(corpus)),
+            "qa": _jsonl(root / "qa.jsonl", new[:16]), "eval_qa": _jsonl(root / "eval.jsonl", new[16:])}
+
+
+def pretrain_config(split, out: Path, **pretrain) -> PQAConfig:
+    return PQAConfig.from_dict({
+        "seed": 1, "output_dir": str(out), "phases": ["pretrain"], "model": TINY, "writer": ENCODER,
+        "data": {"corpus": split["pre_corpus"], "qa": split["pre_qa"], "eval_qa": split["pre_eval"]},
+        "pretrain": {"epochs": 2, "batch_size": 8, "checkpoint_every": 3, "reconstruct_tokens": 8, **pretrain},
+        "eval": {"max_new_tokens": 4}})
+
+
+@pytest.fixture(scope="module")
+def artifact(split, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrain") / "run"
+    logger = RecordingLogger()
+    metrics = Pipeline(pretrain_config(split, out), logger).run()
+    return out, logger, metrics
+
+
+def test_pretraining_saves_an_artifact_that_records_what_made_it(artifact, split):
+    out, logger, metrics = artifact
+    manifest = artifacts.read_manifest(str(out))  # a run's folder names its pretrained/ artifact
+    assert Path(manifest["path"]) == out / "pretrained"
+    assert manifest["reader"] == "pqa" and manifest["llm"]["name"] == "tiny"
+    assert manifest["shape"]["num_memory_tokens"] == 2 and manifest["shape"]["writer"]["name"] == "encoder"
+    assert manifest["data"]["questions"] == len(load_qa(split["pre_qa"], load_corpus(split["pre_corpus"])))
+    assert manifest["data"]["corpus_sha256"] and manifest["training"]["steps"] > 0
+    assert manifest["fingerprint"] == logger.info["fingerprint"]
+    tensors = load_file(str(out / "pretrained" / "model.safetensors"))
+    parts = {key.split(".")[0] for key in tensors}
+    assert parts == {"lora", "writer", "projection"}
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    assert "eval_F1" in metrics and logger.info["pretrained_artifact"] == str((out / "pretrained").resolve())
+    losses = [v for _, v in logger.scalars["pretrain.epoch_total_loss"]]
+    assert len(losses) == 2 and losses[1] < losses[0]  # the reader and the writer learn together
+    # an edited artifact is refused, naming the file
+    broken = out.parent / "broken"
+    shutil.copytree(out / "pretrained", broken)
+    (broken / "contents.json").write_text("{}")
+    with pytest.raises(Exception, match="contents.json"):
+        artifacts.read_manifest(str(broken))
+
+
+def test_pretraining_resumed_after_a_crash_ends_with_the_same_artifact(artifact, split, tmp_path):
+    out, _, _ = artifact
+    crashed = tmp_path / "crashed"
+    Pipeline(pretrain_config(split, crashed)).run()
+    steps = sorted((crashed / "checkpoints" / "pretrain").glob("step-*"))
+    assert len(steps) >= 2
+    for later in [crashed / "checkpoints" / "pretrain" / "final", crashed / "pretrained", *steps[1:]]:
+        shutil.rmtree(later)  # as if killed after the first step checkpoint
+    config = pretrain_config(split, crashed)
+    config.resume = str(crashed)
+    Pipeline(config).run()
+    resumed = load_file(str(crashed / "pretrained" / "model.safetensors"))
+    whole = load_file(str(out / "pretrained" / "model.safetensors"))
+    assert resumed.keys() == whole.keys()
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+def run_config(split, out: Path, pretrained: str, **model) -> PQAConfig:
+    return PQAConfig.from_dict({
+        "seed": 1, "output_dir": str(out), "model": {**TINY, "pretrained": pretrained, **model}, "writer": ENCODER,
+        "data": {"corpus": split["corpus"], "qa": split["qa"], "eval_qa": split["eval_qa"]},
+        "write": {"epochs": 0}, "read": {"epochs": 1, "eval_every": 0}, "eval": {"max_new_tokens": 4}})
+
+
+def test_a_run_starts_from_the_artifact_and_records_it(artifact, split, tmp_path):
+    out, _, _ = artifact
+    logger = RecordingLogger()
+    pipeline = Pipeline(run_config(split, tmp_path / "run", str(out)), logger)
+    recorded = logger.info["pretrained"]
+    assert recorded["path"] == str(out / "pretrained") and recorded["tensors"]["writer"] > 0
+    assert logger.info["writer"]["documents"] == pipeline.model.num_docs  # every row written by the encoder
+    saved = load_file(str(out / "pretrained" / "model.safetensors"))
+    memory = dict(pipeline.model.writer.state_dict())["memory"]
+    assert torch.equal(memory, saved["writer.memory"])
+    lora = {n: p for n, p in pipeline.model.llm.named_parameters() if "lora_" in n}
+    assert all(torch.equal(lora[k[len("lora."):]], v) for k, v in saved.items() if k.startswith("lora."))
+    # the artifact's content is part of the fingerprint: another artifact, another fingerprint
+    untrained = Pipeline(run_config(split, tmp_path / "plain", None))
+    assert untrained.fingerprint["digest"] != pipeline.fingerprint["digest"]
+    result = pipeline.run()
+    assert result["questions"] == len(load_qa(split["eval_qa"], load_corpus(split["corpus"])))
+
+
+def pqa(*args):
+    return subprocess.run([sys.executable, "-m", "pqa_experiments.cli.main", *args], capture_output=True, text=True,
+                          timeout=600, cwd=str(REPO), env={**__import__("os").environ, "PQA_PROGRESS": "0"})
+
+
+def _run_args(split, out, *extra):
+    return ["run", "pipeline", "--no-db", "with", "model.llm=tiny", "model.num_memory_tokens=2", "model.lora.r=4",
+            "writer.name=encoder", "writer.layers=1", f"data.corpus={split['corpus']}", f"data.qa={split['qa']}",
+            f"data.eval_qa={split['eval_qa']}", f"output_dir={out}", *extra]
+
+
+@pytest.mark.parametrize("change, named", [("model.num_memory_tokens=3", "num_memory_tokens"),
+                                           ("writer.layers=2", "writer"), ("model.lora.r=2", "lora")])
+def test_a_mismatched_artifact_is_refused_before_the_run_exists(artifact, split, tmp_path, change, named):
+    out, _, _ = artifact
+    proc = pqa(*_run_args(split, tmp_path / "run", f"model.pretrained={out}", change))
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "model.pretrained" in lines[0] and named in lines[0], proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_control_needs_a_reader_of_its_own_input(artifact, split, tmp_path):
+    out, _, _ = artifact
+    proc = pqa("run", "control", "--no-db", "with", "model.llm=tiny", "model.lora.r=4", "control.name=closed_book",
+               f"data.corpus={split['corpus']}", f"data.qa={split['qa']}", f"data.eval_qa={split['eval_qa']}",
+               f"model.pretrained={out}", f"output_dir={tmp_path / 'run'}")
+    assert proc.returncode == 2 and "'closed_book'" in proc.stderr and "pretrain.reader" in proc.stderr, proc.stderr
+
+
+def test_pretraining_data_that_overlaps_the_evaluation_is_refused(artifact, split, tmp_path):
+    out, _, _ = artifact
+    # questions held out of pretraining, about passages it read: the passages overlap
+    proc = pqa(*_run_args(split, tmp_path / "run", f"model.pretrained={out}", f"data.eval_qa={split['pre_eval']}"))
+    assert proc.returncode == 2, proc.stderr
+    assert "overlaps this run's evaluation (0 of 8 questions, 8 of their passages" in proc.stderr, proc.stderr
+    # the pretraining questions themselves
+    trained = len(load_qa(split["pre_qa"], load_corpus(split["pre_corpus"])))
+    proc = pqa(*_run_args(split, tmp_path / "run", f"model.pretrained={out}", f"data.eval_qa={split['pre_qa']}"))
+    assert proc.returncode == 2 and f"({trained} of {trained} questions" in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_encoder_writer_trains_and_writes_a_batch_in_one_pass():
+    from pqa_core.components import plugins
+    from pqa_core.modeling.llm import load_llm
+
+    llm, tokenizer = load_llm("tiny")
+    writer = plugins.build("writer", "encoder", {"layers": 2, "batch_size": 16},
+                           {"llm": llm, "d_model": 64, "num_tokens": 3, "embedding_std": 0.02,
+                            "pad_token_id": tokenizer.pad_token_id, "lora_target_modules": ["q_proj", "v_proj"]})
+    texts = [f"Passage {i} says the tower is {i * 7} metres tall." for i in range(10)]
+    tokens = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    out = writer(tokens[:4])
+    assert out.shape == (4, 3, 64)
+    out.pow(2).sum().backward()
+    named = dict(writer.named_parameters())
+    assert any(k.startswith("adapters.") and "lora_B" in k for k in named)
+    for name, param in named.items():  # the LoRA (B; A sees zero through B=0 at the start), slots and map
+        if "lora_A" not in name:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in llm.parameters())  # the LLM's own weights get nothing: a frozen copy
+    calls = []
+    writer.register_forward_hook(lambda *_: calls.append(1))
+    written = writer.write_documents(texts, tokens)
+    assert written.shape == (10, 3, 64) and len(calls) == 1  # N documents, one batched forward pass
+    assert writer.last_write["documents"] == 10 and writer.last_write["documents_per_second"] > 0
+    # a document is written the same alone or in a batch (padding is masked)
+    alone = writer.write_documents(texts[:1], tokens[:1])
+    assert torch.allclose(alone[0], written[0], atol=1e-4)
+
+
+def test_shipped_artifacts_verify_and_are_disjoint_from_the_sample():
+    shipped = sorted(artifacts.SHIPPED_DIR.rglob("MANIFEST.json"))
+    if not shipped:
+        pytest.skip("no artifact shipped in this checkout")
+    corpus = load_corpus(sample_data_path("corpus.jsonl"))
+    questions = load_qa(sample_data_path("qa_eval.jsonl"), corpus)
+    for manifest_file in shipped:
+        folder = manifest_file.parent
+        assert (folder / "README.md").exists() and "CC BY-SA 4.0" in (folder / "README.md").read_text()
+        manifest = artifacts.read_manifest(str(folder))  # every file's sha256 as listed
+        assert manifest["llm"]["name"] == "smollm2-135m" and folder.name == manifest["reader"]
+        config = PQAConfig.from_dict({"model": {"pretrained": f"shipped:{folder.parent.name}/{folder.name}"}})
+        artifacts.check_disjoint(config, manifest, questions, lambda q: [corpus[r].text for r in q.gold_rows])
