@@ -29,17 +29,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import REPO_ROOT, SQUAD_DIR  # noqa: E402
+from bench.quality import _write_jsonl  # noqa: E402
 
 BENCH_ARTICLES = 24  # bench (a) full: 20 articles + 4 new ones; every later article is unused by it
 SHIPPED = REPO_ROOT / "pqa_core" / "pretrained"
-
-
-def _write_jsonl(path: Path, rows) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return str(path)
 
 
 def build_data(out: Path, questions: int, held_out: int, seed: int = 0, squad_dir: Path = SQUAD_DIR) -> dict:
