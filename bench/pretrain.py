@@ -56,8 +56,9 @@ def pretrain_command(reader: str, data: dict, out: Path, args) -> list:
     values = [f"model.llm={args.llm}", f"data.corpus={data['corpus']}", f"data.qa={data['qa']}",
               f"data.eval_qa={data['eval_qa']}", f"pretrain.reader={reader}", f"pretrain.epochs={args.epochs}",
               f"pretrain.batch_size={args.batch_size}", f"threads={args.threads}", f"output_dir={out}",
-              f"writer.name={args.writer}", f"writer.layers={args.writer_layers}",
               f"model.num_memory_tokens={args.m}"]
+    if reader == "pqa":  # the controls' readers read text or nothing: no writer to train
+        values += [f"writer.name={args.writer}", f"writer.layers={args.writer_layers}"]
     if (out / "checkpoints" / "pretrain").exists():
         values.append(f"resume={out}")
     return [str(REPO_ROOT / ".venv" / "bin" / "pqa"), "run", "pretrain", "--json", "with", *values]
