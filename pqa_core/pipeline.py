@@ -82,9 +82,10 @@ class Pipeline:
                                  row_tokens=self.rows.tokens, write=not self.pretrains_writer)
         self.model.row_ids = [[d.doc_id, d.part] for d in self.rows.documents]
         self.model.row_tokens = self.rows.tokens
-        for key in ("pretrained", "write_info"):  # what the run started from, and the writer's speed
-            if getattr(self.model, key, None):
-                self.logger.set_info({"write_info": "writer"}.get(key, key), getattr(self.model, key))
+        if getattr(self.model, "pretrained", None):  # the artifact the run started from
+            self.logger.set_info("pretrained", self.model.pretrained)
+        if getattr(self.model, "write_info", None):  # how fast the writer wrote the documents
+            self.logger.set_info("writer", self.model.write_info)
         self.new_rows = list(range(len(self.rows.documents)))  # rows no init_from checkpoint filled
         self.tokenizer = self.model.tokenizer
         encoder_tokenizer = getattr(self.model.query_encoder, "tokenizer", None)
