@@ -87,6 +87,7 @@ class PretrainSettings:
     reconstruct_tokens: int = 64  # the first tokens of each gold passage reconstructed
     grad_clip: float = 1.0
     checkpoint_every: int = 50  # steps; resumable
+    max_steps: int = 0  # > 0: stop after this many steps in all (a budget); 0: every step of the epochs
 
 
 @dataclass
@@ -210,6 +211,7 @@ RANGES: Dict[str, Range] = {
     "pretrain.reconstruct_tokens": COUNT,
     "pretrain.grad_clip": RATE,
     "pretrain.checkpoint_every": SOME,
+    "pretrain.max_steps": SOME,
     "write.batch_size": COUNT,
     "write.lr_z": RATE,
     "write.lr_projection": RATE,

@@ -131,13 +131,14 @@ class Pipeline:
                                           reconstruction=reconstruction_objective(self.write_context(),
                                                                                   p.reconstruct_tokens))
                 metrics = trainer.fit(self.read_dataset, seed=self.config.seed, checkpoint_root=root,
-                                      config_dict=self.config_dict, logger=self.logger, phase="pretrain")
+                                      config_dict=self.config_dict, logger=self.logger, phase="pretrain",
+                                      max_steps=p.max_steps)
             else:
                 dataset = ControlReaderDataset(self.control_of_pretrain(), self.train_qa, self.tokenizer, top_k=p.top_k,
                                                prompt=data.prompt, max_answer_tokens=data.max_answer_tokens)
                 metrics = ControlReaderTrainer(self.model, read_settings(p)).fit(
                     dataset, seed=self.config.seed, checkpoint_root=root, config_dict=self.config_dict,
-                    logger=self.logger, phase="pretrain")
+                    logger=self.logger, phase="pretrain", max_steps=p.max_steps)
         if self.group.is_main:
             path = self.save_pretrained(metrics, time.perf_counter() - start)
             self.logger.set_info("pretrained_artifact", str(path.resolve()))
@@ -153,6 +154,7 @@ class Pipeline:
                                len(self.train_qa))
         p = self.config.pretrain
         steps = -(-len(self.train_qa) // p.batch_size) * p.epochs
+        steps = min(steps, p.max_steps) if p.max_steps else steps
         training = {"epochs": p.epochs, "steps": steps, "batch_size": p.batch_size, "lr_lora": p.lr_lora,
                     "lr_writer": p.lr_writer, "lr_projection": p.lr_projection, "top_k": p.top_k,
                     "reconstruct_weight": p.reconstruct_weight, "reconstruct_tokens": p.reconstruct_tokens,
