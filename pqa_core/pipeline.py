@@ -139,11 +139,12 @@ class Pipeline:
                 metrics = ControlReaderTrainer(self.model, read_settings(p)).fit(
                     dataset, seed=self.config.seed, checkpoint_root=root, config_dict=self.config_dict,
                     logger=self.logger, phase="pretrain", max_steps=p.max_steps)
-        if self.group.is_main:
-            path = self.save_pretrained(metrics, time.perf_counter() - start)
+        if self.group.is_main:  # scored first, so that the artifact records its scores
+            seconds = time.perf_counter() - start
+            metrics = {**metrics, **self.score_pretrained()}
+            path = self.save_pretrained(metrics, seconds)
             self.logger.set_info("pretrained_artifact", str(path.resolve()))
             self.logger.add_artifact(str(path / "MANIFEST.json"), "pretrained_MANIFEST.json")
-            metrics = {**metrics, **self.score_pretrained()}
         return metrics
 
     def save_pretrained(self, metrics: Dict[str, float], seconds: float) -> Path:

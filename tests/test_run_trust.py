@@ -183,7 +183,7 @@ def _sha256(path: Path) -> str:
     ("eval.top_k=37", "config key 'eval.top_k' = 37: must be an integer in [1, 36]"),
     ("read.top_k=True", "config key 'read.top_k' = True: must be an integer >= 1, not a boolean"),
     ("read.epochs=-1", "config key 'read.epochs' = -1: must be an integer >= 1"),
-    ("write.epochs=2.5", "config key 'write.epochs' must be an integer >= 1, got 2.5"),
+    ("write.epochs=2.5", "config key 'write.epochs' must be an integer >= 0, got 2.5"),
     ("read.batch_size=0", "config key 'read.batch_size' = 0: must be an integer >= 1"),
     ("eval.batch_size=0", "config key 'eval.batch_size' = 0: must be an integer >= 1"),
     ("data.max_doc_tokens=0", "config key 'data.max_doc_tokens' = 0: must be an integer >= 1"),
@@ -196,7 +196,7 @@ def _sha256(path: Path) -> str:
     ("model.device='cuda:7'", "config key 'model.device' = 'cuda:7': this machine has "),
     ("model.device='gpu'", "config key 'model.device' = 'gpu': must be auto, cpu, cuda, cuda:N or mps"),
     ("data.prompt='Answer:'", "config key 'data.prompt' = 'Answer:': must contain {question}"),
-    ("phases=['bogus']", "config key 'phases': unknown phase 'bogus'; phases: write, read, eval, control"),
+    ("phases=['bogus']", "config key 'phases': unknown phase 'bogus'; phases: pretrain, write, read, eval, control"),
     ("model.doc_init='zeros'", "config key 'model.doc_init' = 'zeros': must be one of minilm, random"),
     ("seed=-1", "config key 'seed' = -1: must be an integer in [0, 4294967295]"),
 ])

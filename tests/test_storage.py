@@ -116,6 +116,7 @@ def test_a_checkpoint_of_a_large_table_and_its_optimizer_state_holds_no_second_c
                 self.doc_vectors = torch.nn.Parameter(torch.ones(50_000, 1024))
                 self.z_to_embedding, self.selector, self.query_encoder = (torch.nn.Linear(2, 2),
                                                                           torch.nn.Identity(), torch.nn.Identity())
+                self.writer = torch.nn.Identity()
             num_docs = 50_000
             def lora_parameters(self):
                 return []

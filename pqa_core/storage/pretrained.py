@@ -106,9 +106,10 @@ def save_pretrained(path, model, config, *, llm_identity: dict, data: Dict[str, 
         if "lora_" in name:
             tensors[f"lora.{name}"] = param.detach()
     if reader == "pqa":
-        for part, module in (("writer", model.writer), ("projection", model.z_to_embedding)):
-            for name, tensor in module.state_dict().items():
-                tensors[f"{part}.{name}"] = tensor.detach()
+        for name, tensor in model.writer.state_dict().items():
+            tensors[f"writer.{name}"] = tensor.detach()
+        for name, tensor in shaping_state(model.z_to_embedding, model.doc_vectors.shape[1]).items():
+            tensors[f"projection.{name}"] = tensor
     tensors = {k: v.float().contiguous().cpu() for k, v in tensors.items()}
     d_model = model.llm.get_input_embeddings().weight.shape[1]
     manifest = {
@@ -125,6 +126,21 @@ def save_pretrained(path, model, config, *, llm_identity: dict, data: Dict[str, 
                              for f in sorted(tmp.iterdir()) if f.is_file()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return Path(path)
+
+
+def shaping_state(projection, d_z: int) -> Dict[str, torch.Tensor]:
+    """The projection's tensors that shape the soft tokens: its buffers, and the parameters the output depends
+    on (a gradient reaches them); a part it does not use (``hybrid``'s key map without ``key_in_prompt``) is
+    left out of the artifact, and keeps the run's own values when loaded."""
+    named = [(n, p) for n, p in projection.named_parameters()]
+    with torch.enable_grad():
+        z = torch.randn(1, 1, d_z, device=named[0][1].device if named else None)
+        out = projection(z).float().sum()
+        grads = torch.autograd.grad(out, [p for _, p in named], allow_unused=True) if named and out.requires_grad \
+            else [None] * len(named)
+    used = {n for (n, _), g in zip(named, grads) if g is not None}
+    params = {n for n, _ in named}
+    return {n: t.detach() for n, t in projection.state_dict().items() if n in used or n not in params}
 
 
 def _version(name: str) -> Optional[str]:
