@@ -10,14 +10,51 @@ not checked. An unannotated parameter takes the type of its default, when that i
 from __future__ import annotations
 
 import inspect
+import math
 import sys
 import types
 import typing
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 from pqa_core.errors import UsageError
 
 _NOT_CHECKED = object()
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a setting allows: ``low``..``high`` (None: unbounded), ``low`` itself excluded with
+    ``low_open``, ``high`` with ``high_open``. Floats must also be finite. A config key declares one
+    in its field's metadata; a plugin parameter in its annotation: ``Annotated[float, Range(0, 10), "help"]``."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def allows(self, value) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or (value < self.high or (not self.high_open and value == self.high))
+
+    def describe(self, kind: str) -> str:
+        """``an integer >= 1``, ``a finite number > 0``, ``a finite number in [0, 1)``."""
+        what = "an integer" if kind == "int" else "a finite number"
+        if self.low is not None and self.high is not None:
+            return (f"{what} in {'(' if self.low_open else '['}{_num(self.low)}, "
+                    f"{_num(self.high)}{')' if self.high_open else ']'}")
+        if self.low is not None:
+            return f"{what} {'>' if self.low_open else '>='} {_num(self.low)}"
+        if self.high is not None:
+            return f"{what} {'<' if self.high_open else '<='} {_num(self.high)}"
+        return what
+
+
+def _num(x) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
 
 
 def accepted_parameters(factory: Callable[..., Any]) -> Dict[str, inspect.Parameter]:

@@ -122,7 +122,7 @@ def selected_passages(dataset, selected: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_retrieval(model, dataset, top_k: int, batch_size: int = 32,
+def evaluate_retrieval(model, dataset, *, top_k: int, batch_size: int,
                        index: Optional[SelectionIndex] = None) -> float:
     """Gold-document Recall@k in percent, without generating; documents searched by ``index`` (exact by default)."""
     model.eval()
@@ -138,7 +138,7 @@ def evaluate_retrieval(model, dataset, top_k: int, batch_size: int = 32,
 
 
 @torch.no_grad()
-def evaluate_qa(model, dataset, *, top_k: int = 5, batch_size: int = 16, max_new_tokens: int = 24,
+def evaluate_qa(model, dataset, *, top_k: int, batch_size: int, max_new_tokens: int,
                 predictions_path: Optional[str] = None, doc_ids=None, with_cost: bool = False,
                 seed: int = 0, index: Optional[SelectionIndex] = None) -> Dict[str, float]:
     """EM / F1 / substring / Recall@k over ``dataset`` (a ReadPhaseDataset), in percent; documents

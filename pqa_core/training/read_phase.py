@@ -9,16 +9,13 @@ from typing import Dict, Optional
 
 import torch
 
-from pqa_core.config import ReadSettings
+from pqa_core.config import ReadSettings, check_choice
 from pqa_core.data.loading import gold_mask
 from pqa_core.errors import DataError, UsageError
 from pqa_core.modeling.model import ParametricQA
 from pqa_core.training import distributed
 from pqa_core.training.optim import RowwiseAdamW
 from pqa_core.training.loop import EpochLoop, RunLogger, apply_gradients, param_groups, to_device
-
-
-KEY_UPDATES = ("batch", "all")
 
 
 class ReadPhaseTrainer:
@@ -35,9 +32,7 @@ class ReadPhaseTrainer:
         self.top_k = s.top_k
         self.grad_clip = s.grad_clip
         self.device = device or model.doc_vectors.device
-        if s.key_updates not in KEY_UPDATES:
-            raise UsageError(f"config key 'read.key_updates' must be one of {', '.join(KEY_UPDATES)}, "
-                             f"got {s.key_updates!r}")
+        check_choice("read.key_updates", s.key_updates)
         decay = {"weight_decay": s.weight_decay}
         groups = param_groups([
             ("z", [model.doc_vectors], s.lr_z, {"rowwise": True}),

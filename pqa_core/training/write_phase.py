@@ -75,7 +75,7 @@ class WritePhaseTrainer:
         return (padded == target) & valid, valid
 
     @torch.no_grad()
-    def reconstruction(self, dataset, rows, batch_size: int = 8) -> Dict[str, float]:
+    def reconstruction(self, dataset, rows, batch_size: int) -> Dict[str, float]:
         """Teacher-forced and greedy token accuracy, and greedy exact match, on documents ``rows``."""
         self.model.eval()
         tf_correct = tf_total = g_correct = exact = 0
