@@ -407,10 +407,3 @@ def check_output_dir(config: PQAConfig, run_fingerprint: Dict[str, Any], output_
         return []
     own = [c for c in checkpoints_to_load(config) if Path(config.resume) in c.parents]
     return fingerprint.check_resume(own, run_fingerprint, config.force_resume, f"resume={config.resume}")
-
-
-def run_pipeline(config, logger: Optional[RunLogger] = None) -> Dict[str, Any]:
-    """Config (PQAConfig or nested dict) -> metrics of the last phase run."""
-    if not isinstance(config, PQAConfig):
-        config = PQAConfig.from_dict(config)
-    return Pipeline(config, logger).run()

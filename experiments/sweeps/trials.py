@@ -242,12 +242,6 @@ def _outcome_line(trial: Trial, outcome: Dict[str, Any]) -> str:
     return f"{head}: {metrics}"
 
 
-def open_store(mongo_url: Optional[str] = None, db_name: Optional[str] = None) -> SweepStore:
-    from pqa_experiments.store.runs import connect
-
-    return SweepStore(connect(mongo_url, db_name))
-
-
 # --------------------------------------------------------------------------- comparing a sweep's runs
 
 

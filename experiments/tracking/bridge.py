@@ -51,7 +51,7 @@ def run_pipeline_in_sacred(config: Dict[str, Any], run) -> Dict[str, float]:
     for key in ("corpus", "qa", "eval_qa"):
         path = resolve_data_path(getattr(pqa_config.data, key))
         run.add_resource(str(path))
-        data_hashes[key] = {"path": str(path.resolve()), "sha256": sha256_file(path)}
+        data_hashes[key] = {"path": str(path.resolve()), "sha256": sha256_file(path, remember=True)}
     run.info["data"] = data_hashes
     run.info["components"] = components_of_run(pqa_config)  # which plugin, package and version supplied each
     output_dir = Path(pqa_config.resume or pqa_config.output_dir)

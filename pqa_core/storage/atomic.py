@@ -1,6 +1,7 @@
 """Whole-or-nothing writes: a folder is built beside its final place and renamed in one step."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -34,7 +35,18 @@ def atomic_directory(target, replace: bool = True) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def sha256_file(path) -> str:
+def sha256_file(path, remember: bool = False) -> str:
+    """The file's sha256. ``remember``: computed once per process while the file's size and modification
+    time stay the same (a run's data files: its pre-flight, record and fingerprint all ask); never for a
+    check of a file's integrity, where a rewrite within one clock tick must still be seen."""
+    if not remember:
+        return _sha256.__wrapped__(str(path), 0, 0)
+    stat = os.stat(path)
+    return _sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

@@ -53,7 +53,7 @@ def compute(config_dict: Mapping[str, Any], data_files: Mapping[str, Path], llm:
     values = {key: value for key, value in _flatten(config_dict).items()
               if not excluded(key) and (pretrains or not key.startswith("pretrain."))}
     for name, path in sorted(data_files.items()):
-        values[f"data.{name}.sha256"] = sha256_file(path)
+        values[f"data.{name}.sha256"] = sha256_file(path, remember=True)
     values.update({f"llm.{k}": v for k, v in _flatten(llm).items()})
     if init_checkpoint is not None:
         values["init_from.content"] = content_digest(init_checkpoint)
