@@ -9,10 +9,14 @@ size, m = memory (soft) tokens per document, d_model = LLM hidden size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Annotated, List, Optional, Sequence
 
 import torch
 from torch import nn
+
+from pqa_core.components.parameters import Range  # noqa: F401 - plugin authors declare parameters with it
+
+__all__ = ["Range"]  # and the contracts below
 
 
 class QueryEncoder(nn.Module):
@@ -184,9 +188,7 @@ class Control:
     LLM tokens of each passage.
     """
 
-    def __init__(self, max_passage_tokens: int = 0):
-        if max_passage_tokens < 0:
-            raise ValueError(f"max_passage_tokens={max_passage_tokens}: expected >= 0 (0 = whole passage)")
+    def __init__(self, max_passage_tokens: Annotated[int, Range(0), "a passage's tokens read; 0 = all"] = 0):
         self.max_passage_tokens = max_passage_tokens
         self.passages: List[str] = []
 

@@ -154,7 +154,8 @@ def test_pip_installed_plugin_is_listed_and_usable_by_name(tmp_path, db_url, out
     (["with", "smoke", "selector.name=nope"], "unknown selector 'nope'; available: bilinear, cosine, dot, mlp"),
     (["with", "smoke", "projection.name=nope"], "unknown projection 'nope'; available: direct, hybrid, linear, "
                                                 "mlp2x_gelu"),
-    (["with", "smoke", "selector.temp=2"], "selector 'cosine' got unexpected parameter 'temp'; accepted: temperature"),
+    (["with", "smoke", "selector.temp=2"], "selector 'cosine' got unexpected parameter 'temp'; did you mean "
+                                             "'temperature'? accepted: temperature"),
     (["with", "smoke", "read.topk=2"], "unknown config key 'read.topk'; did you mean 'read.top_k'?"),
     (["with", "no_such_named_config"], "unknown named config 'no_such_named_config'"),
     (["with", "read.top_k='x'"], "config key 'read.top_k' must be an integer >= 1, got 'x'"),

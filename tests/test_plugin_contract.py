@@ -396,7 +396,7 @@ def test_plugins_verbose_lists_parameters_types_defaults_and_summary(installed_p
     broken = next(p for p in listing if p["name"] == BROKEN_EP)
     assert broken["package"] == BROKEN_DIST and broken["version"] == "0.3"
     assert broken["component_details"]["selector"]["ranked"]["parameters"][0] == {
-        "name": "rank", "type": "int", "default": 1, "required": False}
+        "name": "rank", "type": "int", "default": 1, "required": False, "allowed": None, "help": None}
 
 
 def test_plugins_check_reports_each_component_and_fails_on_a_broken_one(installed_plugins):

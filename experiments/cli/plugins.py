@@ -20,15 +20,22 @@ from pqa_core.components.kinds import KIND
 def component_details(kind: str, component) -> Dict[str, Any]:
     """What ``--verbose`` shows of one component: its docstring's first line, its parameters (name,
     type, default) and the model context it takes."""
-    from pqa_core.components.parameters import accepted_parameters, expected_types, first_doc_line, type_name
+    from pqa_core.components.parameters import (accepted_parameters, declarations, expected_types, first_doc_line,
+                                                type_name)
 
     params = accepted_parameters(component.factory)
-    types = expected_types(component.factory)
+    types, declared = expected_types(component.factory), declarations(component.factory)
     context = KIND[kind].context
+
+    def allowed(name):
+        found = declared.get(name)
+        return found.range.describe("int" if types.get(name) is int else "float") if found and found.range else None
+
     return {
         "doc": first_doc_line(component.factory),
         "parameters": [{"name": n, "type": type_name(types.get(n, p.empty)),
-                        "default": None if p.default is p.empty else p.default, "required": p.default is p.empty}
+                        "default": None if p.default is p.empty else p.default, "required": p.default is p.empty,
+                        "allowed": allowed(n), "help": declared[n].help if n in declared else None}
                        for n, p in params.items() if n not in context],
         "model_context": [n for n in params if n in context],
     }
@@ -36,7 +43,8 @@ def component_details(kind: str, component) -> Dict[str, Any]:
 
 @click.group("plugins", invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Output JSON.")
-@click.option("-v", "--verbose", is_flag=True, help="Also each component's parameters (type, default) and summary.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Also each component's summary and parameters (type, default, allowed values, help).")
 @click.pass_context
 def plugins(ctx, as_json, verbose):
     """List installed plugins and the components each registers.
@@ -73,7 +81,10 @@ def plugins(ctx, as_json, verbose):
                 click.echo(f"  {kind} {name}: {details['doc'] or '(no docstring)'}")
                 for param in details["parameters"]:
                     default = "required" if param["required"] else f"default {param['default']!r}"
-                    click.echo(f"      {param['name']}: {param['type']}, {default}")
+                    allowed = f", {param['allowed']}" if param["allowed"] else ""
+                    click.echo(f"      {param['name']}: {param['type']}, {default}{allowed}")
+                    if param["help"]:
+                        click.echo(f"          {param['help']}")
                 if details["model_context"]:
                     click.echo(f"      from the model: {', '.join(details['model_context'])}")
 

@@ -12,6 +12,7 @@ warning (the run records would otherwise name one component and run another).
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import importlib
 import importlib.metadata
@@ -239,7 +240,9 @@ def validate(kind: str, name: str, kwargs: Optional[Mapping[str, Any]] = None,
         if key in context_names:
             raise UsageError(f"{kind} {name!r}: parameter {key!r} is set by the model, not the config")
         if key not in params:
+            close = difflib.get_close_matches(key, user_params, n=1)
             raise UsageError(f"{kind} {name!r} got unexpected parameter {key!r}; "
+                             f"{f'did you mean {close[0]!r}? ' if close else ''}"
                              f"accepted: {', '.join(user_params) or '(none)'}")
     check_values(f"{kind} {name!r}", component.factory, dict(kwargs or {}))
     return component
