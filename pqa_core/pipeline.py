@@ -19,6 +19,7 @@ import torch
 
 from pqa_core.training import distributed
 from pqa_core.storage import fingerprint
+from pqa_core.components.plugins import components_of_run
 from pqa_core.modeling.builder import build_component, build_losses, build_model
 from pqa_core.storage.checkpoints import MANIFEST, load_checkpoint
 from pqa_core.config import PHASES, TRAINED_PHASES, PQAConfig, check_choice
@@ -395,7 +396,8 @@ def fingerprint_of(config: PQAConfig) -> Dict[str, Any]:
     from pqa_core.storage.pretrained import artifact_path
 
     pretrained = artifact_path(config)
-    return fingerprint.compute(config.to_dict(), data, llm_identity(config.model.llm), init, pretrained)
+    return fingerprint.compute(config.to_dict(), data, llm_identity(config.model.llm), init, pretrained,
+                               components_of_run(config))
 
 
 def check_output_dir(config: PQAConfig, run_fingerprint: Dict[str, Any], output_dir: Path) -> List[str]:

@@ -109,7 +109,7 @@ def preflight(ex, updates, named_configs):
     from pqa_core.data.loading import load_corpus, load_qa
     from pqa_core.modeling.llm import llm_shape
     from pqa_core.pipeline import checkpoints_to_load, resolve_data_path
-    from pqa_core.components.plugins import components
+    from pqa_core.components.plugins import lookup
     from pqa_core.modeling.selection_index import check_index_settings
 
     try:
@@ -144,7 +144,7 @@ def preflight(ex, updates, named_configs):
     check_output_folder(Path(config.resume or config.output_dir or os.environ.get("PQA_OUTPUT_DIR", "outputs")))
     check_config_components(config)  # names, parameters, then each component's contract on a stand-in model
     check_content_init(config, shape[0] if shape else None)
-    check_index_settings(config.eval, components("selector")[config.selector["name"]].factory)
+    check_index_settings(config.eval, lookup("selector", config.selector["name"]).factory)
     checkpoints = checkpoints_to_load(config)
     if checkpoints:  # init_from's and resume's: torn, corrupt, other model or size
         from pqa_core.data.loading import split_passages

@@ -353,7 +353,7 @@ def compare(ctx, run_ids, sweep_id, metric, plot_path, as_json, as_csv) -> None:
         return
     ids = list(frame.columns)
     if as_json:
-        out: Dict[str, Any] = {"runs": ids, "config": {}, "result": {}}
+        out: Dict[str, Any] = {"runs": ids, "config": {}, "components": {}, "result": {}}
         for key, row in frame.iterrows():
             section, _, name = key.partition(".")
             out[section][name or "value"] = [row[i] for i in ids]

@@ -44,7 +44,7 @@ def _minilm_d_z(d_model: int, num_tokens: int, **_) -> int:
 
 def _own_needed_d_z(config: PQAConfig):
     """The chosen projection's own ``needed_d_z`` (hybrid, direct: z holds its soft tokens), else None."""
-    return getattr(plugins.components("projection")[config.projection["name"]].factory, "needed_d_z", None)
+    return getattr(plugins.lookup("projection", config.projection["name"]).factory, "needed_d_z", None)
 
 
 def _needed_d_z(config: PQAConfig):
