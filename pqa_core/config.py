@@ -51,6 +51,7 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *, range: Option
 
 @dataclass
 class LoraSettings:
+    """``model.lora``: the reader's LoRA on the LLM."""
     enabled: bool = setting(True, "train a LoRA on the LLM (the reader)")
     r: int = setting(8, "LoRA rank", range=COUNT)
     alpha: int = setting(16, "LoRA scale numerator (scale = alpha / r)", range=RATE)
@@ -61,6 +62,7 @@ class LoraSettings:
 
 @dataclass
 class ModelSettings:
+    """``model``: the LLM, the doc vectors z and how they start, where and how precisely the run computes."""
     llm: str = setting("smollm2-135m", "the LLM: a known name (tiny, smollm2-135m, ...), a Hub id or a folder")
     d_z: int = setting(0, "doc-vector size; 0 = the size the projection needs (hybrid, direct: m x d_model "
                           "floats + the key; others 384)", range=Range(0, 1 << 20))
@@ -91,6 +93,7 @@ class ModelSettings:
 
 @dataclass
 class DataSettings:
+    """``data``: the files (JSONL, or ``sample:NAME``, the shipped sample) and how much of each text is read."""
     corpus: str = setting("sample:corpus.jsonl", "the documents: a JSONL file (doc_id, text) or sample:NAME")
     qa: str = setting("sample:qa_train.jsonl", "training questions: a JSONL file (question, answer, doc_ids)")
     eval_qa: str = setting("sample:qa_eval.jsonl", "evaluation questions, as data.qa")
@@ -123,6 +126,8 @@ class PretrainSettings:
 
 @dataclass
 class WriteSettings:
+    """``write``: the write phase trains z (row-wise) and the projection so that the soft tokens hold
+    their documents (the write objective, ``write_objective.name``)."""
     epochs: int = setting(3, "write-phase epochs; 0: z stays as the writer wrote it", range=SOME)
     batch_size: int = setting(8, "documents per step", range=COUNT)
     lr_z: float = setting(1e-2, "learning rate of z (Cramming's, 2502.13063)", range=RATE)
@@ -143,6 +148,7 @@ class WriteSettings:
 
 @dataclass
 class ReadSettings:
+    """``read``: the read phase trains selection and answering together, ``L_gen + λ·L_retrieval``."""
     epochs: int = setting(2, "read-phase epochs", range=COUNT)
     batch_size: int = setting(8, "questions per step", range=COUNT)
     lr_z: float = setting(1e-2, "learning rate of z", range=RATE)
@@ -174,6 +180,7 @@ class FaissSettings:
 
 @dataclass
 class EvalSettings:
+    """``eval``: answers generated for the eval questions and scored (EM, F1, Recall@k, intervals)."""
     batch_size: int = setting(16, "questions per generation batch (and per Recall@k batch)", range=COUNT)
     max_new_tokens: int = setting(24, "tokens generated per answer", range=COUNT)
     top_k: Optional[int] = setting(None, "documents read per question at evaluation; null = read.top_k",

@@ -39,7 +39,7 @@ def test_grid_times_samples_in_written_order_with_seeded_draws():
     ("grid:\n  read.top_k: [1, 2\n", "sweep.yaml:3: not valid YAML"),
     ("grdi: {}\n", "sweep.yaml: unknown key 'grdi'; known: experiment, with, grid, random, metric"),
     ("grid:\n  read.top_k: 3\n", "sweep.yaml: grid.read.top_k: expected a non-empty list of values, got 3"),
-    ("experiment: train\n", "sweep.yaml: experiment: 'train' is not one of write, read, eval, pipeline, control"),
+    ("experiment: train\n", "sweep.yaml: experiment: 'train' is not one of pretrain, write, read, eval, pipeline, control"),
     ("random:\n  params:\n    read.lr_z: {loguniform: [0, 1]}\n",
      "sweep.yaml: random.params.read.lr_z: loguniform: expected low > 0, got 0"),
     ("random:\n  params:\n    read.lr_z: {normal: [0, 1]}\n",
@@ -72,7 +72,7 @@ def test_a_sweep_on_two_workers_stores_every_trial_and_reports_the_failing_one(t
     sweep_id = done["sweep_id"]
     assert done["status"] == "FAILED" and done["counts"] == {"COMPLETED": 1, "FAILED": 1}
     failed = done["trials"][0]
-    assert failed["status"] == "FAILED" and "temperature must be > 0, got -1.0" in failed["error"]
+    assert failed["status"] == "FAILED" and "parameter 'temperature' = -1.0: must be a finite number > 0" in failed["error"]
     assert failed["run_id"] is None and "refused before it started" in failed["error"]  # checked before Ray starts
     assert "trial 0 FAILED before it started" in proc.stderr and "Traceback" not in proc.stderr
 

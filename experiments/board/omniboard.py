@@ -35,6 +35,7 @@ from typing import Optional, Sequence, Tuple, Union
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from pqa_core.errors import PqaError
+from pqa_core.storage.atomic import atomic_directory, write_atomic
 
 from pqa_experiments.store.urls import describe_error, redact_text, redact_url, url_secrets
 
@@ -79,11 +80,8 @@ def ensure_npm_package(name: str, version: str, check: Sequence[str] = ()) -> Pa
         fcntl.flock(lock, fcntl.LOCK_EX)
         if target.is_dir() and all((target / c).exists() for c in check):
             return target  # another process installed it while we waited
-        if target.exists():  # incomplete leftover from an older layout
-            shutil.rmtree(target)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=target.parent))
         log_file = target.parent / f"npm-install-{version}.log"
-        try:
+        with atomic_directory(target) as tmp:  # an incomplete leftover is replaced whole
             cmd = [npm, "install", "--prefix", str(tmp), "--no-audit", "--no-fund", "--ignore-scripts",
                    "--loglevel=error", f"{name}@{version}"]
             env = dict(os.environ, npm_config_update_notifier="false")
@@ -99,10 +97,6 @@ def ensure_npm_package(name: str, version: str, check: Sequence[str] = ()) -> Pa
             if missing:
                 raise BoardError(f"npm install {name}@{version} finished but {missing[0]} is missing "
                                  f"(full log: {log_file})")
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -263,11 +257,7 @@ def _launcher_path() -> Path:
     digest = hashlib.sha256(_LAUNCHER_JS.encode()).hexdigest()[:12]
     path = cache_dir() / "omniboard" / f"pqa-launch-{digest}.js"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".launch-", suffix=".js", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(_LAUNCHER_JS)
-        os.replace(tmp, path)
+        write_atomic(path, _LAUNCHER_JS)
     return path
 
 

@@ -1,14 +1,53 @@
-"""Whole-or-nothing writes: a folder is built beside its final place and renamed in one step."""
+"""Whole-or-nothing writes: a file or folder is built beside its final place and renamed over it in one
+step (``os.replace``), so a reader, a crash or a second process sees the old one or the new one, never
+half of either. Every such write in pqa goes through ``atomic_file`` / ``write_atomic`` / ``atomic_directory``."""
 from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Union
+
+_counter = itertools.count()
+
+
+@contextmanager
+def atomic_file(target, *, permissions: int = 0o666, fsync: bool = False) -> Iterator[Path]:
+    """Yield a new empty file's path beside ``target`` (same suffix: ``savefig`` reads the format from
+    it); when the block succeeds it replaces ``target``, else it is removed. ``permissions`` before the
+    umask (``0o600``: private); ``fsync``: on disk before the rename (a file that must survive a crash)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}-{next(_counter)}{target.suffix}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, permissions))
+    try:
+        yield tmp
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_atomic(target, data: Union[str, bytes], *, permissions: int = 0o666, fsync: bool = False) -> Path:
+    """``target`` holds ``data`` (text is written as UTF-8 with ``\n`` line ends), whole or not at all."""
+    with atomic_file(target, permissions=permissions, fsync=fsync) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
+                handle.write(data)
+    return Path(target)
 
 
 @contextmanager

@@ -1,7 +1,7 @@
 """Read phase: train selection and answering together, Loss = L_gen + λ·L_retrieval.
 
-The seed notebook's ReadPhaseTrainer, with its flaws fixed: the gold mask is one scatter (no
-Python loops), an out-of-range gold id is an error naming the example, and the losses are plugins.
+The gold mask is one scatter (no Python loop over the batch), an out-of-range gold id is an error
+naming the example (not a silent wrong mask), and both losses are plugins, chosen by name.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pqa_core.training.loop import EpochLoop, RunLogger, apply_gradients, param_
 
 
 class ReadPhaseTrainer:
-    """``settings`` is the run's ``ReadSettings`` (the seed notebook's keyword arguments, in one place)."""
+    """``settings`` is the run's ``ReadSettings``: every knob is read from it, none has a default here."""
 
     def __init__(self, model: ParametricQA, settings: ReadSettings, *, retrieval_loss, generation_loss,
                  tokenizer=None, device=None):
