@@ -11,7 +11,7 @@ import torch
 
 from pqa_core.config import ReadSettings, check_choice
 from pqa_core.data.loading import gold_mask
-from pqa_core.errors import DataError, UsageError
+from pqa_core.errors import DataError
 from pqa_core.modeling.model import ParametricQA
 from pqa_core.training import distributed
 from pqa_core.training.optim import RowwiseAdamW

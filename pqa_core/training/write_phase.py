@@ -10,7 +10,6 @@ import logging
 from typing import Dict, Optional
 
 import torch
-import torch.nn.functional as F
 
 from pqa_core.config import WriteSettings
 from pqa_core.interfaces import WriteContext, WriteObjective
