@@ -2,6 +2,7 @@
 MongoDB (SecantusDB), and pymongo to check what was stored."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -144,10 +145,12 @@ def test_pip_installed_plugin_is_listed_and_usable_by_name(tmp_path, db_url, out
     reported = json.loads(proc.stdout.strip().splitlines()[-1])
     assert reported["result"]["Recall@3"] >= 0
     used = mongo_client[name].runs.find_one({"_id": reported["run_id"]})["info"]["components"]
+    source = hashlib.sha256((target / "pqa_l2_selector" / "__init__.py").read_bytes()).hexdigest()
     assert used["selector"] == {"name": "l2", "plugin": "l2_selector", "package": "pqa-l2-selector",
-                                "version": "0.1.0"}
+                                "version": "0.1.0", "module": "pqa_l2_selector", "source_sha256": source}
+    projection = hashlib.sha256((REPO / "plugins" / "projections.py").read_bytes()).hexdigest()
     assert used["projection"] == {"name": "hybrid", "plugin": "pqa_plugins.projections", "package": "pqa",
-                                  "version": "0.1.0"}
+                                  "version": "0.1.0", "module": "pqa_plugins.projections", "source_sha256": projection}
 
 
 @pytest.mark.parametrize("args, message", [
