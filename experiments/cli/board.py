@@ -61,7 +61,13 @@ def board(port: int, host: str, mongo_url: str | None, basic_auth: str | None, n
           no_columns: bool) -> None:
     """Start Omniboard on the run store, print its URL and keep it running until Ctrl-C.
 
-    Errors are PqaError lines, which the main ``pqa`` group prints with their exit code.
+    \b
+    Omniboard opens on pqa's columns (components, key settings, EM/F1/Recall@k);
+    --no-columns leaves its column settings as they are.
+    \b
+    Examples:
+      pqa board
+      pqa board --port 0 --no-browser
     """
     parse_basic_auth(basic_auth)  # a malformed value fails before anything starts
     target = ensure_database(mongo_url)
