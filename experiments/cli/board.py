@@ -76,7 +76,8 @@ def board(port: int, host: str, mongo_url: str | None, basic_auth: str | None, n
         click.echo(f"warning: listening on {host} without --basic-auth: anyone who can reach this "
                    "port can read and delete runs", err=True)
     click.echo(f"starting Omniboard for {redact_url(url_db)} (database {db_name!r}, from {source}) ...", err=True)
-    proc, url = start_board(url_db, db_name=db_name, host=host, port=port, basic_auth=basic_auth)
+    proc, url = start_board(url_db, db_name=db_name, host=host, port=port, basic_auth=basic_auth,
+                            columns=not no_columns)
     if not no_columns:
         _seed_columns(url_db, db_name, proc)
     click.echo(url)
