@@ -29,17 +29,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import REPO_ROOT, SQUAD_DIR  # noqa: E402
+from bench.quality import _write_jsonl  # noqa: E402
 
 BENCH_ARTICLES = 24  # bench (a) full: 20 articles + 4 new ones; every later article is unused by it
 SHIPPED = REPO_ROOT / "pqa_core" / "pretrained"
-
-
-def _write_jsonl(path: Path, rows) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return str(path)
 
 
 def build_data(out: Path, questions: int, held_out: int, seed: int = 0, squad_dir: Path = SQUAD_DIR) -> dict:
@@ -62,9 +55,11 @@ def build_data(out: Path, questions: int, held_out: int, seed: int = 0, squad_di
 def pretrain_command(reader: str, data: dict, out: Path, args) -> list:
     values = [f"model.llm={args.llm}", f"data.corpus={data['corpus']}", f"data.qa={data['qa']}",
               f"data.eval_qa={data['eval_qa']}", f"pretrain.reader={reader}", f"pretrain.epochs={args.epochs}",
-              f"pretrain.batch_size={args.batch_size}", f"threads={args.threads}", f"output_dir={out}",
-              f"writer.name={args.writer}", f"writer.layers={args.writer_layers}",
+              f"pretrain.batch_size={args.batch_size}", f"pretrain.max_steps={args.max_steps}",
+              f"threads={args.threads}", f"output_dir={out}",
               f"model.num_memory_tokens={args.m}"]
+    if reader == "pqa":  # the controls' readers read text or nothing: no writer to train
+        values += [f"writer.name={args.writer}", f"writer.layers={args.writer_layers}"]
     if (out / "checkpoints" / "pretrain").exists():
         values.append(f"resume={out}")
     return [str(REPO_ROOT / ".venv" / "bin" / "pqa"), "run", "pretrain", "--json", "with", *values]
@@ -102,6 +97,7 @@ def main(argv=None) -> int:
     parser.add_argument("--questions", type=int, default=3285, help="training questions (at most all of them)")
     parser.add_argument("--held-out", type=int, default=200, help="questions held out to score each artifact")
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: every step)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--writer", default="encoder")
     parser.add_argument("--writer-layers", type=int, default=4)

@@ -32,6 +32,15 @@ be measured a few rows at a time, on several cores or machines, and combined::
 ``--variant LABEL JSON`` adds a pqa variant (config overrides) to the profile's, e.g. an ablation row to
 measure with ``--rows`` and combine into the stored table without rerunning the controls. Each row keeps
 the command that measured it.
+
+With pretraining (``python bench/pretrain.py --readers pqa closed_book text`` first, issue 17)::
+
+    python bench/quality.py --full --pretrained outputs/pretrain \
+        --variant "pqa, pretrained encoder" '{"model": {"pretrained": "outputs/pretrain/pqa"}, "writer": {"name": "encoder"}, "write": {"epochs": 0}}' \
+        --variant "pqa, pretrained encoder + write phase" '{"model": {"pretrained": "outputs/pretrain/pqa"}, "writer": {"name": "encoder"}}'
+
+``--pretrained DIR`` starts every control's trained reader from ``DIR/closed_book`` or ``DIR/text``; a variant
+with ``write.epochs=0`` writes the article split's new documents with the encoder alone, no write steps.
 """
 from __future__ import annotations
 
@@ -171,8 +180,10 @@ def control_row(params, data, tmp: Path, name: str, trained: bool, llm):
 
     label = control_label(name, trained)
     folder = tmp / label.replace(" ", "_").replace("(", "").replace(")", "")
+    pretrained = pretrained_reader(params, "closed_book" if name == "closed_book" else "text") if trained else {}
     config = run_config(params, data, folder, {"control": {"name": name},
-                                               "phases": ["control_read", "control"] if trained else ["control"]})
+                                               "phases": ["control_read", "control"] if trained else ["control"]},
+                        pretrained)
     logger = RecordingLogger()
     start = time.perf_counter()
     pipeline = Pipeline(config, logger, llm_and_tokenizer=llm())
@@ -192,6 +203,21 @@ def control_row(params, data, tmp: Path, name: str, trained: bool, llm):
                                    prompt=config.data.prompt, predictions_path=str(path))
     row["new"] = _scored(new_metrics, path, time.perf_counter() - start)
     return label, row
+
+
+def pretrained_reader(params: dict, reader: str) -> dict:
+    """The overrides that start a trained reader from ``--pretrained DIR``'s artifact for ``reader`` (``DIR/<reader>``,
+    or a ``pqa run pretrain`` folder there), when one was given and exists: every reader of the table is then
+    pretrained on the same questions with the same steps (``bench/pretrain.py``)."""
+    folder = params.get("pretrained")
+    if not folder:
+        return {}
+    path = Path(folder) / reader
+    path = path / "pretrained" if (path / "pretrained" / "MANIFEST.json").exists() else path
+    if not (path / "MANIFEST.json").exists():
+        raise FileNotFoundError(f"--pretrained {folder}: no {reader} artifact in {path} (python bench/pretrain.py "
+                                f"--readers {reader})")
+    return {"model": {"pretrained": str(path)}}
 
 
 def pqa_row(params, data, tmp: Path, label: str, overrides: dict, llm):
@@ -214,7 +240,8 @@ def pqa_row(params, data, tmp: Path, label: str, overrides: dict, llm):
                             "timings_s": dict(pipeline.timings), "documents": logger.info.get("documents")})
     # the article split: the trained run's reader and documents, the new documents' z written
     new_folder = folder.with_name(folder.name + "_new")
-    epochs = params["new_write_epochs"]
+    # a variant without per-document writing (write.epochs=0: the encoder's z as it is) writes none here either
+    epochs = params["new_write_epochs"] if overrides.get("write", {}).get("epochs", 1) else 0
     new_config = run_config(params, data, new_folder, overrides, {
         "phases": ["write", "eval"], "init_from": str(folder),
         "data": {"corpus": data["grown_corpus"], "eval_qa": data["new_eval_qa"]},
@@ -509,6 +536,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--variant", nargs=2, action="append", metavar=("LABEL", "JSON"), default=[],
                         help="add a pqa variant: a label and its config overrides as JSON, e.g. "
                              "'pqa, rarest keywords' '{\"model\": {\"keyword_scoring\": \"idf\"}}'")
+    parser.add_argument("--pretrained", metavar="DIR", default=None,
+                        help="start every trained reader from DIR/<reader> (closed_book, text: bench/pretrain.py's "
+                             "--out, or pqa_core/pretrained/<llm>); pqa variants name theirs with --variant")
     parser.add_argument("--combine", nargs="+", metavar="RESULT_JSON",
                         help="measure nothing: one table from results measured in parts (--rows)")
 
@@ -524,7 +554,8 @@ def run_kwargs(args, out) -> dict:
             raise SystemExit(f"--variant {label!r}: its overrides must be a JSON object, got {text!r}")
     if args.rows and not args.out:
         raise SystemExit("--rows measures part of the table: give --out (then --combine the parts)")
-    return {"out_dir": str(out), "rows": args.rows, "variants": variants, "combine": args.combine}
+    extra = {"pretrained": str(Path(args.pretrained).resolve())} if args.pretrained else {}
+    return {"out_dir": str(out), "rows": args.rows, "variants": variants, "combine": args.combine, **extra}
 
 
 def main(argv=None) -> int:

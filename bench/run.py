@@ -30,7 +30,7 @@ BENCHMARKS = ("step_overhead", "selection_scale", "tracking_overhead", "batched_
 # Every section of RESULTS.md, by its item letter in the benchmark issue; (a), (b) and (f) run on their own.
 SECTIONS = {"quality": "a", "latency": "b", "step_overhead": "c", "selection_scale": "d", "tracking_overhead": "e",
             "write_capacity": "f", "batched_eval": "g", "corpus_scale": "h",
-            "processes": "i", "sweep_scale": "j"}
+            "processes": "i", "sweep_scale": "j", "writer_speed": "k"}
 PROFILES = ("smoke", "quick", "full")
 RESULTS_MD = common.RESULTS_MD
 default_out = common.default_out

@@ -84,8 +84,12 @@ def truncated_decoder(llm, layers: int):
     config.num_hidden_layers = layers
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = config.layer_types[:layers]
-    kept = {k: v for k, v in decoder.state_dict().items() if not k.startswith("embed_tokens.")
-            and not (k.startswith("layers.") and int(k.split(".")[1]) >= layers)}
+    kept = {}
+    for key, value in decoder.state_dict().items():  # a LoRA-wrapped LLM's base weights, under their own names
+        if "lora_" in key or key.startswith("embed_tokens.") or (
+                key.startswith("layers.") and int(key.split(".")[1]) >= layers):
+            continue
+        kept[key.replace(".base_layer.", ".")] = value
     with torch.device("meta"):  # no memory: the kept weights are the LLM's own tensors, shared
         copy_ = type(decoder)(config)
     copy_.load_state_dict(kept, strict=False, assign=True)

@@ -122,6 +122,8 @@ class PretrainSettings:
     reconstruct_tokens: int = setting(64, "the first tokens of each gold passage reconstructed", range=COUNT)
     grad_clip: float = setting(1.0, "gradient norm clipping", range=RATE)
     checkpoint_every: int = setting(50, "steps between resumable checkpoints; 0 = only at the end", range=SOME)
+    max_steps: int = setting(0, "> 0: stop after this many steps in all (a budget); 0: every step of the epochs",
+                             range=SOME)
 
 
 @dataclass

@@ -83,9 +83,10 @@ class Pipeline:
                                  row_tokens=self.rows.tokens, write=not self.pretrains_writer)
         self.model.row_ids = [[d.doc_id, d.part] for d in self.rows.documents]
         self.model.row_tokens = self.rows.tokens
-        for key in ("pretrained", "write_info"):  # what the run started from, and the writer's speed
-            if getattr(self.model, key, None):
-                self.logger.set_info({"write_info": "writer"}.get(key, key), getattr(self.model, key))
+        if getattr(self.model, "pretrained", None):  # the artifact the run started from
+            self.logger.set_info("pretrained", self.model.pretrained)
+        if getattr(self.model, "write_info", None):  # how fast the writer wrote the documents
+            self.logger.set_info("writer", self.model.write_info)
         self.new_rows = list(range(len(self.rows.documents)))  # rows no init_from checkpoint filled
         self.tokenizer = self.model.tokenizer
         encoder_tokenizer = getattr(self.model.query_encoder, "tokenizer", None)
@@ -131,13 +132,14 @@ class Pipeline:
                                           reconstruction=reconstruction_objective(self.write_context(),
                                                                                   p.reconstruct_tokens))
                 metrics = trainer.fit(self.read_dataset, seed=self.config.seed, checkpoint_root=root,
-                                      config_dict=self.config_dict, logger=self.logger, phase="pretrain")
+                                      config_dict=self.config_dict, logger=self.logger, phase="pretrain",
+                                      max_steps=p.max_steps)
             else:
                 dataset = ControlReaderDataset(self.control_of_pretrain(), self.train_qa, self.tokenizer, top_k=p.top_k,
                                                prompt=data.prompt, max_answer_tokens=data.max_answer_tokens)
                 metrics = ControlReaderTrainer(self.model, read_settings(p)).fit(
                     dataset, seed=self.config.seed, checkpoint_root=root, config_dict=self.config_dict,
-                    logger=self.logger, phase="pretrain")
+                    logger=self.logger, phase="pretrain", max_steps=p.max_steps)
         if self.group.is_main:
             path = self.save_pretrained(metrics, time.perf_counter() - start)
             self.logger.set_info("pretrained_artifact", str(path.resolve()))
@@ -153,6 +155,7 @@ class Pipeline:
                                len(self.train_qa))
         p = self.config.pretrain
         steps = -(-len(self.train_qa) // p.batch_size) * p.epochs
+        steps = min(steps, p.max_steps) if p.max_steps else steps
         training = {"epochs": p.epochs, "steps": steps, "batch_size": p.batch_size, "lr_lora": p.lr_lora,
                     "lr_writer": p.lr_writer, "lr_projection": p.lr_projection, "top_k": p.top_k,
                     "reconstruct_weight": p.reconstruct_weight, "reconstruct_tokens": p.reconstruct_tokens,

@@ -105,6 +105,13 @@ def test_pretraining_resumed_after_a_crash_ends_with_the_same_artifact(artifact,
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)
 
 
+def test_a_step_budget_ends_pretraining_early_and_the_artifact_says_so(split, tmp_path):
+    logger = RecordingLogger()
+    Pipeline(pretrain_config(split, tmp_path / "run", max_steps=4, checkpoint_every=0), logger).run()
+    assert [step for step, _ in logger.scalars["pretrain.answer_loss"]] == [1, 2, 3, 4]
+    assert artifacts.read_manifest(str(tmp_path / "run"))["training"]["steps"] == 4
+
+
 def run_config(split, out: Path, pretrained: str, **model) -> PQAConfig:
     return PQAConfig.from_dict({
         "seed": 1, "output_dir": str(out), "model": {**TINY, "pretrained": pretrained, **model}, "writer": ENCODER,

@@ -225,6 +225,26 @@ def _json_default(value):
 
 
 # --- reading -----------------------------------------------------------------------------------
+def verified_manifest(path: Path, what: str, required: Optional[str] = None) -> Dict[str, Any]:
+    """``path/MANIFEST.json``, every file it lists checked for size and sha256 (a torn, truncated or edited
+    ``what`` is refused, naming the file); ``required``: a file it must list."""
+    manifest_path = path / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in manifest["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({type(exc).__name__}: {exc})") from None
+    if required and required not in files:
+        raise CheckpointError(f"{manifest_path}: lists no {required} (not a pqa {what})")
+    for name, (size, digest) in files.items():
+        file = path / name
+        if not file.exists():
+            raise CheckpointError(f"{file}: listed in {MANIFEST} but missing (torn {what})")
+        if file.stat().st_size != size or sha256_file(file) != digest:
+            raise CheckpointError(f"{file}: contents do not match {MANIFEST} (corrupt or half-written {what})")
+    return manifest
+
+
 def verify_checkpoint(path) -> Dict[str, Any]:
     """Check the manifest against every file; returns state.json. Raises CheckpointError if torn/corrupt."""
     path = Path(path)
@@ -233,19 +253,7 @@ def verify_checkpoint(path) -> Dict[str, Any]:
     manifest_path = path / MANIFEST
     if not manifest_path.exists():
         raise CheckpointError(f"{path}: incomplete checkpoint ({MANIFEST} missing; the write was interrupted)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in manifest["files"].items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{manifest_path}: unreadable manifest ({type(exc).__name__}: {exc})") from None
-    if "state.json" not in files:
-        raise CheckpointError(f"{manifest_path}: lists no state.json (not a pqa checkpoint)")
-    for name, (size, digest) in files.items():
-        file = path / name
-        if not file.exists():
-            raise CheckpointError(f"{file}: listed in {MANIFEST} but missing (torn checkpoint)")
-        if file.stat().st_size != size or sha256_file(file) != digest:
-            raise CheckpointError(f"{file}: contents do not match {MANIFEST} (corrupt or half-written checkpoint)")
+    manifest = verified_manifest(path, "checkpoint", required="state.json")
     try:
         state = json.loads((path / "state.json").read_text())
     except ValueError as exc:

@@ -41,6 +41,7 @@ NOT_WEIGHTS: Dict[str, str] = {
     "write.checkpoint_every": "when checkpoints are written (resuming from any of them gives the same weights)",
     "read.checkpoint_every": "when checkpoints are written",
     "pretrain.checkpoint_every": "when checkpoints are written",
+    "pretrain.max_steps": "where training stops, not what a step does (the artifact records its steps)",
     "threads": "how many CPU threads compute the same steps (float rounding may differ)",
     "model.device": "which device computes the same steps (float rounding may differ)",
 }

@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 
 from pqa_core.errors import CheckpointError, UsageError
 from pqa_core.storage.atomic import atomic_directory, sha256_file
+from pqa_core.storage.checkpoints import MANIFEST, verified_manifest
 
-MANIFEST = "MANIFEST.json"
 CONTENTS = "contents.json"
 FORMAT = "pqa-pretrained/1"
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "pretrained"
@@ -141,17 +141,9 @@ def read_manifest(spec: str, path: Optional[Path] = None) -> Dict[str, Any]:
     file = path / MANIFEST
     if not file.exists():
         raise CheckpointError(f"model.pretrained={spec!r}: {path} holds no pretrained artifact ({MANIFEST} missing)")
-    try:
-        manifest = json.loads(file.read_text())
-        files = {name: (int(e["bytes"]), str(e["sha256"])) for name, e in manifest["files"].items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{file}: unreadable manifest ({type(exc).__name__}: {exc})") from None
+    manifest = verified_manifest(path, "pretrained artifact", required="model.safetensors")
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{file}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    for name, (size, digest) in files.items():
-        f = path / name
-        if not f.exists() or f.stat().st_size != size or sha256_file(f) != digest:
-            raise CheckpointError(f"{f}: missing or not what {MANIFEST} lists (torn or edited artifact)")
     manifest["path"] = str(path)
     return manifest
 

@@ -138,8 +138,9 @@ class ControlReaderTrainer:
         return group.mean_metrics({"loss": loss.item()}, weight)
 
     def fit(self, dataset: ControlReaderDataset, *, seed: int, checkpoint_root, config_dict,
-            logger: Optional[RunLogger] = None, phase: str = "control_read") -> Dict[str, float]:
+            logger: Optional[RunLogger] = None, phase: str = "control_read", max_steps: int = 0) -> Dict[str, float]:
         s = self.settings
         loop = EpochLoop(self.model, self.optimizer, phase=phase, checkpoint_root=checkpoint_root,
                          config_dict=config_dict, logger=logger or RunLogger(), checkpoint_every=s.checkpoint_every)
-        return loop.run(dataset, epochs=s.epochs, batch_size=s.batch_size, seed=seed, step_fn=self.train_step)
+        return loop.run(dataset, epochs=s.epochs, batch_size=s.batch_size, seed=seed, step_fn=self.train_step,
+                        max_steps=max_steps)

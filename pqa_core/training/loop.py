@@ -125,13 +125,16 @@ class EpochLoop:
                                metrics=metrics)
 
     def run(self, dataset, *, epochs: int, batch_size: int, seed: int, step_fn: Callable[[dict], dict],
-            epoch_end_fn: Optional[Callable[[int, int], dict]] = None) -> Dict[str, float]:
+            epoch_end_fn: Optional[Callable[[int, int], dict]] = None, max_steps: int = 0) -> Dict[str, float]:
+        """``max_steps`` > 0 ends the loop after that many steps in all (within an epoch, which then counts)."""
         epoch, skip, step, resumed_sums, resumed_count = self.resume_point()
         batches_per_epoch = (len(dataset) + batch_size - 1) // batch_size
+        total = epochs * batches_per_epoch if not max_steps else min(max_steps, epochs * batches_per_epoch)
         last: Dict[str, float] = {}
-        bar = tqdm(total=epochs * batches_per_epoch, initial=step, desc=f"{self.phase} phase",
+        bar = tqdm(total=total, initial=step, desc=f"{self.phase} phase",
                    disable=not show_progress(), dynamic_ncols=True, leave=False)
-        while epoch < epochs:
+        stopped = bool(max_steps) and step >= max_steps
+        while epoch < epochs and not stopped:
             sums: Dict[str, float] = resumed_sums
             count = resumed_count
             resumed_sums, resumed_count = {}, 0
@@ -150,6 +153,9 @@ class EpochLoop:
                 if self.checkpoint_every and step % self.checkpoint_every == 0:
                     self.save(step_dir(self.root, step), step, epoch, i + 1,
                               metrics={"epoch_sums": dict(sums), "epoch_steps": count})
+                if max_steps and step >= max_steps:
+                    stopped = True
+                    break
             skip = 0
             epoch += 1
             last = {f"epoch_{k}": v / max(count, 1) for k, v in sums.items()}

@@ -47,19 +47,25 @@ class PretrainTrainer(ReadPhaseTrainer):
         model.live_writer = True
 
     def losses(self, batch):
+        """(answer loss + reconstruct_weight x reconstruction loss, the retrieval loss: unused, weight 0)."""
         self.model.written = {}  # the answer's and the reconstruction's passes share each row's writing
         try:
-            gen_loss, retrieval_loss = super().losses(batch)
+            answer_loss, retrieval_loss = super().losses(batch)
+            self.last_losses = {"answer_loss": float(answer_loss)}
             if self.reconstruct_weight > 0:
                 gold = batch["gold_doc_ids"][:, 0]
-                gen_loss = gen_loss + self.reconstruct_weight * self.reconstruction(self.model, gold[gold >= 0])
+                reconstruct = self.reconstruction(self.model, gold[gold >= 0])
+                self.last_losses["reconstruct_loss"] = float(reconstruct)
+                answer_loss = answer_loss + self.reconstruct_weight * reconstruct
         finally:
             self.model.written = None
-        return gen_loss, retrieval_loss
+        return answer_loss, retrieval_loss
 
     def train_step(self, batch) -> Dict[str, float]:
         metrics = super().train_step(batch)
-        metrics.pop("retrieval_loss", None)
+        for name in ("retrieval_loss", "gen_loss"):
+            metrics.pop(name, None)
+        metrics.update(self.last_losses)
         metrics.update({f"reconstruct_{k}": v for k, v in self.reconstruction.last_metrics().items()})
         return metrics
 

@@ -95,12 +95,12 @@ class ReadPhaseTrainer:
         return gen_loss, retrieval_loss
 
     def fit(self, dataset, *, seed: int, checkpoint_root, config_dict, logger: Optional[RunLogger] = None,
-            epoch_end_fn=None, phase: str = "read") -> Dict[str, float]:
+            epoch_end_fn=None, phase: str = "read", max_steps: int = 0) -> Dict[str, float]:
         s = self.settings
         loop = EpochLoop(self.model, self.optimizer, phase=phase, checkpoint_root=checkpoint_root,
                          config_dict=config_dict, logger=logger or RunLogger(), checkpoint_every=s.checkpoint_every)
         return loop.run(dataset, epochs=s.epochs, batch_size=s.batch_size, seed=seed,
-                        step_fn=self.train_step, epoch_end_fn=epoch_end_fn)
+                        step_fn=self.train_step, epoch_end_fn=epoch_end_fn, max_steps=max_steps)
 
 
 def _name_bad_example(gold_doc_ids: torch.Tensor, num_docs: int, example_ids) -> str:
