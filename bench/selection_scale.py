@@ -55,6 +55,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common  # noqa: E402
+from pqa_core.storage.atomic import atomic_file  # noqa: E402
 
 NAME = "selection_scale"
 GOAL_EFFICIENCY = 0.60
@@ -125,7 +126,7 @@ def squad_minilm(question_count: int, squad_dir: Path = SQUAD_DIR):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from pqa_core.storage.atomic import atomic_file, sha256_file
+    from pqa_core.storage.atomic import sha256_file
     from pqa_core.data.loading import load_corpus, load_qa
     from pqa_core.modeling.minilm import embed_texts
 
