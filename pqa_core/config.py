@@ -28,6 +28,7 @@ from pqa_core.errors import UsageError
 from pqa_core.modeling.keywords import SCORINGS as KEYWORD_SCORINGS
 from pqa_core.components.kinds import KIND
 from pqa_core.components.parameters import Range
+from pqa_core.interfaces import DEFAULT_PROMPT
 
 COUNT = Range(1)  # a positive integer: epochs, batch sizes, tokens, top_k
 SOME = Range(0)  # zero or more: 0 turns the thing off (checkpoint_every, eval_every, eval_docs)
@@ -101,7 +102,7 @@ class DataSettings:
                                   range=COUNT)
     max_query_tokens: int = setting(64, "a question's tokens kept", range=COUNT)
     max_answer_tokens: int = setting(24, "an answer's tokens trained on", range=COUNT)
-    prompt: str = setting("Question: {question}\nAnswer:", "the prompt around a question (must hold {question})")
+    prompt: str = setting(DEFAULT_PROMPT, "the prompt around a question (must hold {question})")
 
 
 @dataclass

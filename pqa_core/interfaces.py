@@ -18,6 +18,9 @@ from pqa_core.components.parameters import Range  # noqa: F401 - plugin authors 
 
 __all__ = ["Range"]  # and the contracts below
 
+DEFAULT_PROMPT = "Question: {question}\nAnswer:"
+"""``data.prompt``'s default (the config declares it with this value; here so the contracts can default to it)."""
+
 
 class QueryEncoder(nn.Module):
     """Token ids + mask -> query vectors ``[B, d_q]``.
@@ -140,7 +143,7 @@ class WriteContext:
     doc_tokens: Sequence[Sequence[int]]
     questions: Sequence
     question_rows: Sequence[Sequence[int]]
-    prompt: str = "Question: {question}\nAnswer:"
+    prompt: str = DEFAULT_PROMPT
     max_query_tokens: int = 64
     max_answer_tokens: int = 24
     seed: int = 0
@@ -204,7 +207,7 @@ class Control:
         """``(rows [B][<=k], scores [B][<=k] or None)``."""
         raise NotImplementedError
 
-    def prepare(self, examples: Sequence, k: int, prompt: str = "Question: {question}\nAnswer:") -> List[ControlInput]:
+    def prepare(self, examples: Sequence, k: int, prompt: str = DEFAULT_PROMPT) -> List[ControlInput]:
         rows, scores = self.select(examples, k)
         out = []
         for i, example in enumerate(examples):

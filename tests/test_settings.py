@@ -105,3 +105,18 @@ def test_pqa_config_prints_every_key_with_type_default_range_and_help():
     assert section.exit_code == 0 and section.output.count("\n    ") == 5
     typo = CliRunner().invoke(cli, ["config", "raed"])
     assert typo.exit_code == 2 and "did you mean 'read'?" in typo.output
+
+
+def test_the_datasets_and_contracts_default_to_the_configs_values():
+    """Defaults whose names differ from their keys' (max_query_length for data.max_query_tokens) come from
+    the config's declaration: a dataset built without them reads questions as a run does."""
+    from pqa_core.config import DataSettings
+    from pqa_core.data.loading import ReadPhaseDataset
+    from pqa_core.interfaces import Control, WriteContext
+
+    params = inspect.signature(ReadPhaseDataset.__init__).parameters
+    data = DataSettings()
+    assert (params["max_query_length"].default, params["max_answer_length"].default, params["prompt"].default) == \
+        (data.max_query_tokens, data.max_answer_tokens, data.prompt)
+    assert inspect.signature(Control.prepare).parameters["prompt"].default == data.prompt
+    assert {f.name: f.default for f in __import__("dataclasses").fields(WriteContext)}["prompt"] == data.prompt
