@@ -32,6 +32,7 @@ setup(
         "pluggy>=1.3",
         "click>=8",
         "pyyaml>=5.1",
+        "tomli>=1.1; python_version < '3.11'",  # PQA_CONFIG's TOML (tomllib from 3.11)
         "tqdm",
         "numpy",
         "pandas",

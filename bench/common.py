@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+from pqa_core.storage.atomic import write_atomic
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 DEFAULT_OUT = BENCH_DIR / "results"
@@ -173,11 +175,7 @@ def write_result(result: dict, markdown: Optional[str], out_dir) -> Dict[str, st
     texts = [("json", json.dumps(result, indent=2, default=_jsonable) + "\n")]
     texts += [("md", markdown + "\n")] if markdown is not None else []
     for ext, text in texts:
-        path = out / f"{result['name']}.{ext}"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-        paths[ext] = str(path)
+        paths[ext] = str(write_atomic(out / f"{result['name']}.{ext}", text))
     return paths
 
 

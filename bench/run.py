@@ -24,6 +24,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common  # noqa: E402
+from pqa_core.storage.atomic import write_atomic  # noqa: E402
 
 BENCHMARKS = ("step_overhead", "selection_scale", "tracking_overhead", "batched_eval")  # what run_all runs
 # Every section of RESULTS.md, by its item letter in the benchmark issue; (a), (b) and (f) run on their own.
@@ -309,19 +310,13 @@ def rerender(out_dir=None, results_md=None) -> Path:
     ``results_md`` says so), ``bench/RESULTS.md``; returns the path of the last file written."""
     out = Path(out_dir) if out_dir else default_out("full")
     text = render(out)
-    _write_atomic(out / "SUMMARY.md", text)
+    write_atomic(out / "SUMMARY.md", text)
     if results_md is None:
         results_md = out.resolve() == common.DEFAULT_OUT.resolve()
     if results_md:
-        _write_atomic(RESULTS_MD, _link_images(text))
+        write_atomic(RESULTS_MD, _link_images(text))
         return RESULTS_MD
     return out / "SUMMARY.md"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def main(argv=None, command: str | None = None) -> int:

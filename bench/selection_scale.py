@@ -55,6 +55,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common  # noqa: E402
+from pqa_core.storage.atomic import atomic_file  # noqa: E402
 
 NAME = "selection_scale"
 GOAL_EFFICIENCY = 0.60
@@ -141,10 +142,8 @@ def squad_minilm(question_count: int, squad_dir: Path = SQUAD_DIR):
         questions = load_qa(squad_dir / "qa.jsonl", corpus)
         saved = {"passages": embed_texts([(d.title.replace("_", " ") + ". " + d.text).strip(". ") for d in corpus]),
                  "questions": embed_texts([q.question for q in questions])}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in saved.items()}, str(tmp))
-        os.replace(tmp, cache)
+        with atomic_file(cache) as tmp:
+            save_file({k: v.contiguous() for k, v in saved.items()}, str(tmp))
     questions = saved["questions"]
     pick = torch.randperm(questions.shape[0], generator=torch.Generator().manual_seed(0))[:question_count]
     return saved["passages"], questions[pick.sort().values].contiguous()
@@ -422,10 +421,9 @@ def plot(result: dict, out_dir: Path):
         ax.legend(fontsize=6)
     fig.tight_layout()
     path = out_dir / f"{NAME}.png"
-    tmp = out_dir / f".{NAME}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return str(path)
 
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import List, Sequence
+from typing import Annotated, List, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from pqa_core.hookspecs import hookimpl
-from pqa_core.interfaces import Control
+from pqa_core.interfaces import Control, Range
 
 
 def _title_and_text(doc) -> str:
@@ -39,7 +39,8 @@ class ClosedBook(Control):
 class RandomDocs(Control):
     """``k`` distinct random passages per question; ``seed`` and the question id fix the draw."""
 
-    def __init__(self, seed: int = 0, max_passage_tokens: int = 0):
+    def __init__(self, seed: Annotated[int, Range(0), "with the question id, fixes the draw"] = 0,
+                 max_passage_tokens: Annotated[int, Range(0), "a passage's tokens read; 0 = all"] = 0):
         super().__init__(max_passage_tokens)
         self.seed = seed
 
@@ -58,8 +59,11 @@ class Oracle(Control):
 class BM25(Control):
     """BM25 top-k with ``bm25s``; ``k1``, ``b`` and ``method`` are its scoring parameters."""
 
-    def __init__(self, k1: float = 1.5, b: float = 0.75, method: str = "lucene", stopwords: str = "en",
-                 max_passage_tokens: int = 0):
+    def __init__(self, k1: Annotated[float, Range(0), "term-frequency saturation"] = 1.5,
+                 b: Annotated[float, Range(0, 1), "length normalisation"] = 0.75,
+                 method: Annotated[str, "bm25s's variant: lucene, robertson, atire, bm25l, bm25+"] = "lucene",
+                 stopwords: Annotated[str, "bm25s's stopword list"] = "en",
+                 max_passage_tokens: Annotated[int, Range(0), "a passage's tokens read; 0 = all"] = 0):
         super().__init__(max_passage_tokens)
         self.k1, self.b, self.method, self.stopwords = k1, b, method, stopwords
         self._tokenizer = self._retriever = None
@@ -94,7 +98,8 @@ class BM25(Control):
 class DenseMiniLM(Control):
     """Cosine top-k between MiniLM embeddings of the question and of each ``title. text``."""
 
-    def __init__(self, max_passage_tokens: int = 0, batch_size: int = 64):
+    def __init__(self, max_passage_tokens: Annotated[int, Range(0), "a passage's tokens read; 0 = all"] = 0,
+                 batch_size: Annotated[int, Range(1), "passages embedded per MiniLM batch"] = 64):
         super().__init__(max_passage_tokens)
         self.batch_size = batch_size
         self._encoder = None

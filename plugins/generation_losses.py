@@ -5,14 +5,14 @@ several processes train). A batch with no non-ignored token gives 0 (connected t
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
 import torch.nn.functional as F
 
 from pqa_core.training.distributed import batch_mean
 from pqa_core.hookspecs import hookimpl
-from pqa_core.interfaces import GenerationLoss
+from pqa_core.interfaces import GenerationLoss, Range
 
 IGNORE_INDEX = -100
 
@@ -47,10 +47,9 @@ class KLDistillLoss(GenerationLoss):
 
     needs_teacher = True
 
-    def __init__(self, alpha: float = 1.0, temperature: float = 1.0):
+    def __init__(self, alpha: Annotated[float, Range(0), "weight of the KL term added to the cross-entropy"] = 1.0,
+                 temperature: Annotated[float, Range(0, low_open=True), "softens both distributions"] = 1.0):
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"kl_distill loss: temperature must be > 0, got {temperature}")
         self.alpha = float(alpha)
         self.temperature = float(temperature)
 

@@ -7,12 +7,14 @@ checkpoint. Only the small heads (and the whole of ``transformer``) train.
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pqa_core.hookspecs import hookimpl
-from pqa_core.interfaces import QueryEncoder
+from pqa_core.interfaces import QueryEncoder, Range
 from pqa_core.modeling.minilm import MINILM_DIM, load_minilm, mean_pool
 
 
@@ -90,8 +92,11 @@ class TransformerEncoder(QueryEncoder):
     """A small trainable Transformer over its own token + position embeddings (LLM token ids),
     masked mean pool, ``Linear(dim, output_dim)``."""
 
-    def __init__(self, vocab_size: int, output_dim: int, layers: int = 2, dim: int = 128, heads: int = 4,
-                 dropout: float = 0.1, max_positions: int = 512):
+    def __init__(self, vocab_size: int, output_dim: int, layers: Annotated[int, Range(1), "Transformer layers"] = 2,
+                 dim: Annotated[int, Range(1), "width (a multiple of heads)"] = 128,
+                 heads: Annotated[int, Range(1), "attention heads"] = 4,
+                 dropout: Annotated[float, Range(0, 1, high_open=True), "dropout"] = 0.1,
+                 max_positions: Annotated[int, Range(1), "question tokens read"] = 512):
         super().__init__()
         if dim % heads:
             raise ValueError(f"transformer query encoder: dim ({dim}) must be divisible by heads ({heads})")

@@ -6,12 +6,14 @@ whole global batch when several processes train.
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 
 from pqa_core.training.distributed import batch_mean
 from pqa_core.hookspecs import hookimpl
-from pqa_core.interfaces import RetrievalLoss
+from pqa_core.interfaces import Range, RetrievalLoss
 
 
 def _check(name: str, scores: torch.Tensor, gold_mask: torch.Tensor) -> torch.Tensor:
@@ -38,10 +40,8 @@ class GoldNLLLoss(RetrievalLoss):
 class InfoNCELoss(RetrievalLoss):
     """Multi-positive InfoNCE, mean over rows: ``-log(sum_gold exp(s/t) / sum_all exp(s/t))``."""
 
-    def __init__(self, temperature: float = 1.0):
+    def __init__(self, temperature: Annotated[float, Range(0, low_open=True), "divides the scores"] = 1.0):
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"infonce loss: temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
 
     def forward(self, scores: torch.Tensor, gold_mask: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,7 @@ class MarginLoss(RetrievalLoss):
     A row whose documents are all gold has no negative and contributes 0.
     """
 
-    def __init__(self, margin: float = 1.0):
+    def __init__(self, margin: Annotated[float, Range(0), "how far the lowest gold score must lead"] = 1.0):
         super().__init__()
         self.margin = float(margin)
 

@@ -6,14 +6,14 @@ at evaluation a ``pqa_core.modeling.selection_index`` index searches the documen
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pqa_core.hookspecs import hookimpl
-from pqa_core.interfaces import Selector
+from pqa_core.interfaces import Range, Selector
 from pqa_core.modeling.staleness import Stamp
 
 
@@ -53,10 +53,9 @@ class CosineSelector(Selector):
     are normalised on every call.
     """
 
-    def __init__(self, temperature: float = 0.05):
+    def __init__(self, temperature: Annotated[float, Range(0, low_open=True),
+                                              "divides the cosine: lower is a sharper softmax"] = 0.05):
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"cosine selector: temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
         self._cache = None  # (stamp of the doc vectors, normalised doc vectors)
 
@@ -151,11 +150,10 @@ class MLPSelector(Selector):
     (when d_q == d_z).
     """
 
-    def __init__(self, d_z: int, output_dim: Optional[int] = None, hidden: int = 256):
+    def __init__(self, d_z: int, output_dim: Optional[int] = None,
+                 hidden: Annotated[int, Range(1), "hidden units of each tower"] = 256):
         super().__init__()
         d_q = d_z if output_dim is None else output_dim
-        if hidden < 1:
-            raise ValueError(f"mlp selector: hidden must be >= 1, got {hidden}")
         self.d_q, self.d_z = int(d_q), int(d_z)
         self.query_tower = _Tower(self.d_q, hidden, self.d_z)
         self.doc_tower = _Tower(self.d_z, hidden, self.d_z)

@@ -18,7 +18,7 @@ import logging
 import random
 import re
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Annotated, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from pqa_core.storage.atomic import sha256_file
 from pqa_core.data.loading import _pad_id, _token_ids, pad_sequences
 from pqa_core.training.distributed import batch_mean
 from pqa_core.hookspecs import hookimpl
-from pqa_core.interfaces import WriteContext, WriteObjective
+from pqa_core.interfaces import Range, WriteContext, WriteObjective
 from pqa_core.training.loop import show_progress
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,8 @@ class Reconstruct(WriteObjective):
     """Token cross-entropy of the document's text (then eos) given its soft prompt alone; with
     ``max_tokens`` > 0, of its first ``max_tokens`` tokens (pretraining keeps the step short)."""
 
-    def __init__(self, max_tokens: int = 0):
+    def __init__(self, max_tokens: Annotated[int, Range(0), "a document's first tokens reconstructed; 0 = all"] = 0):
         super().__init__()
-        if max_tokens < 0:
-            raise ValueError(f"reconstruct: max_tokens={max_tokens}: expected >= 0 (0 = the whole document)")
         self.max_tokens = int(max_tokens)
 
     def prepare(self, context: WriteContext) -> None:
@@ -82,17 +80,19 @@ class Distill(WriteObjective):
     gold answer. ``teacher_batch_size`` only sets how many teacher passes run at once.
     """
 
-    def __init__(self, questions: str = "train", top_k: int = 32, temperature: float = 1.0,
-                 ce_weight: float = 0.0, max_teacher_tokens: int = 512, teacher_batch_size: int = 8,
-                 cloze_per_doc: int = 4, teacher_adapter: str = ""):
+    def __init__(self, questions: Annotated[str, "the teacher's questions: train, cloze, or a '+'-joined mix"] = "train",
+                 top_k: Annotated[int, Range(1), "teacher tokens kept per position"] = 32,
+                 temperature: Annotated[float, Range(0, low_open=True), "softens the teacher"] = 1.0,
+                 ce_weight: Annotated[float, Range(0), "+ this x cross-entropy on the answers"] = 0.0,
+                 max_teacher_tokens: Annotated[int, Range(8), "the teacher's context, in tokens"] = 512,
+                 teacher_batch_size: Annotated[int, Range(1), "teacher forward passes batched"] = 8,
+                 cloze_per_doc: Annotated[int, Range(0), "cloze questions made per document"] = 4,
+                 teacher_adapter: Annotated[str, "a LoRA adapter folder for the teacher; empty = none"] = ""):
         super().__init__()
         sources = set(questions.split("+"))
         if not sources or not sources <= QUESTION_SOURCES:
             raise ValueError(f"distill: questions={questions!r}; available: {', '.join(sorted(QUESTION_SOURCES))} "
                              f"or a '+'-joined mix")
-        if top_k < 1 or not temperature > 0 or max_teacher_tokens < 8 or cloze_per_doc < 0:
-            raise ValueError(f"distill: need top_k >= 1, temperature > 0, max_teacher_tokens >= 8, "
-                             f"cloze_per_doc >= 0; got {top_k}, {temperature}, {max_teacher_tokens}, {cloze_per_doc}")
         self.sources, self.cloze_per_doc, self.teacher_adapter = sources, int(cloze_per_doc), teacher_adapter
         self.questions, self.top_k, self.temperature = questions, int(top_k), float(temperature)
         self.ce_weight, self.max_teacher_tokens = float(ce_weight), int(max_teacher_tokens)

@@ -1,257 +1,198 @@
 """The run configuration: plain nested dataclasses built from a nested dict, every value checked.
 
+Each key is declared once, on its dataclass field (``setting``): its type (the annotation), default,
+range (numbers) or choices (strings) and a one-line help. Everything that checks, prints or
+documents a key reads that field: ``KEYS`` (every key, ``pqa config``), ``RANGES`` and ``CHOICES``
+are derived from it, and the modules that act on a string key take its choices from ``CHOICES``.
+
 Sacred (or a test, or a notebook) hands over a dict such as
 ``{"model": {"llm": "tiny"}, "selector": {"name": "cosine", "temperature": 0.05}}``;
 ``PQAConfig.from_dict`` fills defaults and rejects, in one line naming the dotted key, unknown
-keys, values of the wrong type (a boolean is not a number) and numbers outside their range
-(``RANGES``, one entry per numeric key, beside the dataclasses so a new key gets its range where it
-is declared). What depends on the data or the LLM (``top_k`` against the number of documents, the
-memory tokens against the LLM's context and memory) is ``check_fits``. Component namespaces
-(selector, query_encoder, ...) are free-form: ``name`` picks the plugin, the other keys are its
-keyword arguments, checked against its signature at build time.
+keys (suggesting the nearest), values of the wrong type (a boolean is not a number), numbers
+outside their range and strings outside their choices. What depends on the data or the LLM
+(``top_k`` against the number of documents, the memory tokens against the LLM's context and memory)
+is ``check_fits``. Component namespaces (selector, query_encoder, ...) are free-form: ``name`` picks
+the plugin, the other keys are its keyword arguments, checked against its declared parameters.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
+import difflib
 import os
 import re
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from pqa_core.errors import UsageError
 from pqa_core.modeling.keywords import SCORINGS as KEYWORD_SCORINGS
 from pqa_core.components.kinds import KIND
-
-
-@dataclass
-class LoraSettings:
-    enabled: bool = True
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-
-
-@dataclass
-class ModelSettings:
-    llm: str = "smollm2-135m"
-    d_z: int = 0  # 0 = the size the projection needs (hybrid, direct: m x d_model floats, + the key; others 384)
-    num_memory_tokens: int = 32
-    doc_init: str = "minilm"  # "minilm" (needs d_z=384) or "random" (scaled to the embedding std)
-    # the soft-token part of z: "writer" (the writer section's component writes it: keywords or an encoder;
-    # hybrid, direct), "keywords" (the same, its older name), "zero", "auto" (the writer where z holds
-    # m x d_model free floats, else zero)
-    content_init: str = "auto"
-    # a pretrained artifact (`pqa run pretrain`'s output folder or its pretrained/ folder, or shipped:NAME):
-    # the reader LoRA, the writer and the projection start from it
-    pretrained: Optional[str] = None
-    # which words the keywords are (pqa_core.modeling.keywords): "tfidf_names" (frequent here, rare elsewhere,
-    # names and numbers first), "idf" (the rarest)
-    keyword_scoring: str = "tfidf_names"
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    device: str = "auto"
-    precision: str = "auto"  # auto: bfloat16 autocast on a CUDA GPU that has it, else float32; bf16; fp32
-    # how doc_vectors (and the row-wise optimizer's moments of it) are stored: "float32", or "bfloat16"
-    # (half the memory; rows are updated in float32 and stored by stochastic rounding), in "memory" or
-    # "mmap" (files under the output folder, mapped: a table larger than the RAM; pqa_core.modeling.doc_table)
-    doc_dtype: str = "float32"
-    doc_storage: str = "memory"
-
-
-@dataclass
-class DataSettings:
-    corpus: str = "sample:corpus.jsonl"
-    qa: str = "sample:qa_train.jsonl"
-    eval_qa: str = "sample:qa_eval.jsonl"
-    max_doc_tokens: int = 256  # longer passages are split into several documents (rows) of one passage
-    max_query_tokens: int = 64
-    max_answer_tokens: int = 24
-    prompt: str = "Question: {question}\nAnswer:"
-
-
-@dataclass
-class PretrainSettings:
-    """``pqa run pretrain``: the reusable parts learn their jobs on a disjoint corpus (data.corpus, data.qa)."""
-    # what is pretrained: "pqa" (the reader LoRA reading soft tokens, the writer and the projection, trained
-    # together: the writer encodes each gold passage and its top-k neighbours as the reader reads them), "text"
-    # (a reader of passage text: the oracle's and text RAG's start) or "closed_book" (a reader of nothing)
-    reader: str = "pqa"
-    epochs: int = 1
-    batch_size: int = 8
-    lr_lora: float = 3e-4
-    lr_writer: float = 1e-3
-    lr_projection: float = 1e-3
-    top_k: int = 3  # passages the reader reads per question (the gold one among them when retrieved)
-    reconstruct_weight: float = 0.5  # + this x reconstruction of the gold passages from their soft tokens (ICAE)
-    reconstruct_tokens: int = 64  # the first tokens of each gold passage reconstructed
-    grad_clip: float = 1.0
-    checkpoint_every: int = 50  # steps; resumable
-    max_steps: int = 0  # > 0: stop after this many steps in all (a budget); 0: every step of the epochs
-
-
-@dataclass
-class WriteSettings:
-    epochs: int = 3  # 0: z stays as the writer wrote it
-    batch_size: int = 8
-    lr_z: float = 1e-2  # Cramming's (2502.13063) lr and betas for memory vectors
-    betas_z: List[float] = field(default_factory=lambda: [0.9, 0.9])  # row-wise Adam on z
-    lr_projection: float = 3e-2
-    lr_lora: float = 1e-3
-    train_lora: bool = False
-    train_projection: bool = True
-    documents: str = "all"  # "new": only the documents init_from's checkpoint did not hold (a grown corpus)
-    grad_clip: float = 1.0
-    eval_docs: int = 8  # documents decoded greedily each evaluation
-    eval_every: int = 1  # epochs between greedy-reconstruction checks (the last epoch always)
-    eval_qa_every: int = 0  # epochs between answer evaluations on the eval questions (0 = none; a trained reader)
-    checkpoint_every: int = 0  # steps; 0 = only at the end
-
-
-@dataclass
-class ReadSettings:
-    epochs: int = 2
-    batch_size: int = 8
-    lr_z: float = 1e-2
-    lr_lora: float = 3e-4
-    lr_selector: float = 1e-4
-    lr_query_encoder: Optional[float] = None  # None = 0.1 x lr_lora, as the seed notebook
-    lr_projection: Optional[float] = None  # None = lr_lora, as the seed notebook
-    top_k: int = 3
-    retrieval_weight: float = 0.1
-    grad_clip: float = 1.0
-    weight_decay: float = 0.0  # AdamW decay of every group but z
-    checkpoint_every: int = 0
-    eval_every: int = 1  # epochs between full evaluations on the eval questions (0 = Recall@k only)
-    # whose retrieval keys the retrieval loss moves: "all" (every key, through the softmax over all
-    # documents: a step costs O(N x d_z)) or "batch" (the batch's gold and selected documents only: a
-    # step's cost and the rows it moves do not grow with the corpus; for large corpora)
-    key_updates: str = "all"
-
-
-@dataclass
-class FaissSettings:
-    """The faiss indexes' knobs (``eval.index=faiss_ivf`` / ``faiss_hnsw``; pqa_core.modeling.selection_index)."""
-    nlist: int = 0  # IVF lists; 0 = 4 x sqrt(N) as a power of two
-    nprobe: int = 32  # IVF lists searched per query
-    hnsw_m: int = 32  # HNSW graph degree
-    ef_construction: int = 80
-    ef_search: int = 128
-
-
-@dataclass
-class EvalSettings:
-    batch_size: int = 16
-    max_new_tokens: int = 24
-    top_k: Optional[int] = None  # None = read.top_k
-    predictions_file: str = "predictions.jsonl"
-    index: str = "exact"  # top-k search at evaluation: exact, faiss_flat, faiss_ivf, faiss_hnsw
-    faiss: FaissSettings = field(default_factory=FaissSettings)
-
-
-@dataclass(frozen=True)
-class Range:
-    """The numbers a key allows: ``low``..``high`` (None: unbounded), ``low`` itself excluded with
-    ``low_open``, ``high`` with ``high_open``. Floats must also be finite."""
-
-    low: Optional[float] = None
-    high: Optional[float] = None
-    low_open: bool = False
-    high_open: bool = False
-
-    def allows(self, value) -> bool:
-        if isinstance(value, float) and not math.isfinite(value):
-            return False
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-            return False
-        return self.high is None or (value < self.high or (not self.high_open and value == self.high))
-
-    def describe(self, kind: str) -> str:
-        """``an integer >= 1``, ``a finite number > 0``, ``a finite number in [0, 1)``."""
-        what = "an integer" if kind == "int" else "a finite number"
-        if self.low is not None and self.high is not None:
-            return (f"{what} in {'(' if self.low_open else '['}{_num(self.low)}, "
-                    f"{_num(self.high)}{')' if self.high_open else ']'}")
-        if self.low is not None:
-            return f"{what} {'>' if self.low_open else '>='} {_num(self.low)}"
-        if self.high is not None:
-            return f"{what} {'<' if self.high_open else '<='} {_num(self.high)}"
-        return what
-
-
-def _num(x) -> str:
-    return str(int(x)) if float(x).is_integer() else repr(x)
-
+from pqa_core.components.parameters import Range
+from pqa_core.interfaces import DEFAULT_PROMPT
 
 COUNT = Range(1)  # a positive integer: epochs, batch sizes, tokens, top_k
 SOME = Range(0)  # zero or more: 0 turns the thing off (checkpoint_every, eval_every, eval_docs)
 RATE = Range(0, low_open=True)  # a finite positive number: learning rates, gradient clipping
 WEIGHT = Range(0)  # a finite number >= 0
 
-# Every numeric config key and the values it allows (tests check that none is missing).
-RANGES: Dict[str, Range] = {
-    "seed": Range(0, 2 ** 32 - 1),  # numpy's seed range
-    "threads": Range(0, 1024),
-    "model.d_z": Range(0, 1 << 20),  # 0: the projection sizes z
-    "model.num_memory_tokens": COUNT,  # and check_fits: the LLM's context and memory
-    "model.lora.r": COUNT,
-    "model.lora.alpha": RATE,
-    "model.lora.dropout": Range(0, 1, high_open=True),
-    "data.max_doc_tokens": COUNT,
-    "data.max_query_tokens": COUNT,
-    "data.max_answer_tokens": COUNT,
-    "write.epochs": SOME,  # 0: no refinement, z as the writer wrote it
-    "pretrain.epochs": COUNT,
-    "pretrain.batch_size": COUNT,
-    "pretrain.lr_lora": RATE,
-    "pretrain.lr_writer": RATE,
-    "pretrain.lr_projection": RATE,
-    "pretrain.top_k": COUNT,
-    "pretrain.reconstruct_weight": WEIGHT,
-    "pretrain.reconstruct_tokens": COUNT,
-    "pretrain.grad_clip": RATE,
-    "pretrain.checkpoint_every": SOME,
-    "pretrain.max_steps": SOME,
-    "write.batch_size": COUNT,
-    "write.lr_z": RATE,
-    "write.lr_projection": RATE,
-    "write.lr_lora": RATE,
-    "write.grad_clip": RATE,
-    "write.eval_docs": SOME,
-    "write.eval_every": SOME,
-    "write.eval_qa_every": SOME,
-    "write.checkpoint_every": SOME,
-    "read.epochs": COUNT,
-    "read.batch_size": COUNT,
-    "read.lr_z": RATE,
-    "read.lr_lora": RATE,
-    "read.lr_selector": RATE,
-    "read.lr_query_encoder": RATE,
-    "read.lr_projection": RATE,
-    "read.top_k": COUNT,  # and check_fits: at most the number of documents
-    "read.retrieval_weight": WEIGHT,
-    "read.grad_clip": RATE,
-    "read.weight_decay": WEIGHT,
-    "read.checkpoint_every": SOME,
-    "read.eval_every": SOME,
-    "eval.batch_size": COUNT,
-    "eval.max_new_tokens": COUNT,
-    "eval.top_k": COUNT,  # and check_fits
-    "eval.faiss.nlist": SOME,  # 0: 4 x sqrt(N)
-    "eval.faiss.nprobe": COUNT,
-    "eval.faiss.hnsw_m": COUNT,
-    "eval.faiss.ef_construction": COUNT,
-    "eval.faiss.ef_search": COUNT,
-}
 
-# String keys that take one of a few values.
-CHOICES: Dict[str, tuple] = {
-    "model.doc_init": ("minilm", "random"),
-    "model.content_init": ("auto", "writer", "keywords", "zero"),
-    "pretrain.reader": ("pqa", "text", "closed_book"),
-    "model.keyword_scoring": tuple(KEYWORD_SCORINGS),
-    "write.documents": ("all", "new"),
-}
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, range: Optional[Range] = None,
+            choices: Optional[typing.Iterable[str]] = None, factory: Any = dataclasses.MISSING):
+    """A config key's one declaration: ``default`` (or ``factory`` for a list), ``help`` (one line, what
+    ``pqa config`` prints), ``range`` for a number, ``choices`` for a string."""
+    metadata: Dict[str, Any] = {"help": help}
+    if range is not None:
+        metadata["range"] = range
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class LoraSettings:
+    """``model.lora``: the reader's LoRA on the LLM."""
+    enabled: bool = setting(True, "train a LoRA on the LLM (the reader)")
+    r: int = setting(8, "LoRA rank", range=COUNT)
+    alpha: int = setting(16, "LoRA scale numerator (scale = alpha / r)", range=RATE)
+    dropout: float = setting(0.0, "LoRA dropout", range=Range(0, 1, high_open=True))
+    target_modules: List[str] = setting(help="the LLM's module names the LoRA adapts",
+                                        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class ModelSettings:
+    """``model``: the LLM, the doc vectors z and how they start, where and how precisely the run computes."""
+    llm: str = setting("smollm2-135m", "the LLM: a known name (tiny, smollm2-135m, ...), a Hub id or a folder")
+    d_z: int = setting(0, "doc-vector size; 0 = the size the projection needs (hybrid, direct: m x d_model "
+                          "floats + the key; others 384)", range=Range(0, 1 << 20))
+    num_memory_tokens: int = setting(32, "soft tokens per document, m (also bounded by the LLM's context and "
+                                         "memory)", range=COUNT)
+    doc_init: str = setting("minilm", "doc-vector init: minilm (MiniLM embeddings, into the retrieval key) or "
+                                      "random (scaled to the embedding std)", choices=("minilm", "random"))
+    content_init: str = setting("auto", "the soft-token part of z: writer (the writer section's component writes "
+                                        "it), keywords (its older name), zero, auto (the writer where z holds "
+                                        "m x d_model free floats, else zero)",
+                                choices=("auto", "writer", "keywords", "zero"))
+    pretrained: Optional[str] = setting(None, "a pretrained artifact (pqa run pretrain's output folder, a run, "
+                                              "shipped:NAME, auto): the reader LoRA, writer and projection start "
+                                              "from it")
+    keyword_scoring: str = setting("tfidf_names", "which words are a passage's keywords: tfidf_names (frequent "
+                                                  "here, rare elsewhere, names and numbers first), idf (the rarest)",
+                                   choices=KEYWORD_SCORINGS)
+    lora: LoraSettings = setting(help="the reader's LoRA", factory=LoraSettings)
+    device: str = setting("auto", "where the run computes: auto, cpu, cuda, cuda:N, mps")
+    precision: str = setting("auto", "auto: bfloat16 autocast on a CUDA GPU that has it, else float32; bf16; fp32",
+                             choices=("auto", "bf16", "fp32"))
+    doc_dtype: str = setting("float32", "how the doc table and its optimizer moments are stored: float32, or "
+                                        "bfloat16 (half the memory; updated in float32, stochastic rounding)",
+                             choices=("float32", "bfloat16"))
+    doc_storage: str = setting("memory", "where the doc table lives: memory, or mmap (files under the output "
+                                         "folder: a table larger than the RAM)", choices=("memory", "mmap"))
+
+
+@dataclass
+class DataSettings:
+    """``data``: the files (JSONL, or ``sample:NAME``, the shipped sample) and how much of each text is read."""
+    corpus: str = setting("sample:corpus.jsonl", "the documents: a JSONL file (doc_id, text) or sample:NAME")
+    qa: str = setting("sample:qa_train.jsonl", "training questions: a JSONL file (question, answer, doc_ids)")
+    eval_qa: str = setting("sample:qa_eval.jsonl", "evaluation questions, as data.qa")
+    max_doc_tokens: int = setting(256, "longer passages are split into several documents (rows) of one passage",
+                                  range=COUNT)
+    max_query_tokens: int = setting(64, "a question's tokens kept", range=COUNT)
+    max_answer_tokens: int = setting(24, "an answer's tokens trained on", range=COUNT)
+    prompt: str = setting(DEFAULT_PROMPT, "the prompt around a question (must hold {question})")
+
+
+@dataclass
+class PretrainSettings:
+    """``pqa run pretrain``: the reusable parts learn their jobs on a disjoint corpus (data.corpus, data.qa)."""
+    reader: str = setting("pqa", "what is pretrained: pqa (reader LoRA, writer and projection together), text "
+                                 "(a reader of passage text) or closed_book (a reader of nothing)",
+                          choices=("pqa", "text", "closed_book"))
+    epochs: int = setting(1, "pretraining epochs", range=COUNT)
+    batch_size: int = setting(8, "questions per step", range=COUNT)
+    lr_lora: float = setting(3e-4, "learning rate of the reader LoRA", range=RATE)
+    lr_writer: float = setting(1e-3, "learning rate of the writer", range=RATE)
+    lr_projection: float = setting(1e-3, "learning rate of the projection", range=RATE)
+    top_k: int = setting(3, "passages the reader reads per question (the gold one among them when retrieved)",
+                         range=COUNT)
+    reconstruct_weight: float = setting(0.5, "+ this x reconstruction of the gold passages from their soft "
+                                             "tokens (ICAE)", range=WEIGHT)
+    reconstruct_tokens: int = setting(64, "the first tokens of each gold passage reconstructed", range=COUNT)
+    grad_clip: float = setting(1.0, "gradient norm clipping", range=RATE)
+    checkpoint_every: int = setting(50, "steps between resumable checkpoints; 0 = only at the end", range=SOME)
+    max_steps: int = setting(0, "> 0: stop after this many steps in all (a budget); 0: every step of the epochs",
+                             range=SOME)
+
+
+@dataclass
+class WriteSettings:
+    """``write``: the write phase trains z (row-wise) and the projection so that the soft tokens hold
+    their documents (the write objective, ``write_objective.name``)."""
+    epochs: int = setting(3, "write-phase epochs; 0: z stays as the writer wrote it", range=SOME)
+    batch_size: int = setting(8, "documents per step", range=COUNT)
+    lr_z: float = setting(1e-2, "learning rate of z (Cramming's, 2502.13063)", range=RATE)
+    betas_z: List[float] = setting(help="the row-wise Adam's betas on z", factory=lambda: [0.9, 0.9])
+    lr_projection: float = setting(3e-2, "learning rate of the projection", range=RATE)
+    lr_lora: float = setting(1e-3, "learning rate of the LoRA (write.train_lora)", range=RATE)
+    train_lora: bool = setting(False, "train the LoRA in the write phase too")
+    train_projection: bool = setting(True, "train the projection in the write phase")
+    documents: str = setting("all", "which rows are trained: all, or new (only those init_from's checkpoint did "
+                                    "not hold: a grown corpus)", choices=("all", "new"))
+    grad_clip: float = setting(1.0, "gradient norm clipping", range=RATE)
+    eval_docs: int = setting(8, "documents decoded greedily each evaluation", range=SOME)
+    eval_every: int = setting(1, "epochs between greedy-reconstruction checks (the last epoch always)", range=SOME)
+    eval_qa_every: int = setting(0, "epochs between answer evaluations on the eval questions (0 = none)",
+                                 range=SOME)
+    checkpoint_every: int = setting(0, "steps between resumable checkpoints; 0 = only at the end", range=SOME)
+
+
+@dataclass
+class ReadSettings:
+    """``read``: the read phase trains selection and answering together, ``L_gen + λ·L_retrieval``."""
+    epochs: int = setting(2, "read-phase epochs", range=COUNT)
+    batch_size: int = setting(8, "questions per step", range=COUNT)
+    lr_z: float = setting(1e-2, "learning rate of z", range=RATE)
+    lr_lora: float = setting(3e-4, "learning rate of the LoRA", range=RATE)
+    lr_selector: float = setting(1e-4, "learning rate of the selector", range=RATE)
+    lr_query_encoder: Optional[float] = setting(None, "learning rate of the query encoder; null = 0.1 x lr_lora",
+                                                range=RATE)
+    lr_projection: Optional[float] = setting(None, "learning rate of the projection; null = lr_lora", range=RATE)
+    top_k: int = setting(3, "documents read per question (at most the number of documents)", range=COUNT)
+    retrieval_weight: float = setting(0.1, "λ in L_gen + λ·L_retrieval", range=WEIGHT)
+    grad_clip: float = setting(1.0, "gradient norm clipping", range=RATE)
+    weight_decay: float = setting(0.0, "AdamW decay of every group but z", range=WEIGHT)
+    checkpoint_every: int = setting(0, "steps between resumable checkpoints; 0 = only at the end", range=SOME)
+    eval_every: int = setting(1, "epochs between full evaluations (0 = Recall@k only)", range=SOME)
+    key_updates: str = setting("all", "whose retrieval keys the retrieval loss moves: all (every key, O(N x d_z) "
+                                      "a step) or batch (the batch's gold and selected ones: for large corpora)",
+                               choices=("all", "batch"))
+
+
+@dataclass
+class FaissSettings:
+    """The faiss indexes' knobs (``eval.index=faiss_ivf`` / ``faiss_hnsw``; pqa_core.modeling.selection_index)."""
+    nlist: int = setting(0, "IVF lists; 0 = 4 x sqrt(N) as a power of two", range=SOME)
+    nprobe: int = setting(32, "IVF lists searched per query", range=COUNT)
+    hnsw_m: int = setting(32, "HNSW graph degree", range=COUNT)
+    ef_construction: int = setting(80, "HNSW candidates kept while building", range=COUNT)
+    ef_search: int = setting(128, "HNSW candidates kept while searching", range=COUNT)
+
+
+@dataclass
+class EvalSettings:
+    """``eval``: answers generated for the eval questions and scored (EM, F1, Recall@k, intervals)."""
+    batch_size: int = setting(16, "questions per generation batch (and per Recall@k batch)", range=COUNT)
+    max_new_tokens: int = setting(24, "tokens generated per answer", range=COUNT)
+    top_k: Optional[int] = setting(None, "documents read per question at evaluation; null = read.top_k",
+                                   range=COUNT)
+    predictions_file: str = setting("predictions.jsonl", "per-question predictions, in the output folder")
+    index: str = setting("exact", "top-k search at evaluation: exact, faiss_flat, faiss_ivf, faiss_hnsw",
+                         choices=("exact", "faiss_flat", "faiss_ivf", "faiss_hnsw"))
+    faiss: FaissSettings = setting(help="the faiss indexes' knobs", factory=FaissSettings)
+
 
 PHASES = ("pretrain", "write", "read", "eval", "control_read", "control")
 TRAINED_PHASES = ("pretrain", "write", "read", "control_read")  # phases that end in a checkpoint
@@ -261,23 +202,26 @@ EXPERIMENT_PHASES = {"pretrain": ["pretrain"], "write": ["write"], "read": ["rea
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
-def _component(kind: str) -> Dict[str, Any]:
+def _component(kind: str):
     """A component section: ``name`` (the kind's default, ``kinds.KINDS``) plus keyword arguments
     (the component's own defaults apply)."""
-    return field(default_factory=lambda: {"name": KIND[kind].default})
+    return setting(help=f"the {kind} component: name, then its own parameters (pqa plugins --verbose)",
+                   factory=lambda: {"name": KIND[kind].default})
 
 
 @dataclass
 class PQAConfig:
-    seed: int = 0
-    threads: int = 0  # torch CPU threads; 0 = torch's default
-    output_dir: Optional[str] = None  # None = outputs/run (the experiments give each run its own)
-    phases: List[str] = field(default_factory=lambda: ["write", "read", "eval"])
-    resume: Optional[str] = None  # an earlier run's output folder: continue it where it stopped
-    force_resume: bool = False  # resume although its checkpoints were made under another fingerprint (recorded)
-    init_from: Optional[str] = None  # a checkpoint folder or run output folder to start the phases from
-    model: ModelSettings = field(default_factory=ModelSettings)
-    data: DataSettings = field(default_factory=DataSettings)
+    seed: int = setting(0, "seeds every generator (numpy's range)", range=Range(0, 2 ** 32 - 1))
+    threads: int = setting(0, "torch CPU threads; 0 = torch's default", range=Range(0, 1024))
+    output_dir: Optional[str] = setting(None, "the run's folder; null = a folder of its own under outputs/")
+    phases: List[str] = setting(help=f"the phases to run, in order ({', '.join(PHASES)}); set by the experiment",
+                                factory=lambda: ["write", "read", "eval"])
+    resume: Optional[str] = setting(None, "an earlier run's output folder or run id: continue it where it stopped")
+    force_resume: bool = setting(False, "resume although its checkpoints were made under another fingerprint "
+                                        "(recorded)")
+    init_from: Optional[str] = setting(None, "a checkpoint folder or run output folder to start the phases from")
+    model: ModelSettings = setting(help="the model", factory=ModelSettings)
+    data: DataSettings = setting(help="the data files", factory=DataSettings)
     selector: Dict[str, Any] = _component("selector")
     query_encoder: Dict[str, Any] = _component("query_encoder")
     projection: Dict[str, Any] = _component("projection")
@@ -285,11 +229,11 @@ class PQAConfig:
     retrieval_loss: Dict[str, Any] = _component("retrieval_loss")
     generation_loss: Dict[str, Any] = _component("generation_loss")
     write_objective: Dict[str, Any] = _component("write_objective")
-    control: Dict[str, Any] = _component("control")  # the baseline the "control" phase scores (pqa_core.training.controls)
-    pretrain: PretrainSettings = field(default_factory=PretrainSettings)
-    write: WriteSettings = field(default_factory=WriteSettings)
-    read: ReadSettings = field(default_factory=ReadSettings)
-    eval: EvalSettings = field(default_factory=EvalSettings)
+    control: Dict[str, Any] = _component("control")  # the baseline the "control" phase scores (training.controls)
+    pretrain: PretrainSettings = setting(help="pqa run pretrain", factory=PretrainSettings)
+    write: WriteSettings = setting(help="the write phase", factory=WriteSettings)
+    read: ReadSettings = setting(help="the read phase", factory=ReadSettings)
+    eval: EvalSettings = setting(help="evaluation", factory=EvalSettings)
 
     @classmethod
     def from_dict(cls, values: Optional[Dict[str, Any]] = None) -> "PQAConfig":
@@ -319,61 +263,143 @@ class PQAConfig:
 COMPONENT_SECTIONS = tuple(KIND)
 
 
+@dataclass(frozen=True)
+class Key:
+    """One config key as its field declares it (``pqa config`` prints these)."""
+
+    path: str
+    type: Any
+    default: Any
+    help: str
+    range: Optional[Range] = None
+    choices: Optional[Tuple[str, ...]] = None
+
+    @property
+    def type_name(self) -> str:
+        return str(self.type).replace("typing.", "") if not isinstance(self.type, type) else self.type.__name__
+
+    @property
+    def allowed(self) -> str:
+        """``an integer >= 1``, ``one of all, batch``, or ``''``."""
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        if self.range is not None:
+            return self.range.describe("int" if _base(self.type) is int else "float")
+        return ""
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _base(hint: Any) -> Any:
+    """``Optional[float]`` -> ``float``; ``List[str]`` -> ``list``; ``int`` -> ``int``."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union and len(args) == 1:
+        return _base(args[0])
+    return typing.get_origin(hint) or hint
+
+
+def _keys(cls, prefix: str = "") -> Dict[str, Key]:
+    keys: Dict[str, Key] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default, path = _default(f), prefix + f.name
+        if dataclasses.is_dataclass(default):
+            keys.update(_keys(type(default), path + "."))
+        elif f.name in COMPONENT_SECTIONS and not prefix:
+            keys[path + ".name"] = Key(path + ".name", str, default["name"], f.metadata.get("help", ""))
+        else:
+            keys[path] = Key(path, hints[f.name], default, f.metadata.get("help", ""),
+                             f.metadata.get("range"), f.metadata.get("choices"))
+    return keys
+
+
+KEYS: Dict[str, Key] = _keys(PQAConfig)
+"""Every config key (a component section by its ``name``), as its field declares it."""
+
+RANGES: Dict[str, Range] = {path: key.range for path, key in KEYS.items() if key.range is not None}
+"""Every numeric config key and the values it allows (derived from the fields; tests check none is missing)."""
+
+CHOICES: Dict[str, tuple] = {path: key.choices for path, key in KEYS.items() if key.choices}
+"""String keys that take one of a few values (derived from the fields)."""
+
+
+def check_choice(path: str, value: str) -> str:
+    """``value`` if it is one of ``CHOICES[path]``, else the one-line error ``from_dict`` gives: for the
+    modules that act on a string key and can be called with settings that did not come from ``from_dict``."""
+    if value not in CHOICES[path]:
+        raise UsageError(f"config key {path!r} = {value!r}: must be one of {', '.join(CHOICES[path])}")
+    return value
+
+
+def did_you_mean(given: str, known: typing.Iterable[str]) -> str:
+    """``"did you mean 'x'? "`` for the nearest of ``known`` (difflib), or ``""``."""
+    close = difflib.get_close_matches(given, list(known), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+def _unknown_key(path: str, prefix: str, fields) -> UsageError:
+    hint = did_you_mean(path, [prefix + name for name in fields])
+    if not hint:  # a key in the wrong section (top_k at the root): the same name elsewhere
+        leaf = path.rsplit(".", 1)[-1]
+        hint = did_you_mean(leaf, [k for k in KEYS if k.rsplit(".", 1)[-1] == leaf]) or did_you_mean(path, KEYS)
+    return UsageError(f"unknown config key {path!r}; {hint}known keys under {prefix.rstrip('.') or 'the root'}: "
+                      f"{', '.join(sorted(fields))}")
+
+
 def _fill(cls, values: Dict[str, Any], prefix: str):
     if not isinstance(values, dict):
         raise UsageError(f"config key {prefix.rstrip('.') or '(root)'!r} must be a mapping, got {values!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
         path = prefix + key
         if key not in fields:
-            raise UsageError(f"unknown config key {path!r}; known keys under "
-                             f"{prefix.rstrip('.') or 'the root'}: {', '.join(sorted(fields))}")
-        ftype = fields[key].type
-        default = fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING \
-            else fields[key].default
+            raise _unknown_key(path, prefix, fields)
+        default = _default(fields[key])
         if dataclasses.is_dataclass(default):
             kwargs[key] = _fill(type(default), value, path + ".")
-        elif key in COMPONENT_SECTIONS:
+        elif key in COMPONENT_SECTIONS and not prefix:
             if not isinstance(value, dict) or not isinstance(value.get("name", default["name"]), str):
                 raise UsageError(f"config key {path!r} must be a mapping with a string 'name'")
             kwargs[key] = {**default, **value}
         else:
-            kwargs[key] = _coerce(value, default, path, ftype)
+            kwargs[key] = _coerce(value, path, hints[key], fields[key].metadata)
     return cls(**kwargs)
 
 
-def _coerce(value, default, path, ftype):
-    """Type-check a leaf against its default's type (ints accepted for floats, booleans never for
-    numbers), then against its range (``RANGES``) or choices (``CHOICES``)."""
+def _coerce(value, path: str, hint: Any, declared: typing.Mapping[str, Any]):
+    """Check a leaf against its declared type (``hint``: ints accepted for floats, booleans never for
+    numbers, null only where ``Optional``), then against its declared range or choices."""
     if value is None:
-        if default is None or "Optional" in str(ftype):
+        if type(None) in typing.get_args(hint):
             return None
         raise UsageError(f"config key {path!r} may not be null")
-    if isinstance(default, bool) or "bool" == str(ftype):
+    expected = _base(hint)
+    if expected is bool:
         if not isinstance(value, bool):
             raise UsageError(f"config key {path!r} must be true/false, got {value!r}")
         return value
-    expected = type(default) if default is not None else None
-    if expected is None:
-        text = str(ftype)
-        expected = int if "int" in text else float if "float" in text else str if "str" in text else None
     if expected in (int, float) and isinstance(value, bool):
         raise UsageError(f"config key {path!r} = {value!r}: must be {_describe(path, expected)}, not a boolean")
     if expected is float and isinstance(value, int):
         value = float(value)
-    if expected is not None and expected is not list and not isinstance(value, expected):
+    if expected is list:
+        if not isinstance(value, (list, tuple)):
+            raise UsageError(f"config key {path!r} must be a list, got {value!r}")
+        return list(value)
+    if expected in (int, float, str) and not isinstance(value, expected):
         what = _describe(path, expected) if expected in (int, float) else expected.__name__
         raise UsageError(f"config key {path!r} must be {what}, got {value!r}")
-    if isinstance(default, list) and not isinstance(value, (list, tuple)):
-        raise UsageError(f"config key {path!r} must be a list, got {value!r}")
-    if expected in (int, float):
-        allowed = RANGES.get(path, Range())
-        if not allowed.allows(value):
-            raise UsageError(f"config key {path!r} = {value!r}: must be {_describe(path, expected)}")
-    if path in CHOICES and value not in CHOICES[path]:
-        raise UsageError(f"config key {path!r} = {value!r}: must be one of {', '.join(CHOICES[path])}")
-    return list(value) if isinstance(value, tuple) else value
+    if expected in (int, float) and not declared.get("range", Range()).allows(value):
+        raise UsageError(f"config key {path!r} = {value!r}: must be {_describe(path, expected)}")
+    if declared.get("choices") and value not in declared["choices"]:
+        hint = did_you_mean(value, declared["choices"]).rstrip()
+        raise UsageError(f"config key {path!r} = {value!r}: must be one of {', '.join(declared['choices'])}"
+                         f"{'; ' + hint if hint else ''}")
+    return value
 
 
 def _describe(path: str, expected: type) -> str:

@@ -9,10 +9,17 @@ size, m = memory (soft) tokens per document, d_model = LLM hidden size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Annotated, List, Optional, Sequence
 
 import torch
 from torch import nn
+
+from pqa_core.components.parameters import Range  # noqa: F401 - plugin authors declare parameters with it
+
+__all__ = ["Range"]  # and the contracts below
+
+DEFAULT_PROMPT = "Question: {question}\nAnswer:"
+"""``data.prompt``'s default (the config declares it with this value; here so the contracts can default to it)."""
 
 
 class QueryEncoder(nn.Module):
@@ -136,7 +143,7 @@ class WriteContext:
     doc_tokens: Sequence[Sequence[int]]
     questions: Sequence
     question_rows: Sequence[Sequence[int]]
-    prompt: str = "Question: {question}\nAnswer:"
+    prompt: str = DEFAULT_PROMPT
     max_query_tokens: int = 64
     max_answer_tokens: int = 24
     seed: int = 0
@@ -184,9 +191,7 @@ class Control:
     LLM tokens of each passage.
     """
 
-    def __init__(self, max_passage_tokens: int = 0):
-        if max_passage_tokens < 0:
-            raise ValueError(f"max_passage_tokens={max_passage_tokens}: expected >= 0 (0 = whole passage)")
+    def __init__(self, max_passage_tokens: Annotated[int, Range(0), "a passage's tokens read; 0 = all"] = 0):
         self.max_passage_tokens = max_passage_tokens
         self.passages: List[str] = []
 
@@ -202,7 +207,7 @@ class Control:
         """``(rows [B][<=k], scores [B][<=k] or None)``."""
         raise NotImplementedError
 
-    def prepare(self, examples: Sequence, k: int, prompt: str = "Question: {question}\nAnswer:") -> List[ControlInput]:
+    def prepare(self, examples: Sequence, k: int, prompt: str = DEFAULT_PROMPT) -> List[ControlInput]:
         rows, scores = self.select(examples, k)
         out = []
         for i, example in enumerate(examples):

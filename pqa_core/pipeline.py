@@ -19,9 +19,10 @@ import torch
 
 from pqa_core.training import distributed
 from pqa_core.storage import fingerprint
+from pqa_core.components.plugins import components_of_run
 from pqa_core.modeling.builder import build_component, build_losses, build_model
 from pqa_core.storage.checkpoints import MANIFEST, load_checkpoint
-from pqa_core.config import PHASES, TRAINED_PHASES, PQAConfig
+from pqa_core.config import PHASES, TRAINED_PHASES, PQAConfig, check_choice
 from pqa_core.data.loading import ReadPhaseDataset, WritePhaseDataset, load_corpus, load_qa, sample_data_path, split_passages
 from pqa_core.errors import CheckpointError, UsageError
 from pqa_core.evaluation.qa import evaluate_qa, evaluate_retrieval
@@ -227,9 +228,7 @@ class Pipeline:
             return {}
         if self._finished("write"):
             return {}
-        if w.documents not in ("all", "new"):
-            raise UsageError(f"write.documents={w.documents!r}: expected 'all' or 'new'")
-        rows = self.new_rows if w.documents == "new" else None
+        rows = self.new_rows if check_choice("write.documents", w.documents) == "new" else None
         if rows is not None and not rows:
             raise UsageError("write.documents='new' but every document came from init_from's checkpoint")
         objective = build_component(self.config, "write_objective", {})
@@ -255,6 +254,11 @@ class Pipeline:
                            doc_ids=[d.doc_id for d in self.rows.documents], seed=self.config.seed,
                            index=self.index)
 
+    def recall(self, k: int) -> float:
+        """Recall@k of the eval questions, without generating."""
+        return evaluate_retrieval(self.model, self.eval_dataset, top_k=k, batch_size=self.config.eval.batch_size,
+                                  index=self.index)
+
     def run_read(self) -> Dict[str, float]:
         if self._finished("read"):
             return {}
@@ -266,7 +270,7 @@ class Pipeline:
         def epoch_end(epoch: int, step: int) -> Dict[str, float]:
             if r.eval_every and (epoch % r.eval_every == 0 or epoch == r.epochs):
                 return {f"eval_{name}": value for name, value in self.evaluate_eval_questions().items()}
-            return {f"eval_Recall@{k}": evaluate_retrieval(self.model, self.eval_dataset, k, index=self.index)}
+            return {f"eval_Recall@{k}": self.recall(k)}
 
         return trainer.fit(self.read_dataset, seed=self.config.seed, checkpoint_root=self.checkpoint_root("read"),
                            config_dict=self.config_dict, logger=self.logger, epoch_end_fn=epoch_end)
@@ -339,7 +343,7 @@ class Pipeline:
         if main and not set(self.config.phases) <= {"control", "control_read"}:
             moment = "before_write" if "write" in self.config.phases else "before_read"
             self.logger.set_info(f"Recall@{k}_{moment}",
-                                 evaluate_retrieval(self.model, self.eval_dataset, k, index=self.index))
+                                 self.recall(k))
         for phase in PHASES:
             if phase not in self.config.phases:
                 continue
@@ -353,7 +357,7 @@ class Pipeline:
                 self.logger.set_info(f"{phase}_checkpoint", str((self.checkpoint_root(phase) / "final").resolve()))
             if phase == "write" and main:  # the selector scores z: a write objective must not lose retrieval
                 self.logger.set_info(f"Recall@{k}_after_write",
-                                     evaluate_retrieval(self.model, self.eval_dataset, k, index=self.index))
+                                     self.recall(k))
         if main:
             (self.output_dir / "result.json").write_text(json.dumps(
                 {"metrics": result, "timings": self.timings}, indent=1))
@@ -396,7 +400,8 @@ def fingerprint_of(config: PQAConfig) -> Dict[str, Any]:
     from pqa_core.storage.pretrained import artifact_path
 
     pretrained = artifact_path(config)
-    return fingerprint.compute(config.to_dict(), data, llm_identity(config.model.llm), init, pretrained)
+    return fingerprint.compute(config.to_dict(), data, llm_identity(config.model.llm), init, pretrained,
+                               components_of_run(config))
 
 
 def check_output_dir(config: PQAConfig, run_fingerprint: Dict[str, Any], output_dir: Path) -> List[str]:
@@ -408,10 +413,3 @@ def check_output_dir(config: PQAConfig, run_fingerprint: Dict[str, Any], output_
         return []
     own = [c for c in checkpoints_to_load(config) if Path(config.resume) in c.parents]
     return fingerprint.check_resume(own, run_fingerprint, config.force_resume, f"resume={config.resume}")
-
-
-def run_pipeline(config, logger: Optional[RunLogger] = None) -> Dict[str, Any]:
-    """Config (PQAConfig or nested dict) -> metrics of the last phase run."""
-    if not isinstance(config, PQAConfig):
-        config = PQAConfig.from_dict(config)
-    return Pipeline(config, logger).run()

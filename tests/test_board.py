@@ -427,7 +427,7 @@ def _record_pqa_like_runs(mongo_url: str, db_name: str, recall_k: int = 3) -> No
         @ex.main
         def main(_run):
             _run.log_scalar("write.loss", 3.0, 1)
-            for name, value in (("EM", em), ("F1", em + 10), (f"Recall@{recall_k}", 80.0)):
+            for name, value in (("EM", em), ("F1", em + 10 + 1 / 3), (f"Recall@{recall_k}", 80.0)):
                 _run.log_scalar(f"eval.{name}", value, 0)
             return {"EM": em}
 
@@ -483,11 +483,15 @@ def test_pqa_board_opens_on_components_hyper_parameters_and_final_metrics(pqa_ru
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     assert "added columns to Omniboard: selector, query_encoder, projection" in err
-    cells = json.loads(out.stdout.strip().splitlines()[-1])  # run id -> column title -> cell text
+    shown = json.loads(out.stdout.strip().splitlines()[-1])
+    cells = shown["cells"]  # run id -> column title -> cell text
     for run_id, (selector, em) in zip(("1", "2"), PQA_RUNS):
         row = cells[run_id]
         assert (row["Selector"], row["Projection"], row["LLM"], row["Top K"]) == (selector, "mlp2x_gelu", "tiny", "3")
-        assert (float(row["EM"]), float(row["F1"]), float(row["Recall@3"])) == (em, em + 10, 80.0)
+        assert (float(row["EM"]), float(row["Recall@3"])) == (em, 80.0)
+        assert row["F1"] == f"{em + 10 + 1 / 3:.2f}"  # rounded as the CLI rounds it, not 22.833333333333332
+    assert [t for t in shown["first"] if t][:4] == ["Id", "Experiment Name", "Status", "Selector"]  # pqa's first
+    assert not {"Model", "Read", "Write", "Data"} & set(shown["seen"])  # the raw config sections are hidden
     _assert_real_screenshot(ARTIFACTS / "omniboard-pqa-columns.png", 1000, 600)
 
 
@@ -506,11 +510,14 @@ const path = require('path');
     await page.locator('.public_fixedDataTable_bodyRow', { hasText: 'pqa_pipeline' }).first()
       .waitFor({ state: 'visible', timeout: 60000 });
     await page.screenshot({ path: path.join(process.env.OUT_DIR, 'omniboard-pqa-columns.png') });
-    const cells = {};
+    const cells = {}, seen = [];
+    let first = null;
     const box = await page.locator('.public_fixedDataTable_main').first().boundingBox();
     await page.mouse.move(box.x + box.width / 2, box.y + box.height / 2);
     for (let step = 0; step < 40; step++) {
       const titles = await page.locator('.public_fixedDataTable_header .public_fixedDataTableCell_main').allInnerTexts();
+      if (first === null) first = titles.map((t) => t.trim());
+      titles.forEach((t) => { if (t.trim() && !seen.includes(t.trim())) seen.push(t.trim()); });
       for (const row of await page.locator('.public_fixedDataTable_bodyRow').all()) {
         const texts = await row.locator('.public_fixedDataTableCell_main').allInnerTexts();
         if (texts.length !== titles.length) continue;
@@ -521,7 +528,7 @@ const path = require('path');
       await page.mouse.wheel(600, 0);
       await page.waitForTimeout(150);
     }
-    console.log(JSON.stringify(cells));
+    console.log(JSON.stringify({cells, first, seen}));
   } finally {
     await context.close();
   }

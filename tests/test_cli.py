@@ -2,6 +2,7 @@
 MongoDB (SecantusDB), and pymongo to check what was stored."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -144,27 +145,30 @@ def test_pip_installed_plugin_is_listed_and_usable_by_name(tmp_path, db_url, out
     reported = json.loads(proc.stdout.strip().splitlines()[-1])
     assert reported["result"]["Recall@3"] >= 0
     used = mongo_client[name].runs.find_one({"_id": reported["run_id"]})["info"]["components"]
+    source = hashlib.sha256((target / "pqa_l2_selector" / "__init__.py").read_bytes()).hexdigest()
     assert used["selector"] == {"name": "l2", "plugin": "l2_selector", "package": "pqa-l2-selector",
-                                "version": "0.1.0"}
+                                "version": "0.1.0", "module": "pqa_l2_selector", "source_sha256": source}
+    projection = hashlib.sha256((REPO / "plugins" / "projections.py").read_bytes()).hexdigest()
     assert used["projection"] == {"name": "hybrid", "plugin": "pqa_plugins.projections", "package": "pqa",
-                                  "version": "0.1.0"}
+                                  "version": "0.1.0", "module": "pqa_plugins.projections", "source_sha256": projection}
 
 
 @pytest.mark.parametrize("args, message", [
     (["with", "smoke", "selector.name=nope"], "unknown selector 'nope'; available: bilinear, cosine, dot, mlp"),
     (["with", "smoke", "projection.name=nope"], "unknown projection 'nope'; available: direct, hybrid, linear, "
                                                 "mlp2x_gelu"),
-    (["with", "smoke", "selector.temp=2"], "selector 'cosine' got unexpected parameter 'temp'; accepted: temperature"),
-    (["with", "smoke", "read.topk=2"], "unknown config key 'read.topk'"),
+    (["with", "smoke", "selector.temp=2"], "selector 'cosine' got unexpected parameter 'temp'; did you mean "
+                                             "'temperature'? accepted: temperature"),
+    (["with", "smoke", "read.topk=2"], "unknown config key 'read.topk'; did you mean 'read.top_k'?"),
     (["with", "no_such_named_config"], "unknown named config 'no_such_named_config'"),
     (["with", "read.top_k='x'"], "config key 'read.top_k' must be an integer >= 1, got 'x'"),
     (["with", "smoke", "selector.temperature=abc"], "selector 'cosine': parameter 'temperature' must be float, "
                                                     "got 'abc' (str)"),
     (["with", "smoke", "model.content_init=words"], "config key 'model.content_init' = 'words': must be one of "
-                                                    "auto, keywords, zero"),
+                                                    "auto, writer, keywords, zero"),
     (["with", "smoke", "projection.name=mlp2x_gelu", "model.content_init=keywords"],
      "model.content_init='keywords' needs z to hold num_memory_tokens x d_model"),
-    (["with", "smoke", "eval.index=annoy"], "config key 'eval.index': unknown index 'annoy'; indexes: exact, "
+    (["with", "smoke", "eval.index=annoy"], "config key 'eval.index' = 'annoy': must be one of exact, "
                                             "faiss_flat, faiss_ivf, faiss_hnsw"),
 ])
 def test_usage_errors_are_one_line_exit_2_and_store_nothing(db_url, outputs, mongo_client, args, message):

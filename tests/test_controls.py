@@ -53,7 +53,7 @@ def pipeline(tmp_path_factory):
 def score(pipeline, name, path=None, **kwargs):
     control = build_control({"name": name, **kwargs}, pipeline.corpus, pipeline.tokenizer)
     return evaluate_control(pipeline.model, control, pipeline.eval_qa, top_k=3, batch_size=8, max_new_tokens=4,
-                            predictions_path=str(path) if path else None)
+                            prompt=pipeline.config.data.prompt, predictions_path=str(path) if path else None)
 
 
 def test_every_control_registered_by_name_with_the_interface():

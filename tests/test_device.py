@@ -21,7 +21,7 @@ def test_precision_resolves_per_device():
     cpu = torch.device("cpu")
     assert autocast_dtype("auto", cpu) is None and autocast_dtype("fp32", cpu) is None
     assert autocast_dtype("bf16", cpu) == torch.bfloat16
-    with pytest.raises(UsageError, match="config key 'model.precision' must be one of auto, bf16, fp32"):
+    with pytest.raises(UsageError, match="config key 'model.precision' = 'fp16': must be one of auto, bf16, fp32"):
         autocast_dtype("fp16", cpu)
 
 

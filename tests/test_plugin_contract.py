@@ -8,6 +8,7 @@ command line is what is tested.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -255,8 +256,10 @@ def test_a_plugin_registering_a_taken_name_is_ignored_with_one_warning(installed
     assert found[0]["cosine"].plugin == "pqa_plugins.selectors"
     assert found[0]["not_cosine"].plugin == CLASH_EP
     clash = [m for m in messages if "'cosine'" in m]
-    assert clash == [f"pqa: plugin '{CLASH_EP}' ({CLASH_DIST} 1.0) registers selector 'cosine', which "
-                     f"pqa_plugins.selectors already registers: ignored; give it another name"]
+    assert clash == [f"pqa: plugin '{CLASH_EP}' ({CLASH_DIST} 1.0) registers selector 'cosine', which pqa has: "
+                     f"selector.name=cosine stays pqa's; choose the plugin's as selector.name={CLASH_DIST}:cosine, "
+                     f"or give it another name"]
+    assert found[0][f"{CLASH_DIST}:cosine"].plugin == CLASH_EP  # the qualified name always picks it
 
 
 def test_a_raising_component_hook_is_skipped_with_one_warning(installed_plugins):
@@ -315,13 +318,15 @@ def test_load_plugins_env_matching_names_is_silent(installed_plugins, monkeypatc
 # --------------------------------------------------------------------------- provenance
 
 
-def test_components_of_a_run_name_their_plugin_package_and_version(installed_plugins):
-    install(installed_plugins, BROKEN_DIST, "0.3", BROKEN)
+def test_components_of_a_run_name_their_plugin_package_version_and_source(installed_plugins):
+    site = install(installed_plugins, BROKEN_DIST, "0.3", BROKEN)
     used = plugins.components_of_run(smoke_config(selector={"name": "ranked"}))
     assert set(used) == {"selector", "query_encoder", "projection", "writer", "retrieval_loss", "generation_loss",
                          "write_objective"}
     assert "write_objective" not in plugins.components_of_run(smoke_config(phases=["read", "eval"]))
-    assert used["selector"] == {"name": "ranked", "plugin": BROKEN_EP, "package": BROKEN_DIST, "version": "0.3"}
+    source = hashlib.sha256((site / f"{BROKEN_EP}.py").read_bytes()).hexdigest()
+    assert used["selector"] == {"name": "ranked", "plugin": BROKEN_EP, "package": BROKEN_DIST, "version": "0.3",
+                                "module": BROKEN_EP, "source_sha256": source}
     assert used["projection"]["package"] == "pqa" and used["projection"]["version"]
     assert "control" in plugins.components_of_run(PQAConfig.from_dict({"phases": ["control"]}))
 
@@ -396,7 +401,7 @@ def test_plugins_verbose_lists_parameters_types_defaults_and_summary(installed_p
     broken = next(p for p in listing if p["name"] == BROKEN_EP)
     assert broken["package"] == BROKEN_DIST and broken["version"] == "0.3"
     assert broken["component_details"]["selector"]["ranked"]["parameters"][0] == {
-        "name": "rank", "type": "int", "default": 1, "required": False}
+        "name": "rank", "type": "int", "default": 1, "required": False, "allowed": None, "help": None}
 
 
 def test_plugins_check_reports_each_component_and_fails_on_a_broken_one(installed_plugins):
@@ -410,7 +415,7 @@ def test_plugins_check_reports_each_component_and_fails_on_a_broken_one(installe
     assert "ok    selector 'ranked' (plugin pqa_broken_parts, package pqa-broken-parts 0.3)" in lines
     assert any(line.startswith("FAIL  projection 'flat' (plugin pqa_broken_parts, package pqa-broken-parts 0.3) "
                                "breaks its contract") for line in lines)
-    assert len(lines) == 7 and result.stderr == "5 of 7 component(s) break the contract\n"
+    assert len(lines) == 7 and result.stderr == "5 of 7 component(s) or plugin(s) failed\n"
     ok = CliRunner().invoke(cli, ["plugin", "check", "ranked", "-p", "rank=4", "--json"])
     assert ok.exit_code == 0 and json.loads(ok.output)[0]["ok"] is True
     bad = CliRunner().invoke(cli, ["plugin", "check", "ranked", "-p", "rank=abc", "--json"])

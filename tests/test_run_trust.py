@@ -114,7 +114,7 @@ def test_a_pickle_config_file_is_refused_unread(user, tmp_path, command):
     ("broken.json", '{"seed": 1,', "line 1: not valid JSON"),
     ("list.yaml", "- 1\n- 2\n", "must hold a mapping of config keys, not a list"),
     ("unknown.yaml", "read_phase:\n  top_k: 3\n  topk: 4\n",
-     "unknown config key 'read.topk'; known keys under read: "),
+     "unknown config key 'read.topk'; did you mean 'read.top_k'? known keys under read: "),
     ("range.json", '{"read": {"epochs": 0}}', "config key 'read.epochs' = 0: must be an integer >= 1"),
     ("nan.json", '{"read": {"lr_z": NaN}}', "config key 'read.lr_z' = nan: must be a finite number > 0"),
 ])
@@ -196,8 +196,9 @@ def _sha256(path: Path) -> str:
     ("model.device='cuda:7'", "config key 'model.device' = 'cuda:7': this machine has "),
     ("model.device='gpu'", "config key 'model.device' = 'gpu': must be auto, cpu, cuda, cuda:N or mps"),
     ("data.prompt='Answer:'", "config key 'data.prompt' = 'Answer:': must contain {question}"),
-    ("phases=['bogus']", "config key 'phases': unknown phase 'bogus'; phases: pretrain, write, read, eval, control"),
+    ("phases=['bogus']", "config key 'phases': unknown phase 'bogus'; phases: pretrain, write, read, eval, control_read, control"),
     ("model.doc_init='zeros'", "config key 'model.doc_init' = 'zeros': must be one of minilm, random"),
+    ("read.key_updates='typo'", "config key 'read.key_updates' = 'typo': must be one of all, batch"),
     ("seed=-1", "config key 'seed' = -1: must be an integer in [0, 4294967295]"),
 ])
 def test_a_value_out_of_range_is_one_line_before_anything_is_written(user, tmp_path, override, message):

@@ -319,3 +319,26 @@ def test_coerce_and_parse_where():
     assert runs_lib.build_query({"read.top_k": "5"}, status="completed", experiment="e") == {
         "config.read.top_k": {"$in": [5, "5"]}, "status": "COMPLETED", "experiment.name": "e"}
     assert runs_lib.build_query({"selector.name": "cosine"}) == {"config.selector.name": "cosine"}
+
+
+def test_compare_shows_components_whose_code_differs(store):
+    """One selector name, another plugin's code: compare shows the components' identities that differ
+    (issue 18). Two runs stored here last, so the listings above do not see them."""
+    db = store["db"]
+    base = max(store["ids"].values()) + 100
+    for offset, (package, source) in enumerate((("pqa-a", "a" * 64), ("pqa-b", "b" * 64))):
+        db.runs.insert_one({"_id": base + offset, "status": "COMPLETED", "experiment": {"name": "tiny_runs"},
+                            "config": {"selector": {"name": "scaledcos"}}, "result": {"EM": 1.0},
+                            "info": {"components": {"selector": {"name": "scaledcos", "plugin": package.replace("-", "_"),
+                                                                 "package": package, "version": "0.1",
+                                                                 "source_sha256": source}}}})
+    try:
+        out = cli_json(store, "compare", str(base), str(base + 1))
+        assert out["config"] == {}  # the same config...
+        assert out["components"]["selector.package"] == ["pqa-a", "pqa-b"]  # ...but other code
+        assert out["components"]["selector.source_sha256"] == ["a" * 64, "b" * 64]
+        assert "selector.version" not in out["components"]
+        text = cli(store, "compare", str(base), str(base + 1)).output
+        assert "components.selector.package" in text
+    finally:
+        db.runs.delete_many({"_id": {"$in": [base, base + 1]}})

@@ -128,7 +128,7 @@ def test_ivf_lists_follow_the_corpus_size():
 
 
 def test_bad_index_settings_are_refused_naming_the_key():
-    with pytest.raises(UsageError, match="config key 'eval.index': unknown index 'annoy'"):
+    with pytest.raises(UsageError, match="config key 'eval.index' = 'annoy': must be one of exact"):
         build_index(_config()("annoy"))
     with pytest.raises(UsageError, match="config key 'eval.faiss.ef_search' = 0: must be an integer >= 1"):
         build_index(_config(ef_search=0)("faiss_hnsw"))

@@ -72,7 +72,7 @@ def test_a_sweep_on_two_workers_stores_every_trial_and_reports_the_failing_one(t
     sweep_id = done["sweep_id"]
     assert done["status"] == "FAILED" and done["counts"] == {"COMPLETED": 1, "FAILED": 1}
     failed = done["trials"][0]
-    assert failed["status"] == "FAILED" and "temperature must be > 0, got -1.0" in failed["error"]
+    assert failed["status"] == "FAILED" and "parameter 'temperature' = -1.0: must be a finite number > 0" in failed["error"]
     assert failed["run_id"] is None and "refused before it started" in failed["error"]  # checked before Ray starts
     assert "trial 0 FAILED before it started" in proc.stderr and "Traceback" not in proc.stderr
 

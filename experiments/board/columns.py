@@ -30,8 +30,18 @@ HYPER_PARAMETERS: Tuple[Tuple[str, str], ...] = (
     ("write_lr_z", "config.write.lr_z"),
     ("read_lr_z", "config.read.lr_z"),
 )
-FINAL_METRICS = ("EM", "F1")  # then Recall@k for every k the runs logged
 DEFAULT_RECALL_K = 3
+
+
+FINAL_METRICS = ("EM", "F1")  # then Recall@k for every k the runs logged
+METRIC_PATTERN = rf"^({'|'.join(FINAL_METRICS)}|Recall@\d+)$"
+"""The metric columns pqa seeds: shown rounded, as the CLI rounds them."""
+
+
+def layout() -> Dict[str, object]:
+    """What ``pqa board``'s launcher needs to open the run table on pqa's columns: the custom columns
+    first (``first``), then the metric columns (``metrics``, a pattern), the raw config sections hidden."""
+    return {"first": [name for name, _ in custom_columns()], "metrics": METRIC_PATTERN}
 
 
 def custom_columns() -> List[Tuple[str, str]]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -35,6 +36,7 @@ from typing import Optional, Sequence, Tuple, Union
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from pqa_core.errors import PqaError
+from pqa_core.storage.atomic import atomic_directory, write_atomic
 
 from pqa_experiments.store.urls import describe_error, redact_text, redact_url, url_secrets
 
@@ -79,11 +81,8 @@ def ensure_npm_package(name: str, version: str, check: Sequence[str] = ()) -> Pa
         fcntl.flock(lock, fcntl.LOCK_EX)
         if target.is_dir() and all((target / c).exists() for c in check):
             return target  # another process installed it while we waited
-        if target.exists():  # incomplete leftover from an older layout
-            shutil.rmtree(target)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=target.parent))
         log_file = target.parent / f"npm-install-{version}.log"
-        try:
+        with atomic_directory(target) as tmp:  # an incomplete leftover is replaced whole
             cmd = [npm, "install", "--prefix", str(tmp), "--no-audit", "--no-fund", "--ignore-scripts",
                    "--loglevel=error", f"{name}@{version}"]
             env = dict(os.environ, npm_config_update_notifier="false")
@@ -99,10 +98,6 @@ def ensure_npm_package(name: str, version: str, check: Sequence[str] = ()) -> Pa
             if missing:
                 raise BoardError(f"npm install {name}@{version} finished but {missing[0]} is missing "
                                  f"(full log: {log_file})")
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -175,6 +170,7 @@ const entry = env.PQA_OMNIBOARD_ENTRY;
 const auth = env.PQA_BOARD_AUTH || '';
 const secrets = (env.PQA_BOARD_REDACT || '').split('\n').filter(Boolean);
 const parentPid = Number(env.PQA_BOARD_PARENT_PID || 0);
+const layout = JSON.parse(env.PQA_BOARD_LAYOUT || 'null');  // pqa_experiments.board.columns.layout()
 delete env.PQA_BOARD_AUTH;
 delete env.PQA_BOARD_REDACT;
 
@@ -195,6 +191,77 @@ function deny(res, status, text, headers = {}) {
   for (const [k, v] of Object.entries(headers)) res.setHeader(k, v);
   res.setHeader('Content-Type', 'text/plain');
   res.end(text + '\n');
+}
+
+// The run table opens on pqa's columns (Omniboard keeps a table's layout in the browser's localStorage,
+// written on its first load: the page's script reorders that first layout once, pqa's columns first and
+// the raw config sections hidden, still listed in "Show/Hide Columns"), and metrics are shown rounded as
+// pqa's CLI rounds them (the run list's JSON only; what is stored is untouched).
+function pageScript() {
+  return `<script>(function () {
+  var KEY = 'default|RunsTable|1', DONE = 'pqa|layout|' + KEY, L = ${JSON.stringify(layout)};
+  try {
+    if (localStorage.getItem(DONE)) return;
+    localStorage.setItem(DONE, '1');
+    if (localStorage.getItem(KEY)) return;  // the user's own layout stays
+    var metric = new RegExp(L.metrics), timer = setInterval(function () {
+      var state = JSON.parse(localStorage.getItem(KEY) || 'null');
+      if (!state || !state.columnOrder || !state.columnOrder.length || !state.dropdownOptions) return;
+      var has = function (c) { return state.columnOrder.indexOf(c) >= 0; };
+      var pqa = L.first.filter(has).concat(state.columnOrder.filter(function (c) { return metric.test(c); }));
+      if (!pqa.length) return;
+      clearInterval(timer);
+      var lead = ['_id', 'experiment_name', 'status'].filter(has);
+      var hidden = state.columnOrder.filter(function (c) { return c.indexOf('c_') === 0 && pqa.indexOf(c) < 0; });
+      var order = lead.concat(pqa, state.columnOrder.filter(function (c) {
+        return lead.indexOf(c) < 0 && pqa.indexOf(c) < 0 && hidden.indexOf(c) < 0; }));
+      var options = {};
+      state.dropdownOptions.forEach(function (o) { options[o.value] = o; });
+      state.columnOrder = order;
+      state.dropdownOptions = order.concat(hidden).filter(function (c) { return options[c]; }).map(function (c) {
+        return Object.assign({}, options[c], {selected: hidden.indexOf(c) < 0}); });
+      localStorage.setItem(KEY, JSON.stringify(state));
+      location.reload();
+    }, 200);
+    setTimeout(function () { clearInterval(timer); }, 60000);
+  } catch (e) { /* no localStorage: Omniboard's own layout */ }
+})();</script>`;
+}
+
+function roundMetric(v) {  // as pqa_experiments.cli.common.fmt prints a number
+  if (typeof v !== 'number' || !isFinite(v)) return v;
+  return Math.abs(v) >= 1 || v === 0 ? Number(v.toFixed(2)) : Number(v.toPrecision(4));
+}
+
+function rewrite(req, res) {
+  const path = (req.url || '').split('?')[0];
+  // a database's pages and API sit under its path (/<db>/..., /<db>/api/v1/...)
+  const page = req.method === 'GET' && !/(^|\/)api\//.test(path) && !/\.[a-z0-9]+$/i.test(path);
+  const runs = req.method === 'GET' && /(^|\/)api\/v1\/Runs$/.test(path);
+  if (!layout || !(page || runs)) return;
+  const chunks = [];
+  const write = res.write.bind(res), end = res.end.bind(res);
+  res.write = (chunk, encoding) => { if (chunk) chunks.push(Buffer.from(chunk, encoding)); return true; };
+  res.end = (chunk, encoding, callback) => {
+    if (typeof chunk === 'function') { callback = chunk; chunk = undefined; }
+    if (chunk) chunks.push(Buffer.from(chunk, encoding));
+    let body = Buffer.concat(chunks);
+    const type = String(res.getHeader('Content-Type') || '');
+    try {
+      if (page && type.startsWith('text/html')) {
+        body = Buffer.from(body.toString('utf8').replace('</head>', pageScript() + '</head>'));
+      } else if (runs && type.startsWith('application/json') && res.statusCode === 200) {
+        const metric = new RegExp(layout.metrics);
+        const data = JSON.parse(body.toString('utf8'));
+        for (const run of Array.isArray(data) ? data : []) {
+          for (const key of Object.keys(run)) if (metric.test(key)) run[key] = roundMetric(run[key]);
+        }
+        body = Buffer.from(JSON.stringify(data));
+      }
+    } catch (e) { /* left as Omniboard sent it */ }
+    if (!res.headersSent && res.statusCode !== 304) res.setHeader('Content-Length', body.length);
+    return end(body, callback);
+  };
 }
 
 // In front of Omniboard's handler: Omniboard answers any origin with CORS '*' and allows
@@ -225,6 +292,7 @@ function guard(server) {
                     { 'WWW-Authenticate': 'Basic realm="pqa board", charset="UTF-8"' });
       }
     }
+    rewrite(req, res);
     for (const h of handlers) h.call(server, req, res);
   });
 }
@@ -263,11 +331,7 @@ def _launcher_path() -> Path:
     digest = hashlib.sha256(_LAUNCHER_JS.encode()).hexdigest()[:12]
     path = cache_dir() / "omniboard" / f"pqa-launch-{digest}.js"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".launch-", suffix=".js", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(_LAUNCHER_JS)
-        os.replace(tmp, path)
+        write_atomic(path, _LAUNCHER_JS)
     return path
 
 
@@ -312,13 +376,15 @@ def _probe(url: str, timeout: float = 2.0) -> bool:
 def start_board(mongo_url: str, db_name: str = "pqa", host: str = "127.0.0.1", port: int = 9000,
                 basic_auth: Union[None, str, Tuple[str, str]] = None, *, version: str = OMNIBOARD_VERSION,
                 timeout: float = 60.0, mongo_timeout: float = 5.0, log_path: Optional[Union[str, Path]] = None,
-                ) -> Tuple[subprocess.Popen, str]:
+                columns: bool = False) -> Tuple[subprocess.Popen, str]:
     """Start Omniboard on ``host:port`` for database ``db_name``; return ``(process, url)`` once it answers.
 
     ``port=0`` picks a free port. ``basic_auth`` is ``"user:password"`` or ``(user, password)``.
     MongoDB must answer a ping within ``mongo_timeout`` seconds, Omniboard within ``timeout``.
     Omniboard's output (passwords scrubbed) goes to ``log_path``, by default a file under
     ``<cache>/omniboard/logs`` (also set as ``process.log_path``). Stop it with ``stop_board``.
+    ``columns``: the run table opens on pqa's columns, the raw config sections hidden, metrics rounded
+    (``columns.layout``).
     """
     node = shutil.which("node")
     if node is None:
@@ -341,6 +407,10 @@ def start_board(mongo_url: str, db_name: str = "pqa", host: str = "127.0.0.1", p
     env = {k: v for k, v in os.environ.items() if k not in ("OMNIBOARD_CONFIG", "MONGO_URI", "PORT")}
     env.update(MONGO_URI=uri, PORT=str(int(port)), PQA_BOARD_HOST=host, PQA_OMNIBOARD_ENTRY=str(entry),
                PQA_BOARD_PARENT_PID=str(os.getpid()), PQA_BOARD_REDACT="\n".join(secrets))
+    if columns:
+        from pqa_experiments.board.columns import layout
+
+        env["PQA_BOARD_LAYOUT"] = json.dumps(layout())
     if creds:
         env["PQA_BOARD_AUTH"] = f"{creds[0]}:{creds[1]}"
     with open(log_path, "wb") as log:

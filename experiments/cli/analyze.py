@@ -12,13 +12,10 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import click
 
-from pqa_core.errors import PqaError
-
-from pqa_experiments.cli.runs import _database, _db_options, _errors_to_exit_codes, _exclusive
+from pqa_experiments.cli.common import database, db_options, errors_to_exit_codes, exclusive
 from pqa_experiments.store.runs import predictions_of_run
 
 TEXT_LIMIT = 20
@@ -74,9 +71,9 @@ def _write_csv(questions) -> None:
               help=f"At most N questions (text: {TEXT_LIMIT} unless given; 0 = all). The breakdown counts all.")
 @click.option("--json", "as_json", is_flag=True, help="Output JSON: source, breakdown, notes, questions.")
 @click.option("--csv", "as_csv", is_flag=True, help="Output CSV: one row per question.")
-@_db_options
+@db_options
 @click.pass_context
-@_errors_to_exit_codes
+@errors_to_exit_codes
 def analyze(ctx, run, corpus, wrong, retrieval_miss, reading_miss, limit, as_json, as_csv):
     """Per-question analysis of a run (its id) or a predictions file: question, gold answers, prediction,
     documents read with titles and scores, gold documents, EM/F1, and whether a wrong answer is a
@@ -90,8 +87,8 @@ def analyze(ctx, run, corpus, wrong, retrieval_miss, reading_miss, limit, as_jso
     """
     from pqa_core.evaluation.analysis import analyze_predictions
 
-    _exclusive(ctx, json=as_json, csv=as_csv)
-    _exclusive(ctx, retrieval_miss=retrieval_miss, reading_miss=reading_miss)
+    exclusive(ctx, json=as_json, csv=as_csv)
+    exclusive(ctx, retrieval_miss=retrieval_miss, reading_miss=reading_miss)
     outcome = "retrieval_miss" if retrieval_miss else "reading_miss" if reading_miss else None
     with tempfile.TemporaryDirectory(prefix="pqa-analyze-") as folder:
         if Path(run).is_file() or not run.isdigit():
@@ -99,7 +96,7 @@ def analyze(ctx, run, corpus, wrong, retrieval_miss, reading_miss, limit, as_jso
                 raise click.UsageError(f"{run!r} is neither a run id nor a predictions file", ctx)
             path, run_corpus, source = Path(run), None, str(run)
         else:
-            path, run_corpus, source = predictions_of_run(_database(ctx), int(run), Path(folder))
+            path, run_corpus, source = predictions_of_run(database(ctx), int(run), Path(folder))
         titles_from = corpus or (run_corpus if run_corpus and Path(run_corpus).is_file() else None)
         analysis = analyze_predictions(path, titles_from, source=source)
     if run_corpus and not titles_from:

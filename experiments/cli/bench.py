@@ -37,9 +37,9 @@ def load_driver():
 
 @click.command("bench")
 @click.option("--quick", is_flag=True, help="The fast subset (a few minutes); results in bench/results/quick/.")
-@click.option("--only", multiple=True,
-              type=click.Choice(["step_overhead", "selection_scale", "tracking_overhead", "batched_eval"]),
-              help="Run just this benchmark (repeatable).")
+@click.option("--only", multiple=True, metavar="NAME",
+              help="Run just this benchmark (repeatable): one of bench/run.py's BENCHMARKS (c), (d), (e), (g) "
+                   "below; a wrong name lists them.")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="Torch/faiss threads; 0 keeps torch's default (1 is steadier on a shared machine).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -60,6 +60,9 @@ def bench(quick, only, threads, out, smoke):
     scripts: python bench/quality.py, latency.py, write_capacity.py).
     """
     driver = load_driver()
+    unknown = [name for name in only if name not in driver.BENCHMARKS]
+    if unknown:
+        raise UsageError(f"unknown benchmark {unknown[0]!r}; known: {', '.join(driver.BENCHMARKS)}")
     profile = "smoke" if smoke else "quick" if quick else "full"
     command = "pqa bench" + "".join(
         [" --quick" if quick else "", " --smoke" if smoke else ""] + [f" --only {name}" for name in only]

@@ -61,7 +61,13 @@ def board(port: int, host: str, mongo_url: str | None, basic_auth: str | None, n
           no_columns: bool) -> None:
     """Start Omniboard on the run store, print its URL and keep it running until Ctrl-C.
 
-    Errors are PqaError lines, which the main ``pqa`` group prints with their exit code.
+    \b
+    Omniboard opens on pqa's columns (components, key settings, EM/F1/Recall@k);
+    --no-columns leaves its column settings as they are.
+    \b
+    Examples:
+      pqa board
+      pqa board --port 0 --no-browser
     """
     parse_basic_auth(basic_auth)  # a malformed value fails before anything starts
     target = ensure_database(mongo_url)
@@ -70,7 +76,8 @@ def board(port: int, host: str, mongo_url: str | None, basic_auth: str | None, n
         click.echo(f"warning: listening on {host} without --basic-auth: anyone who can reach this "
                    "port can read and delete runs", err=True)
     click.echo(f"starting Omniboard for {redact_url(url_db)} (database {db_name!r}, from {source}) ...", err=True)
-    proc, url = start_board(url_db, db_name=db_name, host=host, port=port, basic_auth=basic_auth)
+    proc, url = start_board(url_db, db_name=db_name, host=host, port=port, basic_auth=basic_auth,
+                            columns=not no_columns)
     if not no_columns:
         _seed_columns(url_db, db_name, proc)
     click.echo(url)

@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import click
 
-from pqa_experiments.cli.run import describe_result, execute, interrupt_on_sigterm, split_sacred_args
+from pqa_experiments.tracking.engine import describe_result, execute, interrupt_on_sigterm, split_sacred_args
 
 PQA_ITEMS = ["demo"]
 CONTROL_ITEMS = ["demo", "train_reader", "control.name=closed_book"]

@@ -79,6 +79,7 @@ def _add_commands():
     from pqa_experiments.cli.analyze import analyze
     from pqa_experiments.cli.bench import bench
     from pqa_experiments.cli.board import board
+    from pqa_experiments.cli.config import config
     from pqa_experiments.cli.data import data
     from pqa_experiments.cli.db import db
     from pqa_experiments.cli.demo import demo
@@ -87,7 +88,7 @@ def _add_commands():
     from pqa_experiments.cli.runs import runs
     from pqa_experiments.cli.sweep import sweep
 
-    for command in (run, demo, db, board, runs, data, bench, analyze, plugins, sweep):
+    for command in (run, demo, config, db, board, runs, data, bench, analyze, plugins, sweep):
         cli.add_command(command)
     cli.add_command(_alias(plugins, "plugin"))
     register_commands(cli)  # plugins' commands; a raising hook or a taken name is skipped with a warning

@@ -227,6 +227,12 @@ def write_skeleton(name: str, kind: str, parent: Path) -> Path:
     if target.exists():
         raise UsageError(f"{target} already exists; choose another name or remove it")
     component = re.sub(r"^pqa_", "", module)
+    from pqa_core.components.plugins import components
+
+    taken = components(kind).get(component)
+    if taken is not None:  # its test would pass by testing the component that already has the name
+        raise UsageError(f"{kind} {component!r} is taken by {taken.describe()}; choose another plugin name "
+                         f"(its component is named after it), e.g. {name}-2")
     interface, imports, body = COMPONENTS[kind]
     kind_class = _camel(kind)
     cls = _camel(component) if _camel(component).endswith(kind_class) else _camel(component) + kind_class

@@ -20,15 +20,22 @@ from pqa_core.components.kinds import KIND
 def component_details(kind: str, component) -> Dict[str, Any]:
     """What ``--verbose`` shows of one component: its docstring's first line, its parameters (name,
     type, default) and the model context it takes."""
-    from pqa_core.components.parameters import accepted_parameters, expected_types, first_doc_line, type_name
+    from pqa_core.components.parameters import (accepted_parameters, declarations, expected_types, first_doc_line,
+                                                type_name)
 
     params = accepted_parameters(component.factory)
-    types = expected_types(component.factory)
+    types, declared = expected_types(component.factory), declarations(component.factory)
     context = KIND[kind].context
+
+    def allowed(name):
+        found = declared.get(name)
+        return found.range.describe("int" if types.get(name) is int else "float") if found and found.range else None
+
     return {
         "doc": first_doc_line(component.factory),
         "parameters": [{"name": n, "type": type_name(types.get(n, p.empty)),
-                        "default": None if p.default is p.empty else p.default, "required": p.default is p.empty}
+                        "default": None if p.default is p.empty else p.default, "required": p.default is p.empty,
+                        "allowed": allowed(n), "help": declared[n].help if n in declared else None}
                        for n, p in params.items() if n not in context],
         "model_context": [n for n in params if n in context],
     }
@@ -36,7 +43,8 @@ def component_details(kind: str, component) -> Dict[str, Any]:
 
 @click.group("plugins", invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Output JSON.")
-@click.option("-v", "--verbose", is_flag=True, help="Also each component's parameters (type, default) and summary.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Also each component's summary and parameters (type, default, allowed values, help).")
 @click.pass_context
 def plugins(ctx, as_json, verbose):
     """List installed plugins and the components each registers.
@@ -73,23 +81,29 @@ def plugins(ctx, as_json, verbose):
                 click.echo(f"  {kind} {name}: {details['doc'] or '(no docstring)'}")
                 for param in details["parameters"]:
                     default = "required" if param["required"] else f"default {param['default']!r}"
-                    click.echo(f"      {param['name']}: {param['type']}, {default}")
+                    allowed = f", {param['allowed']}" if param["allowed"] else ""
+                    click.echo(f"      {param['name']}: {param['type']}, {default}{allowed}")
+                    if param["help"]:
+                        click.echo(f"          {param['help']}")
                 if details["model_context"]:
                     click.echo(f"      from the model: {', '.join(details['model_context'])}")
 
 
 def _matching(names) -> List[tuple]:
-    """(kind, component) pairs whose name, plugin or package is one of ``names`` (all when empty)."""
-    from pqa_core.components.plugins import KIND_HOOKS, components
+    """(kind, config name, component) of the components whose name, qualified name, plugin or package is
+    one of ``names`` (all when empty). A name that is a plugin which failed to import is said so."""
+    from pqa_core.components.plugins import KIND_HOOKS, components, failed_plugins
 
     found, used = [], set()
     for kind in KIND_HOOKS:
-        for component in components(kind).values():
-            keys = {component.name, component.plugin, component.package[0]}
+        for key, component in components(kind).items():
+            keys = {key, component.name, component.qualified, component.plugin, component.package[0]}
             hit = keys & set(names)
             if not names or hit:
-                found.append((kind, component))
+                found.append((kind, key, component))
                 used |= hit
+    failed = failed_plugins()
+    used |= {n for n in names for plugin, why in failed.items() if n in (plugin, why["package"])}
     unknown = [n for n in names if n not in used]
     if unknown:
         raise UsageError(f"no component, plugin or package named {', '.join(repr(n) for n in unknown)}; "
@@ -119,20 +133,34 @@ def _parse_params(items) -> Dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="Output JSON: one object per component.")
 def check(names, llm, params, as_json):
     """Build each component (or those named: component, plugin or package names) and call it once on
-    small inputs, as `pqa run` does before a run exists. Exit 1 if any breaks its contract."""
+    small inputs, as `pqa run` does before a run exists. Exit 1 if any breaks its contract, or if a
+    plugin failed to import (pqa --debug plugins check: its traceback)."""
     from pqa_core.components.contract import check_in_default_run
     from pqa_core.modeling.llm import load_llm_stand_in
+
+    from pqa_core.components.plugins import failed_plugins
 
     chosen = _matching(names)
     values = _parse_params(params)
     model = load_llm_stand_in(llm)
+    debug = bool((click.get_current_context().find_root().obj or {}).get("debug"))
     results = []
-    for kind, component in chosen:
+    for plugin, why in failed_plugins().items():  # a plugin that did not import registers nothing to check
+        if names and not {plugin, why["package"]} & set(names):
+            continue
+        results.append({"kind": None, "name": None, "plugin": plugin, "package": why["package"], "version": None,
+                        "ok": False, "error": f"plugin {plugin!r} ({why['package']}) failed to import: "
+                                              f"{why['error']}"})
+        if not as_json:
+            click.echo(f"FAIL  {results[-1]['error']}")
+            if debug:
+                click.echo(why["traceback"].rstrip())
+    for kind, key, component in chosen:
         package, version = component.package
-        result = {"kind": kind, "name": component.name, "plugin": component.plugin, "package": package,
+        result = {"kind": kind, "name": key, "plugin": component.plugin, "package": package,
                   "version": version, "ok": True, "error": None}
         try:
-            check_in_default_run(kind, component.name, values, llm=llm, llm_and_tokenizer=model)
+            check_in_default_run(kind, key, values, llm=llm, llm_and_tokenizer=model)
         except UsageError as exc:
             result.update(ok=False, error=str(exc))
         results.append(result)
@@ -143,7 +171,7 @@ def check(names, llm, params, as_json):
     failed = sum(not r["ok"] for r in results)
     if failed:
         if not as_json:
-            click.echo(f"{failed} of {len(results)} component(s) break the contract", err=True)
+            click.echo(f"{failed} of {len(results)} component(s) or plugin(s) failed", err=True)
         raise SystemExit(1)
 
 

@@ -10,7 +10,7 @@ import json
 
 import click
 
-from pqa_experiments.cli.runs import _db_options, _dump, _errors_to_exit_codes, _fmt, _fmt_duration, _table
+from pqa_experiments.cli.common import database, db_options, dump, errors_to_exit_codes, fmt, fmt_duration, table
 
 
 class _DefaultToRun(click.Group):
@@ -73,7 +73,7 @@ def run_sweep_command(ctx, spec, workers, address, mongo_url, dry_run, as_json):
     doc = run_sweep(loaded, workers=workers, address=address, mongo_url=mongo_url,
                     log=lambda line: click.echo(line, err=True))
     counts = ", ".join(f"{n} {status.lower()}" for status, n in doc["counts"].items())
-    click.echo(f"sweep {doc['_id']} {doc['status']}: {counts} in {_fmt_duration(doc.get('wall_s'))}", err=True)
+    click.echo(f"sweep {doc['_id']} {doc['status']}: {counts} in {fmt_duration(doc.get('wall_s'))}", err=True)
     if as_json:
         click.echo(json.dumps({"sweep_id": doc["_id"], "status": doc["status"], "counts": doc["counts"],
                                "trials": doc["trials"]}, default=str))
@@ -85,31 +85,30 @@ def run_sweep_command(ctx, spec, workers, address, mongo_url, dry_run, as_json):
 @sweep.command("status", short_help="Show a sweep's trials: status, run, swept values, metric.")
 @click.argument("sweep_id")
 @click.option("--json", "as_json", is_flag=True, help="Output JSON.")
-@_db_options
+@db_options
 @click.pass_context
-@_errors_to_exit_codes
+@errors_to_exit_codes
 def status(ctx, sweep_id, as_json):
     """Show a sweep: its status and each trial's status, run id, swept values and metric."""
-    from pqa_experiments.cli.runs import _database
     from pqa_experiments.sweeps.trials import SweepStore
 
-    doc = SweepStore(_database(ctx)).status(sweep_id)
+    doc = SweepStore(database(ctx)).status(sweep_id)
     if as_json:
-        _dump({k: doc.get(k) for k in ("_id", "status", "experiment", "metric", "swept", "start_time", "stop_time",
+        dump({k: doc.get(k) for k in ("_id", "status", "experiment", "metric", "swept", "start_time", "stop_time",
                                        "wall_s", "workers", "address", "counts", "trials")})
         return
     counts = ", ".join(f"{n} {s.lower()}" for s, n in doc["counts"].items())
     click.echo(f"sweep {doc['_id']}  {doc['status']}  pqa_{doc['experiment']}  {len(doc['trials'])} trials: {counts}")
-    click.echo(f"  started {_fmt(doc.get('start_time'))} UTC on {doc.get('host')} ({doc.get('address')}, "
-               f"{doc.get('workers')} workers); wall {_fmt_duration(doc.get('wall_s'))}")
+    click.echo(f"  started {fmt(doc.get('start_time'))} UTC on {doc.get('host')} ({doc.get('address')}, "
+               f"{doc.get('workers')} workers); wall {fmt_duration(doc.get('wall_s'))}")
     metric = doc.get("metric") or ""
     swept = list(doc.get("swept") or [])
     headers = ["trial", "status", "run"] + swept + ([metric] if metric else []) + ["error"]
     rows = []
     for trial in doc["trials"]:
         result = trial.get("result") or {}
-        rows.append([str(trial["trial"]), trial["status"], _fmt(trial.get("run_id"))]
-                    + [_fmt(trial["params"].get(k)) for k in swept]
-                    + ([_fmt(result.get(metric)) if isinstance(result, dict) else "-"] if metric else [])
+        rows.append([str(trial["trial"]), trial["status"], fmt(trial.get("run_id"))]
+                    + [fmt(trial["params"].get(k)) for k in swept]
+                    + ([fmt(result.get(metric)) if isinstance(result, dict) else "-"] if metric else [])
                     + [(trial.get("error") or "")[:80]])
-    click.echo(_table(headers, rows))
+    click.echo(table(headers, rows))

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from pqa_core.errors import PqaError, UsageError
+from pqa_core.storage.atomic import write_atomic
 
 from pqa_experiments.store import settings
 from pqa_experiments.store.urls import describe_error, redact_text, redact_url, url_secrets, validate_url
@@ -136,9 +137,7 @@ def _read_state(d: Path) -> dict | None:
 
 
 def _write_state(d: Path, state: dict) -> None:
-    tmp = d / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, d / STATE_FILE)
+    write_atomic(d / STATE_FILE, json.dumps(state, indent=1))
 
 
 def _clear_state(d: Path) -> None:

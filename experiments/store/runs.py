@@ -345,15 +345,19 @@ def run_summary(db, run_id: int) -> Dict[str, Any]:
 
 def compare_runs(db, run_ids: Sequence[int]) -> pd.DataFrame:
     """Runs side by side: one column per run id, rows ``config.<key>`` for the config keys
-    whose values differ (a key missing from some run counts as different), then every
-    final metric as ``result.<name>``."""
+    whose values differ (a key missing from some run counts as different), ``components.<kind>.<field>``
+    for the components' identities that differ (``info.components``: plugin, package, version,
+    source_sha256), then every final metric as ``result.<name>``."""
     ids: List[Any] = []
     for run_id in run_ids:
         run_id = _run_id(run_id)
         if run_id not in ids:
             ids.append(run_id)
-    runs = [get_run(db, run_id, {"config": 1, "result": 1}) for run_id in ids]
-    configs = [flatten(run.get("config") or {}) for run in runs]
+    runs = [get_run(db, run_id, {"config": 1, "result": 1, "info.components": 1}) for run_id in ids]
+    # a component's identity (plugin, package, version, source hash) beside the config: one name, other code
+    configs = [{**flatten(run.get("config") or {}),
+                **{f"components.{k}": v for k, v in flatten((run.get("info") or {}).get("components") or {}).items()}}
+               for run in runs]
     results = [_result_columns(run.get("result")) for run in runs]
     missing = object()
     differing = []
@@ -365,7 +369,7 @@ def compare_runs(db, run_ids: Sequence[int]) -> pd.DataFrame:
     for result in results:
         for key in result:
             metric_keys.setdefault(key)
-    index = [f"config.{k}" for k in differing] + list(metric_keys)
+    index = [k if k.startswith("components.") else f"config.{k}" for k in differing] + list(metric_keys)
     data = {}
     for run, config, result in zip(runs, configs, results):
         data[run["_id"]] = [config.get(k) for k in differing] + [result.get(k) for k in metric_keys]

@@ -12,6 +12,7 @@ URLs may carry a password: their parsing and redaction live in :mod:`.urls`.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +20,10 @@ from pqa_core.errors import UsageError
 
 from pqa_experiments.store.urls import db_name_from_url, redact_url, validate_url
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ImportError:  # Python 3.10
-    try:
-        import tomli as tomllib
-    except ImportError:
-        tomllib = None
+else:  # setup.py installs tomli there
+    import tomli as tomllib
 
 DEFAULT_PORT = 27117
 EMBEDDED_HOST = "127.0.0.1"
@@ -76,8 +74,6 @@ def load_config() -> dict:
         if os.environ.get("PQA_CONFIG"):
             raise UsageError(f"config file {path} (from PQA_CONFIG) does not exist")
         return {}
-    if tomllib is None:
-        raise UsageError(f"reading {path} needs Python 3.11+ or the tomli package")
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)

@@ -19,6 +19,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from bson import json_util
 
+from pqa_core.storage.atomic import write_atomic
+
 from pqa_experiments.store.urls import Scrubber
 
 PREFIX = "pqa_unstored_"
@@ -39,17 +41,7 @@ def write(failure_dir, record: Dict[str, Any], scrub: Scrubber) -> Path:
     data = scrub.data(json_util.dumps({"format": FORMAT, **record},
                                       json_options=json_util.RELAXED_JSON_OPTIONS, default=str).encode())
     path = folder / name
-    tmp = folder / f".{name}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # whole or absent: recover never reads half a file
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomic(path, data, permissions=0o600, fsync=True)  # whole or absent: recover never reads half a file
     return path
 
 

@@ -8,11 +8,11 @@ first appear. Trials without the metric (failed ones) are left out and counted i
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 from pqa_core.errors import PqaError
+from pqa_core.storage.atomic import atomic_file
 
 
 def _is_number(value: Any) -> bool:
@@ -82,9 +82,7 @@ def parallel_coordinates(rows: Sequence[Dict[str, Any]], params: Sequence[str], 
     fig.colorbar(mappable, ax=ax, label=metric, fraction=0.04)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -48,7 +48,7 @@ def _one_line(exc: BaseException) -> str:
 
 def run_trial(experiment: str, items: List[str], mongo_url: str, tag: Dict[str, Any]) -> Dict[str, Any]:
     """Run one trial as a tracked run; never raises: ``{status, run_id, result, error, seconds}``."""
-    from pqa_experiments.cli.run import execute
+    from pqa_experiments.tracking.engine import execute
 
     started = time.perf_counter()
     outcome: Dict[str, Any] = {"status": "FAILED", "run_id": None, "result": None, "error": None}
@@ -130,7 +130,7 @@ class SweepStore:
 
 def check_trials(spec: SweepSpec, trials: List[Trial]) -> Dict[int, str]:
     """Pre-flight of every trial in this process (nothing stored): ``{trial index: error line}``."""
-    from pqa_experiments.cli.run import parse_updates, preflight
+    from pqa_experiments.tracking.engine import parse_updates, preflight
     from pqa_experiments.tracking.experiments import make_experiment
 
     refused = {}
@@ -240,12 +240,6 @@ def _outcome_line(trial: Trial, outcome: Dict[str, Any]) -> str:
     metrics = ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()) \
         if isinstance(result, dict) else str(result)
     return f"{head}: {metrics}"
-
-
-def open_store(mongo_url: Optional[str] = None, db_name: Optional[str] = None) -> SweepStore:
-    from pqa_experiments.store.runs import connect
-
-    return SweepStore(connect(mongo_url, db_name))
 
 
 # --------------------------------------------------------------------------- comparing a sweep's runs

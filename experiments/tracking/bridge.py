@@ -14,6 +14,8 @@ from pqa_core.pipeline import Pipeline, resolve_data_path
 from pqa_core.components.plugins import components_of_run
 from pqa_core.training.loop import RunLogger
 
+from pqa_experiments.tracking import sacred_fixes
+
 log = logging.getLogger(__name__)
 
 
@@ -51,14 +53,14 @@ def run_pipeline_in_sacred(config: Dict[str, Any], run) -> Dict[str, float]:
     for key in ("corpus", "qa", "eval_qa"):
         path = resolve_data_path(getattr(pqa_config.data, key))
         run.add_resource(str(path))
-        data_hashes[key] = {"path": str(path.resolve()), "sha256": sha256_file(path)}
+        data_hashes[key] = {"path": str(path.resolve()), "sha256": sha256_file(path, remember=True)}
     run.info["data"] = data_hashes
     run.info["components"] = components_of_run(pqa_config)  # which plugin, package and version supplied each
     output_dir = Path(pqa_config.resume or pqa_config.output_dir)
     run.info["output_dir"] = str(output_dir.resolve())
     # Store it now, not at the first heartbeat (10 s in): a run killed before that can still be
     # resumed by its id (``resume=<run id>`` reads info.output_dir).
-    run._emit_heartbeat()
+    sacred_fixes.store_info_now(run)
     pipeline = Pipeline(pqa_config, logger)
     result = pipeline.run()  # holds the folder's lock; a run that fails before writing leaves no folders
     run.info["timings_s"] = {k: round(v, 2) for k, v in pipeline.timings.items()}

@@ -109,7 +109,7 @@ def make_experiment(phase: str) -> Experiment:
     ex = Experiment(f"pqa_{phase}")
     ex.captured_out_filter = apply_backspaces_and_linefeeds
     ex.add_config(default_config(phase))
-    ex.configurations.append(ComponentDefaults())
+    sacred_fixes.add_config_scope(ex, ComponentDefaults())
     for name, values in NAMED_CONFIGS.items():
         ex.add_named_config(name, values)
 

@@ -1,10 +1,18 @@
-"""A fix to Sacred 0.8.7 that every experiment needs: a git lookup that cannot crash.
+"""Every place pqa goes past Sacred 0.8.7's public API, each in one function here with the reason, so an
+upgrade of Sacred is checked in one module:
 
-Sacred's ``get_commit_if_possible`` reads ``repo.head.commit`` and raises ``ValueError:
-Reference at 'refs/heads/master' does not exist`` while *constructing the Experiment* in a
-repository without a commit. :func:`install` replaces it with one built on :func:`git_info`,
-which returns None instead and redacts credentials in the remote URL
-(``https://user:token@host/...``). ``make_experiment`` calls :func:`install`.
+- :func:`install`: Sacred's ``get_commit_if_possible`` reads ``repo.head.commit`` and raises
+  ``ValueError: Reference at 'refs/heads/master' does not exist`` while *constructing the Experiment*
+  in a repository without a commit. It is replaced by one built on :func:`git_info`, which returns
+  None instead and redacts credentials in the remote URL (``https://user:token@host/...``).
+- :func:`resolve_config`: pre-flight needs the config Sacred would run with (named configs, config
+  scopes, overrides) without running or observing anything; Sacred has no public call for that
+  (``print_config`` prints it), so ``Experiment._create_run`` unobserved.
+- :func:`store_info_now`: a run's ``info.output_dir`` must be in the store before the first
+  heartbeat (10 s in), so a run killed early can be resumed by its id: ``Run._emit_heartbeat``.
+- :func:`add_config_scope`: a config scope that is an object (``ComponentDefaults``: it fills in the
+  chosen components' defaults after the overrides are known), which ``Experiment.config`` (a
+  decorator for functions whose body it parses) cannot take: ``Experiment.configurations``.
 """
 from __future__ import annotations
 
@@ -64,3 +72,19 @@ def install() -> None:
     if deps.get_commit_if_possible is not safe_get_commit_if_possible:
         SACRED_GET_COMMIT = deps.get_commit_if_possible
         deps.get_commit_if_possible = safe_get_commit_if_possible
+
+
+def resolve_config(ex, updates, named_configs):
+    """The run Sacred would make of ``updates`` and ``named_configs``, unobserved and not started: its
+    ``config`` is the full resolved config (see the module docstring for why this is private API)."""
+    return ex._create_run(config_updates=updates, named_configs=named_configs, options={"--unobserved": True})
+
+
+def store_info_now(run) -> None:
+    """Send the run's info to its observers now, not at the next heartbeat."""
+    run._emit_heartbeat()
+
+
+def add_config_scope(ex, scope) -> None:
+    """Add a config scope object (called as Sacred calls the scopes ``ex.config`` makes)."""
+    ex.configurations.append(scope)

@@ -20,6 +20,7 @@ import torch
 from pqa_core.components import plugins
 from pqa_core.errors import UsageError
 from pqa_core.components.kinds import KIND, kinds_for
+from pqa_core.components.parameters import check_values
 
 B, K, N, T = 2, 3, 5, 4  # questions, documents read per question, documents scored, answer tokens
 SMALL_VOCAB = 11  # logits width for a loss checked without a model context
@@ -269,6 +270,10 @@ def check_component(kind: str, name: str, kwargs: Optional[Mapping[str, Any]] = 
     context = dict(context or {})
     component = plugins.validate(kind, name, kwargs)
     described = component.describe()
+    try:  # a declaration its own default breaks (Range(1) with a default of 0)
+        check_values(described, component.factory, plugins.component_defaults(kind, name))
+    except UsageError as exc:
+        raise ContractError(f"{exc} (its default)") from None
     with _isolated_rng(), _quiet_logs():
         try:
             built = plugins.build(kind, name, kwargs, context if KIND[kind].context else None)

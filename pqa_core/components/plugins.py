@@ -5,18 +5,27 @@ Third-party plugins are setuptools entry points of group ``pqa``. The environmen
 distributions/entry points named; a name that matches no installed plugin is reported.
 
 A plugin never takes pqa down: one that fails to import, or whose hook raises, is skipped with one
-``PluginWarning``. Names are first come, first served: the built-ins register first, and a later
-plugin registering a component name or a command name that is already taken is skipped with a
-warning (the run records would otherwise name one component and run another).
+``PluginWarning`` (``failed_plugins`` keeps why, for ``pqa plugins check``).
+
+A component's name means one piece of code. The built-ins register first and keep their names: a
+plugin registering a built-in's name (or a command name pqa has) is ignored for that name, with a
+warning. A name two third-party plugins register is ambiguous: a config using it is an error naming
+both packages, never the first one found. Every component can also be chosen by its qualified name,
+``package:name`` (``pqa:cosine``, ``pqa-cosine:cosine``), which always names exactly one. A run
+records each component's plugin, package, version and the sha256 of its source module
+(``components_of_run``); the resume fingerprint includes them.
 """
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import importlib
 import importlib.metadata
 import os
 import re
+import sys
+import traceback
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -27,6 +36,7 @@ from pqa_core import hookspecs
 from pqa_core.errors import UsageError
 from pqa_core.components.kinds import KIND, KINDS, MODEL_CONTEXT, kinds_for
 from pqa_core.components.parameters import accepted_parameters, check_values
+from pqa_core.storage.atomic import sha256_file
 
 ENTRY_POINT_GROUP = "pqa"
 LOAD_PLUGINS_ENV = "PQA_LOAD_PLUGINS"
@@ -50,6 +60,7 @@ pm.add_hookspecs(hookspecs)
 
 _loaded = False
 _packages: Dict[str, Tuple[str, Optional[str]]] = {}  # entry-point plugin name -> (distribution, version)
+_failed: Dict[str, Dict[str, str]] = {}  # entry point that failed to import -> package, error, traceback
 _warned: set = set()
 
 
@@ -71,6 +82,7 @@ def load_plugins() -> None:
         return
     _loaded = True
     _warned.clear()
+    _failed.clear()
     _distributions.cache_clear()
     for module_name in DEFAULT_PLUGINS:
         if pm.get_plugin(module_name) is None:
@@ -116,10 +128,18 @@ def _load_entry_points() -> None:
             plugin = ep.load()
             pm.register(plugin, name=ep.name)
         except Exception as exc:  # a broken plugin must not take pqa down
+            _failed[ep.name] = {"package": dist_name, "error": f"{type(exc).__name__}: {exc}",
+                                "traceback": traceback.format_exc()}
             warn(f"pqa: plugin {ep.name!r} ({dist_name}) failed to load and was skipped: "
                  f"{type(exc).__name__}: {exc}")
             continue
         _packages[ep.name] = (dist_name, ep.dist.version if ep.dist is not None else None)
+
+
+def failed_plugins() -> Dict[str, Dict[str, str]]:
+    """Entry points that failed to import: name -> {package, error (one line), traceback}."""
+    load_plugins()
+    return dict(_failed)
 
 
 def _report_load_filter(wanted: str, allowed: set, entry_points) -> None:
@@ -151,6 +171,15 @@ class Component:
         """(distribution, version) that supplied this component, as far as it can be told."""
         return package_of(self.plugin)
 
+    @property
+    def builtin(self) -> bool:
+        return self.plugin in DEFAULT_PLUGINS
+
+    @property
+    def qualified(self) -> str:
+        """``package:name`` (the plugin's name when no package is known): names exactly one component."""
+        return f"{self.package[0] or self.plugin}:{self.name}"
+
     def describe(self) -> str:
         """``selector 'cosine' (plugin pqa_plugins.selectors, package pqa 0.1.0)``: for messages."""
         package, version = self.package
@@ -171,21 +200,20 @@ def _plugin_name(impl) -> str:
     return pm.get_name(impl.plugin) or repr(impl.plugin)
 
 
-def components(kind: str) -> Dict[str, Component]:
-    """All components of one kind, by name: the first registration of a name keeps it (built-ins
-    register first); a plugin whose hook raises is skipped. Both are reported once as warnings."""
+def registrations(kind: str) -> List[Component]:
+    """Every registration of one kind, built-ins first; a plugin whose hook raises is skipped (warned once)."""
     if kind not in KIND_HOOKS:
         raise UsageError(f"unknown component kind {kind!r}; kinds: {', '.join(KIND_HOOKS)}")
     load_plugins()
-    found: Dict[str, Component] = {}
+    found: List[Component] = []
     hook_name = KIND_HOOKS[kind]
-    for impl in getattr(pm.hook, hook_name).get_hookimpls():
+    for impl in getattr(pm.hook, hook_name).get_hookimpls():  # in registration order
         plugin = _plugin_name(impl)
         mine: Dict[str, Component] = {}
 
         def register(name, factory, _plugin=plugin, _mine=mine):
-            if not isinstance(name, str) or not name or not callable(factory):
-                raise TypeError(f"register(name, factory) needs a non-empty name and a callable, "
+            if not isinstance(name, str) or not name or ":" in name or not callable(factory):
+                raise TypeError(f"register(name, factory) needs a non-empty name without ':' and a callable, "
                                 f"got {name!r}, {factory!r}")
             _mine[name] = Component(kind, name, factory, _plugin)
 
@@ -194,13 +222,67 @@ def components(kind: str) -> Dict[str, Component]:
             warn(f"pqa: plugin {plugin!r} ({_package_text(plugin)}) raised in {hook_name} and was skipped: "
                  f"{type(error).__name__}: {error}")
             continue
-        for name, component in mine.items():
-            if name in found:
-                warn(f"pqa: plugin {plugin!r} ({_package_text(plugin)}) registers {kind} {name!r}, which "
-                     f"{found[name].plugin} already registers: ignored; give it another name")
-            else:
-                found[name] = component
-    return found
+        found.extend(mine.values())
+    return sorted(found, key=lambda c: not c.builtin)  # stable: the built-ins first, then load order
+
+
+def components(kind: str) -> Dict[str, Component]:
+    """All components of one kind, by the name a config may use. A built-in keeps its name (a plugin's
+    registration of it is listed only as ``package:name``); a name two third-party plugins register
+    is listed only qualified, each as ``package:name``, and ``lookup`` refuses the plain name."""
+    return _table(kind)[0]
+
+
+def _table(kind: str) -> Tuple[Dict[str, Component], Dict[str, List[Component]]]:
+    table: Dict[str, Component] = {}
+    clashes: Dict[str, List[Component]] = {}
+    for component in registrations(kind):
+        name, holder = component.name, table.get(component.name)
+        if name in clashes:
+            clashes[name].append(component)
+            table[component.qualified] = component
+        elif holder is None:
+            table[name] = component
+        elif holder.builtin:
+            table[component.qualified] = component
+            warn(f"pqa: plugin {component.plugin!r} ({_package_text(component.plugin)}) registers {kind} "
+                 f"{name!r}, which pqa has: {kind}.name={name} stays pqa's; choose the plugin's as "
+                 f"{kind}.name={component.qualified}, or give it another name")
+        else:
+            clashes[name] = [table.pop(name), component]
+            table[holder.qualified] = holder
+            table[component.qualified] = component
+    for name, owners in clashes.items():
+        warn(f"pqa: {_clash_message(kind, name, owners)}")
+    return table, clashes
+
+
+def _clash_message(kind: str, name: str, owners: List[Component]) -> str:
+    packages = " and ".join(f"{_package_text(c.plugin)} (plugin {c.plugin})" for c in owners)
+    return (f"{kind} {name!r} is registered by {packages}: choose one as "
+            f"{' or '.join(f'{kind}.name={c.qualified}' for c in owners)}, or load only one of the packages "
+            f"(e.g. {LOAD_PLUGINS_ENV}={owners[0].package[0] or owners[0].plugin})")
+
+
+def lookup(kind: str, name: str) -> Component:
+    """The one component ``name`` means (plain or ``package:name``); a name two third-party packages
+    register, or an unknown one, is a ``UsageError`` saying what to write instead."""
+    table, clashes = _table(kind)
+    if name in table:
+        return table[name]
+    if name in clashes:
+        raise UsageError(_clash_message(kind, name, clashes[name]))
+    if isinstance(name, str) and ":" in name:
+        prefix, _, plain = name.partition(":")
+        for component in registrations(kind):
+            package = component.package[0]
+            if component.name == plain and (prefix == component.plugin
+                                            or (package and _normalized(prefix) == _normalized(package))):
+                return component
+    available = sorted(table)
+    close = difflib.get_close_matches(str(name), available, n=1)
+    raise UsageError(f"unknown {kind} {name!r}; {f'did you mean {close[0]!r}? ' if close else ''}"
+                     f"available: {', '.join(available) or '(none)'}")
 
 
 def register_commands(cli) -> None:
@@ -228,10 +310,7 @@ def validate(kind: str, name: str, kwargs: Optional[Mapping[str, Any]] = None,
              context_names: Optional[Tuple[str, ...]] = None) -> Component:
     """Check a component name, its user kwargs' names and their values against the factory's
     annotations, without building it (cheap, before a run starts)."""
-    available = components(kind)
-    if name not in available:
-        raise UsageError(f"unknown {kind} {name!r}; available: {', '.join(sorted(available)) or '(none)'}")
-    component = available[name]
+    component = lookup(kind, name)
     context_names = KIND[kind].context if context_names is None else context_names
     params = accepted_parameters(component.factory)
     user_params = sorted(p for p in params if p not in context_names)
@@ -239,7 +318,9 @@ def validate(kind: str, name: str, kwargs: Optional[Mapping[str, Any]] = None,
         if key in context_names:
             raise UsageError(f"{kind} {name!r}: parameter {key!r} is set by the model, not the config")
         if key not in params:
+            close = difflib.get_close_matches(key, user_params, n=1)
             raise UsageError(f"{kind} {name!r} got unexpected parameter {key!r}; "
+                             f"{f'did you mean {close[0]!r}? ' if close else ''}"
                              f"accepted: {', '.join(user_params) or '(none)'}")
     check_values(f"{kind} {name!r}", component.factory, dict(kwargs or {}))
     return component
@@ -247,10 +328,10 @@ def validate(kind: str, name: str, kwargs: Optional[Mapping[str, Any]] = None,
 
 def component_defaults(kind: str, name: str) -> Dict[str, Any]:
     """The user-settable parameters of a component and their defaults (for configs to show)."""
-    available = components(kind)
-    if name not in available:
+    try:
+        params = accepted_parameters(lookup(kind, name).factory)
+    except UsageError:  # validate says why, with the rest of the section
         return {}
-    params = accepted_parameters(available[name].factory)
     return {n: p.default for n, p in params.items()
             if n not in KIND[kind].context and p.default is not p.empty
             and isinstance(p.default, (int, float, str, bool, type(None)))}
@@ -320,10 +401,15 @@ def _package_text(plugin_name: str) -> str:
 
 
 def provenance(kind: str, name: str) -> Dict[str, Optional[str]]:
-    """Which plugin, package and version supply component ``name`` of ``kind`` (for run records)."""
-    component = components(kind)[name]
+    """Which plugin, package, version and source supply component ``name`` of ``kind`` (for run records
+    and the resume fingerprint): ``source_sha256`` is the sha256 of the module that defines the factory,
+    so an edit to a plugin's code without a version bump still shows."""
+    component = lookup(kind, name)
     package, version = component.package
-    return {"name": name, "plugin": component.plugin, "package": package, "version": version}
+    module = getattr(sys.modules.get(getattr(component.factory, "__module__", ""), None), "__file__", None)
+    return {"name": name, "plugin": component.plugin, "package": package, "version": version,
+            "module": getattr(component.factory, "__module__", None),
+            "source_sha256": sha256_file(module, remember=True) if module and os.path.isfile(module) else None}
 
 
 def components_of_run(config) -> Dict[str, Dict[str, Optional[str]]]:
@@ -345,7 +431,7 @@ def plugin_info() -> List[Dict[str, Any]]:
         by_plugin[name] = entry(name)
         by_plugin[name]["hooks"] = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
     for kind in KIND_HOOKS:
-        for comp in components(kind).values():
+        for key, comp in components(kind).items():  # key: the name a config uses (package:name when shared)
             by_plugin.setdefault(comp.plugin, entry(comp.plugin))
-            by_plugin[comp.plugin]["components"].setdefault(kind, []).append(comp.name)
+            by_plugin[comp.plugin]["components"].setdefault(kind, []).append(key)
     return sorted(by_plugin.values(), key=lambda p: (not p["name"].startswith("pqa_plugins."), p["name"]))

@@ -14,6 +14,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from pqa_core.config import DataSettings
 from pqa_core.errors import DataError, UsageError
 
 DocId = Union[int, str]
@@ -398,8 +399,8 @@ class ReadPhaseDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, examples: Sequence[QAExample], tokenizer, encoder_tokenizer=None,
-                 max_query_length: int = 64, max_answer_length: int = 32,
-                 prompt: str = "Question: {question}\nAnswer:",
+                 max_query_length: int = DataSettings.max_query_tokens,
+                 max_answer_length: int = DataSettings.max_answer_tokens, prompt: str = DataSettings.prompt,
                  teacher_corpus: Optional[Sequence[Document]] = None, max_teacher_length: int = 256,
                  rows: Optional[DocumentRows] = None):
         if "{question}" not in prompt:

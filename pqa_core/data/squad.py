@@ -26,6 +26,7 @@ Splits are deterministic functions of (seed, ids), independent of the machine an
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from pqa_core.storage.atomic import sha256_file
+from pqa_core.storage.atomic import atomic_file, sha256_file
 from pqa_core.errors import DataError, UsageError
 
 SPLIT_MODES = ("article", "question")
@@ -254,25 +255,10 @@ def _jsonl(rows: Sequence[dict]) -> str:
 
 def write_atomically(files: Dict[Path, str]) -> None:
     """Write every file to a temporary name first, then rename them all; on error nothing changes."""
-    temps = []
-    try:
+    with contextlib.ExitStack() as stack:  # each temp file replaces its target as the stack closes
         for path, text in files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            temps.append((tmp, path))
-        for tmp, path in temps:
-            os.replace(tmp, path)
-        temps = []
-    finally:
-        for tmp, _ in temps:
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
+            with open(stack.enter_context(atomic_file(path, fsync=True)), "w", encoding="utf-8", newline="\n") as f:
+                f.write(text)
 
 
 def import_squad(file, out_dir, *, mode: str = "article", dev_fraction: float = 0.1, test_fraction: float = 0.1,

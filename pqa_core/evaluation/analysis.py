@@ -1,9 +1,8 @@
 """Per-question analysis of an evaluation: what was asked, what was read, what was answered, and why
 an answer went wrong.
 
-The seed notebook's ``analyze_predictions`` re-ran the model on a few questions; this one reads the
-``predictions.jsonl`` every evaluation writes (pqa's and the controls'), so it covers every question
-without a model. Each question has one outcome:
+It reads the ``predictions.jsonl`` every evaluation writes (pqa's and the controls'), so it covers
+every question without loading a model. Each question has one outcome:
 
 - ``correct``: the prediction matches a gold answer exactly (EM);
 - ``reading_miss``: a gold document was among those read, yet the answer is wrong;

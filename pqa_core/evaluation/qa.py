@@ -1,7 +1,7 @@
 """Batched evaluation: select, generate, score; one predictions JSONL line per question.
 
-Unlike the seed notebook (one question at a time, padded to 128), questions go through in
-batches with dynamic padding and the KV cache. Result keys: ``EM``, ``F1``, ``substring``,
+Questions go through in batches with dynamic padding and the KV cache (a batched question is
+answered as it would be alone: tests/test_pipeline.py), so evaluation costs batches, not questions. Result keys: ``EM``, ``F1``, ``substring``,
 ``Recall@{k}``, as percentages, each with its 95% bootstrap interval (``F1_ci95_low``, ``F1_ci95_high``),
 and ``questions``; with ``with_cost`` also ``latency_ms_per_question`` and
 ``prompt_tokens_per_question``. ``score_answers`` is the scoring loop pqa and the controls
@@ -9,11 +9,10 @@ and ``questions``; with ``with_cost`` also ``latency_ms_per_question`` and
 """
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 from pqa_core.evaluation.metrics import compute_em, compute_f1, compute_substring, recall_at_k
 from pqa_core.modeling.selection_index import ExactIndex, SelectionIndex
 from pqa_core.evaluation.stats import intervals
+from pqa_core.storage.atomic import atomic_file
 from pqa_core.training.loop import show_progress, to_device
 
 
@@ -56,13 +56,10 @@ def score_answers(examples: Sequence, batches: Iterable[AnsweredBatch], *, top_k
     per_question: Dict[str, List[float]] = {"EM": [], "F1": [], "substring": [], f"Recall@{top_k}": []}
     prompt_tokens = 0
     seconds = 0.0
-    tmp_path = None
-    out = None
-    if predictions_path:
-        Path(predictions_path).parent.mkdir(parents=True, exist_ok=True)
-        tmp_path = f"{predictions_path}.tmp-{os.getpid()}"
-        out = open(tmp_path, "w", encoding="utf-8")
-    try:
+    with contextlib.ExitStack() as files:  # the file closes, then replaces the old one; never half-written
+        out = None
+        if predictions_path:
+            out = files.enter_context(open(files.enter_context(atomic_file(predictions_path)), "w", encoding="utf-8"))
         iterator = iter(batches)
         progress = tqdm(total=num_batches or None, desc="evaluating", disable=not show_progress(), leave=False)
         while True:
@@ -96,15 +93,6 @@ def score_answers(examples: Sequence, batches: Iterable[AnsweredBatch], *, top_k
                         record["prompt_tokens"] = batch.prompt_tokens[j]
                     out.write(json.dumps(record, ensure_ascii=False) + "\n")
         progress.close()
-        if out is not None:
-            out.close()
-            os.replace(tmp_path, predictions_path)
-            out = None
-    finally:
-        if out is not None:
-            out.close()
-        if tmp_path and os.path.exists(tmp_path):
-            os.remove(tmp_path)
     n = max(len(examples), 1)
     metrics = intervals(per_question, seed=seed) if examples else {k: 0.0 for k in per_question}
     metrics["questions"] = len(examples)
@@ -122,7 +110,7 @@ def selected_passages(dataset, selected: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_retrieval(model, dataset, top_k: int, batch_size: int = 32,
+def evaluate_retrieval(model, dataset, *, top_k: int, batch_size: int,
                        index: Optional[SelectionIndex] = None) -> float:
     """Gold-document Recall@k in percent, without generating; documents searched by ``index`` (exact by default)."""
     model.eval()
@@ -138,7 +126,7 @@ def evaluate_retrieval(model, dataset, top_k: int, batch_size: int = 32,
 
 
 @torch.no_grad()
-def evaluate_qa(model, dataset, *, top_k: int = 5, batch_size: int = 16, max_new_tokens: int = 24,
+def evaluate_qa(model, dataset, *, top_k: int, batch_size: int, max_new_tokens: int,
                 predictions_path: Optional[str] = None, doc_ids=None, with_cost: bool = False,
                 seed: int = 0, index: Optional[SelectionIndex] = None) -> Dict[str, float]:
     """EM / F1 / substring / Recall@k over ``dataset`` (a ReadPhaseDataset), in percent; documents

@@ -7,7 +7,7 @@ from typing import List, Optional
 import torch
 
 from pqa_core.components import plugins
-from pqa_core.config import PQAConfig
+from pqa_core.config import PQAConfig, check_choice
 from pqa_core.data.loading import Document
 from pqa_core.modeling.device import autocast_dtype, resolve_device
 from pqa_core.modeling.doc_table import TableStorage, storage_of, table_std
@@ -44,7 +44,7 @@ def _minilm_d_z(d_model: int, num_tokens: int, **_) -> int:
 
 def _own_needed_d_z(config: PQAConfig):
     """The chosen projection's own ``needed_d_z`` (hybrid, direct: z holds its soft tokens), else None."""
-    return getattr(plugins.components("projection")[config.projection["name"]].factory, "needed_d_z", None)
+    return getattr(plugins.lookup("projection", config.projection["name"]).factory, "needed_d_z", None)
 
 
 def _needed_d_z(config: PQAConfig):
@@ -82,13 +82,11 @@ def initial_keys(config: PQAConfig, documents: List[Document], embedding_std: fl
                  storage: Optional[TableStorage] = None) -> torch.Tensor:
     """What z (or its retrieval key) starts from: MiniLM embeddings of the text, or Gaussian noise at
     the LLM's embedding scale over all of ``d_z`` (drawn into ``storage``: it is the table)."""
-    if config.model.doc_init == "minilm":
+    if check_choice("model.doc_init", config.model.doc_init) == "minilm":
         from pqa_core.modeling.minilm import embed_texts
 
         return embed_texts([(d.title.replace("_", " ") + ". " + d.text).strip(". ") for d in documents])
-    if config.model.doc_init == "random":
-        return (storage or TableStorage()).random((len(documents), d_z), embedding_std)
-    raise UsageError(f"model.doc_init must be 'minilm' or 'random', got {config.model.doc_init!r}")
+    return (storage or TableStorage()).random((len(documents), d_z), embedding_std)
 
 
 def initial_doc_vectors(config: PQAConfig, keys: torch.Tensor, key_dims: int, d_z: int,

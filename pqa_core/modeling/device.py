@@ -12,9 +12,8 @@ from typing import Optional
 
 import torch
 
+from pqa_core.config import check_choice
 from pqa_core.errors import UsageError
-
-PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -25,8 +24,7 @@ def resolve_device(name: str) -> torch.device:
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype for ``model.precision`` on ``device`` (None: float32, no autocast)."""
-    if precision not in PRECISIONS:
-        raise UsageError(f"config key 'model.precision' must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_choice("model.precision", precision)
     if precision == "fp32":
         return None
     cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()

@@ -14,11 +14,11 @@ from typing import Optional, Tuple
 
 import torch
 
+from pqa_core.config import check_choice
 from pqa_core.errors import UsageError
 from pqa_core.storage.tensor_files import create_mapped
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-STORAGES = ("memory", "mmap")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the torch dtype of each model.doc_dtype choice
 BLOCK_ROWS = 16 * 1024  # a multiple of 16: random blocks draw the numbers one draw of the whole table would
 
 
@@ -68,11 +68,8 @@ def storage_of(config, folder: Optional[Path] = None) -> TableStorage:
     """The storage ``config.model`` asks for (``folder``: where a mapped table goes). A bad value is a usage
     error naming its key."""
     model = config.model
-    if model.doc_dtype not in DTYPES:
-        raise UsageError(f"config key 'model.doc_dtype' must be one of {', '.join(DTYPES)}, got {model.doc_dtype!r}")
-    if model.doc_storage not in STORAGES:
-        raise UsageError(f"config key 'model.doc_storage' must be one of {', '.join(STORAGES)}, "
-                         f"got {model.doc_storage!r}")
+    check_choice("model.doc_dtype", model.doc_dtype)
+    check_choice("model.doc_storage", model.doc_storage)
     if model.doc_storage == "mmap" and folder is None:
         raise UsageError("model.doc_storage='mmap' needs a folder for the table (the run's output folder)")
     return TableStorage(DTYPES[model.doc_dtype], folder if model.doc_storage == "mmap" else None)

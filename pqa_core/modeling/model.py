@@ -228,7 +228,7 @@ class ParametricQA(nn.Module):
             return torch.zeros(B, 0, dtype=torch.long, device=inputs_embeds.device)
         return torch.stack(generated, dim=1)
 
-    def generate(self, query_ids, doc_indices, query_attention_mask, max_new_tokens: int = 32):
+    def generate(self, query_ids, doc_indices, query_attention_mask, max_new_tokens: int):
         """Answer tokens for a batch of questions, reading the given documents' soft prompts."""
         prefix = self.soft_prompts(doc_indices) if doc_indices is not None else None
         return self.generate_from(prefix, query_ids, query_attention_mask, max_new_tokens)

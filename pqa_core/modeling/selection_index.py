@@ -21,6 +21,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from pqa_core.config import check_choice
 from pqa_core.errors import UsageError
 from pqa_core.interfaces import Selector, is_factorised
 from pqa_core.modeling.staleness import Stamp
@@ -30,8 +31,6 @@ log = logging.getLogger(__name__)
 DEFAULT_CHUNK = 2048
 """Documents scored per block by exact search: a block's ``B x chunk`` scores stay in cache while
 they are ranked (bench (d) measured the block sizes)."""
-
-INDEXES = ("exact", "faiss_flat", "faiss_ivf", "faiss_hnsw")
 
 
 def chunked_topk(score_block: Callable[[int, int], torch.Tensor], num_docs: int, k: int,
@@ -290,17 +289,9 @@ _FAISS = {"faiss_flat": FaissFlatIndex, "faiss_ivf": FaissIVFIndex, "faiss_hnsw"
 
 
 def check_index_settings(eval_settings, selector_class=None) -> None:
-    """Pre-flight: a known ``eval.index``, sane faiss settings, faiss importable, a selector a faiss
-    index can search. One line naming the key."""
-    name = eval_settings.index
-    if name not in INDEXES:
-        raise UsageError(f"config key 'eval.index': unknown index {name!r}; indexes: {', '.join(INDEXES)}")
-    s = eval_settings.faiss
-    for key in ("nprobe", "hnsw_m", "ef_construction", "ef_search"):
-        if getattr(s, key) < 1:
-            raise UsageError(f"config key 'eval.faiss.{key}' must be >= 1, got {getattr(s, key)}")
-    if s.nlist < 0:
-        raise UsageError(f"config key 'eval.faiss.nlist' must be >= 0 (0: 4 x sqrt(N)), got {s.nlist}")
+    """Pre-flight: a known ``eval.index``, faiss importable, a selector a faiss index can search (the
+    faiss knobs' ranges are declared and checked with the config). One line naming the key."""
+    name = check_choice("eval.index", eval_settings.index)
     if name == "exact":
         return
     _faiss()

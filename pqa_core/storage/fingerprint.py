@@ -3,7 +3,8 @@
 The fingerprint is every key of the resolved run config (new sections and keys are included by
 themselves) except those listed in ``NOT_WEIGHTS``, which cannot change the weights, plus what
 the config names but does not hold: the sha256 of the training data files, the LLM's identity,
-the content of the ``init_from`` checkpoint and of the ``model.pretrained`` artifact, and the pqa
+the content of the ``init_from`` checkpoint and of the ``model.pretrained`` artifact, each component's
+plugin, package, version and source hash (edited plugin code is another fingerprint), and the pqa
 version (the ``pretrain`` section counts only in a run that pretrains). Every checkpoint's manifest
 records it. A run that would load checkpoints from its own folder (``resume``) must have the
 same fingerprint, else one line names the keys that differ; ``force_resume=True`` continues
@@ -45,21 +46,26 @@ NOT_WEIGHTS: Dict[str, str] = {
     "model.device": "which device computes the same steps (float rounding may differ)",
 }
 TRAINING_DATA = ("corpus", "qa")  # data files whose content the weights depend on
+COMPONENT_IDENTITY = ("plugin", "package", "version", "source_sha256")  # of each component the run builds
 
 
 def compute(config_dict: Mapping[str, Any], data_files: Mapping[str, Path], llm: Mapping[str, Any],
-            init_checkpoint: Optional[Path] = None, pretrained: Optional[Path] = None) -> Dict[str, Any]:
-    """``{"digest": sha256, "values": {dotted key: value}}`` of what determines the weights."""
+            init_checkpoint: Optional[Path] = None, pretrained: Optional[Path] = None,
+            components: Optional[Mapping[str, Mapping[str, Any]]] = None) -> Dict[str, Any]:
+    """``{"digest": sha256, "values": {dotted key: value}}`` of what determines the weights.
+    ``components``: kind -> the provenance of the code that builds it (``plugins.components_of_run``)."""
     pretrains = "pretrain" in (config_dict.get("phases") or ())
     values = {key: value for key, value in _flatten(config_dict).items()
               if not excluded(key) and (pretrains or not key.startswith("pretrain."))}
     for name, path in sorted(data_files.items()):
-        values[f"data.{name}.sha256"] = sha256_file(path)
+        values[f"data.{name}.sha256"] = sha256_file(path, remember=True)
     values.update({f"llm.{k}": v for k, v in _flatten(llm).items()})
     if init_checkpoint is not None:
         values["init_from.content"] = content_digest(init_checkpoint)
     if pretrained is not None:
         values["model.pretrained.content"] = content_digest(pretrained)
+    for kind, source in sorted((components or {}).items()):  # the code behind each name, not only the name
+        values.update({f"components.{kind}.{k}": source.get(k) for k in COMPONENT_IDENTITY})
     values["pqa_version"] = pqa_version()
     return {"digest": _digest(values), "values": values}
 

@@ -263,6 +263,6 @@ def load_pretrained(config, model) -> Dict[str, Any]:
 
 def data_summary(corpus_path: Path, qa_path: Path, passages: int, questions: int) -> Dict[str, Any]:
     """What the artifact records of its pretraining data."""
-    return {"corpus": str(corpus_path), "corpus_sha256": sha256_file(corpus_path), "qa": str(qa_path),
-            "qa_sha256": sha256_file(qa_path), "passages": passages, "questions": questions}
+    return {"corpus": str(corpus_path), "corpus_sha256": sha256_file(corpus_path, remember=True), "qa": str(qa_path),
+            "qa_sha256": sha256_file(qa_path, remember=True), "passages": passages, "questions": questions}
 

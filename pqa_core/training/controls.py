@@ -44,8 +44,8 @@ def build_control(section: Mapping[str, Any], corpus: Sequence[Document], tokeni
 
 
 @torch.no_grad()
-def evaluate_control(model, control: Control, examples: Sequence[QAExample], *, top_k: int = 5,
-                     batch_size: int = 16, max_new_tokens: int = 24, prompt: str = "Question: {question}\nAnswer:",
+def evaluate_control(model, control: Control, examples: Sequence[QAExample], *, top_k: int,
+                     batch_size: int, max_new_tokens: int, prompt: str,
                      predictions_path: Optional[str] = None, doc_ids=None, seed: int = 0) -> Dict[str, float]:
     """Answer ``examples`` with the LLM of ``model`` (a ``ParametricQA``) reading what ``control`` picks.
 
@@ -86,13 +86,13 @@ class ControlReaderDataset(torch.utils.data.Dataset):
     the question) and the answer, tokenized once; the selection is fixed, so every epoch reads the same."""
 
     def __init__(self, control: Control, examples: Sequence[QAExample], tokenizer, *, top_k: int, prompt: str,
-                 max_answer_tokens: int, batch_size: int = 64):
+                 max_answer_tokens: int, prepare_chunk: int = 64):
         self.tokenizer = tokenizer
         self.pad = _pad_id(tokenizer)
         eos = tokenizer.eos_token_id
         prompts = []
-        for start in range(0, len(examples), batch_size):
-            prompts += [item.prompt for item in control.prepare(examples[start:start + batch_size], top_k, prompt)]
+        for start in range(0, len(examples), prepare_chunk):  # questions a control selects for at once
+            prompts += [item.prompt for item in control.prepare(examples[start:start + prepare_chunk], top_k, prompt)]
         self.prompt_ids = _token_ids(tokenizer, prompts)
         self.answer_ids = [ids[:max_answer_tokens] + [eos]
                            for ids in _token_ids(tokenizer, [" " + ex.answers[0] for ex in examples])]

@@ -90,7 +90,7 @@ class EpochLoop:
     """
 
     def __init__(self, model, optimizer, *, phase: str, checkpoint_root, config_dict: Dict[str, Any],
-                 logger: RunLogger, checkpoint_every: int = 0):
+                 logger: RunLogger, checkpoint_every: int):
         self.model = model
         self.optimizer = optimizer
         self.phase = phase

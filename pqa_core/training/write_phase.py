@@ -10,7 +10,6 @@ import logging
 from typing import Dict, Optional
 
 import torch
-import torch.nn.functional as F
 
 from pqa_core.config import WriteSettings
 from pqa_core.interfaces import WriteContext, WriteObjective
@@ -75,7 +74,7 @@ class WritePhaseTrainer:
         return (padded == target) & valid, valid
 
     @torch.no_grad()
-    def reconstruction(self, dataset, rows, batch_size: int = 8) -> Dict[str, float]:
+    def reconstruction(self, dataset, rows, batch_size: int) -> Dict[str, float]:
         """Teacher-forced and greedy token accuracy, and greedy exact match, on documents ``rows``."""
         self.model.eval()
         tf_correct = tf_total = g_correct = exact = 0
