@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional
 from pqa_core.errors import UsageError
 from pqa_core.modeling.keywords import SCORINGS as KEYWORD_SCORINGS
 from pqa_core.components.kinds import KIND
+from pqa_core.storage.run_files import OUTPUT_NAME_KEYS, check_output_name
 
 
 @dataclass
@@ -209,6 +210,11 @@ RANGES: Dict[str, Range] = {
     "eval.faiss.ef_search": COUNT,
 }
 
+# List keys of numbers: their length and the range of every element.
+LIST_RANGES: Dict[str, tuple] = {
+    "write.betas_z": (2, Range(0, 1, high_open=True)),  # Adam's betas: a beta >= 1 makes z NaN
+}
+
 # String keys that take one of a few values.
 CHOICES: Dict[str, tuple] = {
     "model.doc_init": ("minilm", "random"),
@@ -265,6 +271,9 @@ class PQAConfig:
                              "where the question goes")
         if not DEVICE_RE.match(self.model.device):
             raise UsageError(f"config key 'model.device' = {self.model.device!r}: must be auto, cpu, cuda, cuda:N or mps")
+        for key in OUTPUT_NAME_KEYS:  # outputs the config names stay in the run's folder
+            section, name = key.split(".")
+            check_output_name(key, getattr(getattr(self, section), name))
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -325,6 +334,8 @@ def _coerce(value, default, path, ftype):
         raise UsageError(f"config key {path!r} must be {what}, got {value!r}")
     if isinstance(default, list) and not isinstance(value, (list, tuple)):
         raise UsageError(f"config key {path!r} must be a list, got {value!r}")
+    if path in LIST_RANGES:
+        _check_list(path, value)
     if expected in (int, float):
         allowed = RANGES.get(path, Range())
         if not allowed.allows(value):
@@ -332,6 +343,18 @@ def _coerce(value, default, path, ftype):
     if path in CHOICES and value not in CHOICES[path]:
         raise UsageError(f"config key {path!r} = {value!r}: must be one of {', '.join(CHOICES[path])}")
     return list(value) if isinstance(value, tuple) else value
+
+
+def _check_list(path: str, value) -> None:
+    """A list of numbers of ``LIST_RANGES[path]``'s length, every element in its range."""
+    length, allowed = LIST_RANGES[path]
+    if len(value) != length:
+        raise UsageError(f"config key {path!r} = {list(value)!r}: must be a list of {length} numbers, "
+                         f"got {len(value)}")
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, (int, float)) or not allowed.allows(item):
+            raise UsageError(f"config key {path!r} = {list(value)!r}: element {i} ({item!r}) must be "
+                             f"{allowed.describe('float')}")
 
 
 def _describe(path: str, expected: type) -> str:

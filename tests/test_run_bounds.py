@@ -1,0 +1,168 @@
+"""What a run may not do (issue 19), through the ``pqa`` command line as users meet it, against the
+session's real SecantusDB:
+
+* a run writes only inside its folder: ``eval.predictions_file`` is a plain file name there, none of
+  pqa's own files; checked before the run exists;
+* a NaN is a failure: every element of a list-valued key is in range, a non-finite loss or gradient
+  stops the run FAILED (the step and the loss named, no final checkpoint), and ``init_from`` /
+  ``resume`` refuse a checkpoint holding a non-finite tensor.
+
+Every run uses the tiny random model (``with smoke``, one thread).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pymongo
+import pytest
+from click.testing import CliRunner
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = ["with", "smoke", "threads=1"]
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture
+def store(embedded_db):
+    name = f"pqa_bounds_{uuid.uuid4().hex[:8]}"
+    client = pymongo.MongoClient(embedded_db, serverSelectionTimeoutMS=10_000)
+    yield {"url": embedded_db.rstrip("/") + "/" + name, "db": client[name]}
+    client.close()
+
+
+@pytest.fixture
+def user(tmp_path, store, monkeypatch):
+    """``pqa ARGS`` in-process (``user.cli``) or as a subprocess (``user.subprocess``), with its own
+    PQA_HOME and PQA_OUTPUT_DIR; ``user.untouched()`` says that nothing was stored and no folder made."""
+    env = {"PQA_HOME": str(tmp_path / "home"), "PQA_OUTPUT_DIR": str(tmp_path / "outputs"), "PQA_PROGRESS": "0"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("PQA_MONGO_URL", raising=False)
+
+    class User:
+        url = store["url"]
+
+        def cli(self, *args):
+            from pqa_experiments.cli.main import cli
+
+            return CliRunner().invoke(cli, list(args))
+
+        def run(self, *args):
+            return self.cli("run", "pipeline", "--mongo-url", store["url"], *args)
+
+        def subprocess(self, *args, extra_env=None):
+            proc = subprocess.run([sys.executable, "-m", "pqa_experiments.cli.main", *args], capture_output=True,
+                                  text=True, cwd=str(REPO), timeout=900,
+                                  env={**os.environ, **env, "PYTHONUNBUFFERED": "1", **(extra_env or {})})
+            proc.output, proc.exit_code = proc.stdout + proc.stderr, proc.returncode
+            return proc
+
+        def untouched(self) -> bool:
+            return store["db"].runs.count_documents({}) == 0 and not (tmp_path / "outputs").exists()
+
+    return User()
+
+
+def refused(result, code: int, *parts: str) -> str:
+    """Exit ``code``, one ``Error:`` line holding each of ``parts`` as the last line of output, no traceback."""
+    text = result.output
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    assert result.exit_code == code, text[-3000:]
+    errors = [line for line in lines if line.startswith("Error:")]
+    assert len(errors) == 1 and errors[0] == lines[-1], text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    for part in parts:
+        assert part in errors[0], errors[0]
+    return errors[0]
+
+
+# --------------------------------------------------------------------------- files stay in their folder
+
+
+@pytest.mark.parametrize("name, why", [
+    ("", "is empty"),
+    ("/tmp/pqa-victim.txt", "has a folder part"),
+    ("../../../x", "has a folder part"),
+    ("checkpoints/read/final/model.safetensors", "has a folder part"),
+    ("checkpoints", "is one of pqa's own files in the run folder"),
+    ("result.json", "is one of pqa's own files in the run folder"),
+    (".pqa-run.lock", "is a hidden name"),
+])
+def test_predictions_file_is_a_plain_name_inside_the_run_folder(user, tmp_path, name, why):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    line = refused(user.run(*SMOKE, f"eval.predictions_file={name!r}"), 2,
+                   f"config key 'eval.predictions_file' = {name!r} {why}: it must be a plain file name inside "
+                   "the run's folder")
+    assert user.untouched() and victim.read_text() == "precious", line
+
+
+# --------------------------------------------------------------------------- a NaN is a failure
+
+
+@pytest.mark.parametrize("override, message", [
+    ("write.betas_z=[2.0,2.0]", "config key 'write.betas_z' = [2.0, 2.0]: element 0 (2.0) must be a finite number "
+                                "in [0, 1)"),
+    ("write.betas_z=[0.9,-1.0]", "element 1 (-1.0) must be a finite number in [0, 1)"),
+    ("write.betas_z=[0.9]", "config key 'write.betas_z' = [0.9]: must be a list of 2 numbers, got 1"),
+    ("write.betas_z=[0.9,'x']", "element 1 ('x') must be a finite number in [0, 1)"),
+])
+def test_every_element_of_a_list_key_is_in_range_before_the_run(user, override, message):
+    refused(user.run(*SMOKE, override), 2, message)
+    assert user.untouched()
+
+
+def test_betas_nan_from_a_json_file_is_refused(user, tmp_path):
+    path = tmp_path / "nan.json"
+    path.write_text('{"write": {"betas_z": [NaN, NaN]}}')
+    refused(user.run(*SMOKE, str(path)), 2, f"config file {path}", "element 0 (nan) must be a finite number in [0, 1)")
+    assert user.untouched()
+
+
+def _rewrite_tensor(checkpoint: Path, name: str, change) -> None:
+    """``change(tensors)`` applied to ``checkpoint/name`` (a safetensors file), the manifest's hash updated:
+    only pqa's own checks of the tensors can find it."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(checkpoint / name))
+    change(tensors)
+    save_file(tensors, str(checkpoint / name))
+    data = (checkpoint / name).read_bytes()
+    manifest = json.loads((checkpoint / "MANIFEST.json").read_text())
+    manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (checkpoint / "MANIFEST.json").write_text(json.dumps(manifest))
+
+
+def test_a_non_finite_loss_stops_the_run_failed_and_a_nan_checkpoint_is_never_loaded(user, store, tmp_path):
+    """Learning rates that overflow the LoRA make the read loss NaN: the run is stored FAILED with the
+    phase, the step and the loss in one line, and writes no read checkpoint. Its write checkpoint,
+    with one NaN put in a tensor (manifest updated), is refused by init_from and resume in one line
+    naming the tensor, before a run exists."""
+    out = tmp_path / "diverged"
+    result = user.subprocess("run", "pipeline", "--mongo-url", store["url"], *SMOKE, "read.lr_lora=1e30",
+                             "write.lr_projection=1e30", f"output_dir={out}")
+    line = refused(result, 1, "Error: read phase, step ", "the loss is nan", "non-finite",
+                   "the run stops and writes no final checkpoint")
+    doc = store["db"].runs.find_one({"config.output_dir": str(out)})
+    assert doc["status"] == "FAILED" and line[len("Error: "):] in doc["fail_trace"][-1]
+    assert "Recall" not in json.dumps(doc.get("result"))
+    assert (out / "checkpoints" / "write" / "final").is_dir() and not (out / "checkpoints" / "read").exists()
+
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(out / "checkpoints" / "write" / "final", poisoned)
+    _rewrite_tensor(poisoned, "model.safetensors", lambda t: t["doc_vectors"].view(-1).__setitem__(3, float("nan")))
+    before = store["db"].runs.count_documents({})
+    refused(user.run(*SMOKE, f"init_from={poisoned}", "phases=['read','eval']"), 1,
+            f"{poisoned / 'model.safetensors'}: tensor 'doc_vectors' holds non-finite values (NaN or inf)")
+    folder = tmp_path / "crashed"
+    shutil.copytree(poisoned, folder / "checkpoints" / "write" / "step-0000002")
+    refused(user.run(*SMOKE, f"resume={folder}"), 1, "tensor 'doc_vectors' holds non-finite values")
+    assert store["db"].runs.count_documents({}) == before
