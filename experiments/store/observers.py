@@ -37,7 +37,9 @@ import signal
 import sys
 import threading
 import time
+import uuid
 
+import bson.errors
 import pymongo
 import pymongo.errors
 from sacred.observers.mongo import MongoObserver, force_bson_encodeable
@@ -116,6 +118,8 @@ class PqaMongoObserver(MongoObserver):
         self._announced = False
         self.recovery_file: str | None = None
         self.losses: list[str] = []  # what is not in the store (read by raise_for_losses)
+        self.run_uuid: str | None = None  # the run's own id: the store's counter may be given again elsewhere
+        self._not_created: str | None = None  # why the run document could not be stored (the run never started)
 
     def __repr__(self):
         return f"PqaMongoObserver({self.runs.full_name})"
@@ -228,6 +232,10 @@ class PqaMongoObserver(MongoObserver):
             self._end(status=status, stop_time=interrupt_time)
 
     def failed_event(self, fail_time, fail_trace):
+        if self._not_created:  # the store holds the run's id, FAILED with the reason; nothing else to store
+            with pymongo.timeout(1.0):
+                self.runs.database.client.close()
+            return
         self._end(status="FAILED", stop_time=fail_time, fail_trace=list(fail_trace or []))
 
     def _end(self, **final) -> None:
@@ -283,7 +291,7 @@ class PqaMongoObserver(MongoObserver):
 
     def _save_recovery_file(self) -> None:
         record = {
-            "run_id": self.run_entry["_id"], "database": self.runs.database.name,
+            "run_id": self.run_entry["_id"], "uuid": self.run_uuid, "database": self.runs.database.name,
             "runs_collection": self.runs.name, "metrics_collection": self.metrics.name,
             "final": {"status": self.run_entry["status"], "fail_trace": self.run_entry.get("fail_trace")},
             "payload": {"run": self.run_entry, "metrics": self.writer.pending(),
@@ -403,8 +411,41 @@ class PqaMongoObserver(MongoObserver):
         self.run_entry = self._scrub(entry)
 
     def insert(self):
+        """Sacred's insert in two steps, so that an id is never given twice: a small document takes the next
+        id (with the run's ``uuid``), then the whole run document is set on it. A run document the store
+        refuses (over 16 MiB, a value BSON cannot hold) leaves that small document FAILED with the reason,
+        and the run does not start: one PqaError line."""
+        if self.overwrite:
+            return self.save()
+        self.run_uuid = self.run_entry["uuid"] = uuid.uuid4().hex
         self._sanitize()
-        return super().insert()
+        entry = self.run_entry
+        stub = {"uuid": self.run_uuid, "status": "RUNNING", "start_time": entry.get("start_time"),
+                "experiment": {"name": (entry.get("experiment") or {}).get("name")}, "format": entry.get("format"),
+                "heartbeat": None, "info": {}, "artifacts": [], "resources": []}
+        autoinc = entry.get("_id") is None
+        while True:
+            if autoinc:
+                last = list(self.runs.find({}, {"_id": 1}).sort("_id", pymongo.DESCENDING).limit(1))
+                entry["_id"] = last[0]["_id"] + 1 if last else 1
+            try:
+                self.runs.insert_one({"_id": entry["_id"], **stub})
+                break
+            except pymongo.errors.DuplicateKeyError:
+                if not autoinc:
+                    raise
+        try:
+            self.runs.update_one({"_id": entry["_id"]}, {"$set": entry})
+        except (bson.errors.InvalidDocument, pymongo.errors.OperationFailure) as exc:
+            if store_unreachable(exc):
+                raise
+            reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            self._not_created = f"run {entry['_id']}: the store refused the run document ({reason}); the run did " \
+                                "not start"
+            self.runs.update_one({"_id": entry["_id"]}, {"$set": {
+                "status": "FAILED", "stop_time": entry.get("start_time"), "fail_trace": [f"pqa: {self._not_created}"],
+            }})
+            raise PqaError(self._not_created) from None
 
     def save(self):
         """Sacred's save swallows connection errors; this one raises them, so a beat knows."""
