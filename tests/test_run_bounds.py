@@ -166,3 +166,49 @@ def test_a_non_finite_loss_stops_the_run_failed_and_a_nan_checkpoint_is_never_lo
     shutil.copytree(poisoned, folder / "checkpoints" / "write" / "step-0000002")
     refused(user.run(*SMOKE, f"resume={folder}"), 1, "tensor 'doc_vectors' holds non-finite values")
     assert store["db"].runs.count_documents({}) == before
+
+
+# --------------------------------------------------------------------------- config files are bounded
+
+
+def _alias_bomb(levels: int) -> str:
+    """A YAML file of a few hundred bytes whose aliases expand to 9**levels strings."""
+    lines = ['l0: &l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for i in range(1, levels + 1):
+        lines.append(f"l{i}: &l{i} [{','.join([f'*l{i - 1}'] * 9)}]")
+    return "\n".join(lines) + "\nseed: 1\n"
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("bomb7.yaml", _alias_bomb(7), "line 2: not valid YAML (alias *l0 (aliases are not read in config files"),
+    ("bomb9.yaml", _alias_bomb(9), "line 2: not valid YAML (alias *l0"),
+    ("merge.yaml", "base: &b {top_k: 3}\nread:\n  <<: *b\n", "line 3: not valid YAML (alias *b"),
+    ("twice.yaml", "seed: 1\nread:\n  top_k: 3\nseed: 2\n", "line 4: not valid YAML (key 'seed' is written twice "
+                                                          "in one mapping)"),
+    ("nested_twice.yaml", "read:\n  top_k: 3\n  top_k: 4\n", "line 3: not valid YAML (key 'top_k' is written twice"),
+    ("twice.json", '{"seed": 1, "read": {"top_k": 3}, "seed": 2}', "not valid JSON (key 'seed' is written twice in "
+                                                                   "one object)"),
+    ("huge.yaml", None, "over the 1000000 bytes (1 MB) a config file may have"),
+])
+@pytest.mark.parametrize("command", [["print_config"], []], ids=["print_config", "run"])
+def test_a_config_file_is_bounded_and_says_so_in_one_line(user, tmp_path, name, text, message, command):
+    path = tmp_path / name
+    if text is None:  # 50 MB of comments after one key: refused before it is read
+        with open(path, "w") as f:
+            f.write("seed: 1\n")
+            f.truncate(50 << 20)
+    else:
+        path.write_text(text)
+    refused(user.cli("run", "pipeline", "--mongo-url", user.url, *command, "with", "smoke", str(path)), 2,
+            f"config file {path}", message)
+    assert user.untouched()
+
+
+def test_the_resolved_config_is_bounded_before_the_run_document(user, tmp_path):
+    """Two files each under the file bound, together over the bound of the config a run document holds."""
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    first.write_text(json.dumps({"data": {"prompt": "{question}" + "x" * 600_000}}))
+    second.write_text(json.dumps({"model": {"llm": "y" * 600_000}}))
+    refused(user.run(*SMOKE, str(first), str(second)), 2, "the resolved config is ", " bytes as JSON, over the "
+            "1000000 bytes (1 MB) a run's record holds for it")
+    assert user.untouched()

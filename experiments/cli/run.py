@@ -26,6 +26,7 @@ from pqa_core.errors import CheckpointError, EnvironmentFailure, PqaError, Usage
 
 log = logging.getLogger(__name__)
 PHASES = ("write", "read", "eval", "pipeline", "control")
+MAX_CONFIG_BYTES = 1_000_000  # the resolved config as JSON: it is stored in the run document (16 MiB at most)
 SACRED_COMMANDS = ("print_config", "print_named_configs", "print_dependencies")
 
 
@@ -127,6 +128,7 @@ def preflight(ex, updates, named_configs):
         raise UsageError(f"unknown config key(s): {', '.join(conflicting)}") from None
     except (KeyError, ValueError, TypeError, AssertionError) as exc:
         raise UsageError(f"bad config: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    check_config_size(run.config)
     config = PQAConfig.from_dict(dict(run.config))
     autocast_dtype(config.model.precision, resolve_device(config.model.device))
     storage_of(config, folder=Path("."))  # model.doc_dtype and model.doc_storage are known values
@@ -151,6 +153,14 @@ def preflight(ex, updates, named_configs):
             grow = bool(config.init_from) and index == 0  # init_from's may start a larger corpus
             check_loadable(checkpoint, config.to_dict(), len(rows), row_ids=row_ids, grow=grow)
     return config
+
+
+def check_config_size(config) -> None:
+    """The resolved config is bounded before a run document is made to hold it."""
+    size = len(json.dumps(config, default=str))
+    if size > MAX_CONFIG_BYTES:
+        raise UsageError(f"the resolved config is {size} bytes as JSON, over the {MAX_CONFIG_BYTES} bytes (1 MB) a "
+                         "run's record holds for it")
 
 
 def check_reuse(config) -> None:
