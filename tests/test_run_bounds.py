@@ -167,6 +167,43 @@ def test_a_non_finite_loss_stops_the_run_failed_and_a_nan_checkpoint_is_never_lo
     refused(user.run(*SMOKE, f"resume={folder}"), 1, "tensor 'doc_vectors' holds non-finite values")
     assert store["db"].runs.count_documents({}) == before
 
+    # a tensor renamed in the header (the manifest's hash updated): another model's, found before the run
+    renamed = tmp_path / "renamed"
+    shutil.copytree(out / "checkpoints" / "write" / "final", renamed)
+    _rewrite_tensor(renamed, "model.safetensors",
+                    lambda t: t.__setitem__("query_encoder.bogus", t.pop(sorted(k for k in t if k.startswith(
+                        "query_encoder."))[0])))
+    refused(user.run(*SMOKE, f"init_from={renamed}", "phases=['read','eval']"), 1,
+            f"{renamed / 'model.safetensors'}: tensors of another model (missing ['query_encoder.", "unexpected "
+            "['query_encoder.bogus'])")
+    assert store["db"].runs.count_documents({}) == before
+
+
+# --------------------------------------------------------------------------- found before the run exists
+
+
+def test_lora_target_modules_are_checked_against_the_llm_before_the_run(user):
+    refused(user.run(*SMOKE, "model.lora.target_modules=['nope','q_proj']"), 2,
+            "config key 'model.lora.target_modules' = ['nope', 'q_proj']: ['nope'] match no module of "
+            "model.llm='tiny'; its linear layers: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj")
+    refused(user.run(*SMOKE, "model.lora.target_modules=[]"), 2, "[]: is empty: LoRA needs modules of")
+    assert user.untouched()
+
+
+@pytest.mark.parametrize("content", ["nothing", "config"])
+def test_model_llm_naming_a_folder_that_is_not_a_model_is_one_line(user, tmp_path, content):
+    folder = tmp_path / "not-a-model"
+    folder.mkdir()
+    (folder / "README.txt").write_text("weights elsewhere")
+    if content == "config":
+        (folder / "config.json").write_text('{"hidden_size": 8}')
+    line = refused(user.run(*SMOKE, f"model.llm='{folder}'"), 2, f"model.llm='{folder}': not a built-in "
+                   "(smollm2-135m, tiny), local folder or cached model: ")
+    if content == "nothing":
+        assert line.endswith("the folder holds no config.json (a model folder holds config.json, its tokenizer and "
+                             "weights)"), line
+    assert user.untouched()
+
 
 # --------------------------------------------------------------------------- config files are bounded
 

@@ -105,7 +105,9 @@ def preflight(ex, updates, named_configs):
     from pqa_core.modeling.doc_table import storage_of
     from pqa_core.storage.checkpoints import check_loadable
     from pqa_core.config import PQAConfig, check_fits
-    from pqa_core.components.contract import check_config_components
+    from pqa_core.components.contract import check_config_components, model_tensor_names
+    from pqa_core.modeling.builder import check_lora_targets
+    from pqa_core.modeling.llm import load_llm_stand_in
     from pqa_core.data.loading import load_corpus, load_qa
     from pqa_core.modeling.llm import llm_shape
     from pqa_core.pipeline import checkpoints_to_load, resolve_data_path
@@ -139,7 +141,9 @@ def preflight(ex, updates, named_configs):
     shape = llm_shape(config.model.llm)
     check_fits(config, len(corpus), config.data.corpus, shape)
     check_output_folder(Path(config.resume or config.output_dir or os.environ.get("PQA_OUTPUT_DIR", "outputs")))
-    check_config_components(config)  # names, parameters, then each component's contract on a stand-in model
+    stand_in = load_llm_stand_in(config.model.llm)
+    check_lora_targets(config, stand_in[0])
+    built = check_config_components(config, stand_in)  # names, parameters, each one's contract on the stand-in
     check_content_init(config, shape[0] if shape else None)
     check_index_settings(config.eval, components("selector")[config.selector["name"]].factory)
     checkpoints = checkpoints_to_load(config)
@@ -151,7 +155,8 @@ def preflight(ex, updates, named_configs):
         row_ids = [[d.doc_id, d.part] for d in rows]
         for index, checkpoint in enumerate(checkpoints):
             grow = bool(config.init_from) and index == 0  # init_from's may start a larger corpus
-            check_loadable(checkpoint, config.to_dict(), len(rows), row_ids=row_ids, grow=grow)
+            check_loadable(checkpoint, config.to_dict(), len(rows), row_ids=row_ids, grow=grow,
+                           tensor_names=model_tensor_names(built))
     return config
 
 

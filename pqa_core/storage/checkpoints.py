@@ -255,18 +255,23 @@ def verify_checkpoint(path) -> Dict[str, Any]:
     return state
 
 
-def check_loadable(path, config_dict: Dict[str, Any], num_docs: int, row_ids=None, grow: bool = False
-                   ) -> Dict[str, Any]:
+def check_loadable(path, config_dict: Dict[str, Any], num_docs: int, row_ids=None, grow: bool = False,
+                   tensor_names=None) -> Dict[str, Any]:
     """What loading would refuse, found before anything is built or stored: a torn or edited
     checkpoint, a tensor file that is not safetensors, a checkpoint of another model or size (with
     ``grow``: one whose documents are not all among ``row_ids``, this run's ``[doc_id, part]`` rows).
-    Costs a hash of each file and a read of each tensor header. Returns state.json."""
+    With ``tensor_names`` (the model's, ``contract.model_tensor_names``), ``model.safetensors`` must hold
+    exactly those. Costs a hash and a read of each file. Returns state.json."""
     path = Path(path)
     state = verify_checkpoint(path)
     for file in sorted(path.rglob("*.safetensors")):
         try:
             with safe_open(str(file), framework="pt") as handle:
                 names = list(handle.keys())
+                if tensor_names is not None and file == path / "model.safetensors" and set(names) != set(tensor_names):
+                    missing, extra = sorted(set(tensor_names) - set(names)), sorted(set(names) - set(tensor_names))
+                    raise CheckpointError(f"{file}: tensors of another model (missing {missing[:3]}, unexpected "
+                                          f"{extra[:3]})")
                 if file.name != "rng.safetensors":  # weights and optimizer moments: a NaN in them is a NaN run
                     for name in names:
                         _check_finite_blocks(handle, name, file)
