@@ -249,3 +249,26 @@ def test_the_resolved_config_is_bounded_before_the_run_document(user, tmp_path):
     refused(user.run(*SMOKE, str(first), str(second)), 2, "the resolved config is ", " bytes as JSON, over the "
             "1000000 bytes (1 MB) a run's record holds for it")
     assert user.untouched()
+
+
+def test_file_storage_on_a_read_only_mount_is_one_line(user, tmp_path):
+    """``-F`` on a folder no write reaches: one line before the run, not two tracebacks claiming a
+    traceback was stored with the run. (A read-only tmpfs as root, as ``test_run_trust`` mounts it.)"""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() == 0:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
+                                 capture_output=True, text=True)
+        if mounted.returncode != 0:
+            pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.strip()}")
+    else:
+        folder.chmod(0o555)
+    try:
+        result = user.subprocess("run", "pipeline", "-F", str(folder / "runs"), *SMOKE)
+        refused(result, 1, f"Error: file storage {folder / 'runs'}: cannot write in {folder}: ")
+        assert "stored with the run" not in result.output and not (tmp_path / "outputs").exists()
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(folder)], check=True)
+        else:
+            folder.chmod(0o755)

@@ -179,9 +179,10 @@ def check_reuse(config) -> None:
         click.echo(f"warning: force_resume=True: {line} (recorded in the run)", err=True)
 
 
-def check_output_folder(folder: Path) -> None:
+def check_output_folder(folder: Path, what: str = "output folder") -> None:
     """The folder a run will write, or the nearest parent that exists, must be a folder this process can
-    write: a read-only mount, a symlink loop or a file in the way is one line (exit 1), not a FAILED run."""
+    write: a read-only mount, a symlink loop or a file in the way is one line (exit 1), not a FAILED run.
+    ``what`` names it in that line (``file storage`` for ``-F``)."""
     try:
         existing = folder
         while True:
@@ -194,14 +195,14 @@ def check_output_folder(folder: Path) -> None:
                 existing = existing.parent
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(folder) else ""
-        raise EnvironmentFailure(f"output folder {folder}: {exc.strerror or exc}{where}") from None
+        raise EnvironmentFailure(f"{what} {folder}: {exc.strerror or exc}{where}") from None
     if not stat.S_ISDIR(mode):
-        raise EnvironmentFailure(f"output folder {folder}: {existing} is not a folder")
+        raise EnvironmentFailure(f"{what} {folder}: {existing} is not a folder")
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as exc:
-        raise EnvironmentFailure(f"output folder {folder}: cannot write in {existing}: {exc.strerror or exc}") from None
+        raise EnvironmentFailure(f"{what} {folder}: cannot write in {existing}: {exc.strerror or exc}") from None
 
 
 def output_folder_of(config):
@@ -353,7 +354,10 @@ def accept(phase: str, items: List[str], mongo_url: Optional[str] = None, no_db:
     updates, named_configs, files = sacred_inputs(ex, items)
     resumed_from = resolve_resume(updates, mongo_url, no_db, file_storage) if group.is_main else None
     updates = group.broadcast_object(updates)
-    return ex, updates, named_configs, preflight(ex, updates, named_configs), resumed_from, files
+    config = preflight(ex, updates, named_configs)
+    if file_storage and group.is_main:
+        check_output_folder(Path(file_storage), "file storage")  # -F on a read-only mount: one line, no run
+    return ex, updates, named_configs, config, resumed_from, files
 
 
 def execute(phase: str, items: List[str], *, mongo_url: Optional[str] = None, no_db: bool = False,
