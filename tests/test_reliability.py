@@ -41,7 +41,7 @@ from pqa_experiments.store.metric_chunks import read_metric
 from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "pqa_core" / "sample_data"
+SAMPLE = REPO / "pqa_core" / "data" / "sample_data"
 # checkpoints every 2 write steps (10 in all) and every 3 read steps (14 in all)
 RUN_ARGS = ["with", "smoke", "threads=1", "write.checkpoint_every=2", "read.checkpoint_every=3"]
 SAFETY_TIMEOUT_S = 900  # only so that a hung run cannot hang the suite; nothing is timed

@@ -272,3 +272,33 @@ def test_file_storage_on_a_read_only_mount_is_one_line(user, tmp_path):
             subprocess.run(["umount", str(folder)], check=True)
         else:
             folder.chmod(0o755)
+
+
+# --------------------------------------------------------------------------- small items (finding 11)
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"doc_id": 0, "title": "a", "text": "alpha"}', '{"doc_id": "x", "title": "b", "text": "beta"}'],
+     ":2: field 'doc_id': 'x' is a string but the first doc id (0, line 1) is an integer; a corpus's doc ids are all "
+     "integers or all strings"),
+    (['{"doc_id": 0, "title": "a", "text": "al\\u0001pha"}'.replace("\\u0001", "\x01")],
+     ":1: invalid JSON: Invalid control character at column 40"),
+])
+def test_a_corpus_error_names_the_corpus_file_in_plain_words(user, tmp_path, lines, message):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(lines) + "\n")
+    line = refused(user.run(*SMOKE, f"data.corpus={corpus}"), 1, f"Error: {corpus}{message}")
+    assert "at at" not in line and user.untouched()
+
+
+def test_a_config_files_rename_warnings_are_said_once_with_several_processes(user, tmp_path):
+    """``pqa run --nproc 2`` checks the input, then starts two processes that read it again: each
+    rename warning of the seed's config file is printed once, not once per process."""
+    result = user.subprocess("run", "pipeline", "--no-db", "--nproc", "2", "with", "configs/phase1_poc.yaml",
+                             "model.llm=tiny", "threads=1", "write.epochs=1", "read.epochs=1",
+                             "model.num_memory_tokens=2", f"output_dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.output[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: config file")]
+    assert warnings == ["warning: config file configs/phase1_poc.yaml: key 'read_phase' is read as 'read' (pqa's "
+                        "name for it)", "warning: config file configs/phase1_poc.yaml: key 'model.llm_name' is read "
+                        "as 'model.llm' (pqa's name for it)"], result.stderr[-3000:]

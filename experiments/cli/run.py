@@ -26,6 +26,7 @@ from pqa_core.errors import CheckpointError, EnvironmentFailure, PqaError, Usage
 
 log = logging.getLogger(__name__)
 PHASES = ("write", "read", "eval", "pipeline", "control")
+WARNED_ENV = "PQA_CONFIG_WARNINGS_SHOWN"  # set by `pqa run --nproc N` for its processes: warnings said once
 MAX_CONFIG_BYTES = 1_000_000  # the resolved config as JSON: it is stored in the run document (16 MiB at most)
 SACRED_COMMANDS = ("print_config", "print_named_configs", "print_dependencies")
 
@@ -71,7 +72,7 @@ def sacred_inputs(ex, items: List[str]) -> Tuple[dict, List[str], List[Dict[str,
             named.append(name)
         elif config_files.looks_like_file(name):
             values, warnings = config_files.load(name)
-            for line in warnings:
+            for line in warnings if not os.environ.get(WARNED_ENV) else ():  # the launcher said them once
                 click.echo(line, err=True)
             label = f"file_{len(files)}_" + re.sub(r"\W", "_", Path(name).name)  # no dot: Sacred reads a.b as a path
             ex.add_named_config(label, values)
@@ -405,7 +406,7 @@ def launch(nproc: int, phase: str, sacred_args, *, mongo_url, no_db, file_storag
                "-m", "pqa_experiments.cli.main"] + (["--debug"] if debug else []) + ["run", phase]
     command += (["--no-db"] if no_db else []) + (["-F", file_storage] if file_storage else [])
     command += ["--json"] if as_json else []
-    env = dict(os.environ)
+    env = dict(os.environ, **{WARNED_ENV: "1"})  # accept() has said the config files' warnings
     if mongo_url:
         env["PQA_MONGO_URL"] = mongo_url  # not on a command line other users can read
     log.info("starting %d processes: torchrun --standalone --nproc-per-node=%d -m pqa_experiments.cli.main run %s ...",
