@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from pqa_core.errors import NonFiniteError
 from pqa_core.training import distributed
 from pqa_core.storage.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, step_dir
+from pqa_core.storage.tensor_files import check_mapped
 from pqa_core.modeling.device import pin_batches
 from pqa_core.training.optim import clip_grad_norm
 
@@ -122,6 +123,7 @@ class EpochLoop:
         """Only the main process writes checkpoints (every process holds the same state)."""
         if not distributed.current().is_main:
             return None
+        check_mapped()
         return save_checkpoint(path, self.model, self.optimizer, step=step, epoch=epoch,
                                step_in_epoch=step_in_epoch, config=self.config_dict, phase=self.phase,
                                metrics=metrics)
@@ -141,6 +143,7 @@ class EpochLoop:
             for i, batch in enumerate(epoch_loader(dataset, batch_size, seed, epoch, pin_memory=pin)):
                 if i < skip:
                     continue
+                check_mapped()  # a mapped table cut short would be a SIGBUS in this step
                 try:
                     metrics = step_fn(batch)
                 except NonFiniteError as exc:  # no step checkpoint, no final checkpoint: the run is FAILED
