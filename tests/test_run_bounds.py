@@ -302,3 +302,41 @@ def test_a_config_files_rename_warnings_are_said_once_with_several_processes(use
     assert warnings == ["warning: config file configs/phase1_poc.yaml: key 'read_phase' is read as 'read' (pqa's "
                         "name for it)", "warning: config file configs/phase1_poc.yaml: key 'model.llm_name' is read "
                         "as 'model.llm' (pqa's name for it)"], result.stderr[-3000:]
+
+
+RANK1_PLUGIN = '''
+import os
+from pqa_core.hookspecs import hookimpl
+from pqa_core.interfaces import Selector
+
+class Rank1Selector(Selector):
+    """Raises on the second training process only, and only on the run's corpus (36 rows): the contract
+    check's small model (4 rows) passes, so the failure comes mid-run."""
+    def forward(self, query_vectors, doc_vectors):
+        if os.environ.get("RANK") == "1" and doc_vectors.shape[0] > 20:
+            raise RuntimeError("boom on rank 1")
+        return query_vectors @ doc_vectors.T
+
+@hookimpl
+def pqa_register_selectors(register):
+    register("rank1boom", Rank1Selector)
+'''
+
+
+def test_a_training_process_that_fails_under_nproc_is_one_line_and_the_run_failed(user, store, tmp_path):
+    """torchrun's 40-line report, and the run stored INTERRUPTED, were what a failing second process gave:
+    now one line with that process's error, and the run FAILED with it."""
+    from conftest import write_distribution
+
+    site = tmp_path / "site"
+    site.mkdir()
+    write_distribution(site, "pqa-test-rank1", "0.1", {"rank1": "pqa_test_rank1"}, {"pqa_test_rank1": RANK1_PLUGIN})
+    result = user.subprocess("run", "pipeline", "--nproc", "2", "--mongo-url", store["url"], *SMOKE,
+                             "selector.name=rank1boom", extra_env={
+                                 "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])})
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert errors == ["Error: training process 1 failed: RuntimeError: boom on rank 1"], result.stderr[-3000:]
+    doc = store["db"].runs.find_one({"config.selector.name": "rank1boom"})
+    assert doc["status"] == "FAILED" and "training process 1 failed: RuntimeError: boom on rank 1" in \
+        doc["fail_trace"][-1], doc.get("fail_trace")

@@ -378,7 +378,16 @@ def execute(phase: str, items: List[str], *, mongo_url: Optional[str] = None, no
     if not group.is_main:
         from pqa_core.pipeline import Pipeline
 
-        Pipeline(config).run()  # the output folder, and every decision, come from the main process
+        try:
+            Pipeline(config).run()  # the output folder, and every decision, come from the main process
+        except Exception as exc:  # the main process stores the run FAILED with this line, the launcher says it
+            if debug:
+                raise
+            line = str(exc) if isinstance(exc, PqaError) else f"{type(exc).__name__}: {exc}"
+            distributed.record_failure(line)
+            if not os.environ.get(distributed.ERRORS_ENV):  # torchrun started by hand: no launcher to say it
+                click.echo(f"Error: training process {group.rank}: {line.splitlines()[0] if line else ''}", err=True)
+            raise click.exceptions.Exit(1) from None
         return None
     info = dict(info or {})
     if files:
@@ -402,23 +411,39 @@ def launch(nproc: int, phase: str, sacred_args, *, mongo_url, no_db, file_storag
     import subprocess
     import sys
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    import shutil
+    import tempfile
+
+    from pqa_core.training.distributed import ERRORS_ENV
+
+    command = [sys.executable, "-m", "pqa_experiments.cli.torchrun", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "pqa_experiments.cli.main"] + (["--debug"] if debug else []) + ["run", phase]
     command += (["--no-db"] if no_db else []) + (["-F", file_storage] if file_storage else [])
     command += ["--json"] if as_json else []
-    env = dict(os.environ, **{WARNED_ENV: "1"})  # accept() has said the config files' warnings
+    errors = tempfile.mkdtemp(prefix="pqa-workers-")  # a failing process leaves its error line here
+    env = dict(os.environ, **{WARNED_ENV: "1", ERRORS_ENV: errors})  # accept() has said the config files' warnings
     if mongo_url:
         env["PQA_MONGO_URL"] = mongo_url  # not on a command line other users can read
     log.info("starting %d processes: torchrun --standalone --nproc-per-node=%d -m pqa_experiments.cli.main run %s ...",
              nproc, nproc, phase)
-    return subprocess.run(command + list(sacred_args), env=env).returncode
+    try:
+        return subprocess.run(command + list(sacred_args), env=env).returncode
+    finally:
+        shutil.rmtree(errors, ignore_errors=True)
 
 
 def interrupt_on_sigterm() -> None:
-    """``kill`` (SIGTERM) ends the run like Ctrl-C, so Sacred stores it as INTERRUPTED, not RUNNING forever."""
+    """``kill`` (SIGTERM) ends the run like Ctrl-C, so Sacred stores it as INTERRUPTED, not RUNNING forever.
+    Under torchrun the SIGTERM is torchrun's, stopping the others because a process failed or ended: the
+    run is FAILED with that process's error line."""
     import signal
 
+    from pqa_core.training.distributed import WorkerFailed, failure_of_others, world_from_env
+
     def handler(signum, frame):
+        if world_from_env() > 1:
+            raise WorkerFailed(failure_of_others() or "torchrun stopped this process (SIGTERM): another training "
+                               "process ended")
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, handler)
@@ -479,8 +504,15 @@ def run(phase, sacred_args, mongo_url, no_db, file_storage, as_json, nproc):
         recorded.append(where)
         click.echo(f"recording to {where}", err=True)
 
-    finished = execute(phase, items, mongo_url=mongo_url, no_db=no_db, file_storage=file_storage, debug=debug,
-                       announce=announce, on_start=interrupt_on_sigterm)
+    try:
+        finished = execute(phase, items, mongo_url=mongo_url, no_db=no_db, file_storage=file_storage, debug=debug,
+                           announce=announce, on_start=interrupt_on_sigterm)
+    except PqaError as exc:  # under `pqa run --nproc N`: the main process says it, so the launcher need not
+        from pqa_core.training import distributed
+
+        if distributed.current().is_main:
+            distributed.record_failure(str(exc))
+        raise
     if finished is None:  # a process other than the main one: the main one reports
         return
     result = finished.result or {}
