@@ -168,8 +168,8 @@ def content_digest(record: Mapping) -> Optional[str]:
 
 def _check_same_content(a: Mapping[str, dict], b: Mapping[str, dict], ids, names: Tuple[str, str]) -> None:
     """Ids alone do not make the same questions: one id whose question or gold answers differ is refused."""
-    differ = [i for i in ids if None not in (content_digest(a[i]), content_digest(b[i]))
-              and content_digest(a[i]) != content_digest(b[i])]
+    digests = {i: (content_digest(a[i]), content_digest(b[i])) for i in ids}
+    differ = [i for i, (x, y) in digests.items() if None not in (x, y) and x != y]
     if differ:
         raise DataError(f"{names[0]} and {names[1]} were not evaluated on the same questions: {len(differ)} of "
                         f"{len(ids)} question ids have another question text or other gold answers "
