@@ -15,9 +15,9 @@ What it changes, and why:
 * **The store going away loses nothing and holds nothing up.** During the run each write gives
   up after :data:`BEAT_IO_S` and is retried at the next heartbeat (training never waits). When
   the run ends, everything the store does not hold yet, the final record with the run's real
-  status included, is first written to a recovery file (:mod:`.unstored`, with Ctrl-C held back
-  while it is written); then the store gets at most :data:`END_BUDGET_S` seconds, announced in one
-  line, and Ctrl-C stops the wait without losing anything. Whatever it did not take stays in the
+  status included, is first written to a recovery file (:mod:`.unstored`); then the store gets at
+  most :data:`END_BUDGET_S` seconds, announced in one line. For the whole end Ctrl-C only sets a
+  flag the waits check, so it stops the wait at any moment (twice included) without losing anything. Whatever it did not take stays in the
   file for ``pqa db recover``; :meth:`raise_for_losses` says so in one line. Sacred itself would
   wait minutes, drop the observer on the first error and store an interrupted end as INTERRUPTED.
 * **Credentials.** Every run document (config, meta, host, command, captured output, info,
@@ -75,23 +75,21 @@ def _truncate_output(text: str, limit: int = CAPTURED_OUT_LIMIT) -> str:
 
 
 @contextlib.contextmanager
-def _interrupts_held():
-    """Ctrl-C (and the SIGTERM the CLI turns into one) waits until the block is done, so a recovery
-    file is never cut short; a held signal is raised as KeyboardInterrupt after the block."""
+def _interrupts_noted(stop: threading.Event):
+    """For the whole end of a run, Ctrl-C (and the SIGTERM the CLI turns into one) only sets ``stop``: the
+    waits check it between their steps, so a signal at any moment, twice included, stops the wait within
+    one store attempt (at most BEAT_IO_S) and never cuts a recovery file short or escapes as a traceback."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = []
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig in previous:
-        signal.signal(sig, lambda signum, frame: held.append(signum))
+        signal.signal(sig, lambda signum, frame: stop.set())
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if held:
-        raise KeyboardInterrupt
 
 
 class PqaMongoObserver(MongoObserver):
@@ -251,26 +249,19 @@ class PqaMongoObserver(MongoObserver):
             return
         deadline = time.monotonic() + self.end_budget_s
         self._ending = True
-        interrupted = False
-        try:
+        stop = threading.Event()  # set by Ctrl-C for the whole end: no KeyboardInterrupt can land mid-way
+        with _interrupts_noted(stop):
             if self._down:
                 self._announce(self._metric_error or self._artifact_error, deadline)
-            self._wait_for_last_heartbeat(deadline)
-        except KeyboardInterrupt:
-            interrupted = True
-        try:
-            with _interrupts_held():
-                with self._lock:
-                    self.run_entry.update(final)
-                    self._compose_record(note=False)
-                    self._save_recovery_file()
-            if not interrupted:
-                self._store_until(deadline)
-        except KeyboardInterrupt:
-            interrupted = True
-        if interrupted:
-            print("pqa: stopped waiting for the run store (Ctrl-C); nothing is lost", file=sys.stderr, flush=True)
-        with _interrupts_held():
+            self._wait_for_last_heartbeat(deadline, stop)
+            with self._lock:
+                self.run_entry.update(final)
+                self._compose_record(note=False)
+                self._save_recovery_file()
+            if not stop.is_set():
+                self._store_until(deadline, stop)
+            if stop.is_set():
+                print("pqa: stopped waiting for the run store (Ctrl-C); nothing is lost", file=sys.stderr, flush=True)
             self._account()
             with pymongo.timeout(1.0):  # close ends the server sessions: not worth waiting for a store that is away
                 self.runs.database.client.close()  # its monitors would hold up the exit
@@ -285,12 +276,13 @@ class PqaMongoObserver(MongoObserver):
             self.run_entry.setdefault("info", {})["pqa_unstored"] = missing
         self._sanitize()
 
-    def _wait_for_last_heartbeat(self, deadline: float) -> None:
+    def _wait_for_last_heartbeat(self, deadline: float, stop: threading.Event) -> None:
         """Sacred's heartbeat thread makes one last beat after the run stops; it carries the last points."""
         me = threading.current_thread()
         for thread in threading.enumerate():
             if isinstance(thread, IntervalTimer) and thread is not me and thread.stopped.is_set():
-                thread.join(max(0.0, deadline - time.monotonic()))
+                while thread.is_alive() and not stop.is_set() and time.monotonic() < deadline:
+                    thread.join(min(0.1, max(0.0, deadline - time.monotonic())))
 
     def _save_recovery_file(self) -> None:
         record = {
@@ -306,12 +298,12 @@ class PqaMongoObserver(MongoObserver):
             self.recovery_file = None
             self._recovery_error = f"{exc.strerror or exc}: {exc.filename or self.failure_dir}"
 
-    def _store_until(self, deadline: float) -> None:
+    def _store_until(self, deadline: float, stop: threading.Event) -> None:
         """Metrics, artifacts, then the final record; a store that does not answer is retried until
         ``deadline``, the first attempt kept short so the user hears about it at once."""
         attempt_s = FIRST_ATTEMPT_S
         hold = os.environ.get(HOLD_END_ENV)
-        while True:
+        while not stop.is_set():
             if hold and not os.path.exists(hold):
                 deadline = max(deadline, time.monotonic() + self.end_budget_s)
             error = self._store_everything(max(0.1, min(deadline - time.monotonic(), attempt_s)))
@@ -320,7 +312,7 @@ class PqaMongoObserver(MongoObserver):
             self._announce(error, deadline)
             if deadline - time.monotonic() <= RETRY_PAUSE_S:
                 return
-            time.sleep(RETRY_PAUSE_S)
+            stop.wait(RETRY_PAUSE_S)
             attempt_s = BEAT_IO_S
 
     def _announce(self, error, deadline: float) -> None:
