@@ -222,7 +222,7 @@ def test_daemon_start_status_reuse_stop_restart(clean_env, monkeypatch, capsys):
 def test_daemon_survives_the_command_that_started_it(clean_env):
     """``pqa db start`` returns; the server keeps running in its own session."""
     home, port = clean_env / "pqa", free_port()
-    code = f"from pqa_experiments import db; print(db.ensure_running({str(home)!r}, port={port}))"
+    code = f"from pqa_experiments.store import db; print(db.ensure_running({str(home)!r}, port={port}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     try:
