@@ -108,9 +108,8 @@ def preflight(ex, updates, named_configs):
     from pqa_core.config import PQAConfig, check_fits
     from pqa_core.components.contract import check_config_components, model_tensor_names
     from pqa_core.modeling.builder import check_lora_targets
-    from pqa_core.modeling.llm import load_llm_stand_in
     from pqa_core.data.loading import load_corpus, load_qa
-    from pqa_core.modeling.llm import llm_shape
+    from pqa_core.modeling.llm import llm_shape, load_llm_stand_in
     from pqa_core.pipeline import checkpoints_to_load, resolve_data_path
     from pqa_core.components.plugins import components
     from pqa_core.modeling.selection_index import check_index_settings
@@ -408,11 +407,9 @@ def launch(nproc: int, phase: str, sacred_args, *, mongo_url, no_db, file_storag
     """``pqa run`` again in ``nproc`` processes under torchrun (``torch.distributed.run --standalone``);
     returns its exit status."""
     import os
+    import shutil
     import subprocess
     import sys
-
-    import shutil
-    import tempfile
 
     from pqa_core.training.distributed import ERRORS_ENV
 
