@@ -29,6 +29,7 @@ from pqa_core.modeling.keywords import SCORINGS as KEYWORD_SCORINGS
 from pqa_core.components.kinds import KIND
 from pqa_core.components.parameters import Range
 from pqa_core.interfaces import DEFAULT_PROMPT
+from pqa_core.storage.run_files import OUTPUT_NAME_KEYS, check_output_name
 
 COUNT = Range(1)  # a positive integer: epochs, batch sizes, tokens, top_k
 SOME = Range(0)  # zero or more: 0 turns the thing off (checkpoint_every, eval_every, eval_docs)
@@ -37,10 +38,14 @@ WEIGHT = Range(0)  # a finite number >= 0
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, range: Optional[Range] = None,
-            choices: Optional[typing.Iterable[str]] = None, factory: Any = dataclasses.MISSING):
+            choices: Optional[typing.Iterable[str]] = None, factory: Any = dataclasses.MISSING,
+            length: Optional[int] = None):
     """A config key's one declaration: ``default`` (or ``factory`` for a list), ``help`` (one line, what
-    ``pqa config`` prints), ``range`` for a number, ``choices`` for a string."""
+    ``pqa config`` prints), ``range`` for a number or every number of a list, ``choices`` for a string,
+    ``length`` for a list of numbers."""
     metadata: Dict[str, Any] = {"help": help}
+    if length is not None:
+        metadata["length"] = length
     if range is not None:
         metadata["range"] = range
     if choices is not None:
@@ -134,7 +139,8 @@ class WriteSettings:
     epochs: int = setting(3, "write-phase epochs; 0: z stays as the writer wrote it", range=SOME)
     batch_size: int = setting(8, "documents per step", range=COUNT)
     lr_z: float = setting(1e-2, "learning rate of z (Cramming's, 2502.13063)", range=RATE)
-    betas_z: List[float] = setting(help="the row-wise Adam's betas on z", factory=lambda: [0.9, 0.9])
+    betas_z: List[float] = setting(help="the row-wise Adam's betas on z (a beta >= 1 makes z NaN)",
+                                   factory=lambda: [0.9, 0.9], length=2, range=Range(0, 1, high_open=True))
     lr_projection: float = setting(3e-2, "learning rate of the projection", range=RATE)
     lr_lora: float = setting(1e-3, "learning rate of the LoRA (write.train_lora)", range=RATE)
     train_lora: bool = setting(False, "train the LoRA in the write phase too")
@@ -251,6 +257,9 @@ class PQAConfig:
                              "where the question goes")
         if not DEVICE_RE.match(self.model.device):
             raise UsageError(f"config key 'model.device' = {self.model.device!r}: must be auto, cpu, cuda, cuda:N or mps")
+        for key in OUTPUT_NAME_KEYS:  # outputs the config names stay in the run's folder
+            section, name = key.split(".")
+            check_output_name(key, getattr(getattr(self, section), name))
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -389,6 +398,8 @@ def _coerce(value, path: str, hint: Any, declared: typing.Mapping[str, Any]):
     if expected is list:
         if not isinstance(value, (list, tuple)):
             raise UsageError(f"config key {path!r} must be a list, got {value!r}")
+        if "length" in declared:
+            _check_numbers(path, list(value), declared["length"], declared.get("range", Range()))
         return list(value)
     if expected in (int, float, str) and not isinstance(value, expected):
         what = _describe(path, expected) if expected in (int, float) else expected.__name__
@@ -400,6 +411,16 @@ def _coerce(value, path: str, hint: Any, declared: typing.Mapping[str, Any]):
         raise UsageError(f"config key {path!r} = {value!r}: must be one of {', '.join(declared['choices'])}"
                          f"{'; ' + hint if hint else ''}")
     return value
+
+
+def _check_numbers(path: str, value: list, length: int, allowed: Range) -> None:
+    """A list of ``length`` numbers, every element in ``allowed``."""
+    if len(value) != length:
+        raise UsageError(f"config key {path!r} = {value!r}: must be a list of {length} numbers, got {len(value)}")
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, (int, float)) or not allowed.allows(item):
+            raise UsageError(f"config key {path!r} = {value!r}: element {i} ({item!r}) must be "
+                             f"{allowed.describe('float')}")
 
 
 def _describe(path: str, expected: type) -> str:

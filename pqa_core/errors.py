@@ -36,3 +36,10 @@ class EnvironmentFailure(PqaError):
         reason = exc.strerror or str(exc) or type(exc).__name__
         where = ": ".join(str(f) for f in (exc.filename, exc.filename2) if f)
         return cls(": ".join(part for part in (what, where, reason) if part))
+
+
+class NonFiniteError(PqaError):
+    """A non-finite (NaN or infinite) loss or gradient in training: the run stops FAILED, with no final
+    checkpoint, the step and the loss named (exit code 1)."""
+
+    exit_code = 1

@@ -137,3 +137,19 @@ def test_analyze_bad_input_is_one_line(stored_run, tmp_path):
     proc = pqa("analyze", str(tmp_path / "missing.jsonl"), check=False)
     assert proc.returncode == 2 and "is neither a run id nor a predictions file" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("f1", "abc", "field 'f1' = 'abc': must be a number in [0, 1]"),
+    ("em", 7, "field 'em' = 7: must be a number in [0, 1]"),
+    ("f1", -50, "field 'f1' = -50: must be a number in [0, 1]"),
+    ("em", True, "field 'em' = True: must be a number in [0, 1]"),
+    ("scores", ["high", 1.0], "field 'scores' must be a list of numbers, one per selected document (2)"),
+    ("scores", [1.0], "field 'scores' must be a list of numbers, one per selected document (2)"),
+])
+def test_analyze_a_file_with_bad_field_types_or_values_is_one_line(tmp_path, field, value, message):
+    """Issue 19: ``"f1": "abc"`` was a 37-line traceback; em=7, f1=-50 were shown as EM 700 F1 -5000."""
+    path = write_jsonl(tmp_path / "p.jsonl", [RECORDS[1], {**RECORDS[0], field: value}])
+    proc = pqa("analyze", str(path), check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [f"Error: {path}:2: {message}"], proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout

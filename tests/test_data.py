@@ -28,7 +28,7 @@ def write_lines(path: Path, lines) -> Path:
 
 
 CORPUS = [{"doc_id": 10, "title": "A", "text": "Alpha town was founded in 1712."},
-          {"doc_id": "b", "text": "Beta river is 412 kilometres long."},
+          {"doc_id": 11, "text": "Beta river is 412 kilometres long."},
           {"doc_id": 3, "title": "C", "text": "Gamma bridge has seven arches."}]
 
 
@@ -63,12 +63,12 @@ def expect_error(load, path, location, *parts):
 # ---------------------------------------------------------------- loading good files
 
 def test_corpus_rows_follow_file_order_and_title_defaults_to_empty(corpus):
-    assert [d.doc_id for d in corpus] == [10, "b", 3]
-    assert corpus[1] == Document("b", "", "Beta river is 412 kilometres long.")
+    assert [d.doc_id for d in corpus] == [10, 11, 3]
+    assert corpus[1] == Document(11, "", "Beta river is 412 kilometres long.")
 
 
 def test_qa_gold_doc_ids_map_to_corpus_rows(tmp_path, corpus):
-    path = write_lines(tmp_path / "qa.jsonl", [qa_line(), qa_line(id="q2", gold_doc_ids=[3, "b"])])
+    path = write_lines(tmp_path / "qa.jsonl", [qa_line(), qa_line(id="q2", gold_doc_ids=[3, 11])])
     examples = load_qa(path, corpus)
     assert examples[0] == QAExample("q1", "When was Alpha founded?", ["1712"], [10], [0])
     assert examples[1].gold_rows == [2, 1]

@@ -494,3 +494,26 @@ def test_pqa_plugin_new_writes_a_package_pip_installs_and_pqa_checks(tmp_path):
                              str(tmp_path / "pqa-my-selector" / "tests")], capture_output=True, text=True,
                             env=dict(os.environ, PYTHONPATH=str(site)), timeout=600, cwd=str(tmp_path))
     assert tested.returncode == 0 and "1 passed" in tested.stdout, tested.stdout + tested.stderr
+
+
+@pytest.mark.parametrize("name, message", [
+    ("numpy", "a module 'numpy' is already importable here, and the plugin's package would replace it once "
+              "installed; choose another name (such as pqa_numpy)"),
+    ("torch", "a module 'torch' is already importable here"),
+    ("os", "a module 'os' is already importable here"),
+    ("pqa-core", "a module 'pqa_core' is already importable here"),
+    ("import", "'import' is a Python keyword, so `import import` cannot work"),
+    ("class", "'class' is a Python keyword"),
+])
+def test_pqa_plugin_new_refuses_a_name_that_shadows_a_module_or_is_a_keyword(tmp_path, name, message):
+    """Issue 19: ``pqa plugin new numpy`` wrote a package that replaces numpy once installed as suggested;
+    ``pqa plugin new import`` wrote ``import import``. One line, exit 2, nothing written."""
+    from click.testing import CliRunner
+
+    from pqa_experiments.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["plugin", "new", name, "--kind", "selector", "--dir", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith(f"Error: plugin name {name!r}: ") and message in last, result.output
+    assert "Traceback" not in result.output and list(tmp_path.iterdir()) == []

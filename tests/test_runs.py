@@ -342,3 +342,43 @@ def test_compare_shows_components_whose_code_differs(store):
         assert "components.selector.package" in text
     finally:
         db.runs.delete_many({"_id": {"$in": [base, base + 1]}})
+
+
+def test_compare_refuses_to_pair_other_questions_under_the_same_ids(embedded_db):
+    """Two runs evaluated on files with the same ids but other questions and answers (issue 19): the
+    paired test is refused with a count, not reported on "the same questions"."""
+    from sacred import Experiment
+    from sacred.observers import MongoObserver
+
+    db_name = f"pqa_test_pairs_{uuid.uuid4().hex[:8]}"
+    ex = Experiment("pairs", save_git_info=False)
+
+    @ex.config
+    def config():
+        topic = "a"  # noqa: F841
+
+    @ex.main
+    def main(topic, _run):
+        import tempfile
+
+        path = tempfile.mkdtemp() + "/predictions.jsonl"
+        with open(path, "w") as f:
+            for i in range(8):  # run "b" asked other questions under ids q0..q7 (q0, q1 the same)
+                same = topic == "a" or i < 2
+                f.write(json.dumps({"id": f"q{i}", "question": f"question {i}" if same else f"other {i}",
+                                    "answers": [f"answer {i}"], "em": float(i % 2), "f1": float(i % 2),
+                                    "substring": float(i % 2)}) + "\n")
+        _run.add_artifact(path, name="predictions.jsonl")
+        return {"EM": 50.0}
+
+    observer = MongoObserver(url=embedded_db, db_name=db_name)
+    ex.observers.append(observer)
+    options = {"--capture": "no", "--loglevel": "ERROR"}
+    ids = [ex.run(config_updates={"topic": t}, options=options)._id for t in ("a", "b")]
+    observer.runs.database.client.close()
+    store = {"url": embedded_db, "db_name": db_name}
+    result = cli(store, "compare", str(ids[0]), str(ids[1]))
+    assert result.exit_code == 0 and "paired on the same questions" not in result.output, result.output
+    assert "no paired test: " in result.output and "were not evaluated on the same questions: 6 of 8 question ids " \
+        "have another question text or other gold answers (e.g. ['q2', 'q3'])" in result.output, result.output
+    assert list(cli_json(store, "compare", str(ids[0]), str(ids[1]))["paired"]) == ["unavailable"]

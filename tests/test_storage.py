@@ -3,6 +3,7 @@ still move them, untouched rows stay bit-identical, a resumed run rounds as an u
 checkpoints that never hold a second copy of a large table, tables memory-mapped from a file."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -156,3 +157,36 @@ def test_a_memory_mapped_table_trains_as_the_same_table_in_memory(tmp_path, dtyp
     assert torch.equal(mapped, runs["memory"].model.doc_vectors)
     # the file holds the table as trained (the mapping writes through)
     assert torch.equal(map_tensor(mapped.untyped_storage().filename, "doc_vectors"), mapped.detach())
+
+
+def test_a_mapped_table_cut_short_is_one_line_naming_the_file_not_a_sigbus(tmp_path):
+    """Issue 19: a memory-mapped table truncated while a run reads it was a SIGBUS (exit 135, no message,
+    the run left RUNNING). The mapped files' sizes are checked before each training step and evaluation
+    batch: a truncated table is an EnvironmentFailure naming it (the run is then stored FAILED), before
+    any page past the file's end is read. A file too short to hold its tensor is refused before mapping."""
+    from test_pipeline import short_config
+
+    from pqa_core.errors import EnvironmentFailure
+    from pqa_core.pipeline import Pipeline
+    from pqa_core.storage.tensor_files import check_mapped, create_mapped
+    from pqa_core.training.loop import RecordingLogger
+
+    pipeline = Pipeline(short_config(tmp_path, "mmap", **{"model.doc_storage": "mmap"}), RecordingLogger())
+    table = tmp_path / "mmap" / "tables" / "rank-0" / "doc_vectors.safetensors"
+    assert pipeline.model.doc_vectors.untyped_storage().filename == str(table)
+    os.truncate(table, 64)
+    with pytest.raises(EnvironmentFailure, match=rf"^{table}: memory-mapped table cut to 64 bytes while the run "
+                                                 r"used it \(\d+ needed\); the run stops"):
+        pipeline.run()
+    with pytest.raises(EnvironmentFailure, match=rf"^{table}: memory-mapped table cut to 64 bytes"):
+        check_mapped()
+    other = tmp_path / "other.safetensors"
+    create_mapped(other, "t", (4, 4), torch.float32)
+    from pqa_core.storage.tensor_files import read_header
+
+    short = read_header(other)[1] + 8  # the header and two of the 16 floats
+    os.truncate(other, short)
+    with pytest.raises(EnvironmentFailure, match=rf"^{other}: {short} bytes, but tensor t needs {short + 56}: "
+                                                 "the file is truncated"):
+        map_tensor(other, "t")
+    os.truncate(table, 1 << 20)  # later tests map their own files; this one's is whole again

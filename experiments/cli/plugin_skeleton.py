@@ -215,6 +215,28 @@ def _camel(name: str) -> str:
     return "".join(part.capitalize() for part in re.split(r"[_\W]+", name) if part)
 
 
+def check_module_name(name: str, module: str) -> None:
+    """The package's module may be neither a Python keyword (``import import``) nor the name of a module
+    Python can already import (numpy, torch, os, pqa_core): installed, it would replace that one."""
+    import importlib.util
+    import keyword
+    import sys
+
+    if keyword.iskeyword(module) or keyword.issoftkeyword(module):
+        raise UsageError(f"plugin name {name!r}: {module!r} is a Python keyword, so `import {module}` cannot work; "
+                         f"choose another name (such as pqa_{module})")
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    # a folder of that name on the path (a namespace package, such as a skeleton just written) is no module
+    found = module in sys.builtin_module_names or module in sys.stdlib_module_names or \
+        (spec is not None and spec.origin not in (None, "namespace"))
+    if found:
+        raise UsageError(f"plugin name {name!r}: a module {module!r} is already importable here, and the plugin's "
+                         f"package would replace it once installed; choose another name (such as pqa_{module})")
+
+
 def write_skeleton(name: str, kind: str, parent: Path) -> Path:
     """Write the package ``parent/name``; returns its folder. ``UsageError`` for a bad name or kind,
     or when the folder exists."""
@@ -223,6 +245,7 @@ def write_skeleton(name: str, kind: str, parent: Path) -> Path:
     module = name.replace("-", "_").lower()
     if not re.fullmatch(r"[a-z][a-z0-9_]*", module):
         raise UsageError(f"plugin name {name!r}: use letters, digits, '-' and '_', starting with a letter")
+    check_module_name(name, module)
     target = Path(parent) / name
     if target.exists():
         raise UsageError(f"{target} already exists; choose another name or remove it")

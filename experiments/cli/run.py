@@ -6,6 +6,8 @@ import json
 
 import click
 
+from pqa_core.errors import PqaError
+
 from pqa_experiments.tracking.engine import (PHASES, accept, describe_result, execute, interrupt_on_sigterm, launch,
                                              show, split_sacred_args)
 
@@ -54,8 +56,15 @@ def run(phase, sacred_args, mongo_url, no_db, file_storage, as_json, nproc):
         recorded.append(where)
         click.echo(f"recording to {where}", err=True)
 
-    finished = execute(phase, items, mongo_url=mongo_url, no_db=no_db, file_storage=file_storage, debug=debug,
-                       announce=announce, on_start=interrupt_on_sigterm)
+    try:
+        finished = execute(phase, items, mongo_url=mongo_url, no_db=no_db, file_storage=file_storage, debug=debug,
+                           announce=announce, on_start=interrupt_on_sigterm)
+    except PqaError as exc:  # under `pqa run --nproc N`: the main process says it, so the launcher need not
+        from pqa_core.training import distributed
+
+        if distributed.current().is_main:
+            distributed.record_failure(str(exc))
+        raise
     if finished is None:  # a process other than the main one: the main one reports
         return
     result = finished.result or {}

@@ -12,8 +12,6 @@ update cost grows with the document (docs/run-store-notes.md).
 """
 from __future__ import annotations
 
-import datetime as _dt
-import math
 import threading
 from typing import Dict, List, Optional, Tuple
 
@@ -63,17 +61,6 @@ def metric_names(database, run_id, collection_prefix: str = "") -> List[str]:
     for doc in database[collection_names(collection_prefix)[1]].find({"run_id": run_id}, {"name": 1}).sort("_id", 1):
         names.setdefault(doc["name"])
     return list(names)
-
-
-def point_key(step, value, stamp) -> tuple:
-    """Identity of a stored point: BSON keeps milliseconds; NaN equals NaN here."""
-    if isinstance(stamp, _dt.datetime):
-        if stamp.tzinfo is not None:
-            stamp = stamp.astimezone(_dt.timezone.utc).replace(tzinfo=None)
-        stamp = stamp.replace(microsecond=stamp.microsecond // 1000 * 1000)
-    if isinstance(value, float) and math.isnan(value):
-        value = "nan"
-    return step, value, stamp
 
 
 class ChunkError(Exception):

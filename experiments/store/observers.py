@@ -15,9 +15,9 @@ What it changes, and why:
 * **The store going away loses nothing and holds nothing up.** During the run each write gives
   up after :data:`BEAT_IO_S` and is retried at the next heartbeat (training never waits). When
   the run ends, everything the store does not hold yet, the final record with the run's real
-  status included, is first written to a recovery file (:mod:`.unstored`, with Ctrl-C held back
-  while it is written); then the store gets at most :data:`END_BUDGET_S` seconds, announced in one
-  line, and Ctrl-C stops the wait without losing anything. Whatever it did not take stays in the
+  status included, is first written to a recovery file (:mod:`.unstored`); then the store gets at
+  most :data:`END_BUDGET_S` seconds, announced in one line. For the whole end Ctrl-C only sets a
+  flag the waits check, so it stops the wait at any moment (twice included) without losing anything. Whatever it did not take stays in the
   file for ``pqa db recover``; :meth:`raise_for_losses` says so in one line. Sacred itself would
   wait minutes, drop the observer on the first error and store an interrupted end as INTERRUPTED.
 * **Credentials.** Every run document (config, meta, host, command, captured output, info,
@@ -37,7 +37,9 @@ import signal
 import sys
 import threading
 import time
+import uuid
 
+import bson.errors
 import pymongo
 import pymongo.errors
 from sacred.observers.mongo import MongoObserver, force_bson_encodeable
@@ -58,6 +60,9 @@ BEAT_IO_S = 5.0  # one write during the run gives up after this; it is retried a
 END_BUDGET_S = 20.0  # every wait when a run ends, its last heartbeat included (Sacred adds up to 2 s before)
 FIRST_ATTEMPT_S = 2.0  # the first try at the end: longer only once the user has been told
 RETRY_PAUSE_S = 1.0
+# Tests only: the end's wait for the store is held open (retrying) until this file exists, and the
+# budget counts from then; an outage test's Ctrl-C then always meets the wait, however slow the machine.
+HOLD_END_ENV = "PQA_TEST_HOLD_END_UNTIL"
 
 
 def _truncate_output(text: str, limit: int = CAPTURED_OUT_LIMIT) -> str:
@@ -70,23 +75,21 @@ def _truncate_output(text: str, limit: int = CAPTURED_OUT_LIMIT) -> str:
 
 
 @contextlib.contextmanager
-def _interrupts_held():
-    """Ctrl-C (and the SIGTERM the CLI turns into one) waits until the block is done, so a recovery
-    file is never cut short; a held signal is raised as KeyboardInterrupt after the block."""
+def _interrupts_noted(stop: threading.Event):
+    """For the whole end of a run, Ctrl-C (and the SIGTERM the CLI turns into one) only sets ``stop``: the
+    waits check it between their steps, so a signal at any moment, twice included, stops the wait within
+    one store attempt (at most BEAT_IO_S) and never cuts a recovery file short or escapes as a traceback."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = []
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig in previous:
-        signal.signal(sig, lambda signum, frame: held.append(signum))
+        signal.signal(sig, lambda signum, frame: stop.set())
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if held:
-        raise KeyboardInterrupt
 
 
 class PqaMongoObserver(MongoObserver):
@@ -116,6 +119,8 @@ class PqaMongoObserver(MongoObserver):
         self._announced = False
         self.recovery_file: str | None = None
         self.losses: list[str] = []  # what is not in the store (read by raise_for_losses)
+        self.run_uuid: str | None = None  # the run's own id: the store's counter may be given again elsewhere
+        self._not_created: str | None = None  # why the run document could not be stored (the run never started)
 
     def __repr__(self):
         return f"PqaMongoObserver({self.runs.full_name})"
@@ -228,6 +233,10 @@ class PqaMongoObserver(MongoObserver):
             self._end(status=status, stop_time=interrupt_time)
 
     def failed_event(self, fail_time, fail_trace):
+        if self._not_created:  # the store holds the run's id, FAILED with the reason; nothing else to store
+            with pymongo.timeout(1.0):
+                self.runs.database.client.close()
+            return
         self._end(status="FAILED", stop_time=fail_time, fail_trace=list(fail_trace or []))
 
     def _end(self, **final) -> None:
@@ -240,26 +249,19 @@ class PqaMongoObserver(MongoObserver):
             return
         deadline = time.monotonic() + self.end_budget_s
         self._ending = True
-        interrupted = False
-        try:
+        stop = threading.Event()  # set by Ctrl-C for the whole end: no KeyboardInterrupt can land mid-way
+        with _interrupts_noted(stop):
             if self._down:
                 self._announce(self._metric_error or self._artifact_error, deadline)
-            self._wait_for_last_heartbeat(deadline)
-        except KeyboardInterrupt:
-            interrupted = True
-        try:
-            with _interrupts_held():
-                with self._lock:
-                    self.run_entry.update(final)
-                    self._compose_record(note=False)
-                    self._save_recovery_file()
-            if not interrupted:
-                self._store_until(deadline)
-        except KeyboardInterrupt:
-            interrupted = True
-        if interrupted:
-            print("pqa: stopped waiting for the run store (Ctrl-C); nothing is lost", file=sys.stderr, flush=True)
-        with _interrupts_held():
+            self._wait_for_last_heartbeat(deadline, stop)
+            with self._lock:
+                self.run_entry.update(final)
+                self._compose_record(note=False)
+                self._save_recovery_file()
+            if not stop.is_set():
+                self._store_until(deadline, stop)
+            if stop.is_set():
+                print("pqa: stopped waiting for the run store (Ctrl-C); nothing is lost", file=sys.stderr, flush=True)
             self._account()
             with pymongo.timeout(1.0):  # close ends the server sessions: not worth waiting for a store that is away
                 self.runs.database.client.close()  # its monitors would hold up the exit
@@ -274,16 +276,17 @@ class PqaMongoObserver(MongoObserver):
             self.run_entry.setdefault("info", {})["pqa_unstored"] = missing
         self._sanitize()
 
-    def _wait_for_last_heartbeat(self, deadline: float) -> None:
+    def _wait_for_last_heartbeat(self, deadline: float, stop: threading.Event) -> None:
         """Sacred's heartbeat thread makes one last beat after the run stops; it carries the last points."""
         me = threading.current_thread()
         for thread in threading.enumerate():
             if isinstance(thread, IntervalTimer) and thread is not me and thread.stopped.is_set():
-                thread.join(max(0.0, deadline - time.monotonic()))
+                while thread.is_alive() and not stop.is_set() and time.monotonic() < deadline:
+                    thread.join(min(0.1, max(0.0, deadline - time.monotonic())))
 
     def _save_recovery_file(self) -> None:
         record = {
-            "run_id": self.run_entry["_id"], "database": self.runs.database.name,
+            "run_id": self.run_entry["_id"], "uuid": self.run_uuid, "database": self.runs.database.name,
             "runs_collection": self.runs.name, "metrics_collection": self.metrics.name,
             "final": {"status": self.run_entry["status"], "fail_trace": self.run_entry.get("fail_trace")},
             "payload": {"run": self.run_entry, "metrics": self.writer.pending(),
@@ -295,18 +298,21 @@ class PqaMongoObserver(MongoObserver):
             self.recovery_file = None
             self._recovery_error = f"{exc.strerror or exc}: {exc.filename or self.failure_dir}"
 
-    def _store_until(self, deadline: float) -> None:
+    def _store_until(self, deadline: float, stop: threading.Event) -> None:
         """Metrics, artifacts, then the final record; a store that does not answer is retried until
         ``deadline``, the first attempt kept short so the user hears about it at once."""
         attempt_s = FIRST_ATTEMPT_S
-        while True:
+        hold = os.environ.get(HOLD_END_ENV)
+        while not stop.is_set():
+            if hold and not os.path.exists(hold):
+                deadline = max(deadline, time.monotonic() + self.end_budget_s)
             error = self._store_everything(max(0.1, min(deadline - time.monotonic(), attempt_s)))
             if error is None or not store_unreachable(error):
                 return
             self._announce(error, deadline)
             if deadline - time.monotonic() <= RETRY_PAUSE_S:
                 return
-            time.sleep(RETRY_PAUSE_S)
+            stop.wait(RETRY_PAUSE_S)
             attempt_s = BEAT_IO_S
 
     def _announce(self, error, deadline: float) -> None:
@@ -403,8 +409,41 @@ class PqaMongoObserver(MongoObserver):
         self.run_entry = self._scrub(entry)
 
     def insert(self):
+        """Sacred's insert in two steps, so that an id is never given twice: a small document takes the next
+        id (with the run's ``uuid``), then the whole run document is set on it. A run document the store
+        refuses (over 16 MiB, a value BSON cannot hold) leaves that small document FAILED with the reason,
+        and the run does not start: one PqaError line."""
+        if self.overwrite:
+            return self.save()
+        self.run_uuid = self.run_entry["uuid"] = uuid.uuid4().hex
         self._sanitize()
-        return super().insert()
+        entry = self.run_entry
+        stub = {"uuid": self.run_uuid, "status": "RUNNING", "start_time": entry.get("start_time"),
+                "experiment": {"name": (entry.get("experiment") or {}).get("name")}, "format": entry.get("format"),
+                "heartbeat": None, "info": {}, "artifacts": [], "resources": []}
+        autoinc = entry.get("_id") is None
+        while True:
+            if autoinc:
+                last = list(self.runs.find({}, {"_id": 1}).sort("_id", pymongo.DESCENDING).limit(1))
+                entry["_id"] = last[0]["_id"] + 1 if last else 1
+            try:
+                self.runs.insert_one({"_id": entry["_id"], **stub})
+                break
+            except pymongo.errors.DuplicateKeyError:
+                if not autoinc:
+                    raise
+        try:
+            self.runs.update_one({"_id": entry["_id"]}, {"$set": entry})
+        except (bson.errors.InvalidDocument, pymongo.errors.OperationFailure) as exc:
+            if store_unreachable(exc):
+                raise
+            reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            self._not_created = f"run {entry['_id']}: the store refused the run document ({reason}); the run did " \
+                                "not start"
+            self.runs.update_one({"_id": entry["_id"]}, {"$set": {
+                "status": "FAILED", "stop_time": entry.get("start_time"), "fail_trace": [f"pqa: {self._not_created}"],
+            }})
+            raise PqaError(self._not_created) from None
 
     def save(self):
         """Sacred's save swallows connection errors; this one raises them, so a beat knows."""

@@ -12,6 +12,7 @@ from pqa_core.storage.atomic import sha256_file
 from pqa_core.config import TRAINED_PHASES, PQAConfig
 from pqa_core.pipeline import Pipeline, resolve_data_path
 from pqa_core.components.plugins import components_of_run
+from pqa_core.training import distributed
 from pqa_core.training.loop import RunLogger
 
 from pqa_experiments.tracking import sacred_fixes
@@ -61,8 +62,14 @@ def run_pipeline_in_sacred(config: Dict[str, Any], run) -> Dict[str, float]:
     # Store it now, not at the first heartbeat (10 s in): a run killed before that can still be
     # resumed by its id (``resume=<run id>`` reads info.output_dir).
     sacred_fixes.store_info_now(run)
-    pipeline = Pipeline(pqa_config, logger)
-    result = pipeline.run()  # holds the folder's lock; a run that fails before writing leaves no folders
+    try:
+        pipeline = Pipeline(pqa_config, logger)
+        result = pipeline.run()  # holds the folder's lock; a run that fails before writing leaves no folders
+    except Exception as exc:  # noqa: BLE001 - under torchrun, a broken connection is another process's failure
+        failure = distributed.failure_of_others() if distributed.world_from_env() > 1 else None
+        if failure and not isinstance(exc, distributed.WorkerFailed):
+            raise distributed.WorkerFailed(failure) from None
+        raise
     run.info["timings_s"] = {k: round(v, 2) for k, v in pipeline.timings.items()}
     run.info["checkpoints"] = {p: str((pipeline.checkpoint_root(p) / "final").resolve())
                                for p in TRAINED_PHASES if (pipeline.checkpoint_root(p) / "final").exists()}

@@ -7,6 +7,10 @@ a loader that builds Python objects, so pqa reads the file itself (``yaml.SafeLo
 and hands Sacred a plain dict; any other file type is refused before Sacred sees it. The seed
 notebook's key names are read as pqa's (``SEED_KEYS``) with one warning line each; an unknown key,
 or a value of the wrong type or range, is one error naming the file and the key.
+
+A config file is bounded before it is parsed: at most :data:`MAX_BYTES`, no YAML aliases (``*name``:
+a few nested ones make a file of a few hundred bytes expand to gigabytes), and a key written twice in
+one mapping is an error, not the last one silently winning.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from pqa_core.config import PQAConfig
 from pqa_core.errors import UsageError
 
 SUFFIXES = (".yaml", ".yml", ".json")
+MAX_BYTES = 1_000_000  # a config file is a few hundred lines; the run document that holds it is at most 16 MiB
 # The seed notebook's names (configs/phase1_poc.yaml there) -> pqa's.
 SEED_KEYS = {"read_phase": "read", "write_phase": "write", "model.llm_name": "model.llm"}
 
@@ -40,6 +45,9 @@ def load(path: str) -> Tuple[Dict[str, Any], List[str]]:
         raise UsageError(f"config file {path}: only .yaml, .yml and .json files are read (config files are "
                          "data, never code); named configs: pqa run pipeline print_named_configs")
     try:
+        if file.is_file() and file.stat().st_size > MAX_BYTES:
+            raise UsageError(f"config file {path}: {file.stat().st_size} bytes, over the {MAX_BYTES} bytes (1 MB) a "
+                             "config file may have")
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UsageError(f"config file {path}: no such file") from None
@@ -68,9 +76,12 @@ def digest(path: str) -> str:
 def _parse(path: str, text: str, json_file: bool):
     if json_file:
         try:
-            return json.loads(text)
+            return json.loads(text, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as exc:
             raise UsageError(f"config file {path}, line {exc.lineno}: not valid JSON ({exc.msg})") from None
+        except _DuplicateKey as exc:
+            raise UsageError(f"config file {path}: not valid JSON (key {exc.args[0]!r} is written twice in one "
+                             "object)") from None
     try:
         return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a SafeLoader subclass: data only
     except yaml.YAMLError as exc:
@@ -80,8 +91,40 @@ def _parse(path: str, text: str, json_file: bool):
         raise UsageError(f"config file {path}{where}: not valid YAML ({problem})") from None
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs):
+    """json's object hook: a key written twice in one object is an error."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
 class _SafeLoader(yaml.SafeLoader):
-    """PyYAML's SafeLoader, also reading ``1e-4`` as a number (YAML 1.2 does; 1.1 wants ``1.0e-4``)."""
+    """PyYAML's SafeLoader, also reading ``1e-4`` as a number (YAML 1.2 does; 1.1 wants ``1.0e-4``),
+    refusing aliases (``*name``: the expansion of nested ones has no bound) and keys written twice."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} (aliases are not read in "
+                                              "config files: write the values out)", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True) if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is written twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _SafeLoader.add_implicit_resolver("tag:yaml.org,2002:float",

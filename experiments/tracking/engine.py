@@ -30,6 +30,8 @@ from pqa_experiments.tracking import sacred_fixes
 
 log = logging.getLogger(__name__)
 PHASES = tuple(EXPERIMENT_PHASES)
+WARNED_ENV = "PQA_CONFIG_WARNINGS_SHOWN"  # set by `pqa run --nproc N` for its processes: warnings said once
+MAX_CONFIG_BYTES = 1_000_000  # the resolved config as JSON: it is stored in the run document (16 MiB at most)
 SACRED_COMMANDS = ("print_config", "print_named_configs", "print_dependencies")
 
 
@@ -74,7 +76,7 @@ def sacred_inputs(ex, items: List[str]) -> Tuple[dict, List[str], List[Dict[str,
             named.append(name)
         elif config_files.looks_like_file(name):
             values, warnings = config_files.load(name)
-            for line in warnings:
+            for line in warnings if not os.environ.get(WARNED_ENV) else ():  # the launcher said them once
                 click.echo(line, err=True)
             label = f"file_{len(files)}_" + re.sub(r"\W", "_", Path(name).name)  # no dot: Sacred reads a.b as a path
             ex.add_named_config(label, values)
@@ -108,7 +110,9 @@ def preflight(ex, updates, named_configs):
     from pqa_core.modeling.doc_table import storage_of
     from pqa_core.storage.checkpoints import check_loadable
     from pqa_core.config import PQAConfig, check_fits
-    from pqa_core.components.contract import check_config_components
+    from pqa_core.components.contract import check_config_components, model_tensor_names
+    from pqa_core.modeling.builder import check_lora_targets
+    from pqa_core.modeling.llm import load_llm_stand_in
     from pqa_core.data.loading import load_corpus, load_qa
     from pqa_core.modeling.llm import llm_shape
     from pqa_core.pipeline import checkpoints_to_load, resolve_data_path
@@ -131,6 +135,7 @@ def preflight(ex, updates, named_configs):
         raise UsageError(f"unknown config key(s): {', '.join(conflicting)}") from None
     except (KeyError, ValueError, TypeError, AssertionError) as exc:
         raise UsageError(f"bad config: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    check_config_size(run.config)
     config = PQAConfig.from_dict(dict(run.config))
     autocast_dtype(config.model.precision, resolve_device(config.model.device))
     storage_of(config, folder=Path("."))  # model.doc_dtype and model.doc_storage are known values
@@ -145,7 +150,9 @@ def preflight(ex, updates, named_configs):
         check_for_run(config, corpus, eval_questions, shape[0] if shape else None)
     check_fits(config, len(corpus), config.data.corpus, shape)
     check_output_folder(Path(config.resume or config.output_dir or os.environ.get("PQA_OUTPUT_DIR", "outputs")))
-    check_config_components(config)  # names, parameters, then each component's contract on a stand-in model
+    stand_in = load_llm_stand_in(config.model.llm)
+    check_lora_targets(config, stand_in[0])
+    built = check_config_components(config, stand_in)  # names, parameters, each one's contract on the stand-in
     check_content_init(config, shape[0] if shape else None)
     check_index_settings(config.eval, lookup("selector", config.selector["name"]).factory)
     checkpoints = checkpoints_to_load(config)
@@ -157,7 +164,8 @@ def preflight(ex, updates, named_configs):
         row_ids = [[d.doc_id, d.part] for d in rows]
         for index, checkpoint in enumerate(checkpoints):
             grow = bool(config.init_from) and index == 0  # init_from's may start a larger corpus
-            check_loadable(checkpoint, config.to_dict(), len(rows), row_ids=row_ids, grow=grow)
+            check_loadable(checkpoint, config.to_dict(), len(rows), row_ids=row_ids, grow=grow,
+                           tensor_names=model_tensor_names(built))
     return config
 
 
@@ -172,9 +180,18 @@ def check_reuse(config) -> None:
         click.echo(f"warning: force_resume=True: {line} (recorded in the run)", err=True)
 
 
-def check_output_folder(folder: Path) -> None:
+def check_config_size(config) -> None:
+    """The resolved config is bounded before a run document is made to hold it."""
+    size = len(json.dumps(config, default=str))
+    if size > MAX_CONFIG_BYTES:
+        raise UsageError(f"the resolved config is {size} bytes as JSON, over the {MAX_CONFIG_BYTES} bytes (1 MB) a "
+                         "run's record holds for it")
+
+
+def check_output_folder(folder: Path, what: str = "output folder") -> None:
     """The folder a run will write, or the nearest parent that exists, must be a folder this process can
-    write: a read-only mount, a symlink loop or a file in the way is one line (exit 1), not a FAILED run."""
+    write: a read-only mount, a symlink loop or a file in the way is one line (exit 1), not a FAILED run.
+    ``what`` names it in that line (``file storage`` for ``-F``)."""
     try:
         existing = folder
         while True:
@@ -187,14 +204,14 @@ def check_output_folder(folder: Path) -> None:
                 existing = existing.parent
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(folder) else ""
-        raise EnvironmentFailure(f"output folder {folder}: {exc.strerror or exc}{where}") from None
+        raise EnvironmentFailure(f"{what} {folder}: {exc.strerror or exc}{where}") from None
     if not stat.S_ISDIR(mode):
-        raise EnvironmentFailure(f"output folder {folder}: {existing} is not a folder")
+        raise EnvironmentFailure(f"{what} {folder}: {existing} is not a folder")
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as exc:
-        raise EnvironmentFailure(f"output folder {folder}: cannot write in {existing}: {exc.strerror or exc}") from None
+        raise EnvironmentFailure(f"{what} {folder}: cannot write in {existing}: {exc.strerror or exc}") from None
 
 
 def output_folder_of(config):
@@ -346,7 +363,10 @@ def accept(phase: str, items: List[str], mongo_url: Optional[str] = None, no_db:
     updates, named_configs, files = sacred_inputs(ex, items)
     resumed_from = resolve_resume(updates, mongo_url, no_db, file_storage) if group.is_main else None
     updates = group.broadcast_object(updates)
-    return ex, updates, named_configs, preflight(ex, updates, named_configs), resumed_from, files
+    config = preflight(ex, updates, named_configs)
+    if file_storage and group.is_main:
+        check_output_folder(Path(file_storage), "file storage")  # -F on a read-only mount: one line, no run
+    return ex, updates, named_configs, config, resumed_from, files
 
 
 def execute(phase: str, items: List[str], *, mongo_url: Optional[str] = None, no_db: bool = False,
@@ -366,7 +386,16 @@ def execute(phase: str, items: List[str], *, mongo_url: Optional[str] = None, no
     if not group.is_main:
         from pqa_core.pipeline import Pipeline
 
-        Pipeline(config).run()  # the output folder, and every decision, come from the main process
+        try:
+            Pipeline(config).run()  # the output folder, and every decision, come from the main process
+        except Exception as exc:  # the main process stores the run FAILED with this line, the launcher says it
+            if debug:
+                raise
+            line = str(exc) if isinstance(exc, PqaError) else f"{type(exc).__name__}: {exc}"
+            distributed.record_failure(line)
+            if not os.environ.get(distributed.ERRORS_ENV):  # torchrun started by hand: no launcher to say it
+                click.echo(f"Error: training process {group.rank}: {line.splitlines()[0] if line else ''}", err=True)
+            raise click.exceptions.Exit(1) from None
         return None
     info = dict(info or {})
     if files:
@@ -387,26 +416,40 @@ def launch(nproc: int, phase: str, sacred_args, *, mongo_url, no_db, file_storag
     """``pqa run`` again in ``nproc`` processes under torchrun (``torch.distributed.run --standalone``);
     returns its exit status."""
     import os
+    import shutil
     import subprocess
     import sys
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    from pqa_core.training.distributed import ERRORS_ENV
+
+    command = [sys.executable, "-m", "pqa_experiments.cli.torchrun", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "pqa_experiments.cli.main"] + (["--debug"] if debug else []) + ["run", phase]
     command += (["--no-db"] if no_db else []) + (["-F", file_storage] if file_storage else [])
     command += ["--json"] if as_json else []
-    env = dict(os.environ)
+    errors = tempfile.mkdtemp(prefix="pqa-workers-")  # a failing process leaves its error line here
+    env = dict(os.environ, **{WARNED_ENV: "1", ERRORS_ENV: errors})  # accept() has said the config files' warnings
     if mongo_url:
         env["PQA_MONGO_URL"] = mongo_url  # not on a command line other users can read
     log.info("starting %d processes: torchrun --standalone --nproc-per-node=%d -m pqa_experiments.cli.main run %s ...",
              nproc, nproc, phase)
-    return subprocess.run(command + list(sacred_args), env=env).returncode
+    try:
+        return subprocess.run(command + list(sacred_args), env=env).returncode
+    finally:
+        shutil.rmtree(errors, ignore_errors=True)
 
 
 def interrupt_on_sigterm() -> None:
-    """``kill`` (SIGTERM) ends the run like Ctrl-C, so Sacred stores it as INTERRUPTED, not RUNNING forever."""
+    """``kill`` (SIGTERM) ends the run like Ctrl-C, so Sacred stores it as INTERRUPTED, not RUNNING forever.
+    Under torchrun the SIGTERM is torchrun's, stopping the others because a process failed or ended: the
+    run is FAILED with that process's error line."""
     import signal
 
+    from pqa_core.training.distributed import WorkerFailed, failure_of_others, world_from_env
+
     def handler(signum, frame):
+        if world_from_env() > 1:
+            raise WorkerFailed(failure_of_others() or "torchrun stopped this process (SIGTERM): another training "
+                               "process ended")
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, handler)

@@ -19,7 +19,7 @@ import torch
 
 from pqa_core.components import plugins
 from pqa_core.errors import UsageError
-from pqa_core.components.kinds import KIND, kinds_for
+from pqa_core.components.kinds import KIND, MODEL_KINDS, kinds_for
 from pqa_core.components.parameters import check_values
 
 B, K, N, T = 2, 3, 5, 4  # questions, documents read per question, documents scored, answer tokens
@@ -308,13 +308,24 @@ def check_component_settings(config) -> tuple:
     return chosen
 
 
-def check_config_components(config, llm_and_tokenizer=None) -> None:
+def check_config_components(config, llm_and_tokenizer=None) -> Dict[str, Any]:
     """Pre-flight for a run of ``config``: the names, parameter names and values of every component it
-    builds (cheap, first), then each one's contract on a stand-in of the model."""
+    builds (cheap, first), then each one's contract on a stand-in of the model. Returns them built
+    (by kind name): their tensor names are the model's."""
     from pqa_core.modeling.llm import load_llm_stand_in
 
     chosen = check_component_settings(config)
-    _check_built(config, chosen, llm_and_tokenizer or load_llm_stand_in(config.model.llm))
+    return _check_built(config, chosen, llm_and_tokenizer or load_llm_stand_in(config.model.llm))
+
+
+def model_tensor_names(built: Dict[str, Any]) -> Optional[set]:
+    """The names of the tensors a checkpoint of this model holds in ``model.safetensors`` (as
+    ``checkpoints.trainable_state`` names them), from the components ``check_config_components`` built;
+    None when it did not build every kind the model holds."""
+    if any(kind.name not in built for kind in MODEL_KINDS):
+        return None
+    return {"doc_vectors"} | {f"{kind.model_attribute}.{name}" for kind in MODEL_KINDS
+                              for name in built[kind.name].state_dict()}
 
 
 def _check_built(config, chosen, llm_and_tokenizer) -> Dict[str, Any]:

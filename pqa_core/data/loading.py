@@ -98,7 +98,8 @@ def _read_jsonl(path, max_line_bytes: int) -> Iterator[Tuple[int, dict]]:
             try:
                 obj = json.loads(text)
             except (ValueError, RecursionError) as exc:
-                detail = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else str(exc)
+                detail = f"{exc.msg.removesuffix(' at')} at column {exc.colno}" \
+                    if isinstance(exc, json.JSONDecodeError) else str(exc)  # json's msg may end in "at"
                 raise DataError(f"{where}: invalid JSON: {detail}") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: expected a JSON object, got {_json_type(obj)}")
@@ -150,6 +151,11 @@ def load_corpus(path, max_line_bytes: int = MAX_LINE_BYTES) -> List[Document]:
         if doc_id in first_line:
             raise DataError(f"{where}: field 'doc_id': duplicate doc id {doc_id!r} "
                             f"(first on line {first_line[doc_id]})")
+        if documents and type(doc_id) is not type(documents[0].doc_id):
+            kinds = {int: "an integer", str: "a string"}
+            raise DataError(f"{where}: field 'doc_id': {doc_id!r} is {kinds[type(doc_id)]} but the first doc id "
+                            f"({documents[0].doc_id!r}, line {first_line[documents[0].doc_id]}) is "
+                            f"{kinds[type(documents[0].doc_id)]}; a corpus's doc ids are all integers or all strings")
         first_line[doc_id] = line_no
         title = _string(obj.get("title", ""), "title", where, allow_empty=True)
         text = _string(_field(obj, "text", where), "text", where)

@@ -84,8 +84,24 @@ def read_predictions(path) -> List[Dict[str, Any]]:
         if not isinstance(obj["answers"], list) or not isinstance(obj["selected_ids"], list) \
                 or not isinstance(obj["gold_doc_ids"], list):
             raise DataError(f"{where}: fields 'answers', 'selected_ids' and 'gold_doc_ids' must be lists")
+        _check_scores(obj, where)
         records.append(obj)
     return records
+
+
+def _check_scores(obj: Dict[str, Any], where: str) -> None:
+    """Per-question scores are fractions (``em``, ``f1``, ``substring`` in [0, 1]) and ``scores`` one number
+    per selected document: a string or a 7 would be shown as a score of 700."""
+    for name in ("em", "f1", "substring"):
+        value = obj.get(name)
+        if name in obj and (isinstance(value, bool) or not isinstance(value, (int, float))
+                            or not 0.0 <= value <= 1.0):
+            raise DataError(f"{where}: field {name!r} = {value!r}: must be a number in [0, 1]")
+    scores = obj.get("scores")
+    if scores is not None and (not isinstance(scores, list) or len(scores) != len(obj["selected_ids"]) or any(
+            isinstance(x, bool) or not isinstance(x, (int, float, type(None))) for x in scores)):
+        raise DataError(f"{where}: field 'scores' must be a list of numbers, one per selected document "
+                        f"({len(obj['selected_ids'])})")
 
 
 def _titles(corpus: Union[None, str, Path, Sequence[Document]]) -> Optional[Dict[str, str]]:

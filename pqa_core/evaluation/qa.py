@@ -22,6 +22,7 @@ from pqa_core.evaluation.metrics import compute_em, compute_f1, compute_substrin
 from pqa_core.modeling.selection_index import ExactIndex, SelectionIndex
 from pqa_core.evaluation.stats import intervals
 from pqa_core.storage.atomic import atomic_file
+from pqa_core.storage.tensor_files import check_mapped
 from pqa_core.training.loop import show_progress, to_device
 
 
@@ -118,6 +119,7 @@ def evaluate_retrieval(model, dataset, *, top_k: int, batch_size: int,
     index = index or ExactIndex()
     hits = []
     for start in range(0, len(dataset), batch_size):
+        check_mapped()  # a mapped table cut short would be a SIGBUS here
         batch = to_device(dataset.collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]),
                           device)
         selected, _ = model.top_documents(batch["encoder_ids"], batch["encoder_mask"], top_k, index)
@@ -143,6 +145,7 @@ def evaluate_qa(model, dataset, *, top_k: int, batch_size: int, max_new_tokens: 
 
     def answered():
         for start in range(0, len(dataset), batch_size):
+            check_mapped()
             idx = list(range(start, min(start + batch_size, len(dataset))))
             batch = to_device(dataset.collate([dataset[i] for i in idx]), device)
             with model.autocast():

@@ -2,12 +2,13 @@
 
 A mean over a few hundred questions moves by whole points when one answer changes, so every
 evaluation reports a 95% percentile-bootstrap interval (seeded, so the same predictions give the
-same interval), and a difference between two systems answered on the same questions is judged
-on the per-question differences: their mean, its paired-bootstrap interval and a two-sided
+same interval), and a difference between two systems answered on the same questions (the same ids, and under each id
+the same question text and gold answers) is judged on the per-question differences: their mean, its paired-bootstrap interval and a two-sided
 sign-flip permutation p-value.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -141,6 +142,7 @@ def compare_records(a: Mapping[str, dict], b: Mapping[str, dict], *, metrics: Op
                         f"({len(only_a)} only in {names[0]}, e.g. {only_a[:2]}; {len(only_b)} only in {names[1]}, "
                         f"e.g. {only_b[:2]})")
     ids = sorted(a)
+    _check_same_content(a, b, ids, names)
     out = []
     for metric in metrics or PER_QUESTION_METRICS:
         field = PER_QUESTION_METRICS.get(metric, metric)
@@ -151,6 +153,27 @@ def compare_records(a: Mapping[str, dict], b: Mapping[str, dict], *, metrics: Op
             raise DataError(f"predictions lack the per-question field {field!r}") from None
         out.append(paired_comparison(x, y, metric=metric, seed=seed))
     return out
+
+
+def content_digest(record: Mapping) -> Optional[str]:
+    """sha256 of a question's text and its gold answers (their order aside): what makes two records with
+    one id the same question. None when the record holds neither (a file of per-question scores only)."""
+    if record.get("question") is None and record.get("answers") is None:
+        return None
+    answers = record.get("answers")
+    answers = sorted(str(x) for x in answers) if isinstance(answers, (list, tuple)) else [str(answers)]
+    text = json.dumps([str(record.get("question")), answers], ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _check_same_content(a: Mapping[str, dict], b: Mapping[str, dict], ids, names: Tuple[str, str]) -> None:
+    """Ids alone do not make the same questions: one id whose question or gold answers differ is refused."""
+    digests = {i: (content_digest(a[i]), content_digest(b[i])) for i in ids}
+    differ = [i for i, (x, y) in digests.items() if None not in (x, y) and x != y]
+    if differ:
+        raise DataError(f"{names[0]} and {names[1]} were not evaluated on the same questions: {len(differ)} of "
+                        f"{len(ids)} question ids have another question text or other gold answers "
+                        f"(e.g. {differ[:2]}); a paired test needs the same questions")
 
 
 def compare_predictions(path_a, path_b, *, metrics: Optional[Iterable[str]] = None,

@@ -210,3 +210,18 @@ def _token_lists(tokenizer, documents: List[Document]) -> List[List[int]]:
 def build_losses(config: PQAConfig):
     """(retrieval_loss, generation_loss) modules named in the config."""
     return (build_component(config, "retrieval_loss", {}), build_component(config, "generation_loss", {}))
+
+
+def check_lora_targets(config: PQAConfig, llm) -> None:
+    """Pre-flight: every ``model.lora.target_modules`` entry names a module of the LLM (its stand-in has
+    the same module names), as peft matches them (the name, or its last dotted parts)."""
+    lora = config.model.lora
+    if not lora.enabled:
+        return
+    names = [name for name, _ in llm.named_modules() if name]
+    missing = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if not lora.target_modules or missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in llm.named_modules() if isinstance(m, torch.nn.Linear)})
+        what = f"{missing} match no module of" if missing else "is empty: LoRA needs modules of"
+        raise UsageError(f"config key 'model.lora.target_modules' = {list(lora.target_modules)!r}: {what} "
+                         f"model.llm={config.model.llm!r}; its linear layers: {', '.join(linear)}")

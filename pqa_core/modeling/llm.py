@@ -56,7 +56,10 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     path = smollm2_dir() if name in BUILTIN_LLMS else name
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError... for a non-model
+        raise _not_found(name, exc) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -134,8 +137,11 @@ def _file_identity(path: Path, sample: int = 1 << 20) -> str:
 
 
 def _not_found(name: str, exc: Exception) -> UsageError:
+    reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    if Path(name).expanduser().is_dir() and not (Path(name).expanduser() / "config.json").is_file():
+        reason = "the folder holds no config.json (a model folder holds config.json, its tokenizer and weights)"
     return UsageError(f"model.llm={name!r}: not a built-in ({', '.join(BUILTIN_LLMS)}), "
-                      f"local folder or cached model: {exc}")
+                      f"local folder or cached model: {reason[:300]}")
 
 
 def load_llm_stand_in(name: str, num_layers: int = 1) -> Tuple[torch.nn.Module, object]:
@@ -149,7 +155,7 @@ def load_llm_stand_in(name: str, num_layers: int = 1) -> Tuple[torch.nn.Module, 
         if name == "tiny":
             return build_tiny_llm(len(tokenizer)), tokenizer
         config = AutoConfig.from_pretrained(smollm2_dir() if name == "smollm2-135m" else name, local_files_only=True)
-    except OSError as exc:
+    except (OSError, ValueError, KeyError) as exc:
         raise _not_found(name, exc) from None
     if getattr(config, "num_hidden_layers", None):
         config.num_hidden_layers = min(num_layers, config.num_hidden_layers)

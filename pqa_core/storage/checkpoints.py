@@ -13,8 +13,8 @@ A checkpoint is a folder::
 
 It is built in a temp folder beside its final place and renamed in one step, so a crash leaves
 either the whole checkpoint or none. Loading checks the manifest first: a torn, truncated or
-edited checkpoint is refused. ``check_loadable`` runs those checks, and the model signature's, before
-a run starts; optimizer state of other param groups is refused in one line. Nothing is ever unpickled.
+edited checkpoint is refused, and so is one holding a NaN or infinite weight. ``check_loadable`` runs
+those checks, and the model signature's, before a run starts; optimizer state of other param groups is refused in one line. Nothing is ever unpickled.
 """
 from __future__ import annotations
 
@@ -263,18 +263,28 @@ def verify_checkpoint(path) -> Dict[str, Any]:
     return state
 
 
-def check_loadable(path, config_dict: Dict[str, Any], num_docs: int, row_ids=None, grow: bool = False
-                   ) -> Dict[str, Any]:
+def check_loadable(path, config_dict: Dict[str, Any], num_docs: int, row_ids=None, grow: bool = False,
+                   tensor_names=None) -> Dict[str, Any]:
     """What loading would refuse, found before anything is built or stored: a torn or edited
     checkpoint, a tensor file that is not safetensors, a checkpoint of another model or size (with
     ``grow``: one whose documents are not all among ``row_ids``, this run's ``[doc_id, part]`` rows).
-    Costs a hash of each file and a read of each tensor header. Returns state.json."""
+    With ``tensor_names`` (the model's, ``contract.model_tensor_names``), ``model.safetensors`` must hold
+    exactly those. Costs a hash and a read of each file. Returns state.json."""
     path = Path(path)
     state = verify_checkpoint(path)
     for file in sorted(path.rglob("*.safetensors")):
         try:
             with safe_open(str(file), framework="pt") as handle:
-                handle.keys()
+                names = list(handle.keys())
+                if tensor_names is not None and file == path / "model.safetensors" and set(names) != set(tensor_names):
+                    missing, extra = sorted(set(tensor_names) - set(names)), sorted(set(names) - set(tensor_names))
+                    raise CheckpointError(f"{file}: tensors of another model (missing {missing[:3]}, unexpected "
+                                          f"{extra[:3]})")
+                if file.name != "rng.safetensors":  # weights and optimizer moments: a NaN in them is a NaN run
+                    for name in names:
+                        _check_finite_blocks(handle, name, file)
+        except CheckpointError:
+            raise
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"{file}: not a valid safetensors file ({exc})") from None
     saved, current = state.get("signature", {}), config_signature(config_dict, num_docs)
@@ -285,6 +295,29 @@ def check_loadable(path, config_dict: Dict[str, Any], num_docs: int, row_ids=Non
         current["num_docs"] = saved.get("num_docs")
     _compare_signatures(saved, current, path)
     return state
+
+
+def check_finite(name: str, tensor: torch.Tensor, file) -> None:
+    """A floating-point tensor of a checkpoint holds only finite numbers, or one CheckpointError line."""
+    if tensor.is_floating_point() and tensor.numel():
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{file}: tensor {name!r} holds non-finite values (NaN or inf); the run that "
+                                  "wrote it diverged, so it cannot be loaded")
+
+
+def _check_finite_blocks(handle, name: str, file, block_values: int = 1 << 24) -> None:
+    """``check_finite`` on a tensor of an open safetensors file, read in blocks of rows (a large doc table
+    is never in memory whole)."""
+    part = handle.get_slice(name)
+    shape = part.get_shape()
+    if not part.get_dtype().startswith(("F", "BF")):
+        return
+    if len(shape) == 0:
+        return check_finite(name, handle.get_tensor(name), file)
+    row = max(1, int(np.prod(shape[1:])))
+    rows = max(1, block_values // row)
+    for start in range(0, shape[0], rows):
+        check_finite(name, part[start:start + rows], file)
 
 
 def _row_map(path: Path, row_ids) -> list:
@@ -352,6 +385,7 @@ def load_checkpoint(path, model, optimizer=None, *, config: Optional[Dict[str, A
         missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
         raise CheckpointError(f"{path}: checkpoint of another model (missing {missing[:3]}, unexpected {extra[:3]})")
     for name, tensor in tensors.items():
+        check_finite(name, tensor, path / "model.safetensors")
         if tensor.shape != expected[name].shape:
             raise CheckpointError(f"{path}: {name} has shape {list(tensor.shape)} in the checkpoint, "
                                   f"{list(expected[name].shape)} in this model")

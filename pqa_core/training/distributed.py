@@ -15,6 +15,10 @@ divides by the units of *all* processes (counted once per step in :meth:`Context
 exactly as one process holding the whole batch would. A loss that does not is averaged over processes
 as DDP averages it. Only the main process (rank 0) records the run, evaluates and writes checkpoints;
 checkpoints hold no trace of the process count, so a run resumes on any number of processes.
+
+A process that fails leaves its one error line in the folder ``$PQA_WORKER_ERRORS`` names (``pqa run
+--nproc N`` makes it): the main process, stopped by torchrun or by the broken connection, stores the
+run FAILED with that line (:class:`WorkerFailed`), and the launcher says it once.
 """
 from __future__ import annotations
 
@@ -27,7 +31,38 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from pqa_core.errors import PqaError
+
 _current: Optional["Context"] = None
+ERRORS_ENV = "PQA_WORKER_ERRORS"
+
+
+class WorkerFailed(PqaError):
+    """Another training process failed or ended: this one stops, and the run is FAILED with its reason."""
+
+
+def record_failure(message: str) -> None:
+    """Leave this process's error line where the others and the launcher read it (``ERRORS_ENV``)."""
+    folder = os.environ.get(ERRORS_ENV)
+    if not folder or world_from_env() <= 1:
+        return
+    line = next((part.strip() for part in str(message).splitlines() if part.strip()), "") or "unknown error"
+    with contextlib.suppress(OSError):
+        with open(os.path.join(folder, f"rank-{os.environ.get('RANK', '0')}.txt"), "w") as f:
+            f.write(line[:500])
+
+
+def failure_of_others() -> Optional[str]:
+    """``training process N failed: <its error line>`` for the first other process that left one, or None."""
+    folder = os.environ.get(ERRORS_ENV)
+    if not folder or not os.path.isdir(folder):
+        return None
+    mine = f"rank-{os.environ.get('RANK', '0')}.txt"
+    for name in sorted(os.listdir(folder)):
+        if name.startswith("rank-") and name != mine:
+            with contextlib.suppress(OSError), open(os.path.join(folder, name)) as f:
+                return f"training process {name[5:-4]} failed: {f.read().strip()}"
+    return None
 
 
 def world_from_env() -> int:

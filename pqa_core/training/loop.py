@@ -7,6 +7,7 @@ Sacred, a test or a notebook each supply their own.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 from pathlib import Path
@@ -17,8 +18,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from pqa_core.errors import NonFiniteError
 from pqa_core.training import distributed
 from pqa_core.storage.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, step_dir
+from pqa_core.storage.tensor_files import check_mapped
 from pqa_core.modeling.device import pin_batches
 from pqa_core.training.optim import clip_grad_norm
 
@@ -120,6 +123,7 @@ class EpochLoop:
         """Only the main process writes checkpoints (every process holds the same state)."""
         if not distributed.current().is_main:
             return None
+        check_mapped()
         return save_checkpoint(path, self.model, self.optimizer, step=step, epoch=epoch,
                                step_in_epoch=step_in_epoch, config=self.config_dict, phase=self.phase,
                                metrics=metrics)
@@ -142,7 +146,12 @@ class EpochLoop:
             for i, batch in enumerate(epoch_loader(dataset, batch_size, seed, epoch, pin_memory=pin)):
                 if i < skip:
                     continue
-                metrics = step_fn(batch)
+                check_mapped()  # a mapped table cut short would be a SIGBUS in this step
+                try:
+                    metrics = step_fn(batch)
+                except NonFiniteError as exc:  # no step checkpoint, no final checkpoint: the run is FAILED
+                    raise NonFiniteError(f"{self.phase} phase, step {step + 1} (epoch {epoch + 1}): {exc}; "
+                                         "the run stops and writes no final checkpoint") from None
                 step += 1
                 count += 1
                 for name, value in metrics.items():
@@ -172,11 +181,16 @@ class EpochLoop:
 
 def apply_gradients(loss: torch.Tensor, optimizer, params, grad_clip: float) -> None:
     """The end of every training step: backward, the gradients averaged over the processes when several
-    train (``pqa_core.training.distributed``), clipped, one optimizer step."""
+    train (``pqa_core.training.distributed``), clipped, one optimizer step. A non-finite loss or gradient
+    norm raises :class:`NonFiniteError` before the step, so no NaN reaches the weights (the norm is the
+    averaged one: every process stops at the same step)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     distributed.current().sync_gradients(params)
-    clip_grad_norm(params, grad_clip)
+    norm = clip_grad_norm(params, grad_clip)
+    value = float(loss.detach())
+    if not (math.isfinite(value) and math.isfinite(norm)):
+        raise NonFiniteError(f"the loss is {value:g}, the gradient norm {norm:g} (non-finite)")
     optimizer.step()
 
 
