@@ -343,8 +343,13 @@ def check_choice(path: str, value: str) -> str:
 
 
 def did_you_mean(given: str, known: typing.Iterable[str]) -> str:
-    """``"did you mean 'x'? "`` for the nearest of ``known`` (difflib), or ``""``."""
-    close = difflib.get_close_matches(given, list(known), n=1, cutoff=0.6)
+    """``"did you mean 'x'? "`` for the nearest of ``known`` (difflib; else the one name ``given`` abbreviates,
+    ``temp`` for ``temperature``), or ``""``."""
+    known = list(known)
+    close = difflib.get_close_matches(given, known, n=1, cutoff=0.6)
+    if not close and len(str(given)) >= 3:
+        close = [name for name in known if name.startswith(str(given))][:2]
+        close = close if len(close) == 1 else []
     return f"did you mean {close[0]!r}? " if close else ""
 
 

@@ -156,3 +156,16 @@ def fake_distribution(installed_plugins):
                 register("third_party", ThirdPartySelector)
         """,
     })
+
+
+def refused(result, code: int, *parts: str) -> str:
+    """Exit ``code``, one ``Error:`` line holding each of ``parts`` as the last line of output, no traceback."""
+    text = result.output
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    assert result.exit_code == code, text[-3000:]
+    errors = [line for line in lines if line.startswith("Error:")]
+    assert len(errors) == 1 and errors[0] == lines[-1], text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    for part in parts:
+        assert part in errors[0], errors[0]
+    return errors[0]

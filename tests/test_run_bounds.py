@@ -24,6 +24,8 @@ import pymongo
 import pytest
 from click.testing import CliRunner
 
+from conftest import refused  # the tests' shared one-line-error check
+
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = ["with", "smoke", "threads=1"]
 
@@ -69,19 +71,6 @@ def user(tmp_path, store, monkeypatch):
             return store["db"].runs.count_documents({}) == 0 and not (tmp_path / "outputs").exists()
 
     return User()
-
-
-def refused(result, code: int, *parts: str) -> str:
-    """Exit ``code``, one ``Error:`` line holding each of ``parts`` as the last line of output, no traceback."""
-    text = result.output
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    assert result.exit_code == code, text[-3000:]
-    errors = [line for line in lines if line.startswith("Error:")]
-    assert len(errors) == 1 and errors[0] == lines[-1], text[-3000:]
-    assert "Traceback" not in text, text[-3000:]
-    for part in parts:
-        assert part in errors[0], errors[0]
-    return errors[0]
 
 
 # --------------------------------------------------------------------------- files stay in their folder

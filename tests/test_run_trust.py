@@ -28,6 +28,8 @@ import pymongo
 import pytest
 from click.testing import CliRunner
 
+from conftest import refused  # the tests' shared one-line-error check
+
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_CONFIG = REPO / "configs" / "phase1_poc.yaml"
@@ -68,19 +70,6 @@ def user(tmp_path, store, monkeypatch):
             return store["db"].runs.count_documents({}) == 0 and not (tmp_path / "outputs").exists()
 
     return User()
-
-
-def refused(result, code: int, *parts: str) -> str:
-    """Exit ``code``, one ``Error:`` line holding each of ``parts`` as the last line of output, no traceback."""
-    text = result.output
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    assert result.exit_code == code, text[-3000:]
-    errors = [line for line in lines if line.startswith("Error:")]
-    assert len(errors) == 1 and errors[0] == lines[-1], text[-3000:]
-    assert "Traceback" not in text, text[-3000:]
-    for part in parts:
-        assert part in errors[0], errors[0]
-    return errors[0]
 
 
 # --------------------------------------------------------------------------- 3: config files are data
@@ -218,8 +207,11 @@ def test_every_numeric_config_key_has_a_range():
             else:
                 yield f"{prefix}{key}", item
 
-    numeric = {key for key, value in leaves(PQAConfig().to_dict())
-               if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    def number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    numeric = {key for key, value in leaves(PQAConfig().to_dict())  # a number, or a list of numbers (each ranged)
+               if number(value) or (isinstance(value, list) and value and all(map(number, value)))}
     numeric |= {"read.lr_query_encoder", "read.lr_projection", "eval.top_k"}  # Optional numbers, None by default
     assert numeric - set(RANGES) == set(), "give these keys a range in pqa_core/config.py RANGES"
     assert set(RANGES) - numeric == set(), "RANGES names keys the config no longer has"

@@ -189,4 +189,5 @@ def test_a_mapped_table_cut_short_is_one_line_naming_the_file_not_a_sigbus(tmp_p
     with pytest.raises(EnvironmentFailure, match=rf"^{other}: {short} bytes, but tensor t needs {short + 56}: "
                                                  "the file is truncated"):
         map_tensor(other, "t")
-    os.truncate(table, 1 << 20)  # later tests map their own files; this one's is whole again
+    os.truncate(table, 1 << 20)  # later tests in this process check every mapped file: both whole again
+    os.truncate(other, short + 56)

@@ -18,7 +18,6 @@ records each component's plugin, package, version and the sha256 of its source m
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
 import importlib
 import importlib.metadata
@@ -279,9 +278,10 @@ def lookup(kind: str, name: str) -> Component:
             if component.name == plain and (prefix == component.plugin
                                             or (package and _normalized(prefix) == _normalized(package))):
                 return component
+    from pqa_core.config import did_you_mean
+
     available = sorted(table)
-    close = difflib.get_close_matches(str(name), available, n=1)
-    raise UsageError(f"unknown {kind} {name!r}; {f'did you mean {close[0]!r}? ' if close else ''}"
+    raise UsageError(f"unknown {kind} {name!r}; {did_you_mean(str(name), available)}"
                      f"available: {', '.join(available) or '(none)'}")
 
 
@@ -318,9 +318,9 @@ def validate(kind: str, name: str, kwargs: Optional[Mapping[str, Any]] = None,
         if key in context_names:
             raise UsageError(f"{kind} {name!r}: parameter {key!r} is set by the model, not the config")
         if key not in params:
-            close = difflib.get_close_matches(key, user_params, n=1)
-            raise UsageError(f"{kind} {name!r} got unexpected parameter {key!r}; "
-                             f"{f'did you mean {close[0]!r}? ' if close else ''}"
+            from pqa_core.config import did_you_mean
+
+            raise UsageError(f"{kind} {name!r} got unexpected parameter {key!r}; {did_you_mean(key, user_params)}"
                              f"accepted: {', '.join(user_params) or '(none)'}")
     check_values(f"{kind} {name!r}", component.factory, dict(kwargs or {}))
     return component
