@@ -509,6 +509,11 @@ const path = require('path');
     await page.goto(process.env.BOARD_URL, { waitUntil: 'networkidle', timeout: 60000 });
     await page.locator('.public_fixedDataTable_bodyRow', { hasText: 'pqa_pipeline' }).first()
       .waitFor({ state: 'visible', timeout: 60000 });
+    // pqa's page script rewrites Omniboard's first layout and reloads the page once: read after that reload
+    await page.waitForEvent('framenavigated', { timeout: 20000 }).catch(() => null);
+    await page.waitForLoadState('networkidle');
+    await page.locator('.public_fixedDataTable_bodyRow', { hasText: 'pqa_pipeline' }).first()
+      .waitFor({ state: 'visible', timeout: 60000 });
     await page.screenshot({ path: path.join(process.env.OUT_DIR, 'omniboard-pqa-columns.png') });
     const cells = {}, seen = [];
     let first = null;

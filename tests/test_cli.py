@@ -199,7 +199,7 @@ def test_print_config_and_help():
     assert "hidden = 256" in config and "name = 'mlp'" in config
     shown = pqa("run", "pipeline", "print_config", "with", "selector.temp=2", "--no-db", check=False)
     assert "temp = 2" in shown.stdout and shown.returncode == 2  # shown, then refused as a run would be
-    assert shown.stderr.splitlines()[-1] == "Error: selector 'cosine' got unexpected parameter 'temp'; " \
+    assert shown.stderr.splitlines()[-1] == "Error: selector 'cosine' got unexpected parameter 'temp'; did you mean 'temperature'? " \
                                            "accepted: temperature"
     for command in ([], ["run"], ["runs"], ["db"], ["board"], ["plugins"]):
         assert "Usage:" in pqa(*command, "--help").stdout
