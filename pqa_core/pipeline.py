@@ -179,15 +179,6 @@ class Pipeline:
             batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, prompt=self.config.data.prompt,
             seed=self.config.seed).items()}
 
-    def control_of_pretrain(self):
-        from pqa_core.training.controls import build_control
-        from pqa_core.training.pretrain import CONTROL_OF_READER
-
-        if getattr(self, "_control", None) is None:
-            self._control = build_control({"name": CONTROL_OF_READER[self.config.pretrain.reader]}, self.corpus,
-                                          self.tokenizer)
-        return self._control
-
     def load_initial(self, source: Path) -> None:
         """Load the model (not the optimizer) from a checkpoint folder or an earlier run's output folder."""
         checkpoint = initial_checkpoint(source)
@@ -286,13 +277,22 @@ class Pipeline:
             self.logger.log_scalar(f"eval.{name}", value, 0)
         return metrics
 
-    def control(self):
-        """The control named in ``config.control``, indexed on the corpus once per run."""
+    def control(self, section=None):
+        """The control ``section`` names (``config.control`` by default), indexed on the corpus once per run."""
         from pqa_core.training.controls import build_control
 
-        if getattr(self, "_control", None) is None:
-            self._control = build_control(self.config.control, self.corpus, self.tokenizer)
-        return self._control
+        section = dict(section or self.config.control)
+        built = self.__dict__.setdefault("_controls", {})
+        key = repr(sorted(section.items()))
+        if key not in built:
+            built[key] = build_control(section, self.corpus, self.tokenizer)
+        return built[key]
+
+    def control_of_pretrain(self):
+        """The control whose input a ``text`` or ``closed_book`` pretrained reader learns to read."""
+        from pqa_core.training.pretrain import CONTROL_OF_READER
+
+        return self.control({"name": CONTROL_OF_READER[self.config.pretrain.reader]})
 
     def run_control_read(self) -> Dict[str, float]:
         """Train the LoRA to answer from the control's input (passage text, or nothing) on the training
