@@ -329,3 +329,29 @@ def test_a_training_process_that_fails_under_nproc_is_one_line_and_the_run_faile
     doc = store["db"].runs.find_one({"config.selector.name": "rank1boom"})
     assert doc["status"] == "FAILED" and "training process 1 failed: RuntimeError: boom on rank 1" in \
         doc["fail_trace"][-1], doc.get("fail_trace")
+
+
+def test_sigterm_interrupts_a_run_and_only_a_run(monkeypatch):
+    """During a run SIGTERM raises (the run is stored INTERRUPTED, or FAILED under torchrun); once it has
+    ended, a raise would land in interpreter shutdown (pymongo's atexit) as a traceback: CI saw one under
+    the one error line of a failed --nproc run. Alone the default comes back; under torchrun it is ignored
+    so the process still says its line."""
+    import signal
+
+    from pqa_experiments.tracking.engine import interrupt_on_sigterm, stop_interrupting_on_sigterm
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        for world, after in (("1", signal.SIG_DFL), ("2", signal.SIG_IGN)):
+            monkeypatch.setenv("WORLD_SIZE", world)
+            interrupt_on_sigterm()
+            if world == "1":
+                with pytest.raises(KeyboardInterrupt):
+                    signal.raise_signal(signal.SIGTERM)
+            stop_interrupting_on_sigterm()
+            assert signal.getsignal(signal.SIGTERM) is after
+        signal.signal(signal.SIGTERM, before)
+        stop_interrupting_on_sigterm()  # someone else's handler stays
+        assert signal.getsignal(signal.SIGTERM) is before
+    finally:
+        signal.signal(signal.SIGTERM, before)

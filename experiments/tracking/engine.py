@@ -409,7 +409,10 @@ def execute(phase: str, items: List[str], *, mongo_url: Optional[str] = None, no
         where = attach_observer(ex, mongo_url, no_db, file_storage)
         if where and announce is not None:
             announce(where)
-        return tracked_run(ex, updates, named_configs, info, debug=debug)
+        try:
+            return tracked_run(ex, updates, named_configs, info, debug=debug)
+        finally:
+            stop_interrupting_on_sigterm()
 
 
 def launch(nproc: int, phase: str, sacred_args, *, mongo_url, no_db, file_storage, as_json, debug) -> int:
@@ -452,7 +455,24 @@ def interrupt_on_sigterm() -> None:
                                "process ended")
         raise KeyboardInterrupt(f"signal {signum}")
 
+    handler.pqa_run_handler = True
     signal.signal(signal.SIGTERM, handler)
+
+
+def stop_interrupting_on_sigterm() -> None:
+    """Once the run has ended, a handler that raises would fire inside interpreter shutdown (pymongo's
+    atexit, where torchrun's SIGTERM to the other processes lands) and print a traceback under the run's
+    one error line. Alone, SIGTERM then ends the process as it ends any other; under torchrun it is
+    ignored, so this process still says its error line and exits by itself (torchrun kills it after its
+    grace period if not)."""
+    import signal
+    import threading
+
+    from pqa_core.training.distributed import world_from_env
+
+    if threading.current_thread() is threading.main_thread() and \
+            getattr(signal.getsignal(signal.SIGTERM), "pqa_run_handler", False):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if world_from_env() > 1 else signal.SIG_DFL)
 
 
 def show(phase: str, command: str, items: List[str]) -> None:
