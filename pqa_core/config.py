@@ -126,6 +126,9 @@ class PretrainSettings:
     reconstruct_weight: float = setting(0.5, "+ this x reconstruction of the gold passages from their soft "
                                              "tokens (ICAE)", range=WEIGHT)
     reconstruct_tokens: int = setting(64, "the first tokens of each gold passage reconstructed", range=COUNT)
+    reconstruct_only_steps: int = setting(0, "the first steps train by reconstruction alone (ICAE's order: the "
+                                             "writer learns to carry the passage before it answers questions)",
+                                          range=SOME)
     grad_clip: float = setting(1.0, "gradient norm clipping", range=RATE)
     checkpoint_every: int = setting(50, "steps between resumable checkpoints; 0 = only at the end", range=SOME)
     max_steps: int = setting(0, "> 0: stop after this many steps in all (a budget); 0: every step of the epochs",
@@ -257,6 +260,9 @@ class PQAConfig:
                              "where the question goes")
         if not DEVICE_RE.match(self.model.device):
             raise UsageError(f"config key 'model.device' = {self.model.device!r}: must be auto, cpu, cuda, cuda:N or mps")
+        if self.pretrain.reconstruct_only_steps and self.pretrain.reader != "pqa" and "pretrain" in self.phases:
+            raise UsageError(f"config key 'pretrain.reconstruct_only_steps' = {self.pretrain.reconstruct_only_steps}: "
+                             f"only a pqa reader has a writer to warm up (pretrain.reader={self.pretrain.reader})")
         for key in OUTPUT_NAME_KEYS:  # outputs the config names stay in the run's folder
             section, name = key.split(".")
             check_output_name(key, getattr(getattr(self, section), name))

@@ -160,6 +160,7 @@ class Pipeline:
         training = {"epochs": p.epochs, "steps": steps, "batch_size": p.batch_size, "lr_lora": p.lr_lora,
                     "lr_writer": p.lr_writer, "lr_projection": p.lr_projection, "top_k": p.top_k,
                     "reconstruct_weight": p.reconstruct_weight, "reconstruct_tokens": p.reconstruct_tokens,
+                    "reconstruct_only_steps": p.reconstruct_only_steps,
                     "seconds": round(seconds, 1), "metrics": metrics}
         return save_pretrained(self.output_dir / "pretrained", self.model, self.config,
                                llm_identity=llm_identity(self.config.model.llm), data=summary,

@@ -112,6 +112,22 @@ def test_a_step_budget_ends_pretraining_early_and_the_artifact_says_so(split, tm
     assert artifacts.read_manifest(str(tmp_path / "run"))["training"]["steps"] == 4
 
 
+def test_a_warm_up_reconstructs_alone_before_questions(split, tmp_path):
+    """ICAE's order: the first pretrain.reconstruct_only_steps train the writer by reconstruction alone (no
+    answer loss), then both; a control reader has no writer to warm up (refused, one line)."""
+    logger = RecordingLogger()
+    config = pretrain_config(split, tmp_path / "run", max_steps=4, checkpoint_every=0, reconstruct_only_steps=2)
+    pipeline = Pipeline(config, logger)
+    memory = pipeline.model.writer.memory.detach().clone()
+    pipeline.run()
+    assert [step for step, _ in logger.scalars["pretrain.answer_loss"]] == [3, 4]
+    assert [step for step, _ in logger.scalars["pretrain.reconstruct_loss"]] == [1, 2, 3, 4]
+    assert not torch.equal(pipeline.model.writer.memory.detach(), memory)  # the warm-up trained the writer
+    assert artifacts.read_manifest(str(tmp_path / "run"))["training"]["reconstruct_only_steps"] == 2
+    with pytest.raises(Exception, match="reconstruct_only_steps.*pretrain.reader=closed_book"):
+        pretrain_config(split, tmp_path / "cb", reader="closed_book", reconstruct_only_steps=2)
+
+
 def run_config(split, out: Path, pretrained: str, **model) -> PQAConfig:
     return PQAConfig.from_dict({
         "seed": 1, "output_dir": str(out), "model": {**TINY, "pretrained": pretrained, **model}, "writer": ENCODER,

@@ -101,6 +101,7 @@ class EpochLoop:
         self.config_dict = config_dict
         self.logger = logger
         self.checkpoint_every = checkpoint_every
+        self.steps_done = 0  # global steps done (a resumed run's included)
 
     @property
     def final_dir(self) -> Path:
@@ -132,6 +133,7 @@ class EpochLoop:
             epoch_end_fn: Optional[Callable[[int, int], dict]] = None, max_steps: int = 0) -> Dict[str, float]:
         """``max_steps`` > 0 ends the loop after that many steps in all (within an epoch, which then counts)."""
         epoch, skip, step, resumed_sums, resumed_count = self.resume_point()
+        self.steps_done = step
         batches_per_epoch = (len(dataset) + batch_size - 1) // batch_size
         total = epochs * batches_per_epoch if not max_steps else min(max_steps, epochs * batches_per_epoch)
         last: Dict[str, float] = {}
@@ -153,6 +155,7 @@ class EpochLoop:
                     raise NonFiniteError(f"{self.phase} phase, step {step + 1} (epoch {epoch + 1}): {exc}; "
                                          "the run stops and writes no final checkpoint") from None
                 step += 1
+                self.steps_done = step
                 count += 1
                 for name, value in metrics.items():
                     self.logger.log_scalar(f"{self.phase}.{name}", value, step)

@@ -4,7 +4,9 @@ A pqa reader (``pretrain.reader=pqa``) is trained as the read phase trains it, w
 each selected document's soft tokens are written by the writer *at every step* (``model.live_writer``),
 so the gradient reaches the writer (its LoRA, memory slots and map) as well as the reader's LoRA and the
 projection; and the gold passages are also reconstructed from their soft tokens (ICAE's autoencoding,
-``pretrain.reconstruct_weight``). Retrieval is not pretrained (the doc table, query encoder and selector
+``pretrain.reconstruct_weight``). The first ``pretrain.reconstruct_only_steps`` steps reconstruct alone (ICAE
+pretrains by autoencoding before it fine-tunes on questions): a writer that starts as noise gets a dense
+signal (every passage token) instead of competing with a few answer tokens for the shared reader. Retrieval is not pretrained (the doc table, query encoder and selector
 stay frozen): the selected neighbours are only the distractors a reader meets at run time.
 A control's reader (``text``: passages chosen by dense MiniLM retrieval, ``closed_book``: none) is trained
 with the same steps and learning rate, so a comparison of pretrained readers stays fair.
@@ -12,6 +14,8 @@ with the same steps and learning rate, so a comparison of pretrained readers sta
 from __future__ import annotations
 
 from typing import Dict
+
+import torch
 
 from pqa_core.config import PretrainSettings, ReadSettings
 from pqa_core.interfaces import WriteContext
@@ -43,19 +47,31 @@ class PretrainTrainer(ReadPhaseTrainer):
                                         "weight_decay": 0.0})
         self.trainable += writer
         self.reconstruct_weight = settings.reconstruct_weight
+        self.reconstruct_only_steps = settings.reconstruct_only_steps
         self.reconstruction = reconstruction
+        self.loop = None
         model.live_writer = True
 
+    def warming_up(self) -> bool:
+        """Whether this step reconstructs alone (the first ``reconstruct_only_steps`` of the run, resumed or not)."""
+        return self.loop is not None and self.loop.steps_done < self.reconstruct_only_steps
+
     def losses(self, batch):
-        """(answer loss + reconstruct_weight x reconstruction loss, the retrieval loss: unused, weight 0)."""
+        """(answer loss + reconstruct_weight x reconstruction loss, the retrieval loss: unused, weight 0);
+        during the warm-up (reconstruction loss, 0)."""
         self.model.written = {}  # the answer's and the reconstruction's passes share each row's writing
         try:
+            if self.warming_up():
+                gold = batch["gold_doc_ids"][:, 0]
+                reconstruct = self.reconstruction(self.model, gold[gold >= 0])
+                self.last_losses = {"reconstruct_loss": float(reconstruct.detach())}
+                return reconstruct, torch.zeros((), device=reconstruct.device)
             answer_loss, retrieval_loss = super().losses(batch)
-            self.last_losses = {"answer_loss": float(answer_loss)}
+            self.last_losses = {"answer_loss": float(answer_loss.detach())}
             if self.reconstruct_weight > 0:
                 gold = batch["gold_doc_ids"][:, 0]
                 reconstruct = self.reconstruction(self.model, gold[gold >= 0])
-                self.last_losses["reconstruct_loss"] = float(reconstruct)
+                self.last_losses["reconstruct_loss"] = float(reconstruct.detach())
                 answer_loss = answer_loss + self.reconstruct_weight * reconstruct
         finally:
             self.model.written = None

@@ -99,6 +99,7 @@ class ReadPhaseTrainer:
         s = self.settings
         loop = EpochLoop(self.model, self.optimizer, phase=phase, checkpoint_root=checkpoint_root,
                          config_dict=config_dict, logger=logger or RunLogger(), checkpoint_every=s.checkpoint_every)
+        self.loop = loop  # its steps_done: where a resumed run is (a step may depend on it)
         return loop.run(dataset, epochs=s.epochs, batch_size=s.batch_size, seed=seed,
                         step_fn=self.train_step, epoch_end_fn=epoch_end_fn, max_steps=max_steps)
 
