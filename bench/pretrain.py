@@ -5,7 +5,8 @@ them (by default all 16 that are left: 685 passages, 3,285 questions), holds out
 questions (by question, seeded) to score each artifact, and runs one tracked ``pqa run pretrain`` per
 reader: ``pqa`` (the encoder writer, the reader LoRA, the projection), ``closed_book`` and optionally
 ``text`` (the controls' readers, trained with the same steps and learning rate). Each run is resumable:
-run the same command again after an interruption. With ``--ship`` the artifacts are copied into
+run the same command again after an interruption, or with a larger ``--max-steps`` to go on from where a
+step budget stopped it. With ``--ship`` the artifacts are copied into
 ``pqa_core/pretrained/<llm>/<reader>/`` (what ``pqa demo`` starts from), beside a README saying how they
 were made.
 
@@ -59,7 +60,8 @@ def pretrain_command(reader: str, data: dict, out: Path, args) -> list:
               f"threads={args.threads}", f"output_dir={out}",
               f"model.num_memory_tokens={args.m}"]
     if reader == "pqa":  # the controls' readers read text or nothing: no writer to train
-        values += [f"writer.name={args.writer}", f"writer.layers={args.writer_layers}"]
+        values += [f"writer.name={args.writer}", f"writer.layers={args.writer_layers}",
+                   f"pretrain.reconstruct_only_steps={args.reconstruct_only_steps}"]
     if (out / "checkpoints" / "pretrain").exists():
         values.append(f"resume={out}")
     return [str(REPO_ROOT / ".venv" / "bin" / "pqa"), "run", "pretrain", "--json", "with", *values]
@@ -102,6 +104,8 @@ def main(argv=None) -> int:
     parser.add_argument("--writer", default="encoder")
     parser.add_argument("--writer-layers", type=int, default=4)
     parser.add_argument("--m", type=int, default=32, help="soft tokens per document")
+    parser.add_argument("--reconstruct-only-steps", type=int, default=0,
+                        help="pqa: the first steps train the writer by reconstruction alone (ICAE's order)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("outputs/pretrain"))
     parser.add_argument("--ship", action="store_true", help="copy the artifacts into pqa_core/pretrained/")

@@ -124,7 +124,7 @@ class Pipeline:
         p, data = self.config.pretrain, self.config.data
         metrics: Dict[str, float] = {}
         start = time.perf_counter()
-        if not self._finished("pretrain"):
+        if not self._finished("pretrain", planned=self.pretrain_steps()):
             root = self.checkpoint_root("pretrain")
             if p.reader == "pqa":
                 trainer = PretrainTrainer(self.model, p, retrieval_loss=self.retrieval_loss,
@@ -155,8 +155,7 @@ class Pipeline:
         summary = data_summary(resolve_data_path(data.corpus), resolve_data_path(data.qa), len(self.corpus),
                                len(self.train_qa))
         p = self.config.pretrain
-        steps = -(-len(self.train_qa) // p.batch_size) * p.epochs
-        steps = min(steps, p.max_steps) if p.max_steps else steps
+        steps = self.pretrain_steps()
         training = {"epochs": p.epochs, "steps": steps, "batch_size": p.batch_size, "lr_lora": p.lr_lora,
                     "lr_writer": p.lr_writer, "lr_projection": p.lr_projection, "top_k": p.top_k,
                     "reconstruct_weight": p.reconstruct_weight, "reconstruct_tokens": p.reconstruct_tokens,
@@ -195,10 +194,24 @@ class Pipeline:
     def checkpoint_root(self, phase: str) -> Path:
         return self.output_dir / "checkpoints" / phase
 
-    def _finished(self, phase: str) -> bool:
+    def pretrain_steps(self) -> int:
+        """The steps pretraining takes: every batch of its epochs, or ``pretrain.max_steps`` when fewer."""
+        p = self.config.pretrain
+        steps = -(-len(self.train_qa) // p.batch_size) * p.epochs
+        return min(steps, p.max_steps) if p.max_steps else steps
+
+    def _finished(self, phase: str, planned: Optional[int] = None) -> bool:
+        """Whether ``phase`` has its final checkpoint (then loaded). A final checkpoint that stopped at a
+        step budget (``planned``: the steps this run takes) short of this run's is not: the run goes on
+        from the step checkpoint written at that stop."""
         final = self.checkpoint_root(phase) / "final"
         if not (final / "MANIFEST.json").exists():
             return False
+        if planned is not None:
+            done = int(json.loads((final / "MANIFEST.json").read_text()).get("step") or 0)
+            if done < planned:
+                log.info("%s phase stopped at step %d of %d in %s: going on", phase, done, planned, final)
+                return False
         load_checkpoint(final, self.model, config=self.config_dict, restore_rng=True)
         log.info("%s phase already finished in %s: loaded it", phase, final)
         return True

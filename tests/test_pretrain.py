@@ -110,6 +110,17 @@ def test_a_step_budget_ends_pretraining_early_and_the_artifact_says_so(split, tm
     Pipeline(pretrain_config(split, tmp_path / "run", max_steps=4, checkpoint_every=0), logger).run()
     assert [step for step, _ in logger.scalars["pretrain.answer_loss"]] == [1, 2, 3, 4]
     assert artifacts.read_manifest(str(tmp_path / "run"))["training"]["steps"] == 4
+    # a larger budget goes on from where the first stopped, to the artifact a run with it from the start makes
+    grown = pretrain_config(split, tmp_path / "run", max_steps=6, checkpoint_every=0)
+    grown.resume = str(tmp_path / "run")
+    logger = RecordingLogger()
+    Pipeline(grown, logger).run()
+    assert [step for step, _ in logger.scalars["pretrain.answer_loss"]] == [5, 6]
+    Pipeline(pretrain_config(split, tmp_path / "straight", max_steps=6, checkpoint_every=0)).run()
+    went_on = load_file(str(tmp_path / "run" / "pretrained" / "model.safetensors"))
+    straight = load_file(str(tmp_path / "straight" / "pretrained" / "model.safetensors"))
+    assert all(torch.equal(went_on[k], straight[k]) for k in straight)
+    assert artifacts.read_manifest(str(tmp_path / "run"))["training"]["steps"] == 6
 
 
 def test_a_warm_up_reconstructs_alone_before_questions(split, tmp_path):

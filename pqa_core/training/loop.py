@@ -167,6 +167,9 @@ class EpochLoop:
                               metrics={"epoch_sums": dict(sums), "epoch_steps": count})
                 if max_steps and step >= max_steps:
                     stopped = True
+                    if not (self.checkpoint_every and step % self.checkpoint_every == 0):  # a budget can grow:
+                        self.save(step_dir(self.root, step), step, epoch, i + 1,  # resume from here then
+                                  metrics={"epoch_sums": dict(sums), "epoch_steps": count})
                     break
             skip = 0
             epoch += 1
