@@ -30,7 +30,7 @@ BENCHMARKS = ("step_overhead", "selection_scale", "tracking_overhead", "batched_
 # Every section of RESULTS.md, by its item letter in the benchmark issue; (a), (b) and (f) run on their own.
 SECTIONS = {"quality": "a", "latency": "b", "step_overhead": "c", "selection_scale": "d", "tracking_overhead": "e",
             "write_capacity": "f", "batched_eval": "g", "corpus_scale": "h",
-            "processes": "i", "sweep_scale": "j", "writer_speed": "k"}
+            "processes": "i", "sweep_scale": "j", "writer_speed": "k", "carry": "l"}
 PROFILES = ("smoke", "quick", "full")
 RESULTS_MD = common.RESULTS_MD
 default_out = common.default_out
@@ -173,6 +173,10 @@ def render(out: Path) -> str:
         how.append("python bench/processes.py          # (i) two training processes vs one, same global batch")
     if "sweep_scale" in item:
         how.append("python bench/sweep_scale.py        # (j) pqa sweep on Ray vs the same trials one after another")
+    if "writer_speed" in item:
+        how.append("python bench/writer_speed.py       # (k) the encoder writer's documents/s vs a write-phase epoch")
+    if "carry" in item:
+        how.append("python bench/carry.py --artifact NAME=PATH   # (l) do the soft tokens carry their own passage?")
     how.append("python bench/run.py --render-only  # rebuild this file from bench/results/*.json|md, measuring nothing")
     lines = [
         "# pqa benchmarks",

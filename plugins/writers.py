@@ -15,7 +15,7 @@ import copy
 import logging
 import math
 import time
-from typing import List, Optional, Sequence
+from typing import List, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -109,17 +109,31 @@ class EncoderWriter(Writer):
     """The LLM's first ``layers`` layers with a LoRA (``lora_r``, ``lora_alpha``, on ``lora_target_modules``)
     read ``[passage][m memory slots]``; the slots' last hidden states -> LayerNorm -> Linear = the soft tokens.
     ``max_tokens``: the passage tokens read (the first ones). ``batch_size``: documents per forward pass
-    when writing."""
+    when writing.
+
+    ``anchor=keywords`` (default): slot j starts as the passage's j-th salient word (the ``keywords``
+    writer's tokens, idf over the run's corpus) and the soft token is that word's embedding plus the map
+    of the slot's hidden state, the map starting at zero: the writer starts exactly where ``keywords``
+    is and learns only what it adds. Measured why: slots that start as shared noise (``anchor=none``)
+    learned one prefix for every passage (reconstruction with another passage's tokens was as good,
+    bench/RESULTS.md (k))."""
 
     trainable = True
 
     def __init__(self, llm, d_model: int, num_tokens: int, embedding_std: float, pad_token_id: int,
                  lora_target_modules: Optional[List[str]] = None, layers: int = 4, lora_r: int = 8,
-                 lora_alpha: float = 16.0, max_tokens: int = 256, batch_size: int = 16):
+                 lora_alpha: float = 16.0, max_tokens: int = 256, batch_size: int = 16,
+                 anchor: Literal["keywords", "none"] = "keywords", tokenizer=None,
+                 keyword_scoring: str = "tfidf_names"):
         super().__init__()
         if layers < 1 or lora_r < 1 or max_tokens < 1 or batch_size < 1 or not lora_alpha > 0:
             raise ValueError(f"encoder writer: layers, lora_r, max_tokens, batch_size must be >= 1 and lora_alpha "
                              f"> 0; got {layers}, {lora_r}, {max_tokens}, {batch_size}, {lora_alpha}")
+        if anchor not in ("keywords", "none") or (anchor == "keywords" and tokenizer is None):
+            raise ValueError(f"encoder writer: anchor must be keywords (needs the LLM's tokenizer) or none, "
+                             f"got {anchor!r}")
+        self.anchor, self.tokenizer, self.scoring = anchor, tokenizer, keyword_scoring
+        self.frequencies = None  # the corpus's word counts (prepare); else those of the passages written together
         self.d_model, self.num_tokens, self.pad_token_id = int(d_model), int(num_tokens), int(pad_token_id or 0)
         self.max_tokens, self.batch_size, self.lora_r = int(max_tokens), int(batch_size), int(lora_r)
         decoder, self.layers = truncated_decoder(llm, layers)
@@ -135,11 +149,37 @@ class EncoderWriter(Writer):
             raise ValueError(f"encoder writer: no linear layer named {sorted(targets)} in the LLM's first layers")
         object.__setattr__(self, "decoder", decoder)  # frozen and rebuilt from the LLM: not the writer's state
         self.adapters = nn.ModuleList(adapters)
-        self.memory = nn.Parameter(torch.randn(self.num_tokens, self.d_model) * float(embedding_std))
+        anchored = anchor == "keywords"
+        self.memory = nn.Parameter(torch.zeros(self.num_tokens, self.d_model) if anchored
+                                   else torch.randn(self.num_tokens, self.d_model) * float(embedding_std))
         self.norm = nn.LayerNorm(self.d_model, elementwise_affine=False)
         self.map = nn.Linear(self.d_model, self.d_model)
-        nn.init.normal_(self.map.weight, std=float(embedding_std) / math.sqrt(self.d_model))
+        nn.init.normal_(self.map.weight, std=0.0 if anchored else float(embedding_std) / math.sqrt(self.d_model))
         nn.init.zeros_(self.map.bias)
+
+    def prepare(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> None:
+        """The corpus's word counts: a passage's salient words are chosen with the corpus's idf, whether
+        it is written with the others or alone inside a training step."""
+        from pqa_core.modeling.keywords import document_frequencies
+
+        if self.anchor == "keywords":
+            self.frequencies = document_frequencies(texts)
+
+    def anchors(self, rows: Sequence[Sequence[int]], device) -> torch.Tensor:
+        """``[B, m, d_model]``: each passage's salient words' input embeddings in text order (zero where
+        fewer), or zeros without an anchor. No gradient: the embeddings are the LLM's."""
+        out = torch.zeros(len(rows), self.num_tokens, self.d_model, device=device)
+        if self.anchor != "keywords":
+            return out
+        from pqa_core.modeling.keywords import salient_token_ids
+
+        texts = [self.tokenizer.decode(list(row)) for row in rows]
+        chosen = salient_token_ids(texts, self.tokenizer, self.num_tokens, self.scoring, self.frequencies)
+        embeddings = self.decoder.embed_tokens.weight
+        for i, ids in enumerate(chosen):
+            if ids:
+                out[i, :len(ids)] = embeddings[torch.tensor(ids, device=embeddings.device)].detach().float()
+        return out
 
     def _apply(self, fn, *args, **kwargs):
         self.decoder._apply(fn, *args, **kwargs)
@@ -158,13 +198,14 @@ class EncoderWriter(Writer):
                 mask[i, width - len(row):] = 1
         ids, mask = ids.to(device), mask.to(device)
         embeds = self.decoder.embed_tokens(ids)
-        slots = self.memory.to(embeds.dtype).expand(len(rows), -1, -1)
+        anchors = self.anchors(rows, device)
+        slots = (anchors + self.memory).to(embeds.dtype)
         inputs = torch.cat([embeds, slots], dim=1)
         mask = torch.cat([mask, torch.ones(len(rows), self.num_tokens, dtype=mask.dtype, device=device)], dim=1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         hidden = self.decoder(inputs_embeds=inputs, attention_mask=mask, position_ids=positions,
                               use_cache=False).last_hidden_state[:, -self.num_tokens:]
-        return self.map(self.norm(hidden.float()))
+        return anchors + self.map(self.norm(hidden.float()))
 
     @torch.no_grad()
     def write_documents(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -187,7 +228,7 @@ class EncoderWriter(Writer):
         return out
 
     def extra_repr(self) -> str:
-        return f"layers={self.layers}, num_tokens={self.num_tokens}, lora_r={self.lora_r}"
+        return f"layers={self.layers}, num_tokens={self.num_tokens}, lora_r={self.lora_r}, anchor={self.anchor}"
 
 
 @hookimpl

@@ -119,6 +119,10 @@ class Writer(nn.Module):
 
     trainable = False
 
+    def prepare(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> None:
+        """Once per run, before any writing, with every row of the corpus: a writer may keep corpus
+        statistics (the ``encoder``'s anchor words use the corpus's idf). Nothing by default."""
+
     def write_documents(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
         raise NotImplementedError
 

@@ -165,3 +165,29 @@ def test_write_capacity_smoke_runs_every_setting(tmp_path):
         assert setting["betas"] == [0.9, 0.9] and "to_target" in setting
     md = write_capacity.markdown(result)
     assert md.startswith("## (f) Write-phase capacity") and "| `hybrid` | 4 |" in md
+
+
+def test_carry_pairs_own_and_other_soft_tokens_over_the_same_passages():
+    """(l): every passage is scored after its own soft tokens and after another's, through one path: with
+    each passage its own partner the two are equal, and the table names the writer with its interval."""
+    from bench import carry
+    from pqa_core.config import PQAConfig
+    from pqa_core.data.loading import load_corpus, sample_data_path, split_passages
+    from pqa_core.modeling.builder import build_model
+    from pqa_core.modeling.llm import load_llm
+
+    result = carry.run("smoke", command="pytest smoke")
+    keywords = result["writers"]["keywords"]
+    assert len(keywords["per_passage"]["own"]) == len(keywords["per_passage"]["other"]) == 8
+    assert keywords["carried"]["n"] == 8 and keywords["own"] != keywords["none"]
+    assert "| keywords |" in carry.markdown(result)
+    llm, tokenizer = load_llm("tiny")
+    passages = split_passages(load_corpus(sample_data_path("corpus.jsonl"))[:4], tokenizer, 256)
+    model = build_model(PQAConfig.from_dict({"model": {"llm": "tiny", "num_memory_tokens": 2}}), passages.documents,
+                        (llm, tokenizer), row_tokens=passages.tokens)
+    rows = [0, 1, 2, 3]
+    targets = {r: list(passages.tokens[r])[:8] for r in rows}
+    same = carry.passage_losses(model, rows, targets, {r: r for r in rows}, batch_size=3)
+    assert same["own"] == same["other"] and len(same["none"]) == 4
+    swapped = carry.passage_losses(model, rows, targets, {0: 1, 1: 0, 2: 3, 3: 2}, batch_size=3)
+    assert swapped["own"] == same["own"] and swapped["other"] != same["own"]

@@ -213,9 +213,9 @@ def test_the_encoder_writer_trains_and_writes_a_batch_in_one_pass():
     from pqa_core.modeling.llm import load_llm
 
     llm, tokenizer = load_llm("tiny")
-    writer = plugins.build("writer", "encoder", {"layers": 2, "batch_size": 16},
-                           {"llm": llm, "d_model": 64, "num_tokens": 3, "embedding_std": 0.02,
-                            "pad_token_id": tokenizer.pad_token_id, "lora_target_modules": ["q_proj", "v_proj"]})
+    context = {"llm": llm, "d_model": 64, "num_tokens": 3, "embedding_std": 0.02, "tokenizer": tokenizer,
+               "pad_token_id": tokenizer.pad_token_id, "lora_target_modules": ["q_proj", "v_proj"]}
+    writer = plugins.build("writer", "encoder", {"layers": 2, "batch_size": 16, "anchor": "none"}, context)
     texts = [f"Passage {i} says the tower is {i * 7} metres tall." for i in range(10)]
     tokens = tokenizer(texts, add_special_tokens=False)["input_ids"]
     out = writer(tokens[:4])
@@ -235,6 +235,31 @@ def test_the_encoder_writer_trains_and_writes_a_batch_in_one_pass():
     # a document is written the same alone or in a batch (padding is masked)
     alone = writer.write_documents(texts[:1], tokens[:1])
     assert torch.allclose(alone[0], written[0], atol=1e-4)
+
+
+def test_the_anchored_encoder_starts_as_the_keywords_and_learns_what_it_adds():
+    """anchor=keywords (the default): before training the soft tokens are exactly the keywords writer's
+    (idf over the corpus the run prepares it with, alone or in a batch); the map gets gradient first."""
+    from pqa_core.components import plugins
+    from pqa_core.modeling.llm import load_llm
+
+    llm, tokenizer = load_llm("tiny")
+    context = {"llm": llm, "d_model": 64, "num_tokens": 3, "embedding_std": 0.02, "tokenizer": tokenizer,
+               "pad_token_id": tokenizer.pad_token_id, "lora_target_modules": ["q_proj", "v_proj"]}
+    encoder = plugins.build("writer", "encoder", {"layers": 2}, context)
+    keywords = plugins.build("writer", "keywords", {}, context)
+    texts = [f"Passage {i} says the {w} tower of Berlin is {i * 7} metres tall."
+             for i, w in enumerate(["red", "old", "new", "tall", "blue", "grey"])]
+    tokens = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    encoder.prepare(texts, tokens)
+    started = encoder.write_documents(texts, tokens)
+    assert torch.allclose(started, keywords.write_documents(texts, tokens))
+    assert started.abs().sum() > 0 and not torch.allclose(started[0], started[1])  # each passage its own words
+    assert torch.allclose(encoder.write_documents(texts[2:3], tokens[2:3])[0], started[2])  # the corpus's idf
+    encoder(tokens[:2]).pow(2).sum().backward()
+    assert encoder.map.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="anchor"):
+        plugins.build("writer", "encoder", {"anchor": "keywords"}, {**context, "tokenizer": None})
 
 
 def test_shipped_artifacts_verify_and_are_disjoint_from_the_sample():

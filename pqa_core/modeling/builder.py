@@ -12,6 +12,7 @@ from pqa_core.data.loading import Document
 from pqa_core.modeling.device import autocast_dtype, resolve_device
 from pqa_core.modeling.doc_table import TableStorage, storage_of, table_std
 from pqa_core.errors import UsageError
+from pqa_core.interfaces import Writer
 from pqa_core.modeling.llm import load_llm
 from pqa_core.modeling.model import ParametricQA, retrieval_key_dims
 
@@ -194,10 +195,14 @@ def build_model(config: PQAConfig, documents: List[Document], llm_and_tokenizer=
         from pqa_core.storage.pretrained import load_pretrained
 
         model.pretrained = load_pretrained(config, model)
-    if write and writes_content(config, d_z, key_dims, context["d_model"]):
+    writes = write and writes_content(config, d_z, key_dims, context["d_model"])
+    prepares = type(writer).prepare is not Writer.prepare
+    tokens = row_tokens or (_token_lists(tokenizer, documents) if writes or prepares else None)
+    if prepares:
+        writer.prepare([d.text for d in documents], tokens)
+    if writes:
         with model.autocast():
-            model.write_info = write_content(model, range(len(documents)), documents,
-                                             row_tokens or _token_lists(tokenizer, documents))
+            model.write_info = write_content(model, range(len(documents)), documents, tokens)
     return model
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 WORD = re.compile(r"[\w'’\-]+")
 SENTENCE_END = re.compile(r"[.!?:;\"'“”()\[\]]\s*$")
@@ -38,18 +38,31 @@ SCORINGS: Dict[str, Callable[[float, int, str, int, str], float]] = {
 }
 
 
-def salient_token_ids(texts: Sequence[str], tokenizer, budget: int, scoring: str = "tfidf_names") -> List[List[int]]:
-    """Per text, the LLM token ids of its highest-scoring distinct words (idf over ``texts``; English
-    stop words never count), at most ``budget`` tokens, in the order the words appear; ties go to the
-    earlier word. ``scoring``: a name of ``SCORINGS``."""
+def _content_words(text: str) -> list:
     from bm25s.stopwords import STOPWORDS_EN_PLUS  # NLTK's English stop words; a dependency already
 
+    return [m for m in WORD.finditer(text) if m.group(0).lower() not in STOPWORDS_EN_PLUS]
+
+
+def document_frequencies(texts: Sequence[str]) -> Tuple[Counter, int]:
+    """(how many of ``texts`` hold each lower-cased content word, how many texts): the idf a corpus gives."""
+    return _frequencies([_content_words(text) for text in texts])
+
+
+def _frequencies(words: list) -> Tuple[Counter, int]:
+    return Counter(w for found in words for w in {m.group(0).lower() for m in found}), len(words)
+
+
+def salient_token_ids(texts: Sequence[str], tokenizer, budget: int, scoring: str = "tfidf_names",
+                      frequencies: Optional[Tuple[Counter, int]] = None) -> List[List[int]]:
+    """Per text, the LLM token ids of its highest-scoring distinct words (idf over ``texts``, or over the
+    corpus ``frequencies`` describe; English stop words never count), at most ``budget`` tokens, in the
+    order the words appear; ties go to the earlier word. ``scoring``: a name of ``SCORINGS``."""
     if scoring not in SCORINGS:
         raise ValueError(f"keyword scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
     score = SCORINGS[scoring]
-    words = [[m for m in WORD.finditer(text) if m.group(0).lower() not in STOPWORDS_EN_PLUS] for text in texts]
-    df = Counter(w for found in words for w in {m.group(0).lower() for m in found})
-    n = len(texts)
+    words = [_content_words(text) for text in texts]
+    df, n = frequencies or _frequencies(words)
     out = []
     for text, text_words in zip(texts, words):
         tf = Counter(m.group(0).lower() for m in text_words)

@@ -1,0 +1,147 @@
+"""(l) Do the soft tokens carry the passage? Reconstruction from a passage's own soft tokens vs another's.
+
+A writer's soft tokens can lower the reader's loss on a passage in two ways: by saying what passages of
+this kind look like (any passage's tokens would do as well) or by saying what *this* passage says. Only
+the second is the document in the vector. For each writer, every passage's first ``tokens`` tokens are
+scored (nats per token, teacher-forced, the reader that goes with the writer) twice: after its own soft
+tokens and after those of another passage of the same set (the one half the set away). The difference
+(other - own), paired over passages with its 95% interval and p-value, is what the vectors carry of
+their own passage; the plain LLM with no soft tokens at all is the floor.
+
+Writers: ``keywords`` (the base LLM reads the salient words' embeddings) and each ``--artifact
+NAME=PATH`` (a pretrained artifact: its writer writes, its reader LoRA reads). The passages are bench
+(a)'s (the first articles of shared/data, never in a pretraining corpus), else the shipped sample.
+
+    python bench/carry.py --quick --artifact encoder=pqa_core/pretrained/smollm2-135m/pqa
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import common  # noqa: E402
+
+NAME = "carry"
+PROFILES = {
+    "smoke": dict(llm="tiny", documents=8, tokens=16, m=2, batch_size=4),
+    "quick": dict(llm="smollm2-135m", documents=64, tokens=64, m=32, batch_size=8),
+    "full": dict(llm="smollm2-135m", documents=200, tokens=64, m=32, batch_size=8),
+}
+
+
+def _passages(n: int):
+    from pqa_core.data.loading import load_corpus, sample_data_path
+
+    squad = common.SQUAD_DIR / "corpus.jsonl"
+    corpus = load_corpus(squad if squad.exists() else sample_data_path("corpus.jsonl"))
+    return corpus[:n], ("SQuAD v1.1 (the first passages of shared/data: bench (a)'s)" if squad.exists()
+                        else "the shipped sample")
+
+
+def passage_losses(model, rows, targets, partner, batch_size: int):
+    """Per row: (nats/token after its own soft tokens, after ``partner[row]``'s, with none)."""
+    import torch
+    import torch.nn.functional as F
+
+    from pqa_core.data.loading import pad_sequences
+
+    pad = model.tokenizer.pad_token_id or 0
+    out = {"own": [], "other": [], "none": []}
+    model.eval()
+    with torch.no_grad(), model.autocast():
+        for first in range(0, len(rows), batch_size):
+            part = rows[first:first + batch_size]
+            ids, mask = pad_sequences([targets[r] for r in part], pad, "right")
+            for name, prefix_rows in (("own", part), ("other", [partner[r] for r in part]), ("none", None)):
+                prefix = model.soft_prompts(torch.tensor(prefix_rows)[:, None]) if prefix_rows else None
+                logits, labels = model.continuation_logits(prefix, ids[:, :0], mask[:, :0], ids, mask)
+                nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+                out[name] += (nll.sum(1) / (labels != -100).sum(1)).tolist()
+    return out
+
+
+def run(profile: str = "quick", command: str | None = None, threads: int | None = common.DEFAULT_THREADS,
+        artifacts=None, **overrides) -> dict:
+    import torch
+
+    from pqa_core.config import PQAConfig
+    from pqa_core.data.loading import split_passages
+    from pqa_core.evaluation.stats import paired_comparison
+    from pqa_core.modeling.builder import build_model
+    from pqa_core.modeling.llm import load_llm
+
+    bench = common.Bench(NAME, profile, PROFILES, overrides, threads, command)
+    p = bench.params
+    documents, source = _passages(p["documents"])
+    llm, tokenizer = load_llm(p["llm"])
+    passages = split_passages(documents, tokenizer, 256)
+    rows = [passages.rows_of_passage[i][0] for i in range(len(documents))]  # each passage's first row
+    targets = {r: list(passages.tokens[r])[:p["tokens"]] for r in rows}
+    partner = {r: rows[(i + len(rows) // 2) % len(rows)] for i, r in enumerate(rows)}
+    variants = {"keywords": {"writer": {"name": "keywords"}}}
+    for name, path in (artifacts or {}).items():
+        variants[name] = {"writer": {"name": "encoder"}, "model": {"pretrained": str(path)}}
+    found = {}
+    for name, extra in variants.items():
+        torch.manual_seed(0)
+        config = PQAConfig.from_dict({"seed": 0, "writer": extra["writer"],
+                                      "model": {"llm": p["llm"], "num_memory_tokens": p["m"], **extra.get("model", {}),
+                                                **({"lora": {"enabled": False}} if name == "keywords" else {})}})
+        model = build_model(config, passages.documents, (load_llm(p["llm"]) if found else (llm, tokenizer)),
+                            row_tokens=passages.tokens)
+        losses = passage_losses(model, rows, targets, partner, p["batch_size"])
+        carried = paired_comparison(losses["other"], losses["own"], metric="nats/token (other - own)")
+        helped = paired_comparison(losses["none"], losses["own"], metric="nats/token (none - own)")
+        found[name] = {"own": sum(losses["own"]) / len(rows), "other": sum(losses["other"]) / len(rows),
+                       "none": sum(losses["none"]) / len(rows), "carried": carried.to_dict(),
+                       "helped": helped.to_dict(), "per_passage": losses}
+    return bench.finish({"setup": {"llm": p["llm"], "passages": len(rows), "source": source, "m": p["m"],
+                                   "tokens": p["tokens"], "artifacts": {k: str(v) for k, v in (artifacts or {}).items()}},
+                         "writers": found})
+
+
+def markdown(result: dict) -> str:
+    s = result["setup"]
+    rows = []
+    for name, w in result["writers"].items():
+        c = w["carried"]
+        rows.append([name, f"{w['none']:.3f}", f"{w['own']:.3f}", f"{w['other']:.3f}",
+                     f"{c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]", f"{c['p_value']:.3g}"])
+    table = common.md_table(["writer (reader)", "no soft tokens", "own soft tokens", "another passage's",
+                             "carried: other - own [95%]", "p"], rows)
+    artifacts = ", ".join(f"{k} = `{v}`" for k, v in s["artifacts"].items()) or "none"
+    return common.section(
+        "(l) Do the soft tokens carry the passage? Own vs another passage's", result,
+        f"{s['passages']} passages of {s['source']}, {s['llm']}, m={s['m']}: nats per token of each passage's first "
+        f"{s['tokens']} tokens, teacher-forced, after nothing, after its own soft tokens, after another passage's "
+        f"(half the set away). Artifacts: {artifacts} (their writer writes, their reader LoRA reads; `keywords` is "
+        "read by the plain LLM).",
+        table,
+        "Read: a writer whose `carried` interval includes 0 writes one prefix for every passage (it says what a "
+        "passage looks like, not what this one says), however much it lowers the loss against no soft tokens.")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--artifact", action="append", default=[], metavar="NAME=PATH",
+                        help="a pretrained artifact (folder, run folder or shipped:LLM/READER) to compare; repeatable")
+
+
+def run_kwargs(args, out) -> dict:
+    artifacts = {}
+    for item in args.artifact:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"error: --artifact {item!r}: expected NAME=PATH")
+        artifacts[name] = path
+    return {"artifacts": artifacts}
+
+
+def main(argv=None) -> int:
+    return common.script_main(sys.modules[__name__], argv, add_arguments=add_arguments, run_kwargs=run_kwargs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
