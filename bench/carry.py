@@ -72,6 +72,7 @@ def run(profile: str = "quick", command: str | None = None, threads: int | None 
     from pqa_core.evaluation.stats import paired_comparison
     from pqa_core.modeling.builder import build_model
     from pqa_core.modeling.llm import load_llm
+    from pqa_core.storage.pretrained import read_manifest, saved_shape
 
     bench = common.Bench(NAME, profile, PROFILES, overrides, threads, command)
     p = bench.params
@@ -82,8 +83,9 @@ def run(profile: str = "quick", command: str | None = None, threads: int | None 
     targets = {r: list(passages.tokens[r])[:p["tokens"]] for r in rows}
     partner = {r: rows[(i + len(rows) // 2) % len(rows)] for i, r in enumerate(rows)}
     variants = {"keywords": {"writer": {"name": "keywords"}}}
-    for name, path in (artifacts or {}).items():
-        variants[name] = {"writer": {"name": "encoder"}, "model": {"pretrained": str(path)}}
+    for name, path in (artifacts or {}).items():  # the writer the artifact was made with
+        writer = saved_shape(read_manifest(str(path)))["writer"]
+        variants[name] = {"writer": writer, "model": {"pretrained": str(path)}}
     found = {}
     for name, extra in variants.items():
         torch.manual_seed(0)

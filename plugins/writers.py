@@ -116,7 +116,7 @@ class EncoderWriter(Writer):
     of the slot's hidden state, the map starting at zero: the writer starts exactly where ``keywords``
     is and learns only what it adds. Measured why: slots that start as shared noise (``anchor=none``)
     learned one prefix for every passage (reconstruction with another passage's tokens was as good,
-    bench/RESULTS.md (k))."""
+    bench/RESULTS.md (l))."""
 
     trainable = True
 

@@ -275,3 +275,23 @@ def test_shipped_artifacts_verify_and_are_disjoint_from_the_sample():
         assert manifest["llm"]["name"] == "smollm2-135m" and folder.name == manifest["reader"]
         config = PQAConfig.from_dict({"model": {"pretrained": f"shipped:{folder.parent.name}/{folder.name}"}})
         artifacts.check_disjoint(config, manifest, questions, lambda q: [corpus[r].text for r in q.gold_rows])
+
+
+def test_an_artifact_made_before_a_parameter_existed_loads_with_what_it_was_made_with():
+    """The encoder's ``anchor`` came after the first artifacts: one whose manifest lacks it was made
+    unanchored, so it fits writer.anchor=none and is refused, naming the writer, under the default."""
+    from pqa_core.storage.pretrained import check_fits_run, saved_shape
+
+    shape = {"d_model": 64, "num_memory_tokens": 2, "lora": None,
+             "writer": {"name": "encoder", "layers": 1, "lora_r": 8, "lora_alpha": 16.0, "max_tokens": 256,
+                        "batch_size": 4}, "projection": None}
+    manifest = {"reader": "pqa", "llm": {"name": "tiny"}, "shape": shape}
+    assert saved_shape(manifest)["writer"] == {"anchor": "none", "layers": 1, "lora_alpha": 16.0, "lora_r": 8,
+                                               "max_tokens": 256, "name": "encoder"}
+    config = PQAConfig.from_dict({"model": {"llm": "tiny", "num_memory_tokens": 2, "lora": {"enabled": False}},
+                                  "writer": {"name": "encoder", "layers": 1, "anchor": "none"}})
+    fits = {**shape, "projection": artifacts.shape_of(config, 64)["projection"]}
+    check_fits_run(config, {**manifest, "shape": fits}, {"name": "tiny"}, 64)
+    config.writer["anchor"] = "keywords"
+    with pytest.raises(Exception, match="made for writer="):
+        check_fits_run(config, {**manifest, "shape": fits}, {"name": "tiny"}, 64)

@@ -80,6 +80,20 @@ def reader_needed(config) -> str:
 SPEED_ONLY = ("batch_size",)
 """Component parameters that change how fast, not what: an artifact fits whatever they are."""
 
+MADE_BEFORE = {"writer": {"encoder": {"anchor": "none"}}}
+"""kind -> component -> a parameter added after artifacts were made without it, and the value that
+reproduces what those artifacts were made with (the encoder had no anchor before ``anchor``)."""
+
+
+def saved_shape(manifest: Dict[str, Any]) -> Dict[str, Any]:
+    """The artifact's shape as today's parameters name it (``MADE_BEFORE`` fills what it predates)."""
+    saved = dict(manifest.get("shape", {}))
+    for kind in ("writer", "projection"):
+        if isinstance(saved.get(kind), dict):
+            section = {k: v for k, v in saved[kind].items() if k not in SPEED_ONLY}
+            saved[kind] = dict(sorted({**MADE_BEFORE.get(kind, {}).get(section.get("name"), {}), **section}.items()))
+    return saved
+
 
 def shape_of(config, d_model: Optional[int]) -> Dict[str, Any]:
     """What must match for an artifact's tensors to fit a model of ``config`` (components with their defaults)."""
@@ -174,10 +188,7 @@ def check_fits_run(config, manifest: Dict[str, Any], llm_identity: dict, d_model
     if manifest.get("llm") != llm_identity:
         raise UsageError(f"model.pretrained={spec!r}: made for LLM {_short(manifest.get('llm'))}, this run has "
                          f"{_short(llm_identity)}")
-    saved, current = dict(manifest.get("shape", {})), shape_of(config, d_model)
-    for kind in ("writer", "projection"):
-        if isinstance(saved.get(kind), dict):
-            saved[kind] = {k: v for k, v in sorted(saved[kind].items()) if k not in SPEED_ONLY}
+    saved, current = saved_shape(manifest), shape_of(config, d_model)
     keys = ["d_model", "lora"] + (["num_memory_tokens", "writer", "projection"] if needed == "pqa" else [])
     for key in keys:
         if key == "d_model" and d_model is None:
