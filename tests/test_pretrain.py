@@ -275,6 +275,16 @@ def test_shipped_artifacts_verify_and_are_disjoint_from_the_sample():
         assert manifest["llm"]["name"] == "smollm2-135m" and folder.name == manifest["reader"]
         config = PQAConfig.from_dict({"model": {"pretrained": f"shipped:{folder.parent.name}/{folder.name}"}})
         artifacts.check_disjoint(config, manifest, questions, lambda q: [corpus[r].text for r in q.gold_rows])
+    # and they fit the runs `pqa demo` makes (its named config; the closed-book control its own reader)
+    from pqa_experiments.tracking.experiments import NAMED_CONFIGS
+    from pqa_core.modeling.llm import llm_identity
+
+    demo = NAMED_CONFIGS["demo"]
+    runs = {"pqa": demo, "closed_book": {**demo, **NAMED_CONFIGS["train_reader"], "control": {"name": "closed_book"}}}
+    for reader, values in runs.items():
+        config = PQAConfig.from_dict(values)
+        manifest = artifacts.read_manifest(str(artifacts.SHIPPED_DIR / config.model.llm / reader))
+        artifacts.check_fits_run(config, manifest, llm_identity(config.model.llm), 576)
 
 
 def test_an_artifact_made_before_a_parameter_existed_loads_with_what_it_was_made_with():

@@ -331,6 +331,31 @@ def test_a_training_process_that_fails_under_nproc_is_one_line_and_the_run_faile
         doc["fail_trace"][-1], doc.get("fail_trace")
 
 
+KILLED_PLUGIN = RANK1_PLUGIN.replace("raise RuntimeError(\"boom on rank 1\")",
+                                    "import signal; os.kill(os.getpid(), signal.SIGKILL)").replace("rank1boom", "rank1killed")
+
+
+def test_a_training_process_killed_under_nproc_fails_the_run_in_one_line(user, store, tmp_path):
+    """kill -9 of the second process mid-run (it leaves no error line of its own): the run is FAILED, the
+    user reads one Error line and no traceback, and the exit status is 1."""
+    from conftest import write_distribution
+
+    assert "SIGKILL" in KILLED_PLUGIN
+    site = tmp_path / "site"
+    site.mkdir()
+    write_distribution(site, "pqa-test-rank1-killed", "0.1", {"rank1killed": "pqa_test_rank1_killed"},
+                       {"pqa_test_rank1_killed": KILLED_PLUGIN})
+    result = user.subprocess("run", "pipeline", "--nproc", "2", "--mongo-url", store["url"], *SMOKE,
+                             "selector.name=rank1killed", extra_env={
+                                 "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])})
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and ("training process" in errors[0] or "another training process" in errors[0]), \
+        result.stderr[-3000:]
+    doc = store["db"].runs.find_one({"config.selector.name": "rank1killed"})
+    assert doc["status"] == "FAILED", doc.get("status")
+
+
 def test_sigterm_interrupts_a_run_and_only_a_run(monkeypatch):
     """During a run SIGTERM raises (the run is stored INTERRUPTED, or FAILED under torchrun); once it has
     ended, a raise would land in interpreter shutdown (pymongo's atexit) as a traceback: CI saw one under
