@@ -32,15 +32,6 @@ PROFILES = {
 }
 
 
-def _passages(n: int):
-    from pqa_core.data.loading import load_corpus, sample_data_path
-
-    squad = common.SQUAD_DIR / "corpus.jsonl"
-    corpus = load_corpus(squad if squad.exists() else sample_data_path("corpus.jsonl"))
-    return corpus[:n], ("SQuAD v1.1 (the first passages of shared/data: bench (a)'s)" if squad.exists()
-                        else "the shipped sample")
-
-
 def passage_losses(model, rows, targets, partner, batch_size: int):
     """Per row: (nats/token after its own soft tokens, after ``partner[row]``'s, with none)."""
     import torch
@@ -76,7 +67,7 @@ def run(profile: str = "quick", command: str | None = None, threads: int | None 
 
     bench = common.Bench(NAME, profile, PROFILES, overrides, threads, command)
     p = bench.params
-    documents, source = _passages(p["documents"])
+    documents, source = common.squad_passages(p["documents"], "first")
     llm, tokenizer = load_llm(p["llm"])
     passages = split_passages(documents, tokenizer, 256)
     rows = [passages.rows_of_passage[i][0] for i in range(len(documents))]  # each passage's first row

@@ -37,6 +37,20 @@ def _squad_dir() -> Path:
 SQUAD_DIR = _squad_dir()
 
 
+def squad_passages(n: int, where: str):
+    """``n`` passages of shared/data's SQuAD corpus (``where``: ``first``, bench (a)'s articles, never in a
+    pretraining corpus; or ``last``), else of the shipped sample; and a line saying which."""
+    from pqa_core.data.loading import load_corpus, sample_data_path
+
+    squad = SQUAD_DIR / "corpus.jsonl"
+    corpus = load_corpus(squad if squad.exists() else sample_data_path("corpus.jsonl"))
+    chosen = corpus[:n] if where == "first" else corpus[-n:]
+    if not squad.exists():
+        return chosen, "the shipped sample"
+    return chosen, ("SQuAD v1.1 (the first passages of shared/data: bench (a)'s)" if where == "first"
+                    else "SQuAD v1.1 (the last passages of shared/data)")
+
+
 def default_out(profile: str) -> Path:
     """Where a profile's results go: ``bench/results`` (full, the files RESULTS.md is built from), else
     ``bench/results/<profile>``."""

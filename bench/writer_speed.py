@@ -32,14 +32,6 @@ PROFILES = {
 }
 
 
-def _passages(n: int):
-    from pqa_core.data.loading import load_corpus, sample_data_path
-
-    squad = common.SQUAD_DIR / "corpus.jsonl"
-    corpus = load_corpus(squad if squad.exists() else sample_data_path("corpus.jsonl"))
-    return corpus[-n:], ("SQuAD v1.1 (the last passages of shared/data)" if squad.exists() else "the shipped sample")
-
-
 def run(profile: str = "quick", command: str | None = None, threads: int | None = common.DEFAULT_THREADS,
         **overrides) -> dict:
     import torch
@@ -54,7 +46,7 @@ def run(profile: str = "quick", command: str | None = None, threads: int | None 
     bench = common.Bench(NAME, profile, PROFILES, overrides, threads, command)
     p = bench.params
     torch.manual_seed(0)
-    documents, source = _passages(p["documents"])
+    documents, source = common.squad_passages(p["documents"], "last")
     llm, tokenizer = load_llm(p["llm"])
     rows = split_passages(documents, tokenizer, 256)
     texts, tokens = [d.text for d in rows.documents], rows.tokens

@@ -42,14 +42,10 @@ class KeywordsWriter(Writer):
         self.tokenizer, self.num_tokens, self.scoring = tokenizer, int(num_tokens), keyword_scoring
 
     def write_documents(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
-        from pqa_core.modeling.keywords import salient_token_ids
+        from pqa_core.modeling.keywords import salient_embeddings
 
         weight = self._llm[0].get_input_embeddings().weight.detach().float().cpu()
-        out = torch.zeros(len(texts), self.num_tokens, weight.shape[1])
-        for i, row in enumerate(salient_token_ids(list(texts), self.tokenizer, self.num_tokens, self.scoring)):
-            if row:
-                out[i, :len(row)] = weight[torch.tensor(row)]
-        return out
+        return salient_embeddings(texts, self.tokenizer, weight, self.num_tokens, self.scoring)
 
 
 class LoraLinear(nn.Module):
@@ -168,18 +164,13 @@ class EncoderWriter(Writer):
     def anchors(self, rows: Sequence[Sequence[int]], device) -> torch.Tensor:
         """``[B, m, d_model]``: each passage's salient words' input embeddings in text order (zero where
         fewer), or zeros without an anchor. No gradient: the embeddings are the LLM's."""
-        out = torch.zeros(len(rows), self.num_tokens, self.d_model, device=device)
         if self.anchor != "keywords":
-            return out
-        from pqa_core.modeling.keywords import salient_token_ids
+            return torch.zeros(len(rows), self.num_tokens, self.d_model, device=device)
+        from pqa_core.modeling.keywords import salient_embeddings
 
         texts = [self.tokenizer.decode(list(row)) for row in rows]
-        chosen = salient_token_ids(texts, self.tokenizer, self.num_tokens, self.scoring, self.frequencies)
-        embeddings = self.decoder.embed_tokens.weight
-        for i, ids in enumerate(chosen):
-            if ids:
-                out[i, :len(ids)] = embeddings[torch.tensor(ids, device=embeddings.device)].detach().float()
-        return out
+        return salient_embeddings(texts, self.tokenizer, self.decoder.embed_tokens.weight, self.num_tokens,
+                                  self.scoring, self.frequencies).to(device)
 
     def _apply(self, fn, *args, **kwargs):
         self.decoder._apply(fn, *args, **kwargs)

@@ -82,3 +82,16 @@ def salient_token_ids(texts: Sequence[str], tokenizer, budget: int, scoring: str
                 break
         out.append([t for _, ids in sorted(kept) for t in ids])
     return out
+
+
+def salient_embeddings(texts: Sequence[str], tokenizer, weight, budget: int, scoring: str = "tfidf_names",
+                       frequencies: Optional[Tuple[Counter, int]] = None):
+    """``[N, budget, d]`` float32 on ``weight``'s device: each text's salient words (``salient_token_ids``)
+    as rows of ``weight`` (the LLM's input embeddings), in text order; zero where a text has fewer."""
+    import torch
+
+    out = torch.zeros(len(texts), budget, weight.shape[1], device=weight.device)
+    for i, ids in enumerate(salient_token_ids(list(texts), tokenizer, budget, scoring, frequencies)):
+        if ids:
+            out[i, :len(ids)] = weight[torch.tensor(ids, device=weight.device)].detach().float()
+    return out

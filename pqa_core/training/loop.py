@@ -162,14 +162,12 @@ class EpochLoop:
                     sums[name] = sums.get(name, 0.0) + value
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if "loss" in k})
-                if self.checkpoint_every and step % self.checkpoint_every == 0:
+                stopped = bool(max_steps) and step >= max_steps
+                # a step budget's stop is a step checkpoint too: a larger budget resumes from it
+                if stopped or (self.checkpoint_every and step % self.checkpoint_every == 0):
                     self.save(step_dir(self.root, step), step, epoch, i + 1,
                               metrics={"epoch_sums": dict(sums), "epoch_steps": count})
-                if max_steps and step >= max_steps:
-                    stopped = True
-                    if not (self.checkpoint_every and step % self.checkpoint_every == 0):  # a budget can grow:
-                        self.save(step_dir(self.root, step), step, epoch, i + 1,  # resume from here then
-                                  metrics={"epoch_sums": dict(sums), "epoch_steps": count})
+                if stopped:
                     break
             skip = 0
             epoch += 1

@@ -6,8 +6,9 @@ so the gradient reaches the writer (its LoRA, memory slots and map) as well as t
 projection; and the gold passages are also reconstructed from their soft tokens (ICAE's autoencoding,
 ``pretrain.reconstruct_weight``). The first ``pretrain.reconstruct_only_steps`` steps reconstruct alone (ICAE
 pretrains by autoencoding before it fine-tunes on questions): a writer that starts as noise gets a dense
-signal (every passage token) instead of competing with a few answer tokens for the shared reader. Retrieval is not pretrained (the doc table, query encoder and selector
-stay frozen): the selected neighbours are only the distractors a reader meets at run time.
+signal (every passage token) instead of competing with a few answer tokens for the shared reader.
+Retrieval is not pretrained (the doc table, query encoder and selector stay frozen): the selected
+neighbours are only the distractors a reader meets at run time.
 A control's reader (``text``: passages chosen by dense MiniLM retrieval, ``closed_book``: none) is trained
 with the same steps and learning rate, so a comparison of pretrained readers stays fair.
 """
@@ -49,7 +50,6 @@ class PretrainTrainer(ReadPhaseTrainer):
         self.reconstruct_weight = settings.reconstruct_weight
         self.reconstruct_only_steps = settings.reconstruct_only_steps
         self.reconstruction = reconstruction
-        self.loop = None
         model.live_writer = True
 
     def warming_up(self) -> bool:
@@ -62,20 +62,23 @@ class PretrainTrainer(ReadPhaseTrainer):
         self.model.written = {}  # the answer's and the reconstruction's passes share each row's writing
         try:
             if self.warming_up():
-                gold = batch["gold_doc_ids"][:, 0]
-                reconstruct = self.reconstruction(self.model, gold[gold >= 0])
-                self.last_losses = {"reconstruct_loss": float(reconstruct.detach())}
+                self.last_losses = {}
+                reconstruct = self.reconstruct_gold(batch)
                 return reconstruct, torch.zeros((), device=reconstruct.device)
             answer_loss, retrieval_loss = super().losses(batch)
             self.last_losses = {"answer_loss": float(answer_loss.detach())}
             if self.reconstruct_weight > 0:
-                gold = batch["gold_doc_ids"][:, 0]
-                reconstruct = self.reconstruction(self.model, gold[gold >= 0])
-                self.last_losses["reconstruct_loss"] = float(reconstruct.detach())
-                answer_loss = answer_loss + self.reconstruct_weight * reconstruct
+                answer_loss = answer_loss + self.reconstruct_weight * self.reconstruct_gold(batch)
         finally:
             self.model.written = None
         return answer_loss, retrieval_loss
+
+    def reconstruct_gold(self, batch) -> torch.Tensor:
+        """The reconstruction loss of the batch's gold rows (recorded in ``last_losses``)."""
+        gold = batch["gold_doc_ids"][:, 0]
+        reconstruct = self.reconstruction(self.model, gold[gold >= 0])
+        self.last_losses["reconstruct_loss"] = float(reconstruct.detach())
+        return reconstruct
 
     def train_step(self, batch) -> Dict[str, float]:
         metrics = super().train_step(batch)

@@ -32,6 +32,7 @@ class ReadPhaseTrainer:
         self.top_k = s.top_k
         self.grad_clip = s.grad_clip
         self.device = device or model.doc_vectors.device
+        self.loop: Optional[EpochLoop] = None  # the loop fit runs (its steps_done), once fit starts
         check_choice("read.key_updates", s.key_updates)
         decay = {"weight_decay": s.weight_decay}
         groups = param_groups([
@@ -99,7 +100,7 @@ class ReadPhaseTrainer:
         s = self.settings
         loop = EpochLoop(self.model, self.optimizer, phase=phase, checkpoint_root=checkpoint_root,
                          config_dict=config_dict, logger=logger or RunLogger(), checkpoint_every=s.checkpoint_every)
-        self.loop = loop  # its steps_done: where a resumed run is (a step may depend on it)
+        self.loop = loop
         return loop.run(dataset, epochs=s.epochs, batch_size=s.batch_size, seed=seed,
                         step_fn=self.train_step, epoch_end_fn=epoch_end_fn, max_steps=max_steps)
 
