@@ -39,7 +39,9 @@ def passage_losses(model, rows, targets, partner, batch_size: int):
 
     from pqa_core.data.loading import pad_sequences
 
-    pad = model.tokenizer.pad_token_id or 0
+    tokenizer = model.tokenizer
+    pad = tokenizer.pad_token_id or 0
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     out = {"own": [], "other": [], "none": []}
     model.eval()
     with torch.no_grad(), model.autocast():
@@ -48,14 +50,16 @@ def passage_losses(model, rows, targets, partner, batch_size: int):
             ids, mask = pad_sequences([targets[r] for r in part], pad, "right")
             for name, prefix_rows in (("own", part), ("other", [partner[r] for r in part]), ("none", None)):
                 prefix = model.soft_prompts(torch.tensor(prefix_rows)[:, None]) if prefix_rows else None
-                logits, labels = model.continuation_logits(prefix, ids[:, :0], mask[:, :0], ids, mask)
+                # with no soft tokens, a start token predicts the first token of the text
+                context = ids[:, :0] if prefix_rows else torch.full((len(part), 1), start, dtype=ids.dtype)
+                logits, labels = model.continuation_logits(prefix, context, torch.ones_like(context), ids, mask)
                 nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
                 out[name] += (nll.sum(1) / (labels != -100).sum(1)).tolist()
     return out
 
 
 def run(profile: str = "quick", command: str | None = None, threads: int | None = common.DEFAULT_THREADS,
-        artifacts=None, **overrides) -> dict:
+        artifacts=None, against: str = "keywords", **overrides) -> dict:
     import torch
 
     from pqa_core.config import PQAConfig
@@ -91,9 +95,18 @@ def run(profile: str = "quick", command: str | None = None, threads: int | None 
         found[name] = {"own": sum(losses["own"]) / len(rows), "other": sum(losses["other"]) / len(rows),
                        "none": sum(losses["none"]) / len(rows), "carried": carried.to_dict(),
                        "helped": helped.to_dict(), "per_passage": losses}
+    if against not in found:
+        raise ValueError(f"carry: against={against!r} is not one of the writers ({', '.join(found)})")
+    base = found[against]["per_passage"]
+    for name, w in found.items():  # what each writer carries more than ``against``, paired over passages
+        if name != against:
+            mine = w["per_passage"]
+            w["vs"] = paired_comparison([o - s for o, s in zip(mine["other"], mine["own"])],
+                                        [o - s for o, s in zip(base["other"], base["own"])],
+                                        metric=f"carried - carried by {against}").to_dict()
     return bench.finish({"setup": {"llm": p["llm"], "passages": len(rows), "source": source, "m": p["m"],
                                    "tokens": p["tokens"], "artifacts": {k: str(v) for k, v in (artifacts or {}).items()}},
-                         "writers": found})
+                         "against": against, "writers": found})
 
 
 def markdown(result: dict) -> str:
@@ -101,10 +114,13 @@ def markdown(result: dict) -> str:
     rows = []
     for name, w in result["writers"].items():
         c = w["carried"]
+        v = w.get("vs")
         rows.append([name, f"{w['none']:.3f}", f"{w['own']:.3f}", f"{w['other']:.3f}",
-                     f"{c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]", f"{c['p_value']:.3g}"])
+                     f"{c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]", f"{c['p_value']:.3g}",
+                     f"{v['difference']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}], p = {v['p_value']:.3g}" if v else ""])
+    against = result.get("against", "keywords")
     table = common.md_table(["writer (reader)", "no soft tokens", "own soft tokens", "another passage's",
-                             "carried: other - own [95%]", "p"], rows)
+                             "carried: other - own [95%]", "p", f"carried - {against}'s [95%] (paired)"], rows)
     artifacts = ", ".join(f"{k} = `{v}`" for k, v in s["artifacts"].items()) or "none"
     return common.section(
         "(l) Do the soft tokens carry the passage? Own vs another passage's", result,
@@ -120,6 +136,8 @@ def markdown(result: dict) -> str:
 def add_arguments(parser) -> None:
     parser.add_argument("--artifact", action="append", default=[], metavar="NAME=PATH",
                         help="a pretrained artifact (folder, run folder or shipped:LLM/READER) to compare; repeatable")
+    parser.add_argument("--against", default="keywords", metavar="NAME",
+                        help="the writer every other one's carried is compared with, paired (default: keywords)")
 
 
 def run_kwargs(args, out) -> dict:
@@ -129,7 +147,9 @@ def run_kwargs(args, out) -> dict:
         if not sep or not name or not path:
             raise SystemExit(f"error: --artifact {item!r}: expected NAME=PATH")
         artifacts[name] = path
-    return {"artifacts": artifacts}
+    if args.against != "keywords" and args.against not in artifacts:
+        raise SystemExit(f"error: --against {args.against!r}: not keywords nor an --artifact name")
+    return {"artifacts": artifacts, "against": args.against}
 
 
 def main(argv=None) -> int:

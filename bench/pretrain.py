@@ -61,7 +61,8 @@ def pretrain_command(reader: str, data: dict, out: Path, args) -> list:
               f"model.num_memory_tokens={args.m}"]
     if reader == "pqa":  # the controls' readers read text or nothing: no writer to train
         values += [f"writer.name={args.writer}", f"writer.layers={args.writer_layers}",
-                   f"pretrain.reconstruct_only_steps={args.reconstruct_only_steps}"]
+                   f"pretrain.reconstruct_only_steps={args.reconstruct_only_steps}",
+                   f"pretrain.contrast_weight={args.contrast_weight}"]
     if (out / "checkpoints" / "pretrain").exists():
         values.append(f"resume={out}")
     return [str(REPO_ROOT / ".venv" / "bin" / "pqa"), "run", "pretrain", "--json", "with", *values]
@@ -106,6 +107,8 @@ def main(argv=None) -> int:
     parser.add_argument("--m", type=int, default=32, help="soft tokens per document")
     parser.add_argument("--reconstruct-only-steps", type=int, default=0,
                         help="pqa: the first steps train the writer by reconstruction alone (ICAE's order)")
+    parser.add_argument("--contrast-weight", type=float, default=0.0,
+                        help="weight of the own-vs-another-passage margin loss on reconstruction (0: off)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("outputs/pretrain"))
     parser.add_argument("--ship", action="store_true", help="copy the artifacts into pqa_core/pretrained/")

@@ -42,11 +42,24 @@ def _zero(model, rows: torch.Tensor) -> torch.Tensor:
 
 class Reconstruct(WriteObjective):
     """Token cross-entropy of the document's text (then eos) given its soft prompt alone; with
-    ``max_tokens`` > 0, of its first ``max_tokens`` tokens (pretraining keeps the step short)."""
+    ``max_tokens`` > 0, of its first ``max_tokens`` tokens (pretraining keeps the step short).
 
-    def __init__(self, max_tokens: Annotated[int, Range(0), "a document's first tokens reconstructed; 0 = all"] = 0):
+    ``contrast_weight`` > 0 adds a contrastive term: each distinct document of the batch is also scored
+    after *another* document's soft prompt, and ``softplus(contrast_margin - (other - own))`` (nats per
+    token) is added with that weight. Reconstruction alone can be lowered by soft tokens that say what any
+    passage looks like; this term pays only for what tells this passage from the others (measured by
+    ``bench/carry.py``: training by reconstruction alone erodes it). Its metrics: ``carried``, the batch's
+    mean other - own, and ``contrast_loss``, the term before its weight.
+    """
+
+    def __init__(self, max_tokens: Annotated[int, Range(0), "a document's first tokens reconstructed; 0 = all"] = 0,
+                 contrast_weight: Annotated[float, Range(0), "+ this x the own-vs-another-document margin loss; "
+                                                             "0 = off"] = 0.0,
+                 contrast_margin: Annotated[float, Range(0), "nats per token the own soft prompt should beat "
+                                                             "another's by"] = 1.0):
         super().__init__()
         self.max_tokens = int(max_tokens)
+        self.contrast_weight, self.contrast_margin = float(contrast_weight), float(contrast_margin)
 
     def prepare(self, context: WriteContext) -> None:
         eos = context.tokenizer.eos_token_id
@@ -64,10 +77,36 @@ class Reconstruct(WriteObjective):
         valid = labels != -100
         loss = batch_mean(F.cross_entropy(logits[valid].float(), labels[valid], reduction="none"))
         self._metrics = {"token_acc": float((logits.argmax(-1)[valid] == labels[valid]).float().mean())}
+        if self.contrast_weight > 0:
+            loss = loss + self.contrast_weight * self._contrast(model, rows, prefix, ids, mask, logits, labels)
         return loss
+
+    def _contrast(self, model, rows, prefix, ids, mask, logits, labels) -> torch.Tensor:
+        """The margin loss over the batch's distinct documents, each scored after the next one's prefix."""
+        first = {}
+        for position, row in enumerate(rows.tolist()):
+            first.setdefault(row, position)
+        distinct = torch.tensor(sorted(first.values()), device=rows.device)
+        if len(distinct) < 2:  # nothing to tell apart: a zero still connected to the graph
+            return batch_mean(prefix.sum()[None][:0], key="reconstruct.contrast")  # no units, still connected
+        partner = distinct.roll(1)
+        other_logits, _ = model.continuation_logits(prefix[partner], ids[distinct, :0], mask[distinct, :0],
+                                                    ids[distinct], mask[distinct])
+        own = _per_row_nll(logits[distinct], labels[distinct])
+        other = _per_row_nll(other_logits, labels[distinct])
+        carried = other - own
+        contrast = F.softplus(self.contrast_margin - carried)
+        self._metrics.update(carried=float(carried.detach().mean()), contrast_loss=float(contrast.detach().mean()))
+        return batch_mean(contrast, key="reconstruct.contrast")
 
     def last_metrics(self) -> dict:
         return dict(self._metrics)
+
+
+def _per_row_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's mean token cross-entropy (nats per token) over its labelled positions."""
+    nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    return nll.sum(1) / (labels != -100).sum(1).clamp(min=1)
 
 
 class Distill(WriteObjective):

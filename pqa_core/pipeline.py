@@ -129,8 +129,7 @@ class Pipeline:
             if p.reader == "pqa":
                 trainer = PretrainTrainer(self.model, p, retrieval_loss=self.retrieval_loss,
                                           generation_loss=self.generation_loss,
-                                          reconstruction=reconstruction_objective(self.write_context(),
-                                                                                  p.reconstruct_tokens))
+                                          reconstruction=reconstruction_objective(self.write_context(), p))
                 metrics = trainer.fit(self.read_dataset, seed=self.config.seed, checkpoint_root=root,
                                       config_dict=self.config_dict, logger=self.logger, phase="pretrain",
                                       max_steps=p.max_steps)
@@ -159,7 +158,8 @@ class Pipeline:
         training = {"epochs": p.epochs, "steps": steps, "batch_size": p.batch_size, "lr_lora": p.lr_lora,
                     "lr_writer": p.lr_writer, "lr_projection": p.lr_projection, "top_k": p.top_k,
                     "reconstruct_weight": p.reconstruct_weight, "reconstruct_tokens": p.reconstruct_tokens,
-                    "reconstruct_only_steps": p.reconstruct_only_steps,
+                    "reconstruct_only_steps": p.reconstruct_only_steps, "contrast_weight": p.contrast_weight,
+                    "contrast_margin": p.contrast_margin,
                     "seconds": round(seconds, 1), "metrics": metrics}
         return save_pretrained(self.output_dir / "pretrained", self.model, self.config,
                                llm_identity=llm_identity(self.config.model.llm), data=summary,

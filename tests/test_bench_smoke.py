@@ -191,3 +191,13 @@ def test_carry_pairs_own_and_other_soft_tokens_over_the_same_passages():
     assert same["own"] == same["other"] and len(same["none"]) == 4
     swapped = carry.passage_losses(model, rows, targets, {0: 1, 1: 0, 2: 3, 3: 2}, batch_size=3)
     assert swapped["own"] == same["own"] and swapped["other"] != same["own"]
+    # with no soft tokens, a start token predicts the text's first token: the LLM's own loss on it
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    for row, none in zip(rows, same["none"]):
+        ids = torch.tensor([[start] + targets[row]])
+        with torch.no_grad():
+            plain = model.llm(input_ids=ids, labels=ids.masked_fill(torch.arange(ids.shape[1]) == 0, -100)).loss
+        assert none == pytest.approx(float(plain), rel=1e-4)
+    with pytest.raises(ValueError, match="nothing precedes the target"):
+        ids = torch.tensor([targets[0]])
+        model.continuation_logits(None, ids[:, :0], ids[:, :0], ids, torch.ones_like(ids))

@@ -139,6 +139,24 @@ def test_a_warm_up_reconstructs_alone_before_questions(split, tmp_path):
         pretrain_config(split, tmp_path / "cb", reader="closed_book", reconstruct_only_steps=2)
 
 
+def test_the_contrast_term_reaches_pretraining_and_is_recorded(split, tmp_path):
+    """pretrain.contrast_weight puts the own-vs-another-passage term into the reconstruction: the run records
+    what the batch's soft tokens carry (other - own) and the term, the artifact its weight and margin."""
+    plain, contrasted = RecordingLogger(), RecordingLogger()
+    Pipeline(pretrain_config(split, tmp_path / "plain", max_steps=2, checkpoint_every=0,
+                             reconstruct_only_steps=2), plain).run()
+    Pipeline(pretrain_config(split, tmp_path / "contrast", max_steps=2, checkpoint_every=0, reconstruct_only_steps=2,
+                             contrast_weight=2.0, contrast_margin=0.5), contrasted).run()
+    assert "pretrain.reconstruct_carried" not in plain.scalars
+    assert [step for step, _ in contrasted.scalars["pretrain.reconstruct_carried"]] == [1, 2]
+    (_, term), = contrasted.scalars["pretrain.reconstruct_contrast_loss"][:1]
+    (_, with_term), = contrasted.scalars["pretrain.reconstruct_loss"][:1]
+    (_, without), = plain.scalars["pretrain.reconstruct_loss"][:1]
+    assert term > 0 and with_term == pytest.approx(without + 2.0 * term, rel=1e-4)  # same first batch, same z
+    training = artifacts.read_manifest(str(tmp_path / "contrast"))["training"]
+    assert (training["contrast_weight"], training["contrast_margin"]) == (2.0, 0.5)
+
+
 def run_config(split, out: Path, pretrained: str, **model) -> PQAConfig:
     return PQAConfig.from_dict({
         "seed": 1, "output_dir": str(out), "model": {**TINY, "pretrained": pretrained, **model}, "writer": ENCODER,

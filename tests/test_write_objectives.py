@@ -90,6 +90,36 @@ def test_weighted_objective_sums_its_parts(pipeline):
         build(pipeline, "weighted", objectives={"distill": -1})
 
 
+def test_contrast_pays_for_what_tells_a_document_from_the_next_one(pipeline):
+    """reconstruct + w x softplus(margin - (other - own)) over the batch's distinct documents, each scored
+    after the next distinct one's soft prompt; a repeated row is one document, a lone one has no contrast."""
+    import torch.nn.functional as F
+
+    plain = build(pipeline, "reconstruct", max_tokens=12)
+    contrast = build(pipeline, "reconstruct", max_tokens=12, contrast_weight=2.0, contrast_margin=0.5)
+    model = pipeline.model
+    model.eval()
+
+    def nats_per_token(text_row, prefix_row):
+        ids = torch.tensor([plain.targets[text_row]])
+        prefix = model.soft_prompts(torch.tensor([[prefix_row]]))
+        logits, labels = model.continuation_logits(prefix, ids[:, :0], ids[:, :0], ids, torch.ones_like(ids))
+        return F.cross_entropy(logits[0].float(), labels[0]).item()
+
+    with torch.no_grad():
+        rows = torch.tensor([2, 0, 2, 1])  # documents 2, 0, 1 (row 2 twice): each after the previous one's
+        carried = [nats_per_token(t, p) - nats_per_token(t, t) for t, p in ((2, 1), (0, 2), (1, 0))]
+        expected = plain(model, rows).item() + 2.0 * sum(F.softplus(torch.tensor(0.5 - c)).item()
+                                                         for c in carried) / 3
+        assert contrast(model, rows).item() == pytest.approx(expected, rel=1e-4)
+        assert contrast.last_metrics()["carried"] == pytest.approx(sum(carried) / 3, abs=1e-4)
+        alone = torch.tensor([3, 3])
+        assert contrast(model, alone).item() == pytest.approx(plain(model, alone).item(), rel=1e-6)
+    model.doc_vectors.grad = None
+    contrast(model, alone).backward()  # still a loss of z
+    assert model.doc_vectors.grad is not None
+
+
 def test_rowwise_optimizer_leaves_rows_outside_the_batch_bit_identical(pipeline):
     model = pipeline.model
     objective = build(pipeline, "reconstruct")

@@ -176,6 +176,8 @@ class ParametricQA(nn.Module):
                             context_mask: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor,
                             llm: Optional[nn.Module] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[B, T, V]`` aligned with labels ``[B, T]`` for the right-padded targets."""
+        if prefix is None and context_ids.shape[1] == 0:  # the first target token would have no predictor
+            raise ValueError("continuation_logits: nothing precedes the target; give it a context (a start token)")
         llm = llm or self.llm
         inputs_embeds, attention_mask, position_ids = self.assemble(
             prefix, [self.embed_tokens(context_ids), self.embed_tokens(target_ids)], [context_mask, target_mask])

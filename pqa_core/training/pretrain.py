@@ -89,11 +89,14 @@ class PretrainTrainer(ReadPhaseTrainer):
         return metrics
 
 
-def reconstruction_objective(context: WriteContext, max_tokens: int):
-    """The ``reconstruct`` write objective on the first ``max_tokens`` tokens of each row."""
+def reconstruction_objective(context: WriteContext, settings: PretrainSettings):
+    """The ``reconstruct`` write objective on the first ``reconstruct_tokens`` tokens of each row, with the
+    settings' contrast term."""
     from pqa_core.components import plugins
 
-    objective = plugins.build("write_objective", "reconstruct", {"max_tokens": max_tokens})
+    objective = plugins.build("write_objective", "reconstruct", {
+        "max_tokens": settings.reconstruct_tokens, "contrast_weight": settings.contrast_weight,
+        "contrast_margin": settings.contrast_margin})
     objective.prepare(context)
     return objective
 
