@@ -382,3 +382,15 @@ def test_compare_refuses_to_pair_other_questions_under_the_same_ids(embedded_db)
     assert "no paired test: " in result.output and "were not evaluated on the same questions: 6 of 8 question ids " \
         "have another question text or other gold answers (e.g. ['q2', 'q3'])" in result.output, result.output
     assert list(cli_json(store, "compare", str(ids[0]), str(ids[1]))["paired"]) == ["unavailable"]
+
+
+def test_list_shows_a_score_with_its_interval_and_a_pretraining_runs_held_out_scores():
+    """One cell per score, its 95% interval beside it; a pretraining run's eval_F1 is its F1 column."""
+    from pqa_experiments.cli.runs import _listed_scores
+
+    run = {"F1": 8.333, "F1_ci95_low": 1.39, "F1_ci95_high": 16.67, "questions": 36}
+    assert _listed_scores(run) == {"F1": "8.33 [1.39, 16.67]", "questions": 36}
+    pretraining = {"eval_F1": 12.99, "eval_F1_ci95_low": 9.53, "eval_F1_ci95_high": 16.79, "epoch_loss": 3.49}
+    assert _listed_scores(pretraining) == {"F1": "12.99 [9.53, 16.79]", "epoch_loss": 3.49}
+    both = {"F1": 20.0, "eval_F1": 10.0}  # a run's own F1 wins; its eval_ score keeps its name
+    assert _listed_scores(both) == {"F1": 20.0, "eval_F1": 10.0}

@@ -39,6 +39,24 @@ def _main_metrics(results: Sequence[Dict[str, Any]]) -> List[str]:
     return sorted(names, key=_metric_order)[:_MAX_LIST_METRICS]
 
 
+_INTERVAL = re.compile(r"(.+)_ci95_(low|high)")
+
+
+def _listed_scores(result: Dict[str, Any]) -> Dict[str, Any]:
+    """A result as ``runs list`` shows it: a score with its 95% interval in one cell (``8.33 [1.39, 16.67]``)
+    instead of three columns, and a pretraining run's held-out scores (``eval_F1``) under their plain names."""
+    shown = {}
+    for name, value in result.items():
+        if _INTERVAL.fullmatch(name):
+            continue
+        low, high = result.get(f"{name}_ci95_low"), result.get(f"{name}_ci95_high")
+        cell = f"{fmt(value)} [{fmt(low)}, {fmt(high)}]" if low is not None and high is not None else value
+        shown[name] = cell
+    for name in [n for n in shown if n.startswith("eval_") and n[len("eval_"):] not in shown]:
+        shown[name[len("eval_"):]] = shown.pop(name)
+    return shown
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -92,8 +110,8 @@ def list_runs(ctx, where, status, experiment, limit, as_json, as_csv) -> None:
     if not docs:
         click.echo("no runs found", err=True)
         return
-    results = [runs_lib.result_dict(doc.get("result")) for doc in docs]
-    metrics = _main_metrics(results)
+    results = [_listed_scores(runs_lib.result_dict(doc.get("result"))) for doc in docs]
+    metrics = _main_metrics([{k: (0.0 if isinstance(v, str) else v) for k, v in r.items()} for r in results])
     headers = ["id", "experiment", "status", "start (UTC)", "duration"] + [m or "result" for m in metrics]
     rows = []
     for doc, result in zip(docs, results):
