@@ -208,7 +208,7 @@ class Pipeline:
         if not (final / "MANIFEST.json").exists():
             return False
         if planned is not None:
-            done = int(json.loads((final / "MANIFEST.json").read_text()).get("step") or 0)
+            done = int(json.loads((final / "state.json").read_text()).get("step") or 0)
             if done < planned:
                 log.info("%s phase stopped at step %d of %d in %s: going on", phase, done, planned, final)
                 return False

@@ -517,3 +517,26 @@ def test_pqa_plugin_new_refuses_a_name_that_shadows_a_module_or_is_a_keyword(tmp
     last = result.output.strip().splitlines()[-1]
     assert last.startswith(f"Error: plugin name {name!r}: ") and message in last, result.output
     assert "Traceback" not in result.output and list(tmp_path.iterdir()) == []
+
+
+def test_the_stand_in_has_the_llms_depth_so_a_depth_shaped_component_has_the_runs_tensors():
+    """The pre-flight's stand-in of SmolLM2 has its 30 layers (each its own module and layer_idx, all over
+    the first layer's tensors): an encoder writer of 4 layers holds there the tensors it holds on the real
+    LLM, so a resumed run's checkpoint is compared with the right names (a one-layer stand-in refused it)."""
+    from pqa_core.components.contract import check_config_components, model_tensor_names
+    from pqa_core.config import PQAConfig
+    from pqa_core.modeling.llm import load_llm
+    from plugins.writers import EncoderWriter
+
+    stand_in, tokenizer = load_llm_stand_in("smollm2-135m")
+    real, _ = load_llm("smollm2-135m")
+    layers = stand_in.get_decoder().layers
+    assert len(layers) == real.config.num_hidden_layers == stand_in.config.num_hidden_layers == 30
+    assert [layer.self_attn.layer_idx for layer in layers] == list(range(30))
+    assert layers[29].mlp.up_proj.weight.data_ptr() == layers[0].mlp.up_proj.weight.data_ptr()  # one layer's memory
+    ids = torch.tensor([[1, 2, 3]])
+    assert stand_in.generate(ids, max_new_tokens=2, do_sample=False).shape == (1, 5)  # the KV cache works
+    names = lambda llm: set(EncoderWriter(llm, 576, 4, 0.02, 0, layers=4, tokenizer=tokenizer).state_dict())  # noqa: E731
+    assert names(stand_in) == names(real) and "adapters.15.lora_B.weight" in names(real)
+    config = PQAConfig.from_dict({"model": {"llm": "smollm2-135m"}, "writer": {"name": "encoder", "layers": 4}})
+    assert "writer.adapters.15.lora_B.weight" in model_tensor_names(check_config_components(config, (stand_in, tokenizer)))

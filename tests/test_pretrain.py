@@ -123,6 +123,20 @@ def test_a_step_budget_ends_pretraining_early_and_the_artifact_says_so(split, tm
     assert artifacts.read_manifest(str(tmp_path / "run"))["training"]["steps"] == 6
 
 
+def test_a_finished_pretraining_resumed_is_loaded_not_trained_again(split, tmp_path):
+    """Its final checkpoint holds every step (state.json's step): no step after the last periodic checkpoint
+    is redone."""
+    first = RecordingLogger()
+    Pipeline(pretrain_config(split, tmp_path / "run", epochs=1, checkpoint_every=2), first).run()
+    steps = [step for step, _ in first.scalars["pretrain.answer_loss"]]
+    assert len(steps) % 2 == 1  # the last step is after the last periodic checkpoint
+    again = pretrain_config(split, tmp_path / "run", epochs=1, checkpoint_every=2)
+    again.resume = str(tmp_path / "run")
+    logger = RecordingLogger()
+    Pipeline(again, logger).run()
+    assert "pretrain.answer_loss" not in logger.scalars
+
+
 def test_a_warm_up_reconstructs_alone_before_questions(split, tmp_path):
     """ICAE's order: the first pretrain.reconstruct_only_steps train the writer by reconstruction alone (no
     answer loss), then both; a control reader has no writer to warm up (refused, one line)."""

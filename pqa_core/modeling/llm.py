@@ -144,10 +144,11 @@ def _not_found(name: str, exc: Exception) -> UsageError:
                       f"local folder or cached model: {reason[:300]}")
 
 
-def load_llm_stand_in(name: str, num_layers: int = 1) -> Tuple[torch.nn.Module, object]:
+def load_llm_stand_in(name: str) -> Tuple[torch.nn.Module, object]:
     """(model, tokenizer) for checking components against ``name`` without loading its weights: the
-    tiny model itself, else ``name``'s own architecture, sizes and tokenizer with ``num_layers``
-    layers of random (seeded) weights."""
+    tiny model itself, else ``name``'s own architecture, sizes, depth and tokenizer, every layer sharing
+    the first one's random (seeded) weights: a component shaped by the LLM's depth (the encoder writer's
+    first ``layers``) is built as in the run, for one layer's memory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -157,14 +158,38 @@ def load_llm_stand_in(name: str, num_layers: int = 1) -> Tuple[torch.nn.Module, 
         config = AutoConfig.from_pretrained(smollm2_dir() if name == "smollm2-135m" else name, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise _not_found(name, exc) from None
-    if getattr(config, "num_hidden_layers", None):
-        config.num_hidden_layers = min(num_layers, config.num_hidden_layers)
-        if isinstance(getattr(config, "layer_types", None), list):
-            config.layer_types = config.layer_types[:config.num_hidden_layers]
+    depth = getattr(config, "num_hidden_layers", None)
+    layer_types = getattr(config, "layer_types", None)
+    if depth:
+        config.num_hidden_layers = 1
+        if isinstance(layer_types, list):
+            config.layer_types = layer_types[:1]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if depth and depth > 1:
+        _repeat_first_layer(model, depth, layer_types)
     return model, tokenizer
+
+
+def _repeat_first_layer(model, depth: int, layer_types) -> None:
+    """Grow a one-layer decoder to ``depth`` layers that are modules of their own (their own ``layer_idx``,
+    for the KV cache) over the first layer's tensors."""
+    import copy
+
+    layers = model.get_decoder().layers
+    first = layers[0]
+    shared = {id(t): t for t in [*first.parameters(), *first.buffers()]}
+    shared.update({id(m.config): m.config for m in first.modules() if hasattr(m, "config")})
+    for index in range(1, depth):
+        layer = copy.deepcopy(first, memo=dict(shared))
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = index
+        layers.append(layer)
+    model.config.num_hidden_layers = depth
+    if isinstance(layer_types, list):
+        model.config.layer_types = layer_types
 
 
 def load_llm(name: str) -> Tuple[torch.nn.Module, object]:
