@@ -167,17 +167,22 @@ class Pipeline:
                                training=training, fingerprint=self.fingerprint["digest"])
 
     def score_pretrained(self) -> Dict[str, float]:
-        """The pretrained reader on ``data.eval_qa`` (held-out questions of the pretraining corpus)."""
+        """The pretrained reader on ``data.eval_qa`` (held-out questions of the pretraining corpus); its
+        answers go to ``eval.predictions_file`` (a run artifact), so two artifacts compare question by question."""
+        e = self.config.eval
+        path = self.output_dir / e.predictions_file
         if self.config.pretrain.reader == "pqa":
             self.model.live_writer = True
-            return {f"eval_{k}": v for k, v in self.evaluate_eval_questions().items()}
-        from pqa_core.training.controls import evaluate_control
+            scores = self.evaluate_eval_questions(str(path))
+        else:
+            from pqa_core.training.controls import evaluate_control
 
-        e = self.config.eval
-        return {f"eval_{k}": v for k, v in evaluate_control(
-            self.model, self.control_of_pretrain(), self.eval_qa, top_k=self.config.pretrain.top_k,
-            batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, prompt=self.config.data.prompt,
-            seed=self.config.seed).items()}
+            scores = evaluate_control(
+                self.model, self.control_of_pretrain(), self.eval_qa, top_k=self.config.pretrain.top_k,
+                batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, prompt=self.config.data.prompt,
+                seed=self.config.seed, predictions_path=str(path))
+        self.logger.add_artifact(str(path), "predictions.jsonl")
+        return {f"eval_{k}": v for k, v in scores.items()}
 
     def load_initial(self, source: Path) -> None:
         """Load the model (not the optimizer) from a checkpoint folder or an earlier run's output folder."""

@@ -78,6 +78,9 @@ def test_pretraining_saves_an_artifact_that_records_what_made_it(artifact, split
     assert parts == {"lora", "writer"}  # hybrid's key map shapes no soft token (key_in_prompt=false): left out
     assert all(torch.isfinite(t).all() for t in tensors.values())
     assert "eval_F1" in metrics and logger.info["pretrained_artifact"] == str((out / "pretrained").resolve())
+    answered = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(answered) == metrics["eval_questions"] == 8  # each held-out answer kept: artifacts compare paired
+    assert str(out / "predictions.jsonl") in logger.artifacts
     losses = [v for _, v in logger.scalars["pretrain.epoch_total_loss"]]
     assert len(losses) == 2 and losses[1] < losses[0]  # the reader and the writer learn together
     # an edited artifact is refused, naming the file
