@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     parser.add_argument("--m", type=int, default=32, help="soft tokens per document")
     parser.add_argument("--reconstruct-only-steps", type=int, default=0,
                         help="pqa: the first steps train the writer by reconstruction alone (ICAE's order)")
-    parser.add_argument("--contrast-weight", type=float, default=0.0,
+    parser.add_argument("--contrast-weight", type=float, default=1.0,
                         help="weight of the own-vs-another-passage margin loss on reconstruction (0: off)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("outputs/pretrain"))

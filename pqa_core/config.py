@@ -126,7 +126,7 @@ class PretrainSettings:
     reconstruct_weight: float = setting(0.5, "+ this x reconstruction of the gold passages from their soft "
                                              "tokens (ICAE)", range=WEIGHT)
     reconstruct_tokens: int = setting(64, "the first tokens of each gold passage reconstructed", range=COUNT)
-    contrast_weight: float = setting(0.0, "+ this x a margin loss that each gold passage is likelier after its own "
+    contrast_weight: float = setting(1.0, "+ this x a margin loss that each gold passage is likelier after its own "
                                           "soft tokens than after another passage's (the reconstruct objective's "
                                           "contrast_weight); 0 = off", range=WEIGHT)
     contrast_margin: float = setting(1.0, "nats per token the own soft tokens should beat another passage's by",

@@ -161,7 +161,7 @@ def test_the_contrast_term_reaches_pretraining_and_is_recorded(split, tmp_path):
     what the batch's soft tokens carry (other - own) and the term, the artifact its weight and margin."""
     plain, contrasted = RecordingLogger(), RecordingLogger()
     Pipeline(pretrain_config(split, tmp_path / "plain", max_steps=2, checkpoint_every=0,
-                             reconstruct_only_steps=2), plain).run()
+                             reconstruct_only_steps=2, contrast_weight=0.0), plain).run()
     Pipeline(pretrain_config(split, tmp_path / "contrast", max_steps=2, checkpoint_every=0, reconstruct_only_steps=2,
                              contrast_weight=2.0, contrast_margin=0.5), contrasted).run()
     assert "pretrain.reconstruct_carried" not in plain.scalars
