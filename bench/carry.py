@@ -78,9 +78,10 @@ def run(profile: str = "quick", command: str | None = None, threads: int | None 
     targets = {r: list(passages.tokens[r])[:p["tokens"]] for r in rows}
     partner = {r: rows[(i + len(rows) // 2) % len(rows)] for i, r in enumerate(rows)}
     variants = {"keywords": {"writer": {"name": "keywords"}}}
-    for name, path in (artifacts or {}).items():  # the writer the artifact was made with
-        writer = saved_shape(read_manifest(str(path)))["writer"]
-        variants[name] = {"writer": writer, "model": {"pretrained": str(path)}}
+    for name, path in (artifacts or {}).items():  # the writer and m the artifact was made with
+        shape = saved_shape(read_manifest(str(path)))
+        variants[name] = {"writer": shape["writer"],
+                          "model": {"pretrained": str(path), "num_memory_tokens": shape["num_memory_tokens"]}}
     found = {}
     for name, extra in variants.items():
         torch.manual_seed(0)
@@ -92,7 +93,8 @@ def run(profile: str = "quick", command: str | None = None, threads: int | None 
         losses = passage_losses(model, rows, targets, partner, p["batch_size"])
         carried = paired_comparison(losses["other"], losses["own"], metric="nats/token (other - own)")
         helped = paired_comparison(losses["none"], losses["own"], metric="nats/token (none - own)")
-        found[name] = {"own": sum(losses["own"]) / len(rows), "other": sum(losses["other"]) / len(rows),
+        found[name] = {"m": config.model.num_memory_tokens,
+                       "own": sum(losses["own"]) / len(rows), "other": sum(losses["other"]) / len(rows),
                        "none": sum(losses["none"]) / len(rows), "carried": carried.to_dict(),
                        "helped": helped.to_dict(), "per_passage": losses}
     if against not in found:
@@ -115,16 +117,17 @@ def markdown(result: dict) -> str:
     for name, w in result["writers"].items():
         c = w["carried"]
         v = w.get("vs")
-        rows.append([name, f"{w['none']:.3f}", f"{w['own']:.3f}", f"{w['other']:.3f}",
+        rows.append([name, str(w.get("m", s["m"])), f"{w['none']:.3f}", f"{w['own']:.3f}", f"{w['other']:.3f}",
                      f"{c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]", f"{c['p_value']:.3g}",
                      f"{v['difference']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}], p = {v['p_value']:.3g}" if v else ""])
     against = result.get("against", "keywords")
-    table = common.md_table(["writer (reader)", "no soft tokens", "own soft tokens", "another passage's",
+    table = common.md_table(["writer (reader)", "m", "no soft tokens", "own soft tokens", "another passage's",
                              "carried: other - own [95%]", "p", f"carried - {against}'s [95%] (paired)"], rows)
     artifacts = ", ".join(f"{k} = `{v}`" for k, v in s["artifacts"].items()) or "none"
     return common.section(
         "(l) Do the soft tokens carry the passage? Own vs another passage's", result,
-        f"{s['passages']} passages of {s['source']}, {s['llm']}, m={s['m']}: nats per token of each passage's first "
+        f"{s['passages']} passages of {s['source']}, {s['llm']}, m soft tokens (an artifact's own; keywords: "
+        f"{s['m']}): nats per token of each passage's first "
         f"{s['tokens']} tokens, teacher-forced, after nothing, after its own soft tokens, after another passage's "
         f"(half the set away). Artifacts: {artifacts} (their writer writes, their reader LoRA reads; `keywords` is "
         "read by the plain LLM).",
