@@ -87,8 +87,8 @@ class Reconstruct(WriteObjective):
         for position, row in enumerate(rows.tolist()):
             first.setdefault(row, position)
         distinct = torch.tensor(sorted(first.values()), device=rows.device)
-        if len(distinct) < 2:  # nothing to tell apart: a zero still connected to the graph
-            return batch_mean(prefix.sum()[None][:0], key="reconstruct.contrast")  # no units, still connected
+        if len(distinct) < 2:  # nothing to tell apart: no units, still connected to the graph
+            return batch_mean(prefix.sum()[None][:0], key="reconstruct.contrast")
         partner = distinct.roll(1)
         other_logits, _ = model.continuation_logits(prefix[partner], ids[distinct, :0], mask[distinct, :0],
                                                     ids[distinct], mask[distinct])
