@@ -35,9 +35,9 @@ PROFILES = {
 def passage_losses(model, rows, targets, partner, batch_size: int):
     """Per row: (nats/token after its own soft tokens, after ``partner[row]``'s, with none)."""
     import torch
-    import torch.nn.functional as F
 
     from pqa_core.data.loading import pad_sequences
+    from pqa_core.modeling.model import nats_per_row
 
     tokenizer = model.tokenizer
     pad = tokenizer.pad_token_id or 0
@@ -53,9 +53,14 @@ def passage_losses(model, rows, targets, partner, batch_size: int):
                 # with no soft tokens, a start token predicts the first token of the text
                 context = ids[:, :0] if prefix_rows else torch.full((len(part), 1), start, dtype=ids.dtype)
                 logits, labels = model.continuation_logits(prefix, context, torch.ones_like(context), ids, mask)
-                nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
-                out[name] += (nll.sum(1) / (labels != -100).sum(1)).tolist()
+                out[name] += nats_per_row(logits, labels).tolist()
     return out
+
+
+def check_against(against: str, artifacts) -> None:
+    """``against`` names a writer the run compares: keywords or one of the artifacts."""
+    if against != "keywords" and against not in (artifacts or {}):
+        raise ValueError(f"--against {against!r}: neither keywords nor an --artifact name")
 
 
 def run(profile: str = "quick", command: str | None = None, threads: int | None = common.DEFAULT_THREADS,
@@ -69,6 +74,7 @@ def run(profile: str = "quick", command: str | None = None, threads: int | None 
     from pqa_core.modeling.llm import load_llm
     from pqa_core.storage.pretrained import read_manifest, saved_shape
 
+    check_against(against, artifacts)
     bench = common.Bench(NAME, profile, PROFILES, overrides, threads, command)
     p = bench.params
     documents, source = common.squad_passages(p["documents"], "first")
@@ -97,8 +103,6 @@ def run(profile: str = "quick", command: str | None = None, threads: int | None 
                        "own": sum(losses["own"]) / len(rows), "other": sum(losses["other"]) / len(rows),
                        "none": sum(losses["none"]) / len(rows), "carried": carried.to_dict(),
                        "helped": helped.to_dict(), "per_passage": losses}
-    if against not in found:
-        raise ValueError(f"carry: against={against!r} is not one of the writers ({', '.join(found)})")
     base = found[against]["per_passage"]
     for name, w in found.items():  # what each writer carries more than ``against``, paired over passages
         if name != against:
@@ -150,8 +154,10 @@ def run_kwargs(args, out) -> dict:
         if not sep or not name or not path:
             raise SystemExit(f"error: --artifact {item!r}: expected NAME=PATH")
         artifacts[name] = path
-    if args.against != "keywords" and args.against not in artifacts:
-        raise SystemExit(f"error: --against {args.against!r}: not keywords nor an --artifact name")
+    try:
+        check_against(args.against, artifacts)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     return {"artifacts": artifacts, "against": args.against}
 
 

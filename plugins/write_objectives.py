@@ -75,14 +75,21 @@ class Reconstruct(WriteObjective):
         prefix = model.soft_prompts(rows[:, None])
         logits, labels = model.continuation_logits(prefix, ids[:, :0], mask[:, :0], ids, mask)
         valid = labels != -100
-        loss = batch_mean(F.cross_entropy(logits[valid].float(), labels[valid], reduction="none"))
+        token_nll = F.cross_entropy(logits[valid].float(), labels[valid], reduction="none")
+        loss = batch_mean(token_nll)
         self._metrics = {"token_acc": float((logits.argmax(-1)[valid] == labels[valid]).float().mean())}
         if self.contrast_weight > 0:
-            loss = loss + self.contrast_weight * self._contrast(model, rows, prefix, ids, mask, logits, labels)
+            own = torch.zeros(labels.shape, dtype=token_nll.dtype, device=labels.device)
+            own[valid] = token_nll  # the same token losses, per row: each document's nats per token
+            own = own.sum(1) / valid.sum(1).clamp(min=1)
+            loss = loss + self.contrast_weight * self._contrast(model, rows, prefix, ids, mask, own, labels)
         return loss
 
-    def _contrast(self, model, rows, prefix, ids, mask, logits, labels) -> torch.Tensor:
-        """The margin loss over the batch's distinct documents, each scored after the next one's prefix."""
+    def _contrast(self, model, rows, prefix, ids, mask, own, labels) -> torch.Tensor:
+        """The margin loss over the batch's distinct documents, each scored after the next one's prefix
+        (``own``: each row's nats per token after its own)."""
+        from pqa_core.modeling.model import nats_per_row
+
         first = {}
         for position, row in enumerate(rows.tolist()):
             first.setdefault(row, position)
@@ -92,21 +99,13 @@ class Reconstruct(WriteObjective):
         partner = distinct.roll(1)
         other_logits, _ = model.continuation_logits(prefix[partner], ids[distinct, :0], mask[distinct, :0],
                                                     ids[distinct], mask[distinct])
-        own = _per_row_nll(logits[distinct], labels[distinct])
-        other = _per_row_nll(other_logits, labels[distinct])
-        carried = other - own
+        carried = nats_per_row(other_logits, labels[distinct]) - own[distinct]
         contrast = F.softplus(self.contrast_margin - carried)
         self._metrics.update(carried=float(carried.detach().mean()), contrast_loss=float(contrast.detach().mean()))
         return batch_mean(contrast, key="reconstruct.contrast")
 
     def last_metrics(self) -> dict:
         return dict(self._metrics)
-
-
-def _per_row_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each row's mean token cross-entropy (nats per token) over its labelled positions."""
-    nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
-    return nll.sum(1) / (labels != -100).sum(1).clamp(min=1)
 
 
 class Distill(WriteObjective):

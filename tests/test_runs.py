@@ -394,3 +394,4 @@ def test_list_shows_a_score_with_its_interval_and_a_pretraining_runs_held_out_sc
     assert _listed_scores(pretraining) == {"F1": "12.99 [9.53, 16.79]", "epoch_loss": 3.49}
     both = {"F1": 20.0, "eval_F1": 10.0}  # a run's own F1 wins; its eval_ score keeps its name
     assert _listed_scores(both) == {"F1": 20.0, "eval_F1": 10.0}
+    assert _listed_scores({"F1": 1.0, "note": "x", "done": True}) == {"F1": 1.0}  # only numbers are columns

@@ -33,21 +33,29 @@ def _metric_order(name: str) -> tuple:
     return (2, 0, 0, name)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _first_metrics(names) -> List[str]:
+    """The columns a listing has room for, in :func:`_metric_order`."""
+    return sorted(set(names), key=_metric_order)[:_MAX_LIST_METRICS]
+
+
 def _main_metrics(results: Sequence[Dict[str, Any]]) -> List[str]:
-    names = {k for result in results for k, v in result.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return sorted(names, key=_metric_order)[:_MAX_LIST_METRICS]
+    return _first_metrics(k for result in results for k, v in result.items() if _is_number(v))
 
 
 _INTERVAL = re.compile(r"(.+)_ci95_(low|high)")
 
 
 def _listed_scores(result: Dict[str, Any]) -> Dict[str, Any]:
-    """A result as ``runs list`` shows it: a score with its 95% interval in one cell (``8.33 [1.39, 16.67]``)
-    instead of three columns, and a pretraining run's held-out scores (``eval_F1``) under their plain names."""
+    """A result's numbers as ``runs list`` shows them: a score with its 95% interval in one cell (``8.33 [1.39,
+    16.67]``) instead of three columns, and a pretraining run's held-out scores (``eval_F1``) under their plain
+    names."""
     shown = {}
     for name, value in result.items():
-        if _INTERVAL.fullmatch(name):
+        if _INTERVAL.fullmatch(name) or not _is_number(value):
             continue
         low, high = result.get(f"{name}_ci95_low"), result.get(f"{name}_ci95_high")
         cell = f"{fmt(value)} [{fmt(low)}, {fmt(high)}]" if low is not None and high is not None else value
@@ -111,7 +119,7 @@ def list_runs(ctx, where, status, experiment, limit, as_json, as_csv) -> None:
         click.echo("no runs found", err=True)
         return
     results = [_listed_scores(runs_lib.result_dict(doc.get("result"))) for doc in docs]
-    metrics = _main_metrics([{k: (0.0 if isinstance(v, str) else v) for k, v in r.items()} for r in results])
+    metrics = _first_metrics(name for result in results for name in result)
     headers = ["id", "experiment", "status", "start (UTC)", "duration"] + [m or "result" for m in metrics]
     rows = []
     for doc, result in zip(docs, results):

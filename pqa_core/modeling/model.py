@@ -31,6 +31,13 @@ def _returned_cache(output):
     return output.cache if "cache" in output.keys() else output.past_key_values
 
 
+def nats_per_row(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[B]``: each row's mean token cross-entropy (nats per token) over its labelled positions, for
+    ``continuation_logits``' aligned logits and labels."""
+    nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    return nll.sum(1) / (labels != -100).sum(1).clamp(min=1)
+
+
 def retrieval_key_dims(projection: Projection, d_z: int) -> int:
     """How many leading coordinates of z the selector scores: the projection's ``key_dims``, else all of z."""
     return int(getattr(projection, "key_dims", None) or d_z)
