@@ -60,12 +60,21 @@ def pretrain_command(reader: str, data: dict, out: Path, args) -> list:
               f"threads={args.threads}", f"output_dir={out}",
               f"model.num_memory_tokens={args.m}"]
     if reader == "pqa":  # the controls' readers read text or nothing: no writer to train
-        values += [f"writer.name={args.writer}", f"writer.layers={args.writer_layers}",
+        values += [f"writer.name={args.writer}",
+                   *([f"writer.layers={args.writer_layers}"] if "layers" in writer_parameters(args.writer) else []),
                    f"pretrain.reconstruct_only_steps={args.reconstruct_only_steps}",
                    f"pretrain.contrast_weight={args.contrast_weight}"]
     if (out / "checkpoints" / "pretrain").exists():
         values.append(f"resume={out}")
     return [str(REPO_ROOT / ".venv" / "bin" / "pqa"), "run", "pretrain", "--json", "with", *values]
+
+
+def writer_parameters(name: str) -> dict:
+    """The parameters writer ``name`` takes (``--writer-layers`` goes only to a writer with ``layers``)."""
+    from pqa_core.components import plugins
+
+    plugins.load_plugins()
+    return plugins.component_defaults("writer", name)
 
 
 def ship(llm: str, reader: str, artifact: Path, data: dict, command: list, seconds: float) -> Path:

@@ -130,6 +130,12 @@ class Writer(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} has no trainable encoder")
 
 
+def writer_trains(writer: Writer) -> bool:
+    """A writer with parameters (``trainable``) is pretrained live, through the reader; one without writes
+    the doc table once and stays as it is."""
+    return bool(getattr(writer, "trainable", False)) and any(p.requires_grad for p in writer.parameters())
+
+
 @dataclass
 class WriteContext:
     """What a write objective may prepare from, once, before the write phase.

@@ -28,7 +28,7 @@ from pqa_core.errors import CheckpointError, UsageError
 from pqa_core.evaluation.qa import evaluate_qa, evaluate_retrieval
 from pqa_core.storage.fingerprint import CONFIG_KEY as FINGERPRINT_KEY
 from pqa_core.storage.fingerprint import TRAINING_DATA
-from pqa_core.interfaces import WriteContext
+from pqa_core.interfaces import WriteContext, writer_trains
 from pqa_core.modeling.llm import llm_identity, load_llm
 from pqa_core.training.read_phase import ReadPhaseTrainer
 from pqa_core.modeling.selection_index import build_index, describe
@@ -80,7 +80,7 @@ class Pipeline:
         if config.model.pretrained:  # before the model is built: one line, nothing written
             self.check_pretrained_disjoint()
         self.model = build_model(config, self.rows.documents, llm_and_tokenizer, table_dir=table_dir,
-                                 row_tokens=self.rows.tokens, write=not self.pretrains_writer)
+                                 row_tokens=self.rows.tokens, live_writer=self.pretrains_writer)
         self.model.row_ids = [[d.doc_id, d.part] for d in self.rows.documents]
         self.model.row_tokens = self.rows.tokens
         if getattr(self.model, "pretrained", None):  # the artifact the run started from
@@ -106,7 +106,7 @@ class Pipeline:
 
     @property
     def pretrains_writer(self) -> bool:
-        """A pqa pretraining run: the writer writes each step's documents itself, never the table."""
+        """A pqa pretraining run: a writer with parameters writes each step's documents itself, never the table."""
         return "pretrain" in self.config.phases and self.config.pretrain.reader == "pqa"
 
     def check_pretrained_disjoint(self) -> None:
@@ -172,7 +172,7 @@ class Pipeline:
         e = self.config.eval
         path = self.output_dir / e.predictions_file
         if self.config.pretrain.reader == "pqa":
-            self.model.live_writer = True
+            self.model.live_writer = writer_trains(self.model.writer)
             scores = self.evaluate_eval_questions(str(path))
         else:
             from pqa_core.training.controls import evaluate_control

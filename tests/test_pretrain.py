@@ -174,6 +174,30 @@ def test_the_contrast_term_reaches_pretraining_and_is_recorded(split, tmp_path):
     assert (training["contrast_weight"], training["contrast_margin"]) == (2.0, 0.5)
 
 
+def test_a_writer_without_parameters_pretrains_the_reader_that_reads_what_it_wrote(split, tmp_path):
+    """writer.name=keywords: the table is written once, as a run writes it, and pretraining trains the reader
+    LoRA on it (nothing live, no writer tensors); a keywords run then starts from that artifact."""
+    out = tmp_path / "pre"
+    config = pretrain_config(split, out, max_steps=3, checkpoint_every=0)
+    config.writer = {"name": "keywords"}
+    pipeline = Pipeline(config)
+    written = pipeline.model.doc_vectors.detach().clone()
+    assert written.abs().sum() > 0  # the keywords were written into the table
+    metrics = pipeline.run()
+    assert not pipeline.model.live_writer and torch.equal(pipeline.model.doc_vectors.detach(), written)
+    tensors = load_file(str(out / "pretrained" / "model.safetensors"))
+    assert {key.split(".")[0] for key in tensors} == {"lora"} and "eval_F1" in metrics
+    base = Pipeline(run_config(split, tmp_path / "base", None))
+    lora = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.") and "lora_B" in k}
+    before = dict(base.model.llm.named_parameters())
+    assert any(not torch.equal(before[k], v) for k, v in lora.items())  # the reader LoRA was trained
+    run = run_config(split, tmp_path / "run", str(out))
+    run.writer = {"name": "keywords"}
+    started = Pipeline(run, RecordingLogger())
+    after = dict(started.model.llm.named_parameters())
+    assert all(torch.equal(after[k], v) for k, v in lora.items())
+
+
 def run_config(split, out: Path, pretrained: str, **model) -> PQAConfig:
     return PQAConfig.from_dict({
         "seed": 1, "output_dir": str(out), "model": {**TINY, "pretrained": pretrained, **model}, "writer": ENCODER,

@@ -12,7 +12,7 @@ from pqa_core.data.loading import Document
 from pqa_core.modeling.device import autocast_dtype, resolve_device
 from pqa_core.modeling.doc_table import TableStorage, storage_of, table_std
 from pqa_core.errors import UsageError
-from pqa_core.interfaces import Writer
+from pqa_core.interfaces import Writer, writer_trains
 from pqa_core.modeling.llm import load_llm
 from pqa_core.modeling.model import ParametricQA, retrieval_key_dims
 
@@ -162,12 +162,12 @@ def write_content(model: ParametricQA, rows, documents: List[Document], tokens, 
 
 def build_model(config: PQAConfig, documents: List[Document], llm_and_tokenizer=None,
                 device: Optional[torch.device] = None, table_dir=None, row_tokens=None,
-                write: bool = True) -> ParametricQA:
+                live_writer: bool = False) -> ParametricQA:
     """Everything seeded from ``config.seed`` so two builds with one seed are identical. ``table_dir``:
     where a memory-mapped table's files go (``model.doc_storage=mmap``). ``row_tokens``: each document's
     LLM token ids, for the writer (tokenized here when not given). With ``model.pretrained``, the reader
-    LoRA, the writer and the projection are loaded before the writer writes (``write=False``: it does not,
-    a pretraining run's writer writes each step's documents itself)."""
+    LoRA, the writer and the projection are loaded before the writer writes (``live_writer``: a pretraining
+    run, whose writer, if it trains, writes each step's documents itself; one without parameters writes here)."""
     storage = storage_of(config, table_dir)
     torch.manual_seed(config.seed)
     llm, tokenizer = llm_and_tokenizer or load_llm(config.model.llm)
@@ -195,7 +195,7 @@ def build_model(config: PQAConfig, documents: List[Document], llm_and_tokenizer=
         from pqa_core.storage.pretrained import load_pretrained
 
         model.pretrained = load_pretrained(config, model)
-    writes = write and writes_content(config, d_z, key_dims, context["d_model"])
+    writes = writes_content(config, d_z, key_dims, context["d_model"]) and not (live_writer and writer_trains(writer))
     prepares = type(writer).prepare is not Writer.prepare
     tokens = row_tokens or (_token_lists(tokenizer, documents) if writes or prepares else None)
     if prepares:

@@ -3,7 +3,8 @@
 A pqa reader (``pretrain.reader=pqa``) is trained as the read phase trains it, with two differences:
 each selected document's soft tokens are written by the writer *at every step* (``model.live_writer``),
 so the gradient reaches the writer (its LoRA, memory slots and map) as well as the reader's LoRA and the
-projection; and the gold passages are also reconstructed from their soft tokens (ICAE's autoencoding,
+projection (a writer without parameters, ``keywords``, writes the table once, as a run does, and the
+reader and projection learn to read what it wrote); and the gold passages are also reconstructed from their soft tokens (ICAE's autoencoding,
 ``pretrain.reconstruct_weight``). The first ``pretrain.reconstruct_only_steps`` steps reconstruct alone (ICAE
 pretrains by autoencoding before it fine-tunes on questions): a writer that starts as noise gets a dense
 signal (every passage token) instead of competing with a few answer tokens for the shared reader.
@@ -19,7 +20,7 @@ from typing import Dict
 import torch
 
 from pqa_core.config import PretrainSettings, ReadSettings
-from pqa_core.interfaces import WriteContext
+from pqa_core.interfaces import WriteContext, writer_trains
 from pqa_core.training.read_phase import ReadPhaseTrainer
 
 CONTROL_OF_READER = {"text": "dense_minilm", "closed_book": "closed_book"}
@@ -37,20 +38,19 @@ class PretrainTrainer(ReadPhaseTrainer):
     """The read phase's step over a live writer, plus reconstruction of the gold passages."""
 
     def __init__(self, model, settings: PretrainSettings, *, retrieval_loss, generation_loss, reconstruction):
-        if not getattr(model.writer, "trainable", False):
-            raise ValueError("pretrain.reader=pqa trains the writer: choose one with parameters (writer.name=encoder)")
         for frozen in (model.doc_vectors, *model.selector.parameters(), *model.query_encoder.parameters()):
             frozen.requires_grad_(False)
         super().__init__(model, read_settings(settings), retrieval_loss=retrieval_loss,
                          generation_loss=generation_loss)
-        writer = [p for p in model.writer.parameters() if p.requires_grad]
-        self.optimizer.add_param_group({"params": writer, "lr": settings.lr_writer, "name": "writer",
-                                        "weight_decay": 0.0})
+        writer = [p for p in model.writer.parameters() if p.requires_grad] if writer_trains(model.writer) else []
+        if writer:
+            self.optimizer.add_param_group({"params": writer, "lr": settings.lr_writer, "name": "writer",
+                                            "weight_decay": 0.0})
         self.trainable += writer
         self.reconstruct_weight = settings.reconstruct_weight
         self.reconstruct_only_steps = settings.reconstruct_only_steps
         self.reconstruction = reconstruction
-        model.live_writer = True
+        model.live_writer = bool(writer)
 
     def warming_up(self) -> bool:
         """Whether this step reconstructs alone (the first ``reconstruct_only_steps`` of the run, resumed or not)."""
