@@ -95,6 +95,9 @@ class ModelSettings:
                              choices=("float32", "bfloat16"))
     doc_storage: str = setting("memory", "where the doc table lives: memory, or mmap (files under the output "
                                          "folder: a table larger than the RAM)", choices=("memory", "mmap"))
+    gradient_checkpointing: bool = setting(False, "recompute each LLM layer's activations in the backward pass "
+                                                  "instead of keeping them: about a third more compute for a "
+                                                  "fraction of the memory (a reader of long text prompts)")
 
 
 @dataclass
@@ -404,6 +407,8 @@ def _coerce(value, path: str, hint: Any, declared: typing.Mapping[str, Any]):
         raise UsageError(f"config key {path!r} may not be null")
     expected = _base(hint)
     if expected is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):  # `with key=false` on a command line
+            return value.lower() == "true"
         if not isinstance(value, bool):
             raise UsageError(f"config key {path!r} must be true/false, got {value!r}")
         return value

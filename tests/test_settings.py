@@ -77,6 +77,7 @@ def test_module_lists_are_the_declared_choices():
     ({"model": {"lora": {"rank": 2}}}, "unknown config key 'model.lora.rank'; did you mean 'model.lora.r'?"),
     ({"seed": None}, "config key 'seed' may not be null"),
     ({"model": {"pretrained": 3}}, "config key 'model.pretrained' must be str, got 3"),
+    ({"model": {"gradient_checkpointing": "no"}}, "config key 'model.gradient_checkpointing' must be true/false, got 'no'"),
 ])
 def test_a_bad_key_or_value_is_named_with_a_suggestion(values, message):
     with pytest.raises(UsageError) as error:
@@ -88,6 +89,9 @@ def test_types_come_from_the_annotations():
     config = PQAConfig.from_dict({"read": {"lr_projection": None, "lr_z": 1}, "eval": {"top_k": None}})
     assert config.read.lr_projection is None and config.read.lr_z == 1.0 and isinstance(config.read.lr_z, float)
     assert PQAConfig.from_dict({"write": {"betas_z": (0.9, 0.99)}}).write.betas_z == [0.9, 0.99]
+    # a boolean as a command line spells it (`with model.gradient_checkpointing=false`) is the boolean
+    assert PQAConfig.from_dict({"model": {"gradient_checkpointing": "false"}}).model.gradient_checkpointing is False
+    assert PQAConfig.from_dict({"model": {"gradient_checkpointing": "True"}}).model.gradient_checkpointing is True
 
 
 def test_pqa_config_prints_every_key_with_type_default_range_and_help():

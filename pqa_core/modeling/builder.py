@@ -36,6 +36,19 @@ def apply_lora(llm, lora_settings):
     return get_peft_model(llm, lora)
 
 
+def enable_gradient_checkpointing(llm) -> None:
+    """Training keeps only each layer's input and recomputes the rest in the backward pass (the
+    non-reentrant form: soft-prompt embeddings and a frozen base need no input-gradient hooks)."""
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise UsageError(f"model.gradient_checkpointing=true: {type(base).__name__} does not support it")
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # its name from transformers 5 on
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 MINILM_DIMS = 384  # what model.doc_init=minilm fills
 
 
@@ -177,6 +190,8 @@ def build_model(config: PQAConfig, documents: List[Document], llm_and_tokenizer=
     if config.model.lora.enabled:
         llm = apply_lora(llm, config.model.lora)
         context["llm"] = llm
+    if config.model.gradient_checkpointing:
+        enable_gradient_checkpointing(llm)
     d_z, embedding_std = context["d_z"], context["embedding_std"]
     keys = initial_keys(config, documents, embedding_std, d_z, storage)
     context["input_std"] = table_std(keys) if keys.numel() > 1 else embedding_std
