@@ -305,6 +305,33 @@ class Bench:
         return result
 
 
+def memory_gib() -> Dict[str, Optional[float]]:
+    """This process's peak (``VmHWM``) and current resident memory (GiB), the current split into file pages
+    and anonymous; ``None`` where /proc is missing."""
+    fields: Dict[str, float] = {}
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+                    fields[key] = int(value.split()[0]) / 2 ** 20
+    except OSError:
+        pass
+    return {"peak_gib": fields.get("VmHWM"), "rss_gib": fields.get("VmRSS"), "anon_gib": fields.get("RssAnon"),
+            "file_gib": fields.get("RssFile")}
+
+
+def reset_peak_memory() -> bool:
+    """Start a new peak (``VmHWM``) from the current resident memory, so one process can measure the peak
+    of each of its parts (Linux: ``/proc/self/clear_refs``); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def verdict(met) -> str:
     return "met" if met else "NOT met"
 

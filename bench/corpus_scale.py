@@ -110,18 +110,6 @@ def scoring(model, batch, k: int):
     return run
 
 
-def _memory() -> dict:
-    """This process's peak and current resident memory (GiB), the current split into file pages and anonymous."""
-    fields = {}
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            key, _, value = line.partition(":")
-            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
-                fields[key] = int(value.split()[0]) / 2 ** 20
-    return {"peak_gib": fields["VmHWM"], "rss_gib": fields["VmRSS"], "anon_gib": fields.get("RssAnon"),
-            "file_gib": fields.get("RssFile")}
-
-
 def large_table(llm_name: str, num_docs: int, batch_size: int, folder: str, threads: int = 1) -> dict:
     """One write and one read step (after one of each) on a bfloat16 memory-mapped table of ``num_docs``
     rows, then a checkpoint: times, memory, bytes per document. Run it in a process of its own."""
@@ -145,7 +133,7 @@ def large_table(llm_name: str, num_docs: int, batch_size: int, folder: str, thre
         t0 = time.perf_counter()
         step()
         seconds[name] = time.perf_counter() - t0
-    after_steps = _memory()
+    after_steps = common.memory_gib()
     t0 = time.perf_counter()
     checkpoint = save_checkpoint(Path(folder) / "checkpoint", model, reader.optimizer, step=2, epoch=0)
     seconds["checkpoint"] = time.perf_counter() - t0
@@ -154,7 +142,7 @@ def large_table(llm_name: str, num_docs: int, batch_size: int, folder: str, thre
     moments = [v for v in reader.optimizer.state[table].values() if torch.is_tensor(v) and v.dim() == 2]
     return {"num_docs": num_docs, "d_z": int(table.shape[1]), "dtype": str(table.dtype).replace("torch.", ""),
             "mapped": table.untyped_storage().filename is not None, "build_s": built, "seconds": seconds,
-            "memory_after_steps": after_steps, "memory": _memory(), "bytes_per_doc": {
+            "memory_after_steps": after_steps, "memory": common.memory_gib(), "bytes_per_doc": {
                 "table": table.element_size() * table.shape[1],
                 "adam_moments": sum(m.element_size() * m.shape[1] for m in moments),
                 "row_step": 8, "checkpoint": sum(files.values()) / num_docs},

@@ -230,16 +230,23 @@ def test_bench_quality_and_latency_scripts_run(tmp_path):
     assert "no write phase" in quality.markdown(q)  # a variant without a write phase renders
     curve = q["rows"]["pqa"]["new"]["curve"]  # F1 before and after each write epoch of the new documents
     assert [c["write_steps"] for c in curve][0] == 0 and len(curve) == 3
-    assert {"oracle", "above_closed_book", "rag_ratio"} <= set(q["goals"])
+    assert {"oracle", "above_closed_book", "rag_ratio", "above_closed_book_article", "rag_ratio_article"} <= set(q["goals"])
+    best = max(["pqa", "pqa, no write phase"], key=lambda n: q["rows"][n]["metrics"]["F1"])
+    assert quality.best_pqa(q["rows"], q["params"]["pqa_variants"]) == best  # goals read on pqa's best variant
+    assert q["goals"]["rag_ratio"]["metric"].startswith(best + " F1")
     alone = quality.run("smoke", command="pytest alone", rows=["pqa, no write phase"])  # a row measured apart
     assert list(alone["rows"]) == ["pqa, no write phase"]  # ... is the row of the whole run, answer for answer
     assert alone["rows"]["pqa, no write phase"]["per_question"] == q["rows"]["pqa, no write phase"]["per_question"]
     (tmp_path / "quality.json").write_text(json.dumps(q, default=str))
     lat = latency.run("smoke", command="pytest smoke", quality_json=str(tmp_path / "quality.json"))
-    assert [r["new_tokens"] for r in lat["rows"]] == [1, 8]
+    assert [(r["batch"], r["new_tokens"], r["questions"]) for r in lat["rows"]] == [(1, 1, 2), (1, 8, 2), (2, 1, 4),
+                                                                                  (2, 8, 4)]
     row = lat["rows"][0]
     assert row["prompt_tokens_per_question"]["bm25"] > row["prompt_tokens_per_question"]["pqa"]
     assert lat["f1_from_quality"]["bm25"] == q["rows"]["bm25 (trained reader)"]["metrics"]["F1"]
+    assert lat["f1_from_quality"]["pqa"] == q["rows"][best]["metrics"]["F1"]  # the best pqa row of (a)
+    assert "batch 2" in lat["goals"]["throughput"]["metric"] and "first token" in lat["goals"]["first_token"]["metric"]
+    assert lat["memory_tokens"] == 32
     for md in (quality.markdown(q), latency.markdown(lat)):
         assert md.startswith("## (") and "Command: `pytest smoke`" in md and "| " in md
 
@@ -267,8 +274,50 @@ def test_bench_quality_measured_in_parts_combines_into_one_table():
     assert "Measured in parts" in md and "- `part two`: pqa, zero content" in md
     with pytest.raises(ValueError, match="unknown row.*'nope'"):
         quality.run("smoke", rows=["nope"])
+    # a part measured with --pretrained: its rows say so in their labels, and closed-book pairs with its
+    # pretrained reader where both readers were measured
+    pre_row = {**part1["rows"]["closed_book (trained reader)"], "command": "part three"}
+    part3 = {**part2, "params": {**part2["params"], "pretrained": "/artifacts"},
+             "rows": {"closed_book (pretrained reader)": pre_row}}
+    joined = quality.combine_results([part1, part2, part3])
+    assert list(joined["rows"]) == ["pqa", "pqa, zero content", "closed_book (pretrained reader)",
+                                    "closed_book (trained reader)"]
+    assert "pqa vs closed_book (pretrained reader) [question split]" in joined["comparisons"]
+    assert "pqa vs closed_book (trained reader) [question split]" not in joined["comparisons"]
     changed = {**part2, "params": {**part2["params"], "top_k": 5}}
     with pytest.raises(ValueError, match="other parameters than result 1: \\['top_k'\\]"):
         quality.combine_results([part1, changed])
     with pytest.raises(SystemExit, match="--rows measures part of the table: give --out"):
         quality.main(["--smoke", "--rows", "pqa"])
+
+
+def test_gradient_checkpointing_trains_the_same_reader_recomputing_each_layer(tmp_path):
+    """model.gradient_checkpointing: a text reader (oracle) trained with it reaches the same LoRA weights
+    as without, while every LLM layer's insides run twice per step (forward, then again in the backward pass)."""
+    def trained(checkpointing: bool):
+        config = PQAConfig.from_dict({
+            "seed": 0, "output_dir": str(tmp_path / f"run_{checkpointing}"), "phases": ["control_read"],
+            "model": {"llm": "tiny", "doc_init": "random", "num_memory_tokens": 2, "lora": {"r": 4},
+                      "gradient_checkpointing": checkpointing},
+            "query_encoder": {"name": "llm_mean"}, "read": {"epochs": 1, "batch_size": 4},
+            "control": {"name": "oracle"}})
+        pipe = Pipeline(config)
+        mlp = pipe.model.llm.get_base_model().model.layers[0].mlp  # runs inside the checkpointed forward
+        calls, forward = [], mlp.forward  # (module hooks do not fire when the backward pass recomputes)
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            return forward(*args, **kwargs)
+        mlp.forward = counted
+        pipe.run_control_read()
+        lora = {n: p.detach().clone() for n, p in pipe.model.llm.named_parameters() if "lora_" in n}
+        steps = math.ceil(len(pipe.train_qa) / 4)
+        return lora, len(calls), steps
+
+    plain, plain_calls, steps = trained(False)
+    recomputed, recomputed_calls, _ = trained(True)
+    assert plain_calls == steps and recomputed_calls == 2 * steps
+    assert plain.keys() == recomputed.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in plain.items() if "lora_B" in n)  # it trained
