@@ -351,7 +351,7 @@ def section(title: str, result: dict, *blocks: str) -> str:
     return "\n\n".join([f"## {title}", header(result), *blocks])
 
 
-def script_main(module, argv=None, add_arguments=None, run_kwargs=None) -> int:
+def script_main(module, argv=None, add_arguments=None, run_kwargs=None, refresh=None) -> int:
     """The command line every benchmark script shares::
 
         python bench/<name>.py [--quick | --full | --smoke] [--threads N] [--out DIR] [--render-only]
@@ -360,7 +360,8 @@ def script_main(module, argv=None, add_arguments=None, run_kwargs=None) -> int:
     ``<out>/<name>.json`` and ``.md`` and prints the markdown. A result written to ``bench/results``
     (the full profile's default folder) also re-renders ``bench/RESULTS.md`` from every result file
     there, so every other section is kept. ``add_arguments(parser)`` adds a script's own options,
-    ``run_kwargs(args, out)`` turns them into keyword arguments of ``run``.
+    ``run_kwargs(args, out)`` turns them into keyword arguments of ``run``; ``refresh(result, args)``
+    updates a stored result before ``--render-only`` renders it (what it reads from other results).
     """
     import argparse
 
@@ -381,11 +382,13 @@ def script_main(module, argv=None, add_arguments=None, run_kwargs=None) -> int:
     out = Path(args.out) if args.out else default_out(args.profile)
     if args.render_only:
         result = json.loads((out / f"{module.NAME}.json").read_text(encoding="utf-8"))
+        if refresh is not None:
+            result = refresh(result, args)
     else:
         result = module.run(args.profile, threads=args.threads,
                             command=command_line(script_command(f"{module.NAME}.py", argv)),
                             **(run_kwargs(args, out) if run_kwargs is not None else {}))
-    if not args.render_only:  # the measurement is kept even if rendering it fails
+    if not args.render_only or refresh is not None:  # the measurement is kept even if rendering it fails
         write_result(result, None, out)
     md = module.markdown(result)
     write_result(result, md, out)

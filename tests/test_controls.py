@@ -247,6 +247,16 @@ def test_bench_quality_and_latency_scripts_run(tmp_path):
     assert lat["f1_from_quality"]["pqa"] == q["rows"][best]["metrics"]["F1"]  # the best pqa row of (a)
     assert "batch 2" in lat["goals"]["throughput"]["metric"] and "first token" in lat["goals"]["first_token"]["metric"]
     assert lat["memory_tokens"] == 32
+    # (a) measured again after (b): --render-only --quality-json reads its F1 again, the timings kept
+    (tmp_path / "lat").mkdir()
+    (tmp_path / "lat" / "latency.json").write_text(json.dumps(lat, default=str))
+    better = json.loads(json.dumps(q, default=str))
+    better["rows"][best]["metrics"]["F1"] = 99.0
+    (tmp_path / "better.json").write_text(json.dumps(better))
+    assert latency.main(["--smoke", "--render-only", "--out", str(tmp_path / "lat"),
+                         "--quality-json", str(tmp_path / "better.json")]) == 0
+    again = json.loads((tmp_path / "lat" / "latency.json").read_text())
+    assert again["f1_from_quality"]["pqa"] == 99.0 and again["rows"] == json.loads(json.dumps(lat["rows"]))
     for md in (quality.markdown(q), latency.markdown(lat)):
         assert md.startswith("## (") and "Command: `pytest smoke`" in md and "| " in md
 
