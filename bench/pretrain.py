@@ -10,8 +10,14 @@ step budget stopped it. With ``--ship`` the artifacts are copied into
 ``pqa_core/pretrained/<llm>/<reader>/`` (what ``pqa demo`` starts from), beside a README saying how they
 were made.
 
-    python bench/pretrain.py --readers pqa closed_book --ship           # about 1 h 20 min on 2 CPU cores
-    python bench/pretrain.py --readers text --questions 3285            # the text reader, for bench (a)
+    # the shipped artifacts bench (a) uses (about 45 + 8 min on this 2-core machine):
+    python bench/pretrain.py --readers pqa --questions 1600 --held-out 200 --epochs 2 --max-steps 160 \
+        --reconstruct-only-steps 100 --ship
+    python bench/pretrain.py --readers closed_book --questions 1600 --held-out 200 --epochs 2 --max-steps 160 --ship
+    # bench (a)'s keyword-vector reader, pretrained alike (30 min): --variant '{"model": {"pretrained": "<out>/pqa"}}'
+    python bench/pretrain.py --readers pqa --writer keywords --questions 1600 --held-out 200 --epochs 2 --max-steps 60
+    # the text reader (oracle, text RAG): about 70 s a step of 8 questions here, 160 steps ~3 h
+    python bench/pretrain.py --readers text --questions 1600 --held-out 200 --epochs 2 --max-steps 160 --ship
 
 Everything the runs take is given on the command line and recorded (Sacred, and each artifact's manifest).
 """
