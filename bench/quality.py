@@ -279,11 +279,21 @@ def pqa_row(params, data, tmp: Path, label: str, overrides: dict, llm):
 
 
 # --------------------------------------------------------------------------- comparisons and goals
+def on_split(row: dict, split: str) -> dict:
+    """A row's scores on ``split``: the question split's (the row itself) or the article split's (``new``)."""
+    return row if split == "question" else row["new"]
+
+
+def split_f1(rows: dict, split: str):
+    """The F1 of a row (by label) on ``split``."""
+    return lambda label: on_split(rows[label], split)["metrics"]["F1"]
+
+
 def paired(rows: dict, a: str, b: str, split: str = "question") -> dict:
     from pqa_core.evaluation.stats import compare_records
 
-    pick = (lambda r: r["per_question"]) if split == "question" else (lambda r: r["new"]["per_question"])
-    out = {c.metric: c.to_dict() for c in compare_records(pick(rows[a]), pick(rows[b]), names=(a, b))}
+    pick = lambda label: on_split(rows[label], split)["per_question"]  # noqa: E731
+    out = {c.metric: c.to_dict() for c in compare_records(pick(a), pick(b), names=(a, b))}
     return out
 
 
@@ -308,15 +318,13 @@ def comparisons(rows: dict, variants) -> dict:
 
 def best_text_rag(rows: dict, split: str = "question"):
     candidates = [n for n in rows if n.split(" ")[0] in TEXT_RAG and "plain LLM" not in n]
-    pick = (lambda n: rows[n]["metrics"]["F1"]) if split == "question" else (lambda n: rows[n]["new"]["metrics"]["F1"])
-    return max(candidates, key=pick) if candidates else None
+    return max(candidates, key=split_f1(rows, split)) if candidates else None
 
 
 def best_pqa(rows: dict, variants, split: str = "question"):
     """The pqa variant with the highest F1 on ``split`` (the goals are read on pqa's best variant)."""
-    pick = (lambda n: rows[n]["metrics"]["F1"]) if split == "question" else (lambda n: rows[n]["new"]["metrics"]["F1"])
     measured = [v for v in variants if v in rows]
-    return max(measured, key=pick) if measured else None
+    return max(measured, key=split_f1(rows, split)) if measured else None
 
 
 def goals_of(rows: dict, compared: dict, variants) -> dict:
@@ -333,7 +341,7 @@ def goals_of(rows: dict, compared: dict, variants) -> dict:
         if pqa is None:
             continue
         suffix = "" if split == "question" else f"_{split}"
-        f1 = (lambda n: rows[n]["metrics"]["F1"]) if split == "question" else (lambda n: rows[n]["new"]["metrics"]["F1"])
+        f1 = split_f1(rows, split)
         test = compared.get(f"{pqa} vs {closed} [{split} split]", {}).get("F1") if closed else None
         if test:
             goals["above_closed_book" + suffix] = {
@@ -530,7 +538,7 @@ def markdown(result: dict) -> str:
     goal_lines = []
     for g in result["goals"].values():
         value = "n/a" if g["value"] is None else f"{g['value']:.3g}"
-        extra = f" (difference {g['difference']:+.1f} F1)" if "difference" in g else ""  # results made before p_value
+        extra = f" (difference {g['difference']:+.1f} F1)" if "difference" in g else ""  # a goal stored with its p as value
         goal_lines.append(f"- {g['metric']}: **{value}**{extra}, goal {g['target']}: **{common.verdict(g['met'])}**")
     training = []
     for label in [v for v in p["pqa_variants"] if v in rows]:

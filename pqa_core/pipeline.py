@@ -106,7 +106,8 @@ class Pipeline:
 
     @property
     def pretrains_writer(self) -> bool:
-        """A pqa pretraining run: a writer with parameters writes each step's documents itself, never the table."""
+        """A pqa pretraining run: its writer, if it has parameters, writes each step's documents live rather
+        than the table (``build_model`` and ``PretrainTrainer`` ask ``writer_trains``)."""
         return "pretrain" in self.config.phases and self.config.pretrain.reader == "pqa"
 
     def check_pretrained_disjoint(self) -> None:
