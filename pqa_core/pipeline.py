@@ -432,4 +432,5 @@ def check_output_dir(config: PQAConfig, run_fingerprint: Dict[str, Any], output_
         fingerprint.check_fresh(output_dir)
         return []
     own = [c for c in checkpoints_to_load(config) if Path(config.resume) in c.parents]
-    return fingerprint.check_resume(own, run_fingerprint, config.force_resume, f"resume={config.resume}")
+    return fingerprint.check_resume(own, run_fingerprint, config.force_resume, f"resume={config.resume}",
+                                    defaults=fingerprint.flatten(PQAConfig().to_dict()))

@@ -117,6 +117,33 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, crash):
     phase = crash[0].split(".")[0]
     assert f"{phase}_resumed_from" in logger.info
 
+def test_a_checkpoint_written_before_a_key_existed_resumes_while_the_key_keeps_its_default(tmp_path):
+    """pqa adds config keys whose default is what it did before; a checkpoint written before the key existed
+    holds no value for it. It resumes when the run leaves the key at its default, and is refused otherwise
+    (one line naming the key), as is any key the checkpoint holds with another value."""
+    from pqa_core.pipeline import check_output_dir, fingerprint_of
+
+    run = tmp_path / "run"
+
+    def config(**model):
+        return PQAConfig.from_dict({"model": {"llm": "tiny", **model}, "resume": str(run)})
+
+    current = fingerprint_of(config())
+    older = {k: v for k, v in current["values"].items() if k != "model.gradient_checkpointing"}
+    checkpoint = run / "checkpoints" / "write" / "final"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "MANIFEST.json").write_text(json.dumps(
+        {"files": {}, "fingerprint": {"digest": "written-by-an-older-pqa", "values": older}}))
+    assert check_output_dir(config(), current, run) == []
+    on = config(gradient_checkpointing=True)
+    with pytest.raises(CheckpointError, match=r"another configuration: model\.gradient_checkpointing=unset "
+                                              r"\(now True\); resume"):
+        check_output_dir(on, fingerprint_of(on), run)
+    other = config(num_memory_tokens=3)
+    with pytest.raises(CheckpointError, match=r"another configuration: model\.num_memory_tokens=\d+ \(now 3\); "):
+        check_output_dir(other, fingerprint_of(other), run)
+
+
 
 def test_third_party_selector_is_used_by_name(tmp_path, fake_distribution):
     pipeline = Pipeline(short_config(tmp_path, selector={"name": "third_party"}), RecordingLogger())

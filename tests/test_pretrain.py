@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from pqa_core.config import PQAConfig
+from pqa_core.errors import UsageError
 from pqa_core.data.loading import load_corpus, load_qa, sample_data_path
 from pqa_core.pipeline import Pipeline
 from pqa_core.storage import pretrained as artifacts
@@ -294,6 +295,40 @@ def test_the_encoder_writer_trains_and_writes_a_batch_in_one_pass():
     # a document is written the same alone or in a batch (padding is masked)
     alone = writer.write_documents(texts[:1], tokens[:1])
     assert torch.allclose(alone[0], written[0], atol=1e-4)
+
+
+def test_the_encoder_writes_in_the_precision_it_is_given_and_an_artifact_fits_any():
+    """writer.precision: bf16 computes the layers in bfloat16 (about 1.8x the documents per second on a CPU
+    with native bfloat16) and writes nearly what float32 does; fp32 holds inside a bfloat16 autocast; the
+    default follows the model's. Precision is no part of an artifact's shape."""
+    from pqa_core.components import plugins
+    from pqa_core.modeling.llm import load_llm
+    from pqa_core.storage.pretrained import saved_shape, shape_of
+
+    llm, tokenizer = load_llm("tiny")
+    context = {"llm": llm, "d_model": 64, "num_tokens": 3, "embedding_std": 0.02, "tokenizer": tokenizer,
+               "pad_token_id": tokenizer.pad_token_id, "lora_target_modules": ["q_proj", "v_proj"]}
+    texts = [f"Passage {i} says the tower is {i * 7} metres tall." for i in range(6)]
+    tokens = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    written, seen = {}, {}
+    for precision in ("model", "bf16", "fp32"):
+        torch.manual_seed(0)
+        writer = plugins.build("writer", "encoder", {"layers": 2, "anchor": "none", "precision": precision}, context)
+        dtypes = seen[precision] = set()
+        writer.decoder.layers[0].mlp.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
+        written[precision] = writer.write_documents(texts, tokens)
+        if precision == "fp32":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                writer.write_documents(texts, tokens)
+    assert seen == {"model": {torch.float32}, "bf16": {torch.bfloat16}, "fp32": {torch.float32}}
+    assert written["bf16"].dtype == torch.float32
+    difference = (written["bf16"] - written["model"]).norm() / written["model"].norm()
+    assert 0 < difference < 0.05, difference
+    with pytest.raises(UsageError, match=r"parameter 'precision' must be Literal\['model', 'bf16', 'fp32'\], got 'half'"):
+        plugins.build("writer", "encoder", {"precision": "half"}, context)
+    fp32 = PQAConfig.from_dict({"model": {"llm": "tiny"}, "writer": {"name": "encoder"}})
+    bf16 = PQAConfig.from_dict({"model": {"llm": "tiny"}, "writer": {"name": "encoder", "precision": "bf16"}})
+    assert shape_of(bf16, 64) == shape_of(fp32, 64) == saved_shape({"shape": shape_of(bf16, 64)})
 
 
 def test_the_anchored_encoder_starts_as_the_keywords_and_learns_what_it_adds():

@@ -8,7 +8,9 @@ plugin, package, version and source hash (edited plugin code is another fingerpr
 version (the ``pretrain`` section counts only in a run that pretrains). Every checkpoint's manifest
 records it. A run that would load checkpoints from its own folder (``resume``) must have the
 same fingerprint, else one line names the keys that differ; ``force_resume=True`` continues
-anyway and the run records the differences. A run pointed at a folder that already holds
+anyway and the run records the differences. Two differences are not differences: a key the checkpoint
+does not hold because pqa added it later, when the run leaves it at its default (a new key's default is
+what pqa did before it existed), and a key that has since joined ``NOT_WEIGHTS``. A run pointed at a folder that already holds
 checkpoints without ``resume`` is refused: it would load another run's weights as its own.
 """
 from __future__ import annotations
@@ -55,11 +57,11 @@ def compute(config_dict: Mapping[str, Any], data_files: Mapping[str, Path], llm:
     """``{"digest": sha256, "values": {dotted key: value}}`` of what determines the weights.
     ``components``: kind -> the provenance of the code that builds it (``plugins.components_of_run``)."""
     pretrains = "pretrain" in (config_dict.get("phases") or ())
-    values = {key: value for key, value in _flatten(config_dict).items()
+    values = {key: value for key, value in flatten(config_dict).items()
               if not excluded(key) and (pretrains or not key.startswith("pretrain."))}
     for name, path in sorted(data_files.items()):
         values[f"data.{name}.sha256"] = sha256_file(path, remember=True)
-    values.update({f"llm.{k}": v for k, v in _flatten(llm).items()})
+    values.update({f"llm.{k}": v for k, v in flatten(llm).items()})
     if init_checkpoint is not None:
         values["init_from.content"] = content_digest(init_checkpoint)
     if pretrained is not None:
@@ -93,9 +95,10 @@ def pqa_version() -> str:
 
 
 def check_resume(checkpoints: Iterable[Path], fingerprint: Mapping[str, Any], force: bool,
-                 what: str) -> List[str]:
+                 what: str, defaults: Optional[Mapping[str, Any]] = None) -> List[str]:
     """Refuse (CheckpointError, one line) to continue ``checkpoints`` under another fingerprint, unless
-    ``force``; returns the differences that ``force`` let through, one line per checkpoint."""
+    ``force``; returns the differences that ``force`` let through, one line per checkpoint. ``defaults``:
+    the config's default values (dotted keys), to recognise keys added since a checkpoint was written."""
     forced = []
     for checkpoint in checkpoints:
         saved = saved_fingerprint(checkpoint)
@@ -104,8 +107,11 @@ def check_resume(checkpoints: Iterable[Path], fingerprint: Mapping[str, Any], fo
         if saved is None:
             why = "was written by a pqa that did not record what produced it"
         else:
-            why = "was made under another configuration: " + describe_differences(saved.get("values") or {},
-                                                                                 fingerprint["values"])
+            values = saved.get("values") or {}
+            if not differences(values, fingerprint["values"], defaults or {}):
+                continue
+            why = "was made under another configuration: " + describe_differences(values, fingerprint["values"],
+                                                                                 defaults=defaults or {})
         if force:
             forced.append(f"{checkpoint} {why}")
             continue
@@ -131,9 +137,20 @@ def saved_fingerprint(checkpoint: Path) -> Optional[Dict[str, Any]]:
     return saved if isinstance(saved, dict) else None
 
 
-def describe_differences(saved: Mapping[str, Any], current: Mapping[str, Any], most: int = 6) -> str:
+def differences(saved: Mapping[str, Any], current: Mapping[str, Any], defaults: Mapping[str, Any]) -> List[str]:
+    """The keys whose values differ, less those that cannot have changed the weights: a key the saved
+    fingerprint lacks (added to pqa later) that the run leaves at its default, and a key now excluded."""
+    def added_at_default(key):
+        return key not in saved and key in defaults and current.get(key, _MISSING) == defaults[key]
+
+    return sorted(k for k in set(saved) | set(current)
+                  if saved.get(k, _MISSING) != current.get(k, _MISSING) and not excluded(k) and not added_at_default(k))
+
+
+def describe_differences(saved: Mapping[str, Any], current: Mapping[str, Any], most: int = 6,
+                         defaults: Optional[Mapping[str, Any]] = None) -> str:
     """``seed=5 (now 9), data.corpus.sha256=3f2a1c9e… (now 8d01b2c4…)``, at most ``most`` keys."""
-    keys = sorted(k for k in set(saved) | set(current) if saved.get(k, _MISSING) != current.get(k, _MISSING))
+    keys = differences(saved, current, defaults or {})
     shown = [f"{k}={_short(saved.get(k, _MISSING))} (now {_short(current.get(k, _MISSING))})" for k in keys[:most]]
     more = f" and {len(keys) - most} more" if len(keys) > most else ""
     return ", ".join(shown) + more if shown else "the same values under another digest"
@@ -154,11 +171,11 @@ def _short(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for key, value in mapping.items():
         if isinstance(value, Mapping) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out

@@ -77,8 +77,9 @@ def reader_needed(config) -> str:
     return "pqa"
 
 
-SPEED_ONLY = ("batch_size",)
-"""Component parameters that change how fast, not what: an artifact fits whatever they are."""
+SPEED_ONLY = ("batch_size", "precision")
+"""Component parameters that change how fast (and a precision, the rounding), not which tensors: an
+artifact fits whatever they are."""
 
 MADE_BEFORE = {"writer": {"encoder": {"anchor": "none"}}}
 """kind -> component -> a parameter added after artifacts were made without it, and the value that
