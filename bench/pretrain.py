@@ -15,6 +15,9 @@ were made.
         --reconstruct-only-steps 100 --ship
     python bench/pretrain.py --readers closed_book --questions 1600 --held-out 200 --epochs 2 --max-steps 160 --ship
     # bench (a)'s keyword-vector reader, pretrained alike (30 min): --variant '{"model": {"pretrained": "<out>/pqa"}}'
+    # distillation from the LLM reading the gold passage (PISCO's objective) on top of the answer loss:
+    python bench/pretrain.py --readers pqa --questions 1600 --held-out 200 --epochs 2 --max-steps 160 \
+        --reconstruct-only-steps 100 --distill 1.0 --out outputs/pretrain_distill
     python bench/pretrain.py --readers pqa --writer keywords --questions 1600 --held-out 200 --epochs 2 --max-steps 60
     # the text reader (oracle, text RAG): about 70 s a step of 8 questions here, 160 steps ~3 h
     python bench/pretrain.py --readers text --questions 1600 --held-out 200 --epochs 2 --max-steps 160 --ship
@@ -70,6 +73,9 @@ def pretrain_command(reader: str, data: dict, out: Path, args) -> list:
                    *([f"writer.layers={args.writer_layers}"] if "layers" in writer_parameters(args.writer) else []),
                    f"pretrain.reconstruct_only_steps={args.reconstruct_only_steps}",
                    f"pretrain.contrast_weight={args.contrast_weight}"]
+    if args.distill and reader != "closed_book":  # a closed-book reader has no passage its teacher could read
+        values += ["generation_loss.name=kl_distill", f"generation_loss.alpha={args.distill}"]
+    values += list(args.set)
     if (out / "checkpoints" / "pretrain").exists():
         values.append(f"resume={out}")
     return [str(REPO_ROOT / ".venv" / "bin" / "pqa"), "run", "pretrain", "--json", "with", *values]
@@ -124,6 +130,11 @@ def main(argv=None) -> int:
                         help="pqa: the first steps train the writer by reconstruction alone (ICAE's order)")
     parser.add_argument("--contrast-weight", type=float, default=1.0,
                         help="weight of the own-vs-another-passage margin loss on reconstruction (0: off)")
+    parser.add_argument("--distill", type=float, default=0.0, metavar="ALPHA",
+                        help="> 0: the answer loss adds ALPHA x KL to the LLM reading the gold passage as text "
+                             "(generation_loss=kl_distill; PISCO's teacher); pqa and text readers")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any further config override of the runs (Sacred's `with KEY=VALUE`); repeatable")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("outputs/pretrain"))
     parser.add_argument("--ship", action="store_true", help="copy the artifacts into pqa_core/pretrained/")

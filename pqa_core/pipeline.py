@@ -149,6 +149,7 @@ class Pipeline:
         return metrics
 
     def save_pretrained(self, metrics: Dict[str, float], seconds: float) -> Path:
+        from pqa_core.components.plugins import with_component_defaults
         from pqa_core.storage.pretrained import data_summary, save_pretrained
 
         data = self.config.data
@@ -160,7 +161,9 @@ class Pipeline:
                     "lr_writer": p.lr_writer, "lr_projection": p.lr_projection, "top_k": p.top_k,
                     "reconstruct_weight": p.reconstruct_weight, "reconstruct_tokens": p.reconstruct_tokens,
                     "reconstruct_only_steps": p.reconstruct_only_steps, "contrast_weight": p.contrast_weight,
-                    "contrast_margin": p.contrast_margin,
+                    "contrast_margin": p.contrast_margin, "seed": self.config.seed,
+                    "generation_loss": with_component_defaults("generation_loss", self.config.generation_loss),
+                    "retrieval_loss": with_component_defaults("retrieval_loss", self.config.retrieval_loss),
                     "seconds": round(seconds, 1), "metrics": metrics}
         return save_pretrained(self.output_dir / "pretrained", self.model, self.config,
                                llm_identity=llm_identity(self.config.model.llm), data=summary,

@@ -74,6 +74,8 @@ def test_pretraining_saves_an_artifact_that_records_what_made_it(artifact, split
     assert manifest["data"]["questions"] == len(load_qa(split["pre_qa"], load_corpus(split["pre_corpus"])))
     assert manifest["data"]["corpus_sha256"] and manifest["training"]["steps"] > 0
     assert manifest["fingerprint"] == logger.info["fingerprint"]
+    assert manifest["training"]["generation_loss"] == {"name": "ce"} and manifest["training"]["seed"] == 1
+    assert manifest["training"]["retrieval_loss"]["name"] == PQAConfig().retrieval_loss["name"]
     tensors = load_file(str(out / "pretrained" / "model.safetensors"))
     parts = {key.split(".")[0] for key in tensors}
     assert parts == {"lora", "writer"}  # hybrid's key map shapes no soft token (key_in_prompt=false): left out
@@ -90,6 +92,21 @@ def test_pretraining_saves_an_artifact_that_records_what_made_it(artifact, split
     (broken / "contents.json").write_text("{}")
     with pytest.raises(Exception, match="contents.json"):
         artifacts.read_manifest(str(broken))
+
+
+def test_pretraining_distils_the_llm_reading_the_gold_passage(artifact, split, tmp_path):
+    """generation_loss=kl_distill in pretraining (PISCO's teacher): the answer loss adds the KL to the LLM
+    reading the gold passage as text, so from the same weights its first step's loss exceeds plain
+    cross-entropy's; the artifact records the loss it was trained with."""
+    _, plain, _ = artifact
+    config = pretrain_config(split, tmp_path / "run", max_steps=1, checkpoint_every=0)
+    config = PQAConfig.from_dict({**config.to_dict(), "generation_loss": {"name": "kl_distill", "alpha": 2.0}})
+    logger = RecordingLogger()
+    Pipeline(config, logger).run()
+    (step, distilled), = logger.scalars["pretrain.answer_loss"]
+    assert step == 1 and distilled > plain.scalars["pretrain.answer_loss"][0][1] + 1e-4
+    recorded = artifacts.read_manifest(str(tmp_path / "run"))["training"]["generation_loss"]
+    assert recorded == {"name": "kl_distill", "alpha": 2.0, "temperature": 1.0}
 
 
 def test_pretraining_resumed_after_a_crash_ends_with_the_same_artifact(artifact, split, tmp_path):
