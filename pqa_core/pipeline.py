@@ -436,4 +436,17 @@ def check_output_dir(config: PQAConfig, run_fingerprint: Dict[str, Any], output_
         return []
     own = [c for c in checkpoints_to_load(config) if Path(config.resume) in c.parents]
     return fingerprint.check_resume(own, run_fingerprint, config.force_resume, f"resume={config.resume}",
-                                    defaults=fingerprint.flatten(PQAConfig().to_dict()))
+                                    defaults=config_defaults(config))
+
+
+def config_defaults(config: PQAConfig) -> Dict[str, Any]:
+    """Every key's default (dotted), each component's parameters those of the component this run chose."""
+    from pqa_core.components.kinds import COMPONENT_KINDS
+    from pqa_core.components.plugins import component_defaults
+
+    defaults = PQAConfig().to_dict()
+    for kind in COMPONENT_KINDS:
+        section = getattr(config, kind, None)
+        if isinstance(section, dict) and section.get("name"):
+            defaults[kind] = {**component_defaults(kind, section["name"]), "name": section["name"]}
+    return fingerprint.flatten(defaults)

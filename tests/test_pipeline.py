@@ -121,15 +121,21 @@ def test_a_checkpoint_written_before_a_key_existed_resumes_while_the_key_keeps_i
     """pqa adds config keys whose default is what it did before; a checkpoint written before the key existed
     holds no value for it. It resumes when the run leaves the key at its default, and is refused otherwise
     (one line naming the key), as is any key the checkpoint holds with another value."""
+    from pqa_core.components.plugins import with_component_defaults
     from pqa_core.pipeline import check_output_dir, fingerprint_of
 
     run = tmp_path / "run"
 
-    def config(**model):
-        return PQAConfig.from_dict({"model": {"llm": "tiny", **model}, "resume": str(run)})
+    def config(writer=None, **model):
+        writer = writer or {}
+        # as a run's config holds it: the component's parameters filled with their defaults
+        filled = with_component_defaults("writer", {"name": "encoder", **writer})
+        return PQAConfig.from_dict({"model": {"llm": "tiny", **model}, "writer": filled, "resume": str(run)})
 
     current = fingerprint_of(config())
-    older = {k: v for k, v in current["values"].items() if k != "model.gradient_checkpointing"}
+    added = ("model.gradient_checkpointing", "writer.precision")  # a config key, a component's parameter
+    assert all(key in current["values"] for key in added)
+    older = {k: v for k, v in current["values"].items() if k not in added}
     checkpoint = run / "checkpoints" / "write" / "final"
     checkpoint.mkdir(parents=True)
     (checkpoint / "MANIFEST.json").write_text(json.dumps(
@@ -139,6 +145,9 @@ def test_a_checkpoint_written_before_a_key_existed_resumes_while_the_key_keeps_i
     with pytest.raises(CheckpointError, match=r"another configuration: model\.gradient_checkpointing=unset "
                                               r"\(now True\); resume"):
         check_output_dir(on, fingerprint_of(on), run)
+    with pytest.raises(CheckpointError, match=r"another configuration: writer\.precision=unset \(now 'bf16'\); "):
+        bf16 = config(writer={"precision": "bf16"})
+        check_output_dir(bf16, fingerprint_of(bf16), run)
     other = config(num_memory_tokens=3)
     with pytest.raises(CheckpointError, match=r"another configuration: model\.num_memory_tokens=\d+ \(now 3\); "):
         check_output_dir(other, fingerprint_of(other), run)

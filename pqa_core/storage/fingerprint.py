@@ -8,9 +8,9 @@ plugin, package, version and source hash (edited plugin code is another fingerpr
 version (the ``pretrain`` section counts only in a run that pretrains). Every checkpoint's manifest
 records it. A run that would load checkpoints from its own folder (``resume``) must have the
 same fingerprint, else one line names the keys that differ; ``force_resume=True`` continues
-anyway and the run records the differences. Two differences are not differences: a key the checkpoint
-does not hold because pqa added it later, when the run leaves it at its default (a new key's default is
-what pqa did before it existed), and a key that has since joined ``NOT_WEIGHTS``. A run pointed at a folder that already holds
+anyway and the run records the differences. A key the checkpoint does not hold because pqa added it
+later (a config key or a component's parameter) is no difference while the run leaves it at its default:
+a new key's default is what pqa did before it existed. A run pointed at a folder that already holds
 checkpoints without ``resume`` is refused: it would load another run's weights as its own.
 """
 from __future__ import annotations
@@ -138,13 +138,13 @@ def saved_fingerprint(checkpoint: Path) -> Optional[Dict[str, Any]]:
 
 
 def differences(saved: Mapping[str, Any], current: Mapping[str, Any], defaults: Mapping[str, Any]) -> List[str]:
-    """The keys whose values differ, less those that cannot have changed the weights: a key the saved
-    fingerprint lacks (added to pqa later) that the run leaves at its default, and a key now excluded."""
+    """The keys whose values differ, less a key the saved fingerprint lacks (added to pqa later) that the
+    run leaves at its default: it cannot have changed the weights."""
     def added_at_default(key):
         return key not in saved and key in defaults and current.get(key, _MISSING) == defaults[key]
 
     return sorted(k for k in set(saved) | set(current)
-                  if saved.get(k, _MISSING) != current.get(k, _MISSING) and not excluded(k) and not added_at_default(k))
+                  if saved.get(k, _MISSING) != current.get(k, _MISSING) and not added_at_default(k))
 
 
 def describe_differences(saved: Mapping[str, Any], current: Mapping[str, Any], most: int = 6,
