@@ -238,7 +238,6 @@ class EncoderWriter(Writer):
                 f"precision={self.precision}")
 
 
-
 @hookimpl
 def pqa_register_writers(register):
     register("keywords", KeywordsWriter)

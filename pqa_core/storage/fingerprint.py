@@ -108,10 +108,10 @@ def check_resume(checkpoints: Iterable[Path], fingerprint: Mapping[str, Any], fo
             why = "was written by a pqa that did not record what produced it"
         else:
             values = saved.get("values") or {}
-            if not differences(values, fingerprint["values"], defaults or {}):
+            keys = differences(values, fingerprint["values"], defaults or {})
+            if not keys:
                 continue
-            why = "was made under another configuration: " + describe_differences(values, fingerprint["values"],
-                                                                                 defaults=defaults or {})
+            why = "was made under another configuration: " + describe_differences(values, fingerprint["values"], keys)
         if force:
             forced.append(f"{checkpoint} {why}")
             continue
@@ -147,13 +147,11 @@ def differences(saved: Mapping[str, Any], current: Mapping[str, Any], defaults: 
                   if saved.get(k, _MISSING) != current.get(k, _MISSING) and not added_at_default(k))
 
 
-def describe_differences(saved: Mapping[str, Any], current: Mapping[str, Any], most: int = 6,
-                         defaults: Optional[Mapping[str, Any]] = None) -> str:
-    """``seed=5 (now 9), data.corpus.sha256=3f2a1c9e… (now 8d01b2c4…)``, at most ``most`` keys."""
-    keys = differences(saved, current, defaults or {})
+def describe_differences(saved: Mapping[str, Any], current: Mapping[str, Any], keys: List[str], most: int = 6) -> str:
+    """``seed=5 (now 9), data.corpus.sha256=3f2a1c9e… (now 8d01b2c4…)`` for ``keys``, at most ``most`` of them."""
     shown = [f"{k}={_short(saved.get(k, _MISSING))} (now {_short(current.get(k, _MISSING))})" for k in keys[:most]]
     more = f" and {len(keys) - most} more" if len(keys) > most else ""
-    return ", ".join(shown) + more if shown else "the same values under another digest"
+    return ", ".join(shown) + more
 
 
 class _Missing:
