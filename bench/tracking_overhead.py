@@ -57,6 +57,19 @@ MAIN_EVENTS = ("started_event", "resource_event", "artifact_event", "completed_e
 HEARTBEAT_EVENTS = ("heartbeat_event", "log_metrics")
 
 
+def _sample_sizes() -> dict:
+    """Lines of each shipped sample file, recorded with the measurement (the sample grows)."""
+    from pqa_core.data.loading import sample_data_path
+
+    return {name: sum(1 for _ in open(sample_data_path(f"{name}.jsonl"), encoding="utf-8"))
+            for name in ("corpus", "qa_train", "qa_eval")}
+
+
+def _described_sample(setup: dict) -> str:
+    sizes = setup.get("sample") or {"corpus": 36, "qa_train": 108, "qa_eval": 36}  # measured before it was recorded
+    return f"{sizes['corpus']} documents, {sizes['qa_train']} training and {sizes['qa_eval']} held-out questions"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -282,7 +295,7 @@ def run(profile: str = "quick", command: str | None = None, threads: int | None 
     return bench.finish(refresh({
         "setup": {"experiment": params["experiment"], "store": store, "url": "mongodb://127.0.0.1:<port>"
                   if not mongo_url else "(given)", "secantus": _version("SecantusDB"), "sacred": _version("sacred"),
-                  "pymongo": _version("pymongo"),
+                  "pymongo": _version("pymongo"), "sample": _sample_sizes(),
                   "commands": {s: " ".join(["pqa run", params["experiment"],
                                             "--mongo-url <url>/<db>" if s == "mongo_observer" else "--no-db",
                                             *sacred_args(params, threads_in_force, "<tmp>/outputs/<side>-<n>")])
@@ -390,7 +403,7 @@ def markdown(result: dict) -> str:
     equal = "" if pts["all_equal"] else " **Points stored differ from points logged: see the JSON.**"
     return common.section(
         "(e) Tracking overhead: the same run with and without the Mongo observer", result,
-        f"`pqa run {s['experiment']}` on the shipped sample (36 documents, 108 training and 36 held-out questions), "
+        f"`pqa run {s['experiment']}` on the shipped sample ({_described_sample(s)}), "
         f"LLM `{p['llm']}`, every phase (write, read, eval), run in this process through the CLI's own command, "
         f"{'the CLI default progress bars on' if p['progress'] else 'progress bars off'}; "
         f"{p['rounds']} interleaved rounds after {p['warmup']} warm-up. Store: {s['store']} "

@@ -91,18 +91,18 @@ def test_analyze_a_stored_run_prints_questions_and_the_breakdown(stored_run):
     assert "  question:   How tall is the lighthouse at Marrowick?" in lines
     assert any(line.startswith("  read:       ") and "(" in line for line in lines)  # titles and scores
     assert any(line.startswith("  gold docs:  0 Marrowick") for line in lines)  # titles from the run's corpus
-    assert "2 of 36 matching questions shown (--limit N shows more, --limit 0 all)" in lines
-    assert lines[-1].startswith("36 questions: ") and "reading miss (" in lines[-1] and "retrieval miss (" in lines[-1]
+    assert "2 of 108 matching questions shown (--limit N shows more, --limit 0 all)" in lines
+    assert lines[-1].startswith("108 questions: ") and "reading miss (" in lines[-1] and "retrieval miss (" in lines[-1]
 
     report = json.loads(pqa("analyze", run_id, "--mongo-url", url, "--json").stdout)
     b = report["breakdown"]
-    assert b["questions"] == 36 == len(report["questions"]) == b["correct"] + b["reading_miss"] + b["retrieval_miss"]
-    assert abs(100 * b["correct"] / 36 - stored_run["result"]["EM"]) < 1e-6
+    assert b["questions"] == 108 == len(report["questions"]) == b["correct"] + b["reading_miss"] + b["retrieval_miss"]
+    assert abs(100 * b["correct"] / 108 - stored_run["result"]["EM"]) < 1e-6
     for q in report["questions"]:
         read_gold = any(d["gold"] for d in q["selected"])
         assert q["outcome"] == ("correct" if q["correct"] else "reading_miss" if read_gold else "retrieval_miss")
         assert len(q["selected"]) == 3 and all(d["title"] for d in q["selected"])
-    recall = sum(any(d["gold"] for d in q["selected"]) for q in report["questions"]) / 36  # one gold doc each
+    recall = sum(any(d["gold"] for d in q["selected"]) for q in report["questions"]) / 108  # one gold doc each
     assert abs(100 * recall - stored_run["result"]["Recall@3"]) < 1e-6
 
     misses = json.loads(pqa("analyze", run_id, "--mongo-url", url, "--json", "--retrieval-miss").stdout)
@@ -110,7 +110,7 @@ def test_analyze_a_stored_run_prints_questions_and_the_breakdown(stored_run):
     assert {q["outcome"] for q in misses["questions"]} <= {"retrieval_miss"}
     rows = list(csv.DictReader(io.StringIO(pqa("analyze", run_id, "--mongo-url", url, "--csv", "--wrong",
                                                "-n", "3").stdout)))
-    assert len(rows) == min(3, 36 - b["correct"]) and all(r["correct"] == "False" for r in rows)
+    assert len(rows) == min(3, 108 - b["correct"]) and all(r["correct"] == "False" for r in rows)
     assert rows[0]["selected_titles"].count(" | ") == 2 and rows[0]["gold_doc_ids"]
 
 

@@ -191,7 +191,7 @@ def test_cli_run_control_bm25(tmp_path):
         f"{m}{end}" for m in ("EM", "F1", "substring", "Recall@2") for end in ("", "_ci95_low", "_ci95_high")}
     assert result["Recall@2"] > 80
     [run_dir] = (tmp_path / "outputs" / "pqa_control").iterdir()
-    assert len((run_dir / "predictions.jsonl").read_text().splitlines()) == 36
+    assert len((run_dir / "predictions.jsonl").read_text().splitlines()) == 108
 
 
 @pytest.mark.skipif(not (SQUAD / "corpus.jsonl").exists(),

@@ -466,8 +466,9 @@ def test_sample_data_loads_and_every_answer_is_in_its_gold_document():
     evaluation = load_qa(sample_data_path("qa_eval.jsonl"), corpus)
     assert [d.doc_id for d in corpus] == list(range(36))
     assert all(35 <= len(d.text.split()) <= 55 and d.title for d in corpus)
-    assert (len(train), len(evaluation)) == (108, 36)
-    assert len({e.id for e in train + evaluation}) == 144
+    assert (len(train), len(evaluation)) == (108, 108)
+    assert len({e.id for e in train + evaluation}) == 216
+    assert not {e.question for e in train} & {e.question for e in evaluation}  # held out: never trained on
     for example in train + evaluation:
         assert example.gold_rows
         for answer in example.answers:

@@ -47,7 +47,7 @@ def test_end_to_end_tiny_learns_and_reports(tmp_path):
 
     metrics = ("EM", "F1", "substring", "Recall@3")
     assert set(result) == {"questions"} | {f"{m}{end}" for m in metrics for end in ("", "_ci95_low", "_ci95_high")}
-    assert result["questions"] == 36
+    assert result["questions"] == 108
     assert all(math.isfinite(result[m]) and 0 <= result[f"{m}_ci95_low"] <= result[m] <= result[f"{m}_ci95_high"]
                <= 100 for m in metrics)
     write_losses = epoch_series(logger, "write.epoch_loss")
@@ -62,7 +62,7 @@ def test_end_to_end_tiny_learns_and_reports(tmp_path):
     assert [step for step, _ in logger.scalars["read.eval_F1"]] == [14, 28, 42]
 
     lines = (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()
-    assert len(lines) == 36
+    assert len(lines) == 108
     record = json.loads(lines[0])
     assert {"question", "answers", "prediction", "selected_ids", "gold_doc_ids", "scores", "em", "f1"} <= set(record)
     assert len(record["selected_ids"]) == 3
