@@ -125,7 +125,10 @@ class Pipeline:
         p, data = self.config.pretrain, self.config.data
         metrics: Dict[str, float] = {}
         start = time.perf_counter()
-        if not self._finished("pretrain", planned=self.pretrain_steps()):
+        if self._finished("pretrain", planned=self.pretrain_steps()):  # the artifact keeps the training's averages
+            metrics = dict(json.loads((self.checkpoint_root("pretrain") / "final" / "state.json").read_text())
+                           .get("metrics") or {})
+        else:
             root = self.checkpoint_root("pretrain")
             if p.reader == "pqa":
                 trainer = PretrainTrainer(self.model, p, retrieval_loss=self.retrieval_loss,

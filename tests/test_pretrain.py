@@ -152,11 +152,15 @@ def test_a_finished_pretraining_resumed_is_loaded_not_trained_again(split, tmp_p
     Pipeline(pretrain_config(split, tmp_path / "run", epochs=1, checkpoint_every=2), first).run()
     steps = [step for step, _ in first.scalars["pretrain.answer_loss"]]
     assert len(steps) % 2 == 1  # the last step is after the last periodic checkpoint
+    trained = artifacts.read_manifest(str(tmp_path / "run"))["training"]["metrics"]
     again = pretrain_config(split, tmp_path / "run", epochs=1, checkpoint_every=2)
     again.resume = str(tmp_path / "run")
     logger = RecordingLogger()
     Pipeline(again, logger).run()
     assert "pretrain.answer_loss" not in logger.scalars
+    # the artifact written again keeps the training's epoch averages, not only the new run's scores
+    assert artifacts.read_manifest(str(tmp_path / "run"))["training"]["metrics"] == trained
+    assert "epoch_answer_loss" in trained
 
 
 def test_a_warm_up_reconstructs_alone_before_questions(split, tmp_path):
