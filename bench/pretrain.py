@@ -10,10 +10,10 @@ step budget stopped it. With ``--ship`` the artifacts are copied into
 ``pqa_core/pretrained/<llm>/<reader>/`` (what ``pqa demo`` starts from), beside a README saying how they
 were made.
 
-    # the shipped artifacts bench (a) uses (about 45 + 8 min on this 2-core machine):
-    python bench/pretrain.py --readers pqa --questions 1600 --held-out 200 --epochs 2 --max-steps 160 \
+    # the shipped artifacts bench (a) uses (about 3 h + 20 min on this 2-core machine; 160 steps: 45 + 8 min):
+    python bench/pretrain.py --readers pqa --questions 1600 --held-out 200 --epochs 2 --max-steps 400 \
         --reconstruct-only-steps 100 --ship
-    python bench/pretrain.py --readers closed_book --questions 1600 --held-out 200 --epochs 2 --max-steps 160 --ship
+    python bench/pretrain.py --readers closed_book --questions 1600 --held-out 200 --epochs 2 --max-steps 400 --ship
     # bench (a)'s keyword-vector reader, pretrained alike (30 min): --variant '{"model": {"pretrained": "<out>/pqa"}}'
     # distillation from the LLM reading the gold passage (PISCO's objective) on top of the answer loss:
     python bench/pretrain.py --readers pqa --questions 1600 --held-out 200 --epochs 2 --max-steps 160 \
