@@ -368,14 +368,15 @@ def row_labels(params: dict, every_reader: bool = False) -> list:
 @common.isolated
 def run(profile: str = "full", command: str | None = None, threads: int | None = common.DEFAULT_THREADS,
         out_dir: str | None = None, rows: list | None = None, variants: dict | None = None,
-        combine: list | None = None, **overrides) -> dict:
+        combine: list | None = None, renames: dict | None = None, **overrides) -> dict:
     """Measure the profile's rows (or only ``rows``, labels as the table prints them), with ``variants``
     (label -> config overrides) added to its pqa variants; ``combine``: measure nothing, join the rows of
-    these result files (:func:`combine_results`)."""
+    these result files (:func:`combine_results`, relabelling pqa variants by ``renames``)."""
     from pqa_core.modeling.llm import load_llm
 
     if combine:
-        return combine_results([json.loads(Path(p).read_text(encoding="utf-8")) for p in combine], out_dir, command)
+        return combine_results([json.loads(Path(p).read_text(encoding="utf-8")) for p in combine], out_dir, command,
+                               renames)
     if variants:
         overrides["pqa_variants"] = {**PROFILES[profile]["pqa_variants"], **variants}
     bench = common.Bench(NAME, profile, PROFILES, overrides, threads, command)
@@ -431,12 +432,32 @@ def judged(rows: dict, params: dict) -> dict:
     return {"comparisons": compared, "goals": goals_of(rows, compared, variants)}
 
 
-def combine_results(results: list, out_dir: str | None = None, command: str | None = None) -> dict:
+def renamed(result: dict, renames: dict) -> dict:
+    """``result`` with its pqa variants' rows relabelled (old label -> new): a variant that named a shipped
+    artifact (``shipped:<llm>/pqa``) keeps its measured answers under a label saying which artifact that was
+    once another is shipped. Only pqa variants: a control's label is what pairs it with pqa."""
+    variants = result["params"]["pqa_variants"]
+    for old in renames:
+        if old in result["rows"] and old not in variants:
+            raise ValueError(f"--rename {old!r}: only a pqa variant's row can be renamed (a control's label pairs it)")
+    label = lambda name: renames.get(name, name)  # noqa: E731
+    return {**result, "rows": {label(name): row for name, row in result["rows"].items()},
+            "params": {**result["params"], "pqa_variants": {label(n): v for n, v in variants.items()}}}
+
+
+def combine_results(results: list, out_dir: str | None = None, command: str | None = None,
+                    renames: dict | None = None) -> dict:
     """One table from results measured in parts: the same benchmark, profile, parameters (bar the pqa
     variants, which are joined) and data. A row in several parts is taken from the last (a row measured
-    again after a change replaces the old one; said on stderr). Comparisons and goals are recomputed."""
+    again after a change replaces the old one; said on stderr). Comparisons and goals are recomputed.
+    ``renames`` (old label -> new) relabels pqa variants first (:func:`renamed`)."""
     if not results:
         raise ValueError("--combine needs at least one result file")
+    if renames:
+        unknown = set(renames) - {label for result in results for label in result["rows"]}
+        if unknown:
+            raise ValueError(f"--rename: no part has a row {sorted(unknown)[0]!r}")
+        results = [renamed(result, renames) for result in results]
     first = results[0]
     # the pqa variants are joined; a part's --pretrained is its rows' own (their labels and commands say it)
     rest_of = lambda r: {k: v for k, v in r["params"].items() if k not in ("pqa_variants", "pretrained")}  # noqa: E731
@@ -469,7 +490,7 @@ def combine_results(results: list, out_dir: str | None = None, command: str | No
                 "command": command or " + ".join(dict.fromkeys(r["command"] for r in results)),
                 "params": params, "data": first["data"], "rows": rows, **judged(rows, params),
                 "wall_s": sum(r["wall_s"] for r in results), "loadavg_at_end": results[-1].get("loadavg_at_end"),
-                "combined_from": len(results)}
+                "combined_from": len(results), **({"renames": dict(renames)} if renames else {})}
     if out_dir:
         plot(combined, Path(out_dir) / "quality_write_curve.png")
     return combined
@@ -535,6 +556,8 @@ def markdown(result: dict) -> str:
         commands.setdefault(row.get("command") or result["command"], []).append(name)
     provenance = [] if len(commands) < 2 else ["Measured in parts (`--rows`, then `--combine`):", ""] + [
         f"- `{command}`: {', '.join(names)}" for command, names in commands.items()]
+    provenance += [f"- relabelled when combined (`--rename`): `{before}` is now `{after}`"
+                   for before, after in (result.get("renames") or {}).items()]
     goal_lines = []
     for g in result["goals"].values():
         value = "n/a" if g["value"] is None else f"{g['value']:.3g}"
@@ -594,6 +617,9 @@ def add_arguments(parser) -> None:
                              "--out, or pqa_core/pretrained/<llm>); pqa variants name theirs with --variant")
     parser.add_argument("--combine", nargs="+", metavar="RESULT_JSON",
                         help="measure nothing: one table from results measured in parts (--rows)")
+    parser.add_argument("--rename", nargs=2, action="append", metavar=("OLD", "NEW"), default=[],
+                        help="with --combine: relabel a pqa variant's row (e.g. one that named the artifact shipped "
+                             "then, after another is shipped); repeatable")
 
 
 def run_kwargs(args, out) -> dict:
@@ -608,6 +634,10 @@ def run_kwargs(args, out) -> dict:
     if args.rows and not args.out:
         raise SystemExit("--rows measures part of the table: give --out (then --combine the parts)")
     extra = {"pretrained": str(Path(args.pretrained).resolve())} if args.pretrained else {}
+    if args.rename:
+        if not args.combine:
+            raise SystemExit("--rename relabels rows of --combine's parts: give --combine")
+        extra["renames"] = dict(args.rename)
     return {"out_dir": str(out), "rows": args.rows, "variants": variants, "combine": args.combine, **extra}
 
 

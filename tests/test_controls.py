@@ -294,6 +294,20 @@ def test_bench_quality_measured_in_parts_combines_into_one_table():
                                     "closed_book (trained reader)"]
     assert "pqa vs closed_book (pretrained reader) [question split]" in joined["comparisons"]
     assert "pqa vs closed_book (trained reader) [question split]" not in joined["comparisons"]
+    # --rename relabels a pqa variant's rows (its answers kept, its pairs recomputed); never a control's
+    old = "pqa, zero content (1 epoch)"
+    relabelled = quality.combine_results([part1, part2], renames={"pqa, zero content": old})
+    assert list(relabelled["rows"]) == ["pqa", old, "closed_book (trained reader)"]
+    assert relabelled["rows"][old]["per_question"] == part2["rows"]["pqa, zero content"]["per_question"]
+    assert f"{old} vs closed_book (trained reader) [question split]" in relabelled["comparisons"]
+    assert relabelled["params"]["pqa_variants"][old] == zero and "pqa, zero content" not in relabelled["rows"]
+    assert f"- relabelled when combined (`--rename`): `pqa, zero content` is now `{old}`" in quality.markdown(relabelled)
+    with pytest.raises(ValueError, match="only a pqa variant's row can be renamed"):
+        quality.combine_results([part1], renames={"closed_book (trained reader)": "closed_book (old)"})
+    with pytest.raises(ValueError, match="no part has a row 'nope'"):
+        quality.combine_results([part1], renames={"nope": "x"})
+    with pytest.raises(SystemExit, match="--rename relabels rows of --combine's parts"):
+        quality.main(["--smoke", "--rename", "pqa", "pqa (old)"])
     changed = {**part2, "params": {**part2["params"], "top_k": 5}}
     with pytest.raises(ValueError, match="other parameters than result 1: \\['top_k'\\]"):
         quality.combine_results([part1, changed])
