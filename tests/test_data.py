@@ -469,6 +469,12 @@ def test_sample_data_loads_and_every_answer_is_in_its_gold_document():
     assert (len(train), len(evaluation)) == (108, 108)
     assert len({e.id for e in train + evaluation}) == 216
     assert not {e.question for e in train} & {e.question for e in evaluation}  # held out: never trained on
+    # nor given away by a training answer about the same document (an answer inside another, either way)
+    norm = lambda text: " ".join(text.lower().split())  # noqa: E731
+    for held in evaluation:
+        for seen in (q for q in train if q.gold_rows == held.gold_rows):
+            assert not any(norm(a) in norm(b) or norm(b) in norm(a) for a in held.answers for b in seen.answers), \
+                (held.id, seen.id)
     for example in train + evaluation:
         assert example.gold_rows
         for answer in example.answers:
