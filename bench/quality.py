@@ -437,12 +437,33 @@ def renamed(result: dict, renames: dict) -> dict:
     artifact (``shipped:<llm>/pqa``) keeps its measured answers under a label saying which artifact that was
     once another is shipped. Only pqa variants: a control's label is what pairs it with pqa."""
     variants = result["params"]["pqa_variants"]
-    for old in renames:
-        if old in result["rows"] and old not in variants:
-            raise ValueError(f"--rename {old!r}: only a pqa variant's row can be renamed (a control's label pairs it)")
     label = lambda name: renames.get(name, name)  # noqa: E731
     return {**result, "rows": {label(name): row for name, row in result["rows"].items()},
             "params": {**result["params"], "pqa_variants": {label(n): v for n, v in variants.items()}}}
+
+
+def check_renames(results: list, renames: dict) -> None:
+    """Refuse a relabelling that would merge or mislabel rows: an old label no part has as a row, a
+    control's, or one more than one part has (which part's row was meant?), two old labels given one new
+    one, a new label some part already uses, or one starting with a control's name (that is how controls
+    and text RAG are found)."""
+    parts_with = lambda label: [i for i, r in enumerate(results) if label in r["rows"]]  # noqa: E731
+    used = {label for r in results for label in (*r["rows"], *r["params"]["pqa_variants"])} - set(renames)
+    controls = {name for r in results for name in (*r["params"]["controls"], *r["params"]["floors"])} | set(TEXT_RAG)
+    if len(set(renames.values())) < len(renames):
+        raise ValueError("--rename: two labels renamed to one (their rows would merge)")
+    for old, new in renames.items():
+        if not parts_with(old):
+            raise ValueError(f"--rename: no part has a row {old!r}")
+        if any(old in r["rows"] and old not in r["params"]["pqa_variants"] for r in results):
+            raise ValueError(f"--rename {old!r}: only a pqa variant's row can be renamed (a control's label pairs it)")
+        if len(parts_with(old)) > 1:
+            raise ValueError(f"--rename {old!r}: parts {', '.join(str(i + 1) for i in parts_with(old))} all have "
+                             "this row; rename it in one part only (measure the other under another label)")
+        if new in used:
+            raise ValueError(f"--rename {old!r} {new!r}: a part already has the label {new!r}")
+        if new.split(" ")[0] in controls:
+            raise ValueError(f"--rename {old!r} {new!r}: a pqa variant's label cannot start with a control's name")
 
 
 def combine_results(results: list, out_dir: str | None = None, command: str | None = None,
@@ -454,9 +475,7 @@ def combine_results(results: list, out_dir: str | None = None, command: str | No
     if not results:
         raise ValueError("--combine needs at least one result file")
     if renames:
-        unknown = set(renames) - {label for result in results for label in result["rows"]}
-        if unknown:
-            raise ValueError(f"--rename: no part has a row {sorted(unknown)[0]!r}")
+        check_renames(results, renames)
         results = [renamed(result, renames) for result in results]
     first = results[0]
     # the pqa variants are joined; a part's --pretrained is its rows' own (their labels and commands say it)
@@ -556,8 +575,11 @@ def markdown(result: dict) -> str:
         commands.setdefault(row.get("command") or result["command"], []).append(name)
     provenance = [] if len(commands) < 2 else ["Measured in parts (`--rows`, then `--combine`):", ""] + [
         f"- `{command}`: {', '.join(names)}" for command, names in commands.items()]
+    renames = result.get("renames") or {}
+    if renames and not provenance:
+        provenance = ["Relabelled when combined (`--rename`):", ""]
     provenance += [f"- relabelled when combined (`--rename`): `{before}` is now `{after}`"
-                   for before, after in (result.get("renames") or {}).items()]
+                   for before, after in renames.items()]
     goal_lines = []
     for g in result["goals"].values():
         value = "n/a" if g["value"] is None else f"{g['value']:.3g}"
@@ -637,6 +659,8 @@ def run_kwargs(args, out) -> dict:
     if args.rename:
         if not args.combine:
             raise SystemExit("--rename relabels rows of --combine's parts: give --combine")
+        if len({old for old, _ in args.rename}) < len(args.rename):
+            raise SystemExit("--rename: a label is renamed twice")
         extra["renames"] = dict(args.rename)
     return {"out_dir": str(out), "rows": args.rows, "variants": variants, "combine": args.combine, **extra}
 

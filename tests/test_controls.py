@@ -301,11 +301,23 @@ def test_bench_quality_measured_in_parts_combines_into_one_table():
     assert relabelled["rows"][old]["per_question"] == part2["rows"]["pqa, zero content"]["per_question"]
     assert f"{old} vs closed_book (trained reader) [question split]" in relabelled["comparisons"]
     assert relabelled["params"]["pqa_variants"][old] == zero and "pqa, zero content" not in relabelled["rows"]
-    assert f"- relabelled when combined (`--rename`): `pqa, zero content` is now `{old}`" in quality.markdown(relabelled)
+    assert f"(`--rename`): `pqa, zero content` is now `{old}`" in quality.markdown(relabelled)
     with pytest.raises(ValueError, match="only a pqa variant's row can be renamed"):
         quality.combine_results([part1], renames={"closed_book (trained reader)": "closed_book (old)"})
     with pytest.raises(ValueError, match="no part has a row 'nope'"):
         quality.combine_results([part1], renames={"nope": "x"})
+    with pytest.raises(ValueError, match="a part already has the label 'pqa'"):  # its rows would merge
+        quality.combine_results([part1, part2], renames={"pqa, zero content": "pqa"})
+    with pytest.raises(ValueError, match="two labels renamed to one"):
+        quality.combine_results([part1, part2], renames={"pqa": "pqa (a)", "pqa, zero content": "pqa (a)"})
+    with pytest.raises(ValueError, match="cannot start with a control's name"):
+        quality.combine_results([part1, part2], renames={"pqa, zero content": "closed_book (pretrained reader)"})
+    again = {**part2, "command": "part two, again"}  # which part's row would the new label mean?
+    with pytest.raises(ValueError, match="parts 2, 3 all have this row"):
+        quality.combine_results([part1, part2, again], renames={"pqa, zero content": old})
+    alone = quality.markdown(quality.combine_results([part2], renames={"pqa, zero content": old}))
+    assert ("Relabelled when combined (`--rename`):\n\n- relabelled when combined (`--rename`): "
+            f"`pqa, zero content` is now `{old}`") in alone
     with pytest.raises(SystemExit, match="--rename relabels rows of --combine's parts"):
         quality.main(["--smoke", "--rename", "pqa", "pqa (old)"])
     changed = {**part2, "params": {**part2["params"], "top_k": 5}}
