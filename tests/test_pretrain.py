@@ -153,6 +153,7 @@ def test_a_finished_pretraining_resumed_is_loaded_not_trained_again(split, tmp_p
     steps = [step for step, _ in first.scalars["pretrain.answer_loss"]]
     assert len(steps) % 2 == 1  # the last step is after the last periodic checkpoint
     trained = artifacts.read_manifest(str(tmp_path / "run"))["training"]["metrics"]
+    shutil.rmtree(tmp_path / "run" / "pretrained")  # the run resumed writes it again
     again = pretrain_config(split, tmp_path / "run", epochs=1, checkpoint_every=2)
     again.resume = str(tmp_path / "run")
     logger = RecordingLogger()
