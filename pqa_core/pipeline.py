@@ -125,9 +125,9 @@ class Pipeline:
         p, data = self.config.pretrain, self.config.data
         metrics: Dict[str, float] = {}
         start = time.perf_counter()
-        if self._finished("pretrain", planned=self.pretrain_steps()):  # the artifact keeps the training's averages
-            metrics = dict(json.loads((self.checkpoint_root("pretrain") / "final" / "state.json").read_text())
-                           .get("metrics") or {})
+        finished = self._finished("pretrain", planned=self.pretrain_steps())
+        if finished is not None:  # the artifact keeps the training's averages
+            metrics = dict(finished.get("metrics") or {})
         else:
             root = self.checkpoint_root("pretrain")
             if p.reader == "pqa":
@@ -212,21 +212,22 @@ class Pipeline:
         steps = -(-len(self.train_qa) // p.batch_size) * p.epochs
         return min(steps, p.max_steps) if p.max_steps else steps
 
-    def _finished(self, phase: str, planned: Optional[int] = None) -> bool:
-        """Whether ``phase`` has its final checkpoint (then loaded). A final checkpoint that stopped at a
-        step budget (``planned``: the steps this run takes) short of this run's is not: the run goes on
-        from the step checkpoint written at that stop."""
+    def _finished(self, phase: str, planned: Optional[int] = None) -> Optional[Dict[str, Any]]:
+        """``phase``'s final checkpoint, loaded: its verified state.json (step, the training's last
+        metrics), or None when it has none. A final checkpoint that stopped at a step budget (``planned``:
+        the steps this run takes) short of this run's is none: the run goes on from the step checkpoint
+        written at that stop."""
         final = self.checkpoint_root(phase) / "final"
         if not (final / "MANIFEST.json").exists():
-            return False
+            return None
         if planned is not None:
             done = int(json.loads((final / "state.json").read_text()).get("step") or 0)
             if done < planned:
                 log.info("%s phase stopped at step %d of %d in %s: going on", phase, done, planned, final)
-                return False
-        load_checkpoint(final, self.model, config=self.config_dict, restore_rng=True)
+                return None
+        state = load_checkpoint(final, self.model, config=self.config_dict, restore_rng=True)
         log.info("%s phase already finished in %s: loaded it", phase, final)
-        return True
+        return state
 
     def write_context(self) -> WriteContext:
         """What the write objective prepares from: the rows, the training questions and where they live."""
@@ -243,7 +244,7 @@ class Pipeline:
         if w.epochs == 0:  # z stays as the writer wrote it
             log.info("write phase: write.epochs=0, z as the writer wrote it")
             return {}
-        if self._finished("write"):
+        if self._finished("write") is not None:
             return {}
         rows = self.new_rows if check_choice("write.documents", w.documents) == "new" else None
         if rows is not None and not rows:
@@ -277,7 +278,7 @@ class Pipeline:
                                   index=self.index)
 
     def run_read(self) -> Dict[str, float]:
-        if self._finished("read"):
+        if self._finished("read") is not None:
             return {}
         r = self.config.read
         trainer = ReadPhaseTrainer(self.model, r, retrieval_loss=self.retrieval_loss,
@@ -325,7 +326,7 @@ class Pipeline:
         questions, with the read phase's settings: a reader of its own, as pqa's read phase gives pqa one."""
         from pqa_core.training.controls import ControlReaderDataset, ControlReaderTrainer
 
-        if self._finished("control_read"):
+        if self._finished("control_read") is not None:
             return {}
         r, data = self.config.read, self.config.data
         dataset = ControlReaderDataset(self.control(), self.train_qa, self.tokenizer, top_k=self.config.eval_top_k,
