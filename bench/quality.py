@@ -447,18 +447,18 @@ def check_renames(results: list, renames: dict) -> None:
     control's, or one more than one part has (which part's row was meant?), two old labels given one new
     one, a new label some part already uses, or one starting with a control's name (that is how controls
     and text RAG are found)."""
-    parts_with = lambda label: [i for i, r in enumerate(results) if label in r["rows"]]  # noqa: E731
     used = {label for r in results for label in (*r["rows"], *r["params"]["pqa_variants"])} - set(renames)
     controls = {name for r in results for name in (*r["params"]["controls"], *r["params"]["floors"])} | set(TEXT_RAG)
     if len(set(renames.values())) < len(renames):
         raise ValueError("--rename: two labels renamed to one (their rows would merge)")
     for old, new in renames.items():
-        if not parts_with(old):
+        parts = [i for i, r in enumerate(results) if old in r["rows"]]
+        if not parts:
             raise ValueError(f"--rename: no part has a row {old!r}")
-        if any(old in r["rows"] and old not in r["params"]["pqa_variants"] for r in results):
+        if any(old not in results[i]["params"]["pqa_variants"] for i in parts):
             raise ValueError(f"--rename {old!r}: only a pqa variant's row can be renamed (a control's label pairs it)")
-        if len(parts_with(old)) > 1:
-            raise ValueError(f"--rename {old!r}: parts {', '.join(str(i + 1) for i in parts_with(old))} all have "
+        if len(parts) > 1:
+            raise ValueError(f"--rename {old!r}: parts {', '.join(str(i + 1) for i in parts)} all have "
                              "this row; rename it in one part only (measure the other under another label)")
         if new in used:
             raise ValueError(f"--rename {old!r} {new!r}: a part already has the label {new!r}")
