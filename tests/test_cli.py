@@ -40,13 +40,19 @@ def outputs(tmp_path):
 SMOKE = ["with", "smoke"]
 
 
-def test_demo_pipeline_is_recorded_in_mongodb(db_url, outputs, mongo_client):
-    """The README demo (SmolLM2-135M on the sample), shortened to two write and one read epoch, scored once
-    (by the eval phase: no evaluation after the read epoch)."""
+def test_demo_pipeline_is_recorded_in_mongodb(db_url, outputs, mongo_client, tmp_path):
+    """The README demo (SmolLM2-135M on the sample), shortened to two write epochs and one read epoch on 48 of
+    its training questions, scored once (by the eval phase) on 27 of the held-out questions:
+    what is checked here is the record, not the score (``pqa demo`` scores all of them)."""
     url, name = db_url
+    from pqa_core.data.loading import sample_data_path
+    for file_name, kept in (("qa_train.jsonl", 48), ("qa_eval.jsonl", 27)):  # 6 read steps of 8; 27 answers scored
+        lines = sample_data_path(file_name).read_text().splitlines(keepends=True)
+        (tmp_path / file_name).write_text("".join(lines[:kept]))
     # one torch thread: with other processes on a 2-core machine a 2-thread step stalls at every barrier
     proc = pqa("run", "pipeline", "--mongo-url", url, "--json", "with", "write.epochs=2", "read.epochs=1",
-               "read.eval_every=0", "write.eval_docs=4", "threads=1", env_extra=outputs, timeout=1800)
+               "read.eval_every=0", "write.eval_docs=4", "threads=1", f"data.qa={tmp_path / 'qa_train.jsonl'}",
+               f"data.eval_qa={tmp_path / 'qa_eval.jsonl'}", env_extra=outputs, timeout=1800)
     reported = json.loads(proc.stdout.strip().splitlines()[-1])
     db = mongo_client[name]
     run = db.runs.find_one({"_id": reported["run_id"]})
@@ -57,7 +63,8 @@ def test_demo_pipeline_is_recorded_in_mongodb(db_url, outputs, mongo_client):
     assert set(run["result"]) == set(reported["result"])
     metrics = {m["name"]: m for m in db.metrics.find({"run_id": run["_id"]})}
     assert metrics["write.loss"]["steps"] == list(range(1, 11))  # 36 docs / batch 8 = 5 steps x 2 epochs
-    assert len(metrics["read.total_loss"]["steps"]) == 14
+    assert len(metrics["read.total_loss"]["steps"]) == 6  # 48 questions / batch 8
+    assert run["result"]["questions"] == 27
     assert "write.greedy_token_acc" in metrics and "eval.F1" in metrics
     artifacts = {a["name"]: a for a in run["artifacts"]}
     predictions = db["fs.files"].find_one({"_id": artifacts["predictions.jsonl"]["file_id"]})
