@@ -124,10 +124,9 @@ class Pipeline:
 
         p, data = self.config.pretrain, self.config.data
         metrics: Dict[str, float] = {}
-        start = time.perf_counter()
         finished = self._finished("pretrain", planned=self.pretrain_steps())
-        if finished is not None:  # the artifact keeps the training's averages
-            metrics = dict(finished.get("metrics") or {})
+        if finished is not None:  # the artifact keeps the training's averages and time
+            metrics, seconds = dict(finished.get("metrics") or {}), finished.get("seconds")
         else:
             root = self.checkpoint_root("pretrain")
             if p.reader == "pqa":
@@ -140,18 +139,21 @@ class Pipeline:
             else:
                 dataset = ControlReaderDataset(self.control_of_pretrain(), self.train_qa, self.tokenizer, top_k=p.top_k,
                                                prompt=data.prompt, max_answer_tokens=data.max_answer_tokens)
-                metrics = ControlReaderTrainer(self.model, read_settings(p)).fit(
-                    dataset, seed=self.config.seed, checkpoint_root=root, config_dict=self.config_dict,
-                    logger=self.logger, phase="pretrain", max_steps=p.max_steps)
+                trainer = ControlReaderTrainer(self.model, read_settings(p))
+                metrics = trainer.fit(dataset, seed=self.config.seed, checkpoint_root=root,
+                                      config_dict=self.config_dict, logger=self.logger, phase="pretrain",
+                                      max_steps=p.max_steps)
+            seconds = trainer.loop.seconds()
         if self.group.is_main:  # scored first, so that the artifact records its scores
-            seconds = time.perf_counter() - start
             metrics = {**metrics, **self.score_pretrained()}
             path = self.save_pretrained(metrics, seconds)
             self.logger.set_info("pretrained_artifact", str(path.resolve()))
             self.logger.add_artifact(str(path / "MANIFEST.json"), "pretrained_MANIFEST.json")
         return metrics
 
-    def save_pretrained(self, metrics: Dict[str, float], seconds: float) -> Path:
+    def save_pretrained(self, metrics: Dict[str, float], seconds: Optional[float]) -> Path:
+        """``seconds``: the pretraining's time summed over its resumes (None if a checkpoint older than that
+        record was resumed); scoring is not counted."""
         from pqa_core.components.plugins import with_component_defaults
         from pqa_core.storage.pretrained import data_summary, save_pretrained
 
@@ -167,7 +169,7 @@ class Pipeline:
                     "contrast_margin": p.contrast_margin, "seed": self.config.seed,
                     "generation_loss": with_component_defaults("generation_loss", self.config.generation_loss),
                     "retrieval_loss": with_component_defaults("retrieval_loss", self.config.retrieval_loss),
-                    "seconds": round(seconds, 1), "metrics": metrics}
+                    "seconds": None if seconds is None else round(seconds, 3), "metrics": metrics}
         return save_pretrained(self.output_dir / "pretrained", self.model, self.config,
                                llm_identity=llm_identity(self.config.model.llm), data=summary,
                                passages=[d.text for d in self.corpus], questions=[q.question for q in self.train_qa],

@@ -131,7 +131,8 @@ def test_a_step_budget_ends_pretraining_early_and_the_artifact_says_so(split, tm
     logger = RecordingLogger()
     Pipeline(pretrain_config(split, tmp_path / "run", max_steps=4, checkpoint_every=0), logger).run()
     assert [step for step, _ in logger.scalars["pretrain.answer_loss"]] == [1, 2, 3, 4]
-    assert artifacts.read_manifest(str(tmp_path / "run"))["training"]["steps"] == 4
+    first = artifacts.read_manifest(str(tmp_path / "run"))["training"]
+    assert first["steps"] == 4 and first["seconds"] > 0
     # a larger budget goes on from where the first stopped, to the artifact a run with it from the start makes
     grown = pretrain_config(split, tmp_path / "run", max_steps=6, checkpoint_every=0)
     grown.resume = str(tmp_path / "run")
@@ -142,7 +143,9 @@ def test_a_step_budget_ends_pretraining_early_and_the_artifact_says_so(split, tm
     went_on = load_file(str(tmp_path / "run" / "pretrained" / "model.safetensors"))
     straight = load_file(str(tmp_path / "straight" / "pretrained" / "model.safetensors"))
     assert all(torch.equal(went_on[k], straight[k]) for k in straight)
-    assert artifacts.read_manifest(str(tmp_path / "run"))["training"]["steps"] == 6
+    went_on = artifacts.read_manifest(str(tmp_path / "run"))["training"]
+    assert went_on["steps"] == 6
+    assert went_on["seconds"] > first["seconds"]  # the training time of both processes, not the second's alone
 
 
 def test_a_finished_pretraining_resumed_is_loaded_not_trained_again(split, tmp_path):
@@ -152,15 +155,18 @@ def test_a_finished_pretraining_resumed_is_loaded_not_trained_again(split, tmp_p
     Pipeline(pretrain_config(split, tmp_path / "run", epochs=1, checkpoint_every=2), first).run()
     steps = [step for step, _ in first.scalars["pretrain.answer_loss"]]
     assert len(steps) % 2 == 1  # the last step is after the last periodic checkpoint
-    trained = artifacts.read_manifest(str(tmp_path / "run"))["training"]["metrics"]
+    training = artifacts.read_manifest(str(tmp_path / "run"))["training"]
+    trained = training["metrics"]
     shutil.rmtree(tmp_path / "run" / "pretrained")  # the run resumed writes it again
     again = pretrain_config(split, tmp_path / "run", epochs=1, checkpoint_every=2)
     again.resume = str(tmp_path / "run")
     logger = RecordingLogger()
     Pipeline(again, logger).run()
     assert "pretrain.answer_loss" not in logger.scalars
-    # the artifact written again keeps the training's epoch averages, not only the new run's scores
-    assert artifacts.read_manifest(str(tmp_path / "run"))["training"]["metrics"] == trained
+    # the artifact written again keeps the training's epoch averages and time, not only the new run's scores
+    again_training = artifacts.read_manifest(str(tmp_path / "run"))["training"]
+    assert again_training["metrics"] == trained
+    assert training["seconds"] is not None and again_training["seconds"] == training["seconds"]
     assert "epoch_answer_loss" in trained
 
 

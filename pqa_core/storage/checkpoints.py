@@ -7,7 +7,8 @@ A checkpoint is a folder::
     adapter/                 LoRA adapter (peft save_pretrained, safetensors)
     optimizer.safetensors    optimizer state tensors, flattened ("state.<param>.<key>")
     rng.safetensors          torch (and CUDA) RNG state
-    state.json               step, epoch, optimizer param groups, python/numpy RNG, config, model signature
+    state.json               step, epoch, training seconds so far, optimizer param groups, python/numpy RNG, config,
+                             model signature
     MANIFEST.json            sha256 and size of every file above, and the run's fingerprint
                              (``fingerprint.py``: what produced the weights); written last
 
@@ -177,9 +178,10 @@ def _fsync_tree(root: Path) -> None:
 
 def save_checkpoint(path, model, optimizer=None, *, step: int, epoch: int, step_in_epoch: int = 0,
                     config: Optional[Dict[str, Any]] = None, phase: str = "", metrics: Optional[dict] = None,
-                    scheduler=None) -> Path:
+                    scheduler=None, seconds: Optional[float] = None) -> Path:
     """Write a checkpoint folder at ``path`` atomically; an existing one there is replaced. The
-    fingerprint the pipeline puts in ``config`` (``fingerprint.CONFIG_KEY``) goes to the manifest."""
+    fingerprint the pipeline puts in ``config`` (``fingerprint.CONFIG_KEY``) goes to the manifest.
+    ``seconds``: the phase's training time so far, resumes included (state.json's ``seconds``)."""
     path = Path(path)
     config = dict(config or {})
     fingerprint = config.pop(FINGERPRINT_KEY, None)
@@ -194,6 +196,8 @@ def save_checkpoint(path, model, optimizer=None, *, step: int, epoch: int, step_
             "step_in_epoch": step_in_epoch, "metrics": metrics or {}, "config": config,
             "signature": model_signature(model, config),
         }
+        if seconds is not None:
+            state["seconds"] = round(float(seconds), 3)
         if optimizer is not None:
             tensors, meta = _flatten_optimizer(optimizer)
             save_file(tensors, str(tmp / "optimizer.safetensors"))

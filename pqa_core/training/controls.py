@@ -117,6 +117,7 @@ class ControlReaderTrainer:
     def __init__(self, model, settings):
         self.model = model
         self.settings = settings
+        self.loop: Optional[EpochLoop] = None  # the loop fit runs (its training time), once fit starts
         lora = model.lora_parameters()
         if not lora:
             raise UsageError("training a control's reader needs LoRA (model.lora.enabled=true)")
@@ -140,7 +141,8 @@ class ControlReaderTrainer:
     def fit(self, dataset: ControlReaderDataset, *, seed: int, checkpoint_root, config_dict,
             logger: Optional[RunLogger] = None, phase: str = "control_read", max_steps: int = 0) -> Dict[str, float]:
         s = self.settings
-        loop = EpochLoop(self.model, self.optimizer, phase=phase, checkpoint_root=checkpoint_root,
-                         config_dict=config_dict, logger=logger or RunLogger(), checkpoint_every=s.checkpoint_every)
-        return loop.run(dataset, epochs=s.epochs, batch_size=s.batch_size, seed=seed, step_fn=self.train_step,
-                        max_steps=max_steps)
+        self.loop = EpochLoop(self.model, self.optimizer, phase=phase, checkpoint_root=checkpoint_root,
+                              config_dict=config_dict, logger=logger or RunLogger(),
+                              checkpoint_every=s.checkpoint_every)
+        return self.loop.run(dataset, epochs=s.epochs, batch_size=s.batch_size, seed=seed, step_fn=self.train_step,
+                             max_steps=max_steps)

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
@@ -102,6 +103,18 @@ class EpochLoop:
         self.logger = logger
         self.checkpoint_every = checkpoint_every
         self.steps_done = 0  # global steps done (a resumed run's included)
+        self._seconds_before: Optional[float] = 0.0  # training time of the runs this one resumed
+        self._started: Optional[float] = None
+        self._ended: Optional[float] = None  # the loop's end: what the final checkpoint records
+
+    def seconds(self) -> Optional[float]:
+        """Wall seconds this phase's loop has run, summed over the processes that resumed it in turn: an
+        artifact's honest training time. None when it resumed a checkpoint that did not record its own."""
+        if self._seconds_before is None:
+            return None
+        if self._started is None:
+            return self._seconds_before
+        return self._seconds_before + ((self._ended or time.perf_counter()) - self._started)
 
     @property
     def final_dir(self) -> Path:
@@ -115,6 +128,7 @@ class EpochLoop:
             return 0, 0, 0, {}, 0
         state = load_checkpoint(latest, self.model, self.optimizer, config=self.config_dict)
         log.info("%s phase: resuming from %s (step %d)", self.phase, latest, state["step"])
+        self._seconds_before = state.get("seconds") if "seconds" in state else None
         self.logger.set_info(f"{self.phase}_resumed_from", str(latest))
         partial = state.get("metrics") or {}
         return (state["epoch"], state["step_in_epoch"], state["step"], dict(partial.get("epoch_sums") or {}),
@@ -127,12 +141,13 @@ class EpochLoop:
         check_mapped()
         return save_checkpoint(path, self.model, self.optimizer, step=step, epoch=epoch,
                                step_in_epoch=step_in_epoch, config=self.config_dict, phase=self.phase,
-                               metrics=metrics)
+                               metrics=metrics, seconds=self.seconds())
 
     def run(self, dataset, *, epochs: int, batch_size: int, seed: int, step_fn: Callable[[dict], dict],
             epoch_end_fn: Optional[Callable[[int, int], dict]] = None, max_steps: int = 0) -> Dict[str, float]:
         """``max_steps`` > 0 ends the loop after that many steps in all (within an epoch, which then counts)."""
         epoch, skip, step, resumed_sums, resumed_count = self.resume_point()
+        self._started = time.perf_counter()
         self.steps_done = step
         batches_per_epoch = (len(dataset) + batch_size - 1) // batch_size
         total = epochs * batches_per_epoch if not max_steps else min(max_steps, epochs * batches_per_epoch)
@@ -179,6 +194,7 @@ class EpochLoop:
             log.info("%s epoch %d/%d: %s", self.phase, epoch, epochs,
                      ", ".join(f"{k}={v:.4f}" for k, v in last.items()))
         bar.close()
+        self._ended = time.perf_counter()
         self.save(self.final_dir, step, epoch, 0, metrics=last)
         return last
 
