@@ -184,8 +184,9 @@ class ReadSettings:
     checkpoint_every: int = setting(0, "steps between resumable checkpoints; 0 = only at the end", range=SOME)
     eval_every: int = setting(1, "epochs between full evaluations (0 = Recall@k only)", range=SOME)
     key_updates: str = setting("all", "whose retrieval keys the retrieval loss moves: all (every key, O(N x d_z) "
-                                      "a step) or batch (the batch's gold and selected ones: for large corpora)",
-                               choices=("all", "batch"))
+                                      "a step), batch (the batch's gold and selected ones: for large corpora) or "
+                                      "none (keys stay as written; the query side and selector learn)",
+                               choices=("all", "batch", "none"))
 
 
 @dataclass

@@ -102,3 +102,25 @@ def test_a_read_step_moves_the_batchs_rows_only_with_batch_key_updates(tmp_path,
     assert torch.equal(z_after[others], z_before[others])
     for key in state_before:
         assert torch.equal(state_after[key][others], state_before[key][others]), key
+
+
+@pytest.mark.parametrize("key_updates", ["none", "all"])
+def test_with_key_updates_none_a_read_step_moves_no_key_but_trains_the_query_side(tmp_path, key_updates):
+    """read.key_updates=none: every retrieval key stays as written (the retrieval loss trains the query
+    encoder and the selector only) while the soft-token part of z still learns from the answers; with
+    ``all`` the same steps move keys."""
+    pipeline = Pipeline(tiny_config(tmp_path, **{"read.key_updates": key_updates}), RecordingLogger())
+    model, keys = pipeline.model, pipeline.model.key_dims
+    trainer = ReadPhaseTrainer(model, pipeline.config.read, retrieval_loss=pipeline.retrieval_loss,
+                               generation_loss=pipeline.generation_loss)
+    z_before = model.doc_vectors.detach().clone()
+    query_side = {name: p.detach().clone() for name, p in model.query_encoder.named_parameters() if p.requires_grad}
+    assert query_side and 0 < keys < z_before.shape[1]
+    for start in (0, 4):
+        trainer.train_step(pipeline.read_dataset.collate([pipeline.read_dataset[i] for i in range(start, start + 4)]))
+    z_after = model.doc_vectors.detach()
+    assert not torch.equal(z_after[:, keys:], z_before[:, keys:])  # the soft tokens' part learns
+    assert torch.equal(z_after[:, :keys], z_before[:, :keys]) == (key_updates == "none")
+    moved = [name for name, p in model.query_encoder.named_parameters() if name in query_side
+             and not torch.equal(p.detach(), query_side[name])]
+    assert moved  # the query encoder learns either way

@@ -187,7 +187,7 @@ def _sha256(path: Path) -> str:
     ("data.prompt='Answer:'", "config key 'data.prompt' = 'Answer:': must contain {question}"),
     ("phases=['bogus']", "config key 'phases': unknown phase 'bogus'; phases: pretrain, write, read, eval, control_read, control"),
     ("model.doc_init='zeros'", "config key 'model.doc_init' = 'zeros': must be one of minilm, random"),
-    ("read.key_updates='typo'", "config key 'read.key_updates' = 'typo': must be one of all, batch"),
+    ("read.key_updates='typo'", "config key 'read.key_updates' = 'typo': must be one of all, batch, none"),
     ("seed=-1", "config key 'seed' = -1: must be an integer in [0, 4294967295]"),
 ])
 def test_a_value_out_of_range_is_one_line_before_anything_is_written(user, tmp_path, override, message):

@@ -58,7 +58,7 @@ def test_every_key_is_declared_once_with_help():
     for path, key in KEYS.items():
         assert key.help, f"{path}: give it a help line in pqa_core/config.py"
     assert RANGES["read.top_k"] is KEYS["read.top_k"].range
-    assert CHOICES["read.key_updates"] == ("all", "batch")
+    assert CHOICES["read.key_updates"] == ("all", "batch", "none")
     assert KEYS["read.lr_projection"].type_name == "Optional[float]"
 
 
@@ -70,8 +70,8 @@ def test_module_lists_are_the_declared_choices():
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"read": {"key_updates": "typo"}}, "config key 'read.key_updates' = 'typo': must be one of all, batch"),
-    ({"read": {"key_updates": "bach"}}, "must be one of all, batch; did you mean 'batch'?"),
+    ({"read": {"key_updates": "typo"}}, "config key 'read.key_updates' = 'typo': must be one of all, batch, none"),
+    ({"read": {"key_updates": "bach"}}, "must be one of all, batch, none; did you mean 'batch'?"),
     ({"read": {"topk": 2}}, "unknown config key 'read.topk'; did you mean 'read.top_k'? known keys under read: "),
     ({"top_k": 2}, "unknown config key 'top_k'; did you mean 'read.top_k'?"),
     ({"model": {"lora": {"rank": 2}}}, "unknown config key 'model.lora.rank'; did you mean 'model.lora.r'?"),
@@ -104,7 +104,7 @@ def test_pqa_config_prints_every_key_with_type_default_range_and_help():
     for path in KEYS:
         assert f"\n{path}: " in "\n" + result.output, path
     assert "read.top_k: int = 3  (an integer >= 1)\n    documents read per question" in result.output
-    assert "read.key_updates: str = \"all\"  (one of all, batch)" in result.output
+    assert "read.key_updates: str = \"all\"  (one of all, batch, none)" in result.output
     section = CliRunner().invoke(cli, ["config", "eval.faiss"])
     assert section.exit_code == 0 and section.output.count("\n    ") == 5
     typo = CliRunner().invoke(cli, ["config", "raed"])

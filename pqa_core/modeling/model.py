@@ -144,14 +144,19 @@ class ParametricQA(nn.Module):
         return self.selector(query_vectors, self.retrieval_keys())
 
     def select_documents(self, query_ids: torch.Tensor, query_mask: torch.Tensor, k: int,
-                         key_rows: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                         key_rows: Optional[torch.Tensor] = None,
+                         move_keys: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
         """Top-k doc ids ``[B, k]`` (best first) and all scores ``[B, N]`` (differentiable).
 
         With ``key_rows`` (doc rows, -1 = none) the scores' gradient reaches the retrieval keys of those
         rows and of the selected ones only, through a sparse lookup; every other key is scored as a
         constant. The scores, the selection and the gradient to the query side and the selector are
         those of the full scoring; what the keys receive, and so the rows a step moves, is the batch's.
+        ``move_keys=False``: every key is a constant (the gradient reaches the query side and the selector).
         """
+        if not move_keys:
+            scores = self.selector(self.query_encoder(query_ids, query_mask), self.retrieval_keys().detach())
+            return scores.topk(min(k, scores.shape[-1]), dim=-1).indices, scores
         if key_rows is None or not self.doc_vectors.requires_grad or not torch.is_grad_enabled():
             scores = self.score_documents(query_ids, query_mask)
             return scores.topk(min(k, scores.shape[-1]), dim=-1).indices, scores

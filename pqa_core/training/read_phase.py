@@ -84,9 +84,10 @@ class ReadPhaseTrainer:
 
     def losses(self, batch):
         """(generation loss, retrieval loss) of a batch on the model's device."""
-        key_rows = batch["gold_doc_ids"] if self.settings.key_updates == "batch" else None
+        updates = self.settings.key_updates
+        key_rows = batch["gold_doc_ids"] if updates == "batch" else None
         selected_ids, scores = self.model.select_documents(batch["encoder_ids"], batch["encoder_mask"], k=self.top_k,
-                                                           key_rows=key_rows)
+                                                           key_rows=key_rows, move_keys=updates != "none")
         logits, labels = self.model.answer_logits(batch["query_ids"], selected_ids, batch["answer_ids"],
                                                   batch["query_mask"], batch["answer_mask"])
         teacher = self.teacher_logits(batch) if getattr(self.generation_loss, "needs_teacher", False) else None
