@@ -389,3 +389,34 @@ def test_password_never_reaches_the_recovery_files(tmp_path):
         assert f"mongodb://***:***@127.0.0.1:{port}/dump_scan" in run_dump and "connecting to mongodb://***" in run_dump
     finally:
         db.stop(home)
+
+
+def test_the_end_awaits_the_last_heartbeat_which_hands_over_the_last_points():
+    """Sacred's last heartbeat carries the run's last points (the evaluation's) and may still be in a store
+    attempt when the run ends: the end awaits it (no Ctrl-C cuts that short: a recovery file saved without
+    them lost the eval series), but no longer than the end's deadline."""
+    import threading
+    import time
+
+    from sacred.utils import IntervalTimer
+
+    handed_over = threading.Event()
+
+    def beat():
+        if stopped.is_set():  # the last beat, still busy when the run ends
+            time.sleep(0.3)
+            handed_over.set()
+
+    stopped, timer = IntervalTimer.create(beat, interval=0.01)
+    timer.start()
+    stopped.set()
+    observers.wait_for_last_heartbeat(time.monotonic() + 10)
+    assert handed_over.is_set() and not timer.is_alive()
+
+    stuck_stop, stuck = IntervalTimer.create(lambda: time.sleep(1.5) if stuck_stop.is_set() else None, interval=0.01)
+    stuck.start()
+    stuck_stop.set()
+    started = time.monotonic()
+    observers.wait_for_last_heartbeat(started + 0.2)
+    assert time.monotonic() - started < 1.0 and stuck.is_alive()  # the deadline bounds it
+    stuck.join()

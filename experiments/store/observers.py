@@ -17,7 +17,8 @@ What it changes, and why:
   the run ends, everything the store does not hold yet, the final record with the run's real
   status included, is first written to a recovery file (:mod:`.unstored`); then the store gets at
   most :data:`END_BUDGET_S` seconds, announced in one line. For the whole end Ctrl-C only sets a
-  flag the waits check, so it stops the wait at any moment (twice included) without losing anything. Whatever it did not take stays in the
+  flag the waits check, so it stops the wait at any moment (twice included) without losing anything
+  (Sacred's last heartbeat, which hands over the last points, is still awaited: one store attempt at most). Whatever it did not take stays in the
   file for ``pqa db recover``; :meth:`raise_for_losses` says so in one line. Sacred itself would
   wait minutes, drop the observer on the first error and store an interrupted end as INTERRUPTED.
 * **Credentials.** Every run document (config, meta, host, command, captured output, info,
@@ -90,6 +91,19 @@ def _interrupts_noted(stop: threading.Event):
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def wait_for_last_heartbeat(deadline: float) -> None:
+    """Sacred's heartbeat thread makes one last beat after the run stops: it hands over the run's last
+    points (the evaluation's), which the recovery file must hold. Ctrl-C does not cut this wait short:
+    once the run ends a beat writes nothing (the end does), so the wait is at most the one store attempt
+    a beat may be in (BEAT_IO_S), within ``deadline``. (Cut short, it lost those points: a second
+    Ctrl-C while a beat still tried a store that was down.)"""
+    me = threading.current_thread()
+    for thread in threading.enumerate():
+        if isinstance(thread, IntervalTimer) and thread is not me and thread.stopped.is_set():
+            while thread.is_alive() and time.monotonic() < deadline:
+                thread.join(min(0.1, max(0.0, deadline - time.monotonic())))
 
 
 class PqaMongoObserver(MongoObserver):
@@ -253,7 +267,7 @@ class PqaMongoObserver(MongoObserver):
         with _interrupts_noted(stop):
             if self._down:
                 self._announce(self._metric_error or self._artifact_error, deadline)
-            self._wait_for_last_heartbeat(deadline, stop)
+            wait_for_last_heartbeat(deadline)
             with self._lock:
                 self.run_entry.update(final)
                 self._compose_record(note=False)
@@ -276,13 +290,6 @@ class PqaMongoObserver(MongoObserver):
             self.run_entry.setdefault("info", {})["pqa_unstored"] = missing
         self._sanitize()
 
-    def _wait_for_last_heartbeat(self, deadline: float, stop: threading.Event) -> None:
-        """Sacred's heartbeat thread makes one last beat after the run stops; it carries the last points."""
-        me = threading.current_thread()
-        for thread in threading.enumerate():
-            if isinstance(thread, IntervalTimer) and thread is not me and thread.stopped.is_set():
-                while thread.is_alive() and not stop.is_set() and time.monotonic() < deadline:
-                    thread.join(min(0.1, max(0.0, deadline - time.monotonic())))
 
     def _save_recovery_file(self) -> None:
         record = {
