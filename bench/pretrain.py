@@ -95,10 +95,13 @@ def ship(llm: str, reader: str, artifact: Path, data: dict, command: list, secon
         shutil.rmtree(target)
     shutil.copytree(artifact, target)
     manifest = json.loads((artifact / "MANIFEST.json").read_text())
+    trained = manifest["training"].get("seconds")  # summed over resumes; this process's time may be a re-score
+    took = (f"{trained / 60:.0f} min of training" if trained is not None
+            else f"{seconds / 60:.0f} min for this command, which resumed an earlier run")
     about = data["about"]
     (target / "README.md").write_text(f"""# {llm} — pretrained {reader} reader
 
-Made by `python bench/pretrain.py` with: `{shlex.join(command)}` ({seconds / 60:.0f} min on this project's
+Made by `python bench/pretrain.py` with: `{shlex.join(command)}` ({took} on this project's
 2-core CPU machine). Files: `model.safetensors` (tensors), `contents.json` (hashes of the pretraining passages
 and questions: a run refuses this artifact when its evaluation overlaps them), `MANIFEST.json` (what made it,
 the sha256 of every file).

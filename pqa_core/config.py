@@ -185,7 +185,9 @@ class ReadSettings:
     eval_every: int = setting(1, "epochs between full evaluations (0 = Recall@k only)", range=SOME)
     key_updates: str = setting("all", "whose retrieval keys the retrieval loss moves: all (every key, O(N x d_z) "
                                       "a step), batch (the batch's gold and selected ones: for large corpora) or "
-                                      "none (keys stay as written; the query side and selector learn)",
+                                      "none (the retrieval loss moves no key, only the query side and selector; the answer "
+                                      "loss still moves keys that shape the soft tokens: z without a separate "
+                                      "key, key_in_prompt)",
                                choices=("all", "batch", "none"))
 
 

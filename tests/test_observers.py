@@ -393,8 +393,9 @@ def test_password_never_reaches_the_recovery_files(tmp_path):
 
 def test_the_end_awaits_the_last_heartbeat_which_hands_over_the_last_points():
     """Sacred's last heartbeat carries the run's last points (the evaluation's) and may still be in a store
-    attempt when the run ends: the end awaits it (no Ctrl-C cuts that short: a recovery file saved without
-    them lost the eval series), but no longer than the end's deadline."""
+    attempt when the run ends: the end's wait for it takes no stop flag, so a Ctrl-C cannot cut it short
+    (a recovery file saved without them lost the eval series; test_reliability's Ctrl-C-twice test drives
+    the whole end), and it lasts no longer than the end's deadline."""
     import threading
     import time
 

@@ -145,7 +145,9 @@ def test_a_step_budget_ends_pretraining_early_and_the_artifact_says_so(split, tm
     assert all(torch.equal(went_on[k], straight[k]) for k in straight)
     went_on = artifacts.read_manifest(str(tmp_path / "run"))["training"]
     assert went_on["steps"] == 6
-    assert went_on["seconds"] > first["seconds"]  # the training time of both processes, not the second's alone
+    stopped = json.loads((tmp_path / "run" / "checkpoints" / "pretrain" / "step-0000004" / "state.json").read_text())
+    assert 0 < stopped["seconds"] <= first["seconds"]
+    assert went_on["seconds"] > stopped["seconds"]  # the step checkpoint's time and the second process's, summed
 
 
 def test_a_finished_pretraining_resumed_is_loaded_not_trained_again(split, tmp_path):
@@ -168,6 +170,15 @@ def test_a_finished_pretraining_resumed_is_loaded_not_trained_again(split, tmp_p
     assert again_training["metrics"] == trained
     assert training["seconds"] is not None and again_training["seconds"] == training["seconds"]
     assert "epoch_answer_loss" in trained
+
+
+def test_a_closed_book_pretraining_saves_its_reader_with_its_training_time(split, tmp_path):
+    """pretrain.reader=closed_book trains a control's reader (ControlReaderTrainer) into an artifact that
+    records its steps and training time, as pqa's does."""
+    Pipeline(pretrain_config(split, tmp_path / "cb", reader="closed_book", max_steps=2, checkpoint_every=0)).run()
+    manifest = artifacts.read_manifest(str(tmp_path / "cb"))
+    assert manifest["reader"] == "closed_book" and manifest["training"]["steps"] == 2
+    assert manifest["training"]["seconds"] > 0
 
 
 def test_a_warm_up_reconstructs_alone_before_questions(split, tmp_path):

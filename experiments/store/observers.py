@@ -18,7 +18,8 @@ What it changes, and why:
   status included, is first written to a recovery file (:mod:`.unstored`); then the store gets at
   most :data:`END_BUDGET_S` seconds, announced in one line. For the whole end Ctrl-C only sets a
   flag the waits check, so it stops the wait at any moment (twice included) without losing anything
-  (Sacred's last heartbeat, which hands over the last points, is still awaited: one store attempt at most). Whatever it did not take stays in the
+  (Sacred's last heartbeat, which hands over the last points, is still awaited: at most the store
+  attempts of a beat already under way, :data:`BEAT_IO_S` each, within the end's budget). Whatever it did not take stays in the
   file for ``pqa db recover``; :meth:`raise_for_losses` says so in one line. Sacred itself would
   wait minutes, drop the observer on the first error and store an interrupted end as INTERRUPTED.
 * **Credentials.** Every run document (config, meta, host, command, captured output, info,
@@ -96,8 +97,8 @@ def _interrupts_noted(stop: threading.Event):
 def wait_for_last_heartbeat(deadline: float) -> None:
     """Sacred's heartbeat thread makes one last beat after the run stops: it hands over the run's last
     points (the evaluation's), which the recovery file must hold. Ctrl-C does not cut this wait short:
-    once the run ends a beat writes nothing (the end does), so the wait is at most the one store attempt
-    a beat may be in (BEAT_IO_S), within ``deadline``. (Cut short, it lost those points: a second
+    once the run ends a beat writes nothing (the end does), so the wait is at most the store attempts of
+    a beat already under way (BEAT_IO_S each), and never past ``deadline``. (Cut short, it lost those points: a second
     Ctrl-C while a beat still tried a store that was down.)"""
     me = threading.current_thread()
     for thread in threading.enumerate():
@@ -184,7 +185,7 @@ class PqaMongoObserver(MongoObserver):
             self._down = store_unreachable(exc)
             self._warn("heartbeat", f"run document not updated: {self._describe(exc)}")
             return
-        if self._pending_artifacts:
+        if self._pending_artifacts and not self._run_is_ending():  # once the run ends, the end stores them
             self._retry_artifacts(BEAT_IO_S)
 
     def artifact_event(self, name, filename, metadata=None, content_type=None):
@@ -289,7 +290,6 @@ class PqaMongoObserver(MongoObserver):
         if missing:
             self.run_entry.setdefault("info", {})["pqa_unstored"] = missing
         self._sanitize()
-
 
     def _save_recovery_file(self) -> None:
         record = {

@@ -152,12 +152,10 @@ class ParametricQA(nn.Module):
         rows and of the selected ones only, through a sparse lookup; every other key is scored as a
         constant. The scores, the selection and the gradient to the query side and the selector are
         those of the full scoring; what the keys receive, and so the rows a step moves, is the batch's.
-        ``move_keys=False``: every key is a constant (the gradient reaches the query side and the selector).
+        ``move_keys=False``: every key is scored as a constant (the scores' gradient reaches the query side
+        and the selector only).
         """
-        if not move_keys:
-            scores = self.selector(self.query_encoder(query_ids, query_mask), self.retrieval_keys().detach())
-            return scores.topk(min(k, scores.shape[-1]), dim=-1).indices, scores
-        if key_rows is None or not self.doc_vectors.requires_grad or not torch.is_grad_enabled():
+        if move_keys and (key_rows is None or not self.doc_vectors.requires_grad or not torch.is_grad_enabled()):
             scores = self.score_documents(query_ids, query_mask)
             return scores.topk(min(k, scores.shape[-1]), dim=-1).indices, scores
         query_vectors = self.query_encoder(query_ids, query_mask)
@@ -168,6 +166,8 @@ class ParametricQA(nn.Module):
         else:
             scores = self.selector(query_vectors, self.retrieval_keys().detach())
         selected = scores.topk(min(k, scores.shape[-1]), dim=-1).indices
+        if not move_keys:
+            return selected, scores
         rows = torch.cat([key_rows.flatten(), selected.flatten()])
         rows = rows[(rows >= 0) & (rows < self.num_docs)].unique()  # a bad gold row is the loss's error to report
         keys = self.doc_latents(rows)[:, :self.key_dims]  # sparse gradient: these rows only

@@ -128,7 +128,7 @@ class EpochLoop:
             return 0, 0, 0, {}, 0
         state = load_checkpoint(latest, self.model, self.optimizer, config=self.config_dict)
         log.info("%s phase: resuming from %s (step %d)", self.phase, latest, state["step"])
-        self._seconds_before = state.get("seconds") if "seconds" in state else None
+        self._seconds_before = state.get("seconds")  # None: a checkpoint older than this record
         self.logger.set_info(f"{self.phase}_resumed_from", str(latest))
         partial = state.get("metrics") or {}
         return (state["epoch"], state["step_in_epoch"], state["step"], dict(partial.get("epoch_sums") or {}),
