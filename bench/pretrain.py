@@ -18,6 +18,9 @@ were made.
     # distillation from the LLM reading the gold passage (PISCO's objective) on top of the answer loss:
     python bench/pretrain.py --readers pqa --questions 1600 --held-out 200 --epochs 2 --max-steps 160 \
         --reconstruct-only-steps 100 --distill 1.0 --out outputs/pretrain_distill
+    # ... with a pretrained text reader as the teacher (one that answers in spans, as the task does):
+    python bench/pretrain.py --readers pqa --questions 1600 --held-out 200 --epochs 2 --max-steps 160 \
+        --reconstruct-only-steps 100 --distill 1.0 --teacher outputs/pretrain/text --out outputs/pretrain_taught
     python bench/pretrain.py --readers pqa --writer keywords --questions 1600 --held-out 200 --epochs 2 --max-steps 60
     # the text reader (oracle, text RAG): about 70 s a step of 8 questions here, 160 steps ~3 h
     python bench/pretrain.py --readers text --questions 1600 --held-out 200 --epochs 2 --max-steps 160 --ship
@@ -75,6 +78,8 @@ def pretrain_command(reader: str, data: dict, out: Path, args) -> list:
                    f"pretrain.contrast_weight={args.contrast_weight}"]
     if args.distill and reader != "closed_book":  # a closed-book reader has no passage its teacher could read
         values += ["generation_loss.name=kl_distill", f"generation_loss.alpha={args.distill}"]
+        if args.teacher:
+            values.append(f"generation_loss.teacher_adapter={args.teacher.resolve()}")
     values += list(args.set)
     if (out / "checkpoints" / "pretrain").exists():
         values.append(f"resume={out}")
@@ -136,6 +141,9 @@ def main(argv=None) -> int:
     parser.add_argument("--distill", type=float, default=0.0, metavar="ALPHA",
                         help="> 0: the answer loss adds ALPHA x KL to the LLM reading the gold passage as text "
                              "(generation_loss=kl_distill; PISCO's teacher); pqa and text readers")
+    parser.add_argument("--teacher", type=Path, default=None, metavar="TEXT_READER",
+                        help="with --distill: the teacher is this trained text reader (e.g. OUT/text from "
+                             "--readers text), not the LLM with its adapter off")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any further config override of the runs (Sacred's `with KEY=VALUE`); repeatable")
     parser.add_argument("--threads", type=int, default=2)

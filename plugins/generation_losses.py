@@ -41,17 +41,21 @@ class CrossEntropyLoss(GenerationLoss):
 class KLDistillLoss(GenerationLoss):
     """``CE + alpha * T^2 * KL(teacher || student)`` at temperature ``T``, on the non-ignored positions.
 
-    The teacher (the LLM reading the gold passage as text) is a fixed target:
-    its logits are detached.
+    The teacher reads the gold passage as text: the run's LLM with its adapter off, or the trained text
+    reader ``teacher_adapter`` names (``pqa_core.modeling.teacher``). Its logits are a fixed target (detached).
     """
 
     needs_teacher = True
 
     def __init__(self, alpha: Annotated[float, Range(0), "weight of the KL term added to the cross-entropy"] = 1.0,
-                 temperature: Annotated[float, Range(0, low_open=True), "softens both distributions"] = 1.0):
+                 temperature: Annotated[float, Range(0, low_open=True), "softens both distributions"] = 1.0,
+                 teacher_adapter: Annotated[str, "the teacher: a trained text reader (a LoRA adapter folder, a "
+                                                 "checkpoint holding one, or a text-reader artifact); empty = the "
+                                                 "LLM with its adapter off"] = ""):
         super().__init__()
         self.alpha = float(alpha)
         self.temperature = float(temperature)
+        self.teacher_adapter = str(teacher_adapter)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor,
                 teacher_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -73,7 +77,8 @@ class KLDistillLoss(GenerationLoss):
         return ce + self.alpha * t * t * kl
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, temperature={self.temperature}"
+        teacher = f", teacher_adapter={self.teacher_adapter!r}" if self.teacher_adapter else ""
+        return f"alpha={self.alpha}, temperature={self.temperature}{teacher}"
 
 
 @hookimpl

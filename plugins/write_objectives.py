@@ -28,6 +28,7 @@ from pqa_core.storage.atomic import sha256_file
 from pqa_core.data.loading import _pad_id, _token_ids, pad_sequences
 from pqa_core.training.distributed import batch_mean
 from pqa_core.hookspecs import hookimpl
+from pqa_core.modeling.teacher import adapter_dir
 from pqa_core.interfaces import Range, WriteContext, WriteObjective
 from pqa_core.training.loop import show_progress
 
@@ -289,11 +290,11 @@ def teacher_weights(llm, adapter: str):
 
 def _adapter_dir(path: str) -> Path:
     """``path`` itself when it holds ``adapter_config.json``, else its (checkpoint's) ``adapter/`` folder."""
-    path = Path(path).expanduser()
-    for candidate in (path, path / "adapter"):
-        if (candidate / "adapter_config.json").exists():
-            return candidate
-    raise ValueError(f"distill: teacher_adapter={str(path)!r} holds no LoRA adapter (adapter_config.json)")
+    folder = adapter_dir(path)
+    if folder is None:
+        raise ValueError(f"distill: teacher_adapter={str(Path(path).expanduser())!r} holds no LoRA adapter "
+                         f"(adapter_config.json)")
+    return folder
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")

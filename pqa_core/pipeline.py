@@ -92,6 +92,7 @@ class Pipeline:
         encoder_tokenizer = getattr(self.model.query_encoder, "tokenizer", None)
         retrieval_loss, generation_loss = build_losses(config)
         self.retrieval_loss, self.generation_loss = retrieval_loss, generation_loss
+        self.teacher_llm = self.load_teacher()
         teacher = self.corpus if getattr(generation_loss, "needs_teacher", False) else None
         self.write_dataset = WritePhaseDataset(self.rows, self.tokenizer)
         read_kwargs = dict(encoder_tokenizer=encoder_tokenizer, max_query_length=data.max_query_tokens,
@@ -109,6 +110,22 @@ class Pipeline:
         """A pqa pretraining run: its writer, if it has parameters, writes each step's documents live rather
         than the table (``build_model`` and ``PretrainTrainer`` ask ``writer_trains``)."""
         return "pretrain" in self.config.phases and self.config.pretrain.reader == "pqa"
+
+    def load_teacher(self):
+        """The trained text reader the generation loss distils (``teacher_adapter``), recorded; None when the
+        loss names none (a distilling loss then reads the LLM with its adapter off)."""
+        from pqa_core.modeling.teacher import check_teacher, load_teacher, teacher_spec
+
+        spec = teacher_spec(self.config)
+        distils = "read" in self.config.phases or self.pretrains_writer  # the phases that train on the loss
+        if not spec or not distils or not getattr(self.generation_loss, "needs_teacher", False):
+            return None
+        info = check_teacher(spec, self.config.model.llm, self.eval_qa)
+        teacher = load_teacher(spec, self.config.model.llm, self.model.doc_vectors.device)
+        self.logger.set_info("teacher", info)
+        log.info("distillation teacher: the %s %s, merged into its own copy of %s", info["kind"], info["path"],
+                 self.config.model.llm)
+        return teacher
 
     def check_pretrained_disjoint(self) -> None:
         """``model.pretrained``'s pretraining data holds none of this run's evaluation questions or their passages."""
@@ -132,7 +149,8 @@ class Pipeline:
             if p.reader == "pqa":
                 trainer = PretrainTrainer(self.model, p, retrieval_loss=self.retrieval_loss,
                                           generation_loss=self.generation_loss,
-                                          reconstruction=reconstruction_objective(self.write_context(), p))
+                                          reconstruction=reconstruction_objective(self.write_context(), p),
+                                          teacher_llm=self.teacher_llm)
                 metrics = trainer.fit(self.read_dataset, seed=self.config.seed, checkpoint_root=root,
                                       config_dict=self.config_dict, logger=self.logger, phase="pretrain",
                                       max_steps=p.max_steps)
@@ -284,7 +302,7 @@ class Pipeline:
             return {}
         r = self.config.read
         trainer = ReadPhaseTrainer(self.model, r, retrieval_loss=self.retrieval_loss,
-                                   generation_loss=self.generation_loss)
+                                   generation_loss=self.generation_loss, teacher_llm=self.teacher_llm)
         k = self.config.eval_top_k
 
         def epoch_end(epoch: int, step: int) -> Dict[str, float]:
@@ -426,11 +444,14 @@ def fingerprint_of(config: PQAConfig) -> Dict[str, Any]:
     """What will determine this run's weights (``fingerprint.py``), known before anything is built."""
     init = initial_checkpoint(Path(config.init_from)) if config.init_from else None
     data = {name: resolve_data_path(getattr(config.data, name)) for name in TRAINING_DATA}
+    from pqa_core.modeling.teacher import check_teacher, teacher_spec
     from pqa_core.storage.pretrained import artifact_path
 
     pretrained = artifact_path(config)
+    teacher = teacher_spec(config)
     return fingerprint.compute(config.to_dict(), data, llm_identity(config.model.llm), init, pretrained,
-                               components_of_run(config))
+                               components_of_run(config),
+                               teacher=check_teacher(teacher, config.model.llm)["sha256"] if teacher else None)
 
 
 def check_output_dir(config: PQAConfig, run_fingerprint: Dict[str, Any], output_dir: Path) -> List[str]:

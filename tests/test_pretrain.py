@@ -107,7 +107,7 @@ def test_pretraining_distils_the_llm_reading_the_gold_passage(artifact, split, t
     (step, distilled), = logger.scalars["pretrain.answer_loss"]
     assert step == 1 and distilled > plain.scalars["pretrain.answer_loss"][0][1] + 1e-4
     recorded = artifacts.read_manifest(str(tmp_path / "run"))["training"]["generation_loss"]
-    assert recorded == {"name": "kl_distill", "alpha": 2.0, "temperature": 1.0}
+    assert recorded == {"name": "kl_distill", "alpha": 2.0, "temperature": 1.0, "teacher_adapter": ""}
 
 
 def test_pretraining_resumed_after_a_crash_ends_with_the_same_artifact(artifact, split, tmp_path):
@@ -263,6 +263,65 @@ def test_a_run_starts_from_the_artifact_and_records_it(artifact, split, tmp_path
     assert untrained.fingerprint["digest"] != pipeline.fingerprint["digest"]
     result = pipeline.run()
     assert result["questions"] == len(load_qa(split["eval_qa"], load_corpus(split["corpus"])))
+
+
+def test_a_trained_text_reader_is_the_distillation_teacher(artifact, split, tmp_path):
+    """kl_distill's teacher_adapter: a text-reader artifact merged into its own copy of the LLM gives the logits
+    of that reader (not of the LLM with its adapter off), leaves the run's own LoRA alone, is recorded and
+    counts in the fingerprint; a pqa reader, or one trained on the run's evaluation questions, is refused."""
+    from pqa_core.modeling.teacher import check_teacher, load_teacher
+    from pqa_core.training.read_phase import ReadPhaseTrainer
+
+    text = tmp_path / "text"
+    Pipeline(pretrain_config(split, text, reader="text", max_steps=2, checkpoint_every=0, lr_lora=1e-2)).run()
+
+    def config(out, teacher):
+        run = run_config(split, out, None)
+        run.generation_loss = {"name": "kl_distill", "alpha": 1.0, "teacher_adapter": teacher}
+        return run
+
+    logger = RecordingLogger()
+    taught = Pipeline(config(tmp_path / "taught", str(text)), logger)
+    plain = Pipeline(config(tmp_path / "plain", ""))
+    info = logger.info["teacher"]
+    assert info["kind"] == "artifact" and info["path"] == str(text / "pretrained")
+    assert taught.fingerprint["values"]["generation_loss.teacher_adapter.content"] == info["sha256"]
+    assert taught.fingerprint["digest"] != plain.fingerprint["digest"] and plain.teacher_llm is None
+    teacher = taught.teacher_llm
+    assert not any(p.requires_grad for p in teacher.parameters())
+    own = {id(p) for p in taught.model.llm.parameters()}
+    assert not any(id(p) in own for p in teacher.parameters())  # a copy: the run's LLM is not the teacher
+    assert [n for n, _ in taught.model.llm.named_parameters()] == [n for n, _ in plain.model.llm.named_parameters()]
+    batch = taught.read_dataset.collate([taught.read_dataset[i] for i in range(4)])
+    trainer = lambda p: ReadPhaseTrainer(p.model, p.config.read, retrieval_loss=p.retrieval_loss,  # noqa: E731
+                                         generation_loss=p.generation_loss, teacher_llm=p.teacher_llm)
+    from_teacher, adapter_off = trainer(taught).teacher_logits(batch), trainer(plain).teacher_logits(batch)
+    assert (from_teacher - adapter_off).abs().max() > 1e-3
+    # the same text reader loaded as a control's own reader, adapter on, reads the passage alike
+    control = PQAConfig.from_dict({**run_config(split, tmp_path / "control", str(text)).to_dict(),
+                                   "phases": ["control_read", "control"], "control": {"name": "oracle"}})
+    reading = Pipeline(control)
+    passage = lambda model, llm=None: model.continuation_logits(  # noqa: E731
+        None, batch["teacher_ids"], batch["teacher_mask"], batch["answer_ids"], batch["answer_mask"], llm=llm)[0]
+    with torch.no_grad():
+        assert torch.allclose(from_teacher, passage(reading.model), atol=1e-4)
+    reading.run()  # that control, trained on: its checkpoint's LoRA adapter folder is a teacher too
+    with torch.no_grad():
+        checkpoint = tmp_path / "control" / "checkpoints" / "control_read" / "final"
+        assert check_teacher(str(checkpoint), "tiny")["kind"] == "adapter"
+        adapter = load_teacher(str(checkpoint), "tiny")
+        assert torch.allclose(passage(reading.model, adapter), passage(reading.model), atol=1e-4)
+        assert (passage(reading.model, adapter) - from_teacher).abs().max() > 1e-3
+    assert taught.run()["questions"] == 16  # a read phase distils from it
+    # refused, in one line, before the run exists
+    proc = pqa(*_run_args(split, tmp_path / "run", "generation_loss.name=kl_distill",
+                          f"generation_loss.teacher_adapter={artifact[0]}"))
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "'pqa' reader" in lines[0], proc.stderr
+    assert not (tmp_path / "run").exists()
+    trained_on = load_qa(split["pre_qa"], load_corpus(split["pre_corpus"]))
+    with pytest.raises(UsageError, match="trained on 104 of this run's evaluation questions"):
+        check_teacher(str(text), "tiny", trained_on)
 
 
 def pqa(*args):

@@ -191,8 +191,9 @@ class ParametricQA(nn.Module):
         if prefix is None and context_ids.shape[1] == 0:  # the first target token would have no predictor
             raise ValueError("continuation_logits: nothing precedes the target; give it a context (a start token)")
         llm = llm or self.llm
+        embed = llm.get_input_embeddings()  # a teacher's own (its adapter may have changed them)
         inputs_embeds, attention_mask, position_ids = self.assemble(
-            prefix, [self.embed_tokens(context_ids), self.embed_tokens(target_ids)], [context_mask, target_mask])
+            prefix, [embed(context_ids), embed(target_ids)], [context_mask, target_mask])
         T = target_ids.shape[1]
         out = llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                   use_cache=False, logits_to_keep=T + 1)

@@ -3,8 +3,9 @@
 The fingerprint is every key of the resolved run config (new sections and keys are included by
 themselves) except those listed in ``NOT_WEIGHTS``, which cannot change the weights, plus what
 the config names but does not hold: the sha256 of the training data files, the LLM's identity,
-the content of the ``init_from`` checkpoint and of the ``model.pretrained`` artifact, each component's
-plugin, package, version and source hash (edited plugin code is another fingerprint), and the pqa
+the content of the ``init_from`` checkpoint, of the ``model.pretrained`` artifact and of a distillation
+teacher (``teacher_adapter``), each component's plugin, package, version and source hash (edited plugin
+code is another fingerprint), and the pqa
 version (the ``pretrain`` section counts only in a run that pretrains). Every checkpoint's manifest
 records it. A run that would load checkpoints from its own folder (``resume``) must have the
 same fingerprint, else one line names the keys that differ; ``force_resume=True`` continues
@@ -32,6 +33,7 @@ NOT_WEIGHTS: Dict[str, str] = {
     "force_resume": "the override of this check",
     "init_from": "a path: the content of the checkpoint it names counts instead",
     "model.pretrained": "a path: the content of the artifact it names counts instead",
+    "generation_loss.teacher_adapter": "a path: the content of the teacher it names counts instead",
     "data.corpus": "a path: the file's sha256 counts instead",
     "data.qa": "a path: the file's sha256 counts instead",
     "data.eval_qa": "the evaluation questions are scored, never trained on",
@@ -53,9 +55,11 @@ COMPONENT_IDENTITY = ("plugin", "package", "version", "source_sha256")  # of eac
 
 def compute(config_dict: Mapping[str, Any], data_files: Mapping[str, Path], llm: Mapping[str, Any],
             init_checkpoint: Optional[Path] = None, pretrained: Optional[Path] = None,
-            components: Optional[Mapping[str, Mapping[str, Any]]] = None) -> Dict[str, Any]:
+            components: Optional[Mapping[str, Mapping[str, Any]]] = None,
+            teacher: Optional[str] = None) -> Dict[str, Any]:
     """``{"digest": sha256, "values": {dotted key: value}}`` of what determines the weights.
-    ``components``: kind -> the provenance of the code that builds it (``plugins.components_of_run``)."""
+    ``components``: kind -> the provenance of the code that builds it (``plugins.components_of_run``);
+    ``teacher``: the sha256 of the distillation teacher's weights (``pqa_core.modeling.teacher``)."""
     pretrains = "pretrain" in (config_dict.get("phases") or ())
     values = {key: value for key, value in flatten(config_dict).items()
               if not excluded(key) and (pretrains or not key.startswith("pretrain."))}
@@ -66,6 +70,8 @@ def compute(config_dict: Mapping[str, Any], data_files: Mapping[str, Path], llm:
         values["init_from.content"] = content_digest(init_checkpoint)
     if pretrained is not None:
         values["model.pretrained.content"] = content_digest(pretrained)
+    if teacher is not None:
+        values["generation_loss.teacher_adapter.content"] = teacher
     for kind, source in sorted((components or {}).items()):  # the code behind each name, not only the name
         values.update({f"components.{kind}.{k}": source.get(k) for k in COMPONENT_IDENTITY})
     values["pqa_version"] = pqa_version()

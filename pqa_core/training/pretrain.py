@@ -37,11 +37,12 @@ def read_settings(p: PretrainSettings) -> ReadSettings:
 class PretrainTrainer(ReadPhaseTrainer):
     """The read phase's step over a live writer, plus reconstruction of the gold passages."""
 
-    def __init__(self, model, settings: PretrainSettings, *, retrieval_loss, generation_loss, reconstruction):
+    def __init__(self, model, settings: PretrainSettings, *, retrieval_loss, generation_loss, reconstruction,
+                 teacher_llm=None):
         for frozen in (model.doc_vectors, *model.selector.parameters(), *model.query_encoder.parameters()):
             frozen.requires_grad_(False)
         super().__init__(model, read_settings(settings), retrieval_loss=retrieval_loss,
-                         generation_loss=generation_loss)
+                         generation_loss=generation_loss, teacher_llm=teacher_llm)
         writer = [p for p in model.writer.parameters() if p.requires_grad] if writer_trains(model.writer) else []
         if writer:
             self.optimizer.add_param_group({"params": writer, "lr": settings.lr_writer, "name": "writer",

@@ -22,8 +22,9 @@ class ReadPhaseTrainer:
     """``settings`` is the run's ``ReadSettings``: every knob is read from it, none has a default here."""
 
     def __init__(self, model: ParametricQA, settings: ReadSettings, *, retrieval_loss, generation_loss,
-                 tokenizer=None, device=None):
+                 tokenizer=None, device=None, teacher_llm=None):
         self.model = model
+        self.teacher_llm = teacher_llm  # a trained text reader (pqa_core.modeling.teacher); None: adapter off
         self.settings = s = settings
         self.tokenizer = tokenizer or model.tokenizer
         self.retrieval_loss = retrieval_loss
@@ -57,10 +58,15 @@ class ReadPhaseTrainer:
         return self.retrieval_loss(scores, mask)
 
     def teacher_logits(self, batch):
-        """Logits of the LLM reading the gold passage text (adapter off), aligned with the answer."""
+        """Logits of the teacher reading the gold passage text, aligned with the answer: the trained text
+        reader when the loss names one, else the run's LLM with its adapter off."""
         llm = self.model.llm
         with torch.no_grad():
-            if hasattr(llm, "disable_adapter"):
+            if self.teacher_llm is not None:
+                logits, _ = self.model.continuation_logits(None, batch["teacher_ids"], batch["teacher_mask"],
+                                                           batch["answer_ids"], batch["answer_mask"],
+                                                           llm=self.teacher_llm)
+            elif hasattr(llm, "disable_adapter"):
                 with llm.disable_adapter():
                     logits, _ = self.model.continuation_logits(None, batch["teacher_ids"], batch["teacher_mask"],
                                                                batch["answer_ids"], batch["answer_mask"])
