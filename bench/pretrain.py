@@ -76,7 +76,7 @@ def pretrain_command(reader: str, data: dict, out: Path, args) -> list:
                    *([f"writer.layers={args.writer_layers}"] if "layers" in writer_parameters(args.writer) else []),
                    f"pretrain.reconstruct_only_steps={args.reconstruct_only_steps}",
                    f"pretrain.contrast_weight={args.contrast_weight}"]
-    if args.distill and reader != "closed_book":  # a closed-book reader has no passage its teacher could read
+    if args.distill and reader == "pqa":  # a control's reader (text, closed_book) learns from the answers alone
         values += ["generation_loss.name=kl_distill", f"generation_loss.alpha={args.distill}"]
         if args.teacher:
             values.append(f"generation_loss.teacher_adapter={args.teacher.resolve()}")
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
                         help="weight of the own-vs-another-passage margin loss on reconstruction (0: off)")
     parser.add_argument("--distill", type=float, default=0.0, metavar="ALPHA",
                         help="> 0: the answer loss adds ALPHA x KL to the LLM reading the gold passage as text "
-                             "(generation_loss=kl_distill; PISCO's teacher); pqa and text readers")
+                             "(generation_loss=kl_distill; PISCO's teacher); the pqa reader only")
     parser.add_argument("--teacher", type=Path, default=None, metavar="TEXT_READER",
                         help="with --distill: the teacher is this trained text reader (e.g. OUT/text from "
                              "--readers text), not the LLM with its adapter off")

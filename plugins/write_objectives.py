@@ -294,6 +294,8 @@ def _adapter_dir(path: str) -> Path:
     if folder is None:
         raise ValueError(f"distill: teacher_adapter={str(Path(path).expanduser())!r} holds no LoRA adapter "
                          f"(adapter_config.json)")
+    if not (folder / "adapter_model.safetensors").exists():  # a pickled adapter_model.bin is never loaded
+        raise ValueError(f"distill: teacher_adapter={str(folder)!r} holds no adapter_model.safetensors")
     return folder
 
 

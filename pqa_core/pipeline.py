@@ -116,9 +116,8 @@ class Pipeline:
         loss names none (a distilling loss then reads the LLM with its adapter off)."""
         from pqa_core.modeling.teacher import check_teacher, load_teacher, teacher_spec
 
-        spec = teacher_spec(self.config)
-        distils = "read" in self.config.phases or self.pretrains_writer  # the phases that train on the loss
-        if not spec or not distils or not getattr(self.generation_loss, "needs_teacher", False):
+        spec = teacher_spec(self.config)  # "" unless a phase of the run trains on the loss
+        if not spec or not getattr(self.generation_loss, "needs_teacher", False):
             return None
         info = check_teacher(spec, self.config.model.llm, self.eval_qa)
         teacher = load_teacher(spec, self.config.model.llm, self.model.doc_vectors.device)

@@ -308,11 +308,18 @@ def test_a_trained_text_reader_is_the_distillation_teacher(artifact, split, tmp_
     reading.run()  # that control, trained on: its checkpoint's LoRA adapter folder is a teacher too
     with torch.no_grad():
         checkpoint = tmp_path / "control" / "checkpoints" / "control_read" / "final"
-        assert check_teacher(str(checkpoint), "tiny")["kind"] == "adapter"
+        assert check_teacher(str(checkpoint), "tiny")["kind"] == "checkpoint"
         adapter = load_teacher(str(checkpoint), "tiny")
         assert torch.allclose(passage(reading.model, adapter), passage(reading.model), atol=1e-4)
         assert (passage(reading.model, adapter) - from_teacher).abs().max() > 1e-3
+    own_training = load_qa(split["qa"], load_corpus(split["corpus"]))
+    with pytest.raises(UsageError, match="trained on 16 of this run's evaluation questions"):
+        check_teacher(str(checkpoint), "tiny", own_training)
+    with pytest.raises(UsageError, match="trained on LLM 'tiny'"):
+        check_teacher(str(checkpoint), "smollm2-135m")
     assert taught.run()["questions"] == 16  # a read phase distils from it
+    with pytest.raises(UsageError, match="the checkpoint of a 'pqa' reader"):  # pqa's own reader is no teacher
+        check_teacher(str(tmp_path / "taught" / "checkpoints" / "read" / "final"), "tiny")
     # refused, in one line, before the run exists
     proc = pqa(*_run_args(split, tmp_path / "run", "generation_loss.name=kl_distill",
                           f"generation_loss.teacher_adapter={artifact[0]}"))

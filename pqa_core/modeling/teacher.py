@@ -14,6 +14,7 @@ adapter are never touched, at the cost of the LLM's weights once more in memory.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
@@ -22,6 +23,7 @@ import torch
 
 from pqa_core.errors import CheckpointError, UsageError
 from pqa_core.storage.atomic import sha256_file
+from pqa_core.storage.pretrained import text_hash
 
 
 def adapter_dir(path: str) -> Optional[Path]:
@@ -34,42 +36,99 @@ def adapter_dir(path: str) -> Optional[Path]:
 
 
 def teacher_spec(config) -> str:
-    """The teacher the run's generation loss names (its ``teacher_adapter``), or "" (none: adapter off)."""
-    return str(config.generation_loss.get("teacher_adapter") or "")
+    """The teacher the run's generation loss names (its ``teacher_adapter``) when a phase of the run trains on
+    that loss (a read phase, a pqa pretraining), else "" (none: a distilling loss reads the LLM, adapter off)."""
+    phases = set(config.phases)
+    distils = "read" in phases or ("pretrain" in phases and config.pretrain.reader == "pqa")
+    return str(config.generation_loss.get("teacher_adapter") or "") if distils else ""
 
 
 def check_teacher(spec: str, llm_name: str, eval_questions: Optional[Iterable] = None) -> Dict[str, Any]:
-    """Pre-flight of a teacher (cheap: files and the manifest, no model): what it is, or one line saying why
-    it cannot be one. A text-reader artifact must be made for this LLM, and must not have trained on any of
-    ``eval_questions`` (its passages may be the run's: the run's own reader trains on them too)."""
-    from pqa_core.modeling.llm import llm_identity
-    from pqa_core.storage.pretrained import CONTENTS, read_manifest, resolve, text_hash
-
+    """Pre-flight of a teacher (cheap: files and manifests, no model): what it is, or one line saying why it
+    cannot be one. A text reader's artifact or checkpoint must be of this LLM and must not have trained on
+    any of ``eval_questions`` (its passages may be the run's: the run's own reader trains on them too). A bare
+    adapter folder records neither; it is taken as it is."""
     folder = adapter_dir(spec)
     if folder is not None:
         weights = folder / "adapter_model.safetensors"
         if not weights.exists():  # a pickled adapter_model.bin is never loaded
             raise UsageError(f"teacher_adapter={spec!r}: {folder} holds no adapter_model.safetensors")
-        return {"kind": "adapter", "path": str(folder), "sha256": sha256_file(weights)}
-    path = resolve(spec)
-    if not (path / "MANIFEST.json").exists():
-        raise UsageError(f"teacher_adapter={spec!r}: neither a LoRA adapter folder (adapter_config.json), a pqa "
-                         f"checkpoint holding one (adapter/), nor a pretrained text-reader artifact")
-    manifest = read_manifest(spec, path)
+        kind = "adapter"
+        if folder.name == "adapter" and (folder.parent / "MANIFEST.json").exists():  # a pqa checkpoint's
+            kind = "checkpoint"
+            _check_checkpoint(spec, folder.parent, llm_name, eval_questions)
+        digest = hashlib.sha256((sha256_file(folder / "adapter_config.json") + sha256_file(weights)).encode())
+        return {"kind": kind, "path": str(folder.resolve()), "sha256": digest.hexdigest()}
+    return _check_artifact(spec, llm_name, eval_questions)
+
+
+def _check_checkpoint(spec: str, checkpoint: Path, llm_name: str, eval_questions) -> None:
+    """The checkpoint of a text reader (a control's trained reader, a text pretraining) of this LLM, whose
+    training questions are none of the evaluation's."""
+    from pqa_core.storage.checkpoints import verified_manifest
+
+    verified_manifest(checkpoint, "checkpoint", required="state.json")
+    state = json.loads((checkpoint / "state.json").read_text())
+    config, phase = state.get("config") or {}, state.get("phase")
+    control = (config.get("control") or {}).get("name")
+    reader = {"control_read": "closed_book" if control == "closed_book" else "text",
+              "pretrain": (config.get("pretrain") or {}).get("reader", "pqa")}.get(phase, "pqa")
+    if reader != "text":
+        raise UsageError(f"teacher_adapter={spec!r}: the checkpoint of a {reader!r} reader ({phase} phase); a "
+                         f"teacher reads the passage as text (a control's reader: pqa run control with "
+                         f"train_reader control.name=oracle)")
+    llm = (config.get("model") or {}).get("llm")
+    if llm != llm_name:
+        raise UsageError(f"teacher_adapter={spec!r}: trained on LLM {llm!r}, this run has {llm_name!r}")
+    if eval_questions is not None:
+        from pqa_core.pipeline import resolve_data_path
+
+        qa = str((config.get("data") or {}).get("qa"))
+        try:
+            lines = resolve_data_path(qa).read_text(encoding="utf-8").splitlines()
+            seen = {text_hash(json.loads(line)["question"]) for line in lines if line.strip()}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"teacher_adapter={spec!r}: its training questions (data.qa={qa}) cannot be read "
+                             f"to check they hold none of this run's evaluation questions ({type(exc).__name__})"
+                             ) from None
+        _refuse_leaks(spec, seen, eval_questions)
+
+
+def _check_artifact(spec: str, llm_name: str, eval_questions) -> Dict[str, Any]:
+    """A text-reader artifact of this LLM whose pretraining questions are none of the evaluation's."""
+    from pqa_core.modeling.llm import llm_identity
+    from pqa_core.storage.pretrained import CONTENTS, read_manifest, resolve
+
+    try:
+        path = resolve(spec)
+        if not (path / "MANIFEST.json").exists():
+            raise UsageError(f"teacher_adapter={spec!r}: neither a LoRA adapter folder (adapter_config.json), a "
+                             f"pqa checkpoint holding one (adapter/), nor a pretrained text-reader artifact")
+        manifest = read_manifest(spec, path)
+    except (UsageError, CheckpointError) as exc:  # their lines name model.pretrained: this is the teacher
+        raise type(exc)(str(exc).replace("model.pretrained=", "teacher_adapter=")) from None
     if manifest.get("reader") != "text":
         raise UsageError(f"teacher_adapter={spec!r}: a {manifest.get('reader')!r} reader; a teacher reads the "
                          f"passage as text (pqa run pretrain with pretrain.reader=text)")
     if manifest.get("llm") != llm_identity(llm_name):
         name = (manifest.get("llm") or {}).get("name")
         raise UsageError(f"teacher_adapter={spec!r}: made for LLM {name!r}, this run has {llm_name!r}")
+    lora = (manifest.get("shape") or {}).get("lora")
+    if not lora:
+        raise UsageError(f"teacher_adapter={spec!r}: the artifact holds no LoRA (a text reader without one is "
+                         f"the LLM itself: leave teacher_adapter empty)")
     if eval_questions is not None:
-        seen = set(json.loads((Path(manifest["path"]) / CONTENTS).read_text()).get("questions", ()))
-        leaked = [q for q in eval_questions if text_hash(q.question) in seen]
-        if leaked:
-            raise UsageError(f"teacher_adapter={spec!r}: it was trained on {len(leaked)} of this run's evaluation "
-                             f"questions (e.g. {leaked[0].id!r}): its answers would teach them")
-    return {"kind": "artifact", "path": manifest["path"], "sha256": sha256_file(Path(manifest["path"]) / "MANIFEST.json"),
-            "lora": (manifest.get("shape") or {}).get("lora")}
+        _refuse_leaks(spec, set(json.loads((Path(manifest["path"]) / CONTENTS).read_text()).get("questions", ())),
+                      eval_questions)
+    path = Path(manifest["path"]).resolve()
+    return {"kind": "artifact", "path": str(path), "sha256": sha256_file(path / "MANIFEST.json"), "lora": lora}
+
+
+def _refuse_leaks(spec: str, seen_questions: set, eval_questions: Iterable) -> None:
+    leaked = [q for q in eval_questions if text_hash(q.question) in seen_questions]
+    if leaked:
+        raise UsageError(f"teacher_adapter={spec!r}: it was trained on {len(leaked)} of this run's evaluation "
+                         f"questions (e.g. {leaked[0].id!r}): its answers would teach them")
 
 
 def load_teacher(spec: str, llm_name: str, device=None) -> torch.nn.Module:
@@ -84,13 +143,13 @@ def load_teacher(spec: str, llm_name: str, device=None) -> torch.nn.Module:
     info = check_teacher(spec, llm_name)
     llm, _ = load_llm(llm_name)
     llm.requires_grad_(False)
-    if info["kind"] == "adapter":
+    if info["kind"] in ("adapter", "checkpoint"):
         try:
             teacher = PeftModel.from_pretrained(llm, info["path"]).merge_and_unload()
         except (ValueError, RuntimeError, KeyError) as exc:
             raise CheckpointError(f"teacher_adapter={spec!r}: its adapter does not fit {llm_name!r} "
                                   f"({str(exc).splitlines()[0]})") from None
-    elif info["lora"]:
+    else:
         lora = info["lora"]
         peft_llm = apply_lora(llm, LoraSettings(r=lora["r"], alpha=lora["alpha"], dropout=0.0,
                                                 target_modules=list(lora["target_modules"])))
@@ -105,8 +164,6 @@ def load_teacher(spec: str, llm_name: str, device=None) -> torch.nn.Module:
             for name, tensor in tensors.items():
                 own[name].copy_(tensor.to(own[name].dtype))
         teacher = peft_llm.merge_and_unload()
-    else:  # a text reader trained without LoRA: the LLM itself
-        teacher = llm
     teacher.requires_grad_(False)
     teacher.eval()
     return teacher.to(device) if device is not None else teacher
