@@ -178,7 +178,9 @@ class ReadSettings:
                                                 range=RATE)
     lr_projection: Optional[float] = setting(None, "learning rate of the projection; null = lr_lora", range=RATE)
     top_k: int = setting(3, "documents read per question (at most the number of documents)", range=COUNT)
-    retrieval_weight: float = setting(0.1, "λ in L_gen + λ·L_retrieval", range=WEIGHT)
+    retrieval_weight: float = setting(0.0, "λ in L_gen + λ·L_retrieval; 0: retrieval (keys, query encoder, "
+                                           "selector) keeps what it was given, > 0 trains it on the questions "
+                                           "(bench (a): 0.1 cost answers)", range=WEIGHT)
     grad_clip: float = setting(1.0, "gradient norm clipping", range=RATE)
     weight_decay: float = setting(0.0, "AdamW decay of every group but z", range=WEIGHT)
     checkpoint_every: int = setting(0, "steps between resumable checkpoints; 0 = only at the end", range=SOME)
