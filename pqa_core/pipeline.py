@@ -120,7 +120,7 @@ class Pipeline:
         if not spec or not getattr(self.generation_loss, "needs_teacher", False):
             return None
         info = check_teacher(spec, self.config.model.llm, self.eval_qa)
-        teacher = load_teacher(spec, self.config.model.llm, self.model.doc_vectors.device)
+        teacher = load_teacher(spec, self.config.model.llm, self.model.doc_vectors.device, info=info)
         self.logger.set_info("teacher", info)
         log.info("distillation teacher: the %s %s, merged into its own copy of %s", info["kind"], info["path"],
                  self.config.model.llm)

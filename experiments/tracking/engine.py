@@ -150,8 +150,9 @@ def preflight(ex, updates, named_configs):
         check_for_run(config, corpus, eval_questions, shape[0] if shape else None)
     from pqa_core.modeling.teacher import check_teacher, teacher_spec
 
-    if teacher_spec(config):  # a teacher of another LLM or reader, or one trained on the evaluation questions
-        check_teacher(teacher_spec(config), config.model.llm, eval_questions)
+    teacher = teacher_spec(config)
+    if teacher:  # a teacher of another LLM or reader, or one trained on the evaluation questions
+        check_teacher(teacher, config.model.llm, eval_questions)
     check_fits(config, len(corpus), config.data.corpus, shape)
     check_output_folder(Path(config.resume or config.output_dir or os.environ.get("PQA_OUTPUT_DIR", "outputs")))
     stand_in = load_llm_stand_in(config.model.llm)

@@ -131,8 +131,9 @@ def _refuse_leaks(spec: str, seen_questions: set, eval_questions: Iterable) -> N
                          f"questions (e.g. {leaked[0].id!r}): its answers would teach them")
 
 
-def load_teacher(spec: str, llm_name: str, device=None) -> torch.nn.Module:
-    """The LLM with the teacher's LoRA merged in, frozen and in eval mode."""
+def load_teacher(spec: str, llm_name: str, device=None, info: Optional[Dict[str, Any]] = None) -> torch.nn.Module:
+    """The LLM with the teacher's LoRA merged in, frozen and in eval mode. ``info``: what ``check_teacher``
+    said of ``spec`` (checked here when not given)."""
     from peft import PeftModel
     from safetensors.torch import load_file
 
@@ -140,7 +141,7 @@ def load_teacher(spec: str, llm_name: str, device=None) -> torch.nn.Module:
     from pqa_core.modeling.builder import apply_lora
     from pqa_core.modeling.llm import load_llm
 
-    info = check_teacher(spec, llm_name)
+    info = info or check_teacher(spec, llm_name)
     llm, _ = load_llm(llm_name)
     llm.requires_grad_(False)
     if info["kind"] in ("adapter", "checkpoint"):

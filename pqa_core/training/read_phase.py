@@ -5,6 +5,7 @@ naming the example (not a silent wrong mask), and both losses are plugins, chose
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, Optional
 
 import torch
@@ -61,18 +62,11 @@ class ReadPhaseTrainer:
         """Logits of the teacher reading the gold passage text, aligned with the answer: the trained text
         reader when the loss names one, else the run's LLM with its adapter off."""
         llm = self.model.llm
-        with torch.no_grad():
-            if self.teacher_llm is not None:
-                logits, _ = self.model.continuation_logits(None, batch["teacher_ids"], batch["teacher_mask"],
-                                                           batch["answer_ids"], batch["answer_mask"],
-                                                           llm=self.teacher_llm)
-            elif hasattr(llm, "disable_adapter"):
-                with llm.disable_adapter():
-                    logits, _ = self.model.continuation_logits(None, batch["teacher_ids"], batch["teacher_mask"],
-                                                               batch["answer_ids"], batch["answer_mask"])
-            else:
-                logits, _ = self.model.continuation_logits(None, batch["teacher_ids"], batch["teacher_mask"],
-                                                           batch["answer_ids"], batch["answer_mask"])
+        adapter_off = llm.disable_adapter() if self.teacher_llm is None and hasattr(llm, "disable_adapter") \
+            else contextlib.nullcontext()
+        with torch.no_grad(), adapter_off:
+            logits, _ = self.model.continuation_logits(None, batch["teacher_ids"], batch["teacher_mask"],
+                                                       batch["answer_ids"], batch["answer_mask"], llm=self.teacher_llm)
         return logits
 
     def train_step(self, batch) -> Dict[str, float]:
