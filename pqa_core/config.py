@@ -83,6 +83,11 @@ class ModelSettings:
     pretrained: Optional[str] = setting(None, "a pretrained artifact (pqa run pretrain's output folder, a run, "
                                               "shipped:NAME, auto): the reader LoRA, writer and projection start "
                                               "from it")
+    pretrained_slots: str = setting("exact", "exact: model.pretrained must have been made with this m; first: an "
+                                             "artifact made with more soft tokens per document starts a run with "
+                                             "fewer, each m-row tensor (the encoder's memory slots) keeping its "
+                                             "first m rows (a slot reads the passage and the slots before it, so "
+                                             "the later ones never shaped it)", choices=("exact", "first"))
     keyword_scoring: str = setting("tfidf_names", "which words are a passage's keywords: tfidf_names (frequent "
                                                   "here, rare elsewhere, names and numbers first), idf (the rarest)",
                                    choices=KEYWORD_SCORINGS)

@@ -265,6 +265,24 @@ def test_a_run_starts_from_the_artifact_and_records_it(artifact, split, tmp_path
     assert result["questions"] == len(load_qa(split["eval_qa"], load_corpus(split["corpus"])))
 
 
+def test_an_artifact_of_more_slots_starts_a_run_of_fewer_only_when_asked(artifact, split, tmp_path):
+    """model.pretrained_slots=first: the m=2 artifact starts an m=1 run with its first memory slot, the rest
+    of its tensors as saved, and the run records the cut; without it the same run is refused."""
+    out, _, _ = artifact
+    with pytest.raises(UsageError, match=r"num_memory_tokens=2.*pretrained_slots=first would"):
+        Pipeline(run_config(split, tmp_path / "exact", str(out), num_memory_tokens=1))
+    logger = RecordingLogger()
+    pipeline = Pipeline(run_config(split, tmp_path / "first", str(out), num_memory_tokens=1,
+                                   pretrained_slots="first"), logger)
+    saved = load_file(str(out / "pretrained" / "model.safetensors"))
+    writer = dict(pipeline.model.writer.state_dict())
+    assert writer["memory"].shape[0] == 1 and torch.equal(writer["memory"], saved["writer.memory"][:1])
+    assert torch.equal(writer["map.weight"], saved["writer.map.weight"])
+    assert logger.info["pretrained"]["fewer_slots"] == {"from": 2, "to": 1, "tensors": ["writer.memory"]}
+    assert pipeline.model.doc_vectors.shape[0] == pipeline.model.num_docs
+    assert pipeline.run()["questions"] > 0
+
+
 def test_a_trained_text_reader_is_the_distillation_teacher(artifact, split, tmp_path):
     """kl_distill's teacher_adapter: a text-reader artifact merged into its own copy of the LLM gives the logits
     of that reader (not of the LLM with its adapter off), leaves the run's own LoRA alone, is recorded and
@@ -343,10 +361,11 @@ def _run_args(split, out, *extra):
 
 
 @pytest.mark.parametrize("change, named", [("model.num_memory_tokens=3", "num_memory_tokens"),
+                                           ("model.num_memory_tokens=3 model.pretrained_slots=first", "only shrink"),
                                            ("writer.layers=2", "writer"), ("model.lora.r=2", "lora")])
 def test_a_mismatched_artifact_is_refused_before_the_run_exists(artifact, split, tmp_path, change, named):
     out, _, _ = artifact
-    proc = pqa(*_run_args(split, tmp_path / "run", f"model.pretrained={out}", change))
+    proc = pqa(*_run_args(split, tmp_path / "run", f"model.pretrained={out}", *change.split()))
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "model.pretrained" in lines[0] and named in lines[0], proc.stderr

@@ -13,6 +13,9 @@ An artifact is a folder::
 run's LLM and reader when there is one (``pqa demo``), else none. A run refuses, in one line and before it
 exists, an artifact of another LLM, m, LoRA shape, writer or projection, of another reader than it
 needs, or one whose pretraining data holds any of the run's evaluation questions or their passages.
+``model.pretrained_slots=first`` lets an artifact of a larger m start a run with a smaller one: a tensor
+with one row per soft token (the encoder writer's memory slots) keeps its first m rows; the run records
+which tensors were cut (``info.pretrained.fewer_slots``).
 """
 from __future__ import annotations
 
@@ -194,9 +197,31 @@ def check_fits_run(config, manifest: Dict[str, Any], llm_identity: dict, d_model
     for key in keys:
         if key == "d_model" and d_model is None:
             continue
+        if key == "num_memory_tokens" and fewer_slots_allowed(config, saved.get(key)):
+            continue
         if saved.get(key) != current.get(key):
+            hint = ""
+            if key == "num_memory_tokens" and config.model.pretrained_slots == "first":
+                hint = " (model.pretrained_slots=first keeps the first slots: m can only shrink)"
+            elif key == "num_memory_tokens" and isinstance(saved.get(key), int) and current.get(key) < saved[key]:
+                hint = " (model.pretrained_slots=first would keep its first slots)"
             raise UsageError(f"model.pretrained={spec!r}: made for {key}={saved.get(key)!r}, this run has "
-                             f"{key}={current.get(key)!r}")
+                             f"{key}={current.get(key)!r}{hint}")
+
+
+def fewer_slots_allowed(config, saved_m) -> bool:
+    """``model.pretrained_slots=first`` and this run's m is at most the artifact's."""
+    return (config.model.pretrained_slots == "first" and isinstance(saved_m, int)
+            and config.model.num_memory_tokens <= saved_m)
+
+
+def fit_slots(key: str, tensor: torch.Tensor, target: torch.Tensor, saved_m, m: int) -> Optional[torch.Tensor]:
+    """The first ``m`` rows of a writer tensor with one row per soft token of the artifact (``saved_m``), when
+    the run's tensor has one per soft token of the run; None where the shapes differ otherwise."""
+    if (key.startswith("writer.") and tensor.dim() >= 1 and target.dim() == tensor.dim() and saved_m != m
+            and tensor.shape[0] == saved_m and target.shape[0] == m and tensor.shape[1:] == target.shape[1:]):
+        return tensor[:m]
+    return None
 
 
 def _short(identity) -> str:
@@ -253,9 +278,16 @@ def load_pretrained(config, model) -> Dict[str, Any]:
                "writer": dict(model.writer.state_dict(keep_vars=True)),
                "projection": dict(model.z_to_embedding.state_dict(keep_vars=True))}
     loaded: Dict[str, int] = {}
+    saved_m, m = saved_shape(manifest).get("num_memory_tokens"), config.model.num_memory_tokens
+    cut = []
     for key, tensor in tensors.items():
         part, _, name = key.partition(".")
         target = targets.get(part, {}).get(name)
+        if target is not None and fewer_slots_allowed(config, saved_m):
+            first = fit_slots(key, tensor, target, saved_m, m)
+            if first is not None:
+                tensor = first
+                cut.append(key)
         if target is None or tuple(target.shape) != tuple(tensor.shape):
             raise CheckpointError(f"{file}: tensor {key!r} {tuple(tensor.shape)} fits nothing in this model"
                                   + (f" (it has {tuple(target.shape)})" if target is not None else ""))
@@ -270,7 +302,9 @@ def load_pretrained(config, model) -> Dict[str, Any]:
         raise CheckpointError(f"{file}: holds no {' or '.join(missing)} tensors for this model")
     return {"path": manifest["path"], "reader": manifest.get("reader"), "manifest_sha256":
             sha256_file(Path(manifest["path"]) / MANIFEST), "tensors": loaded,
-            "data": manifest.get("data"), "training": manifest.get("training")}
+            "data": manifest.get("data"), "training": manifest.get("training"),
+            **({"fewer_slots": {"from": saved_m, "to": m, "tensors": cut}}
+               if saved_m != m and manifest.get("reader") == "pqa" else {})}
 
 
 def data_summary(corpus_path: Path, qa_path: Path, passages: int, questions: int) -> Dict[str, Any]:
