@@ -15,7 +15,8 @@ Timing does not depend on training, but answer length does, so every answer is f
 prefill), ``G=8`` a short answer (SQuAD gold answers average about 4 SmolLM2 tokens, plus EOS), ``G=24``
 the evaluation's ``max_new_tokens``. The goals: answers per second at batch 16, G=8, and the time to the
 first token at batch 1. ``--m`` sets pqa's soft tokens per document (the setting (a) found best per
-token). The model is untrained and has no LoRA (a trained pqa model merges its LoRA into the weights to
+token; ``--quality-row`` then names the (a) row measured at that m, whose F1 the speedups are paired with,
+instead of (a)'s best pqa row). The model is untrained and has no LoRA (a trained pqa model merges its LoRA into the weights to
 serve, so both sides run the same weights). Rounds are interleaved (order reversed every other round);
 medians, with the per-round spread of the ratios. The goal pairs the speedup with quality: F1 comes
 from ``bench/results/quality.json`` (run (a) first): its best pqa row against its best text-RAG row.
@@ -92,14 +93,17 @@ def _setup(params: dict, tmp: Path):
     return config, pipeline, examples, dataset, about
 
 
-def _f1_from_quality(path: Path = common.DEFAULT_OUT / "quality.json"):
-    """F1 and substring of the best pqa row and of the best text RAG row of (a) (readers trained alike).
-    The latency side is timed with BM25; dense retrieval (MiniLM) costs about as much per question."""
+def _f1_from_quality(path: Path = common.DEFAULT_OUT / "quality.json", row: str | None = None):
+    """F1 and substring of the best pqa row (or ``row``) and of the best text RAG row of (a) (readers trained
+    alike). The latency side is timed with BM25; dense retrieval (MiniLM) costs about as much per question."""
     try:
         result = json.loads(path.read_text(encoding="utf-8"))
         rows = result["rows"]
         rag = quality.best_text_rag(rows)
-        best = quality.best_pqa(rows, result["params"]["pqa_variants"])
+        if row is not None and row not in rows:
+            raise SystemExit(f"--quality-row {row!r}: no such row in {path}; its pqa rows: "
+                             f"{', '.join(repr(v) for v in result['params']['pqa_variants'] if v in rows)}")
+        best = row or quality.best_pqa(rows, result["params"]["pqa_variants"])
         pqa, text = rows[best]["metrics"], rows[rag]["metrics"]
         return {"pqa": pqa["F1"], "bm25": text["F1"], "bm25_row": rag, "pqa_row": best,
                 "pqa_substring": pqa["substring"], "bm25_substring": text["substring"]}
@@ -109,7 +113,7 @@ def _f1_from_quality(path: Path = common.DEFAULT_OUT / "quality.json"):
 
 @common.isolated
 def run(profile: str = "full", command: str | None = None, threads: int | None = common.DEFAULT_THREADS,
-        quality_json: str | None = None, **overrides) -> dict:
+        quality_json: str | None = None, quality_row: str | None = None, **overrides) -> dict:
     import torch
 
     from pqa_core.training.controls import build_control, evaluate_control
@@ -190,19 +194,21 @@ def run(profile: str = "full", command: str | None = None, threads: int | None =
     return with_quality(bench.finish({
         "data": about, "rows": rows, "memory_tokens": config.model.num_memory_tokens,
         "mean_gold_answer_tokens": sum(gold_tokens) / max(len(gold_tokens), 1), "goals": goals,
-    }), quality_json)
+    }), quality_json, quality_row)
 
 
-def with_quality(result: dict, quality_json: str | None = None) -> dict:
-    """``result`` with the F1 of (a)'s best pqa row against its best text RAG (``quality_json``, or
-    bench/results/quality.json): the quality the speed goals are paired with. (a) may be measured after
-    (b): ``--render-only --quality-json FILE`` reads it again."""
-    f1 = _f1_from_quality(Path(quality_json)) if quality_json else _f1_from_quality()
+def with_quality(result: dict, quality_json: str | None = None, quality_row: str | None = None) -> dict:
+    """``result`` with the F1 of (a)'s best pqa row (or ``quality_row``: the row measured at this m) against
+    its best text RAG (``quality_json``, or bench/results/quality.json): the quality the speed goals are
+    paired with. (a) may be measured after (b): ``--render-only --quality-json FILE`` reads it again."""
+    row = quality_row or result.get("quality_row")
+    f1 = _f1_from_quality(Path(quality_json) if quality_json else common.DEFAULT_OUT / "quality.json", row)
     ratio = f1["pqa"] / f1["bm25"] if f1 and f1.get("bm25") else None
-    goal = {"metric": f"best pqa F1 / bm25 F1 from (a) (rows {f1['pqa_row'] if f1 else '?'}, "
+    which = "pqa" if row else "best pqa"
+    goal = {"metric": f"{which} F1 / bm25 F1 from (a) (rows {f1['pqa_row'] if f1 else '?'}, "
                       f"{f1['bm25_row'] if f1 else '?'})",
             "target": f">= {F1_GOAL}", "value": ratio, "met": None if ratio is None else ratio >= F1_GOAL}
-    return {**result, "f1_from_quality": f1, "goals": {**result["goals"], "f1": goal}}
+    return {**result, "quality_row": row, "f1_from_quality": f1, "goals": {**result["goals"], "f1": goal}}
 
 
 def _row(rows, batch, new_tokens):
@@ -229,7 +235,8 @@ def markdown(result: dict) -> str:
     fq = result["f1_from_quality"]
     f1_text = ("no F1 yet (run `python bench/quality.py` first)" if not fq else
                f"no F1 ratio: bm25's F1 in (a) is {fq.get('bm25', 0):.1f}" if f1["value"] is None else
-               f"F1 of the best pqa row of (a) (`{fq.get('pqa_row', 'pqa')}`) / the best text RAG's "
+               f"F1 of the {'named' if result.get('quality_row') else 'best'} pqa row of (a) "
+               f"(`{fq.get('pqa_row', 'pqa')}`) / the best text RAG's "
                f"(`{fq['bm25_row']}`) = **{f1['value']:.2f}** (goal >= {F1_GOAL}: **{common.verdict(f1['met'])}**; "
                f"by substring match "
                f"{fq['pqa_substring'] / fq['bm25_substring'] if fq['bm25_substring'] else float('nan'):.2f})")
@@ -268,12 +275,17 @@ def main(argv=None) -> int:
     def add_arguments(parser):
         parser.add_argument("--quality-json", default=None, help="F1 source (default bench/results/quality.json)")
         parser.add_argument("--m", type=int, default=None, help="pqa's soft tokens per document (default 32)")
+        parser.add_argument("--quality-row", default=None,
+                            help="the (a) pqa row whose F1 the speedups are paired with (the one measured at --m; "
+                                 "default the best pqa row)")
 
     def run_kwargs(args, out):
-        return {"quality_json": args.quality_json, **({"m": args.m} if args.m else {})}
+        return {"quality_json": args.quality_json, "quality_row": args.quality_row, **({"m": args.m} if args.m else {})}
 
     def refresh(result, args):
-        return with_quality(result, args.quality_json) if args.quality_json else result
+        if args.quality_json or args.quality_row:
+            return with_quality(result, args.quality_json, args.quality_row)
+        return result
 
     return common.script_main(sys.modules[__name__], argv, add_arguments=add_arguments, run_kwargs=run_kwargs,
                               refresh=refresh)
