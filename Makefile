@@ -24,4 +24,4 @@ test-deps: install
 	bash scripts/install_test_deps.sh
 
 test: test-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25

@@ -190,7 +190,8 @@ class Pipeline:
         return save_pretrained(self.output_dir / "pretrained", self.model, self.config,
                                llm_identity=llm_identity(self.config.model.llm), data=summary,
                                passages=[d.text for d in self.corpus], questions=[q.question for q in self.train_qa],
-                               training=training, fingerprint=self.fingerprint["digest"])
+                               training=training, fingerprint=self.fingerprint["digest"],
+                               started_from=getattr(self.model, "pretrained", None))
 
     def score_pretrained(self) -> Dict[str, float]:
         """The pretrained reader on ``data.eval_qa`` (held-out questions of the pretraining corpus); its

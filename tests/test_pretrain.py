@@ -283,6 +283,39 @@ def test_an_artifact_of_more_slots_starts_a_run_of_fewer_only_when_asked(artifac
     assert pipeline.run()["questions"] > 0
 
 
+def test_pretraining_goes_on_from_an_artifact_and_inherits_its_data(artifact, split, tmp_path):
+    """A pretraining started from an artifact (here at fewer slots) on other passages: its held-out questions
+    are checked against the artifact's questions only, and its own artifact names the first and holds the
+    first one's data too, so a run evaluating on what the first read is refused the second."""
+    out, _, _ = artifact
+    corpus = load_corpus(split["corpus"])
+    old = {text for text in (d.text for d in load_corpus(split["pre_corpus"]))}
+    new_docs = [{"doc_id": d.doc_id, "title": d.title, "text": d.text} for d in corpus if d.text not in old]
+    new_corpus = _jsonl(tmp_path / "new_corpus.jsonl", new_docs)
+    config = pretrain_config(split, tmp_path / "more", max_steps=1)
+    config.data.corpus, config.data.qa, config.data.eval_qa = new_corpus, split["qa"], split["eval_qa"]
+    config.model.pretrained, config.model.num_memory_tokens, config.model.pretrained_slots = str(out), 1, "first"
+    logger = RecordingLogger()
+    Pipeline(config, logger).run()
+    manifest = artifacts.read_manifest(str(tmp_path / "more"))
+    assert manifest["started_from"]["path"] == str(out / "pretrained")
+    assert manifest["started_from"]["fewer_slots"]["to"] == 1 and manifest["shape"]["num_memory_tokens"] == 1
+    first = json.loads((out / "pretrained" / "contents.json").read_text())
+    second = json.loads((tmp_path / "more" / "pretrained" / "contents.json").read_text())
+    assert set(first["passages"]) < set(second["passages"]) and set(first["questions"]) < set(second["questions"])
+    run = run_config(split, tmp_path / "run", str(tmp_path / "more"), num_memory_tokens=1)
+    run.data.eval_qa = split["pre_eval"]  # about the passages only the first artifact read
+    with pytest.raises(UsageError, match="overlaps this run's evaluation"):
+        Pipeline(run)
+    # going on with the first one's own data: its held-out questions share its passages, as they did for it
+    again = pretrain_config(split, tmp_path / "again", max_steps=1)
+    again.model.pretrained = str(out)
+    Pipeline(again)
+    again.data.eval_qa = split["pre_qa"]  # ... but its training questions are no held-out set
+    with pytest.raises(UsageError, match=r"overlaps this run's evaluation \(104 of 104 questions"):
+        Pipeline(again)
+
+
 def test_a_trained_text_reader_is_the_distillation_teacher(artifact, split, tmp_path):
     """kl_distill's teacher_adapter: a text-reader artifact merged into its own copy of the LLM gives the logits
     of that reader (not of the LLM with its adapter off), leaves the run's own LoRA alone, is recorded and

@@ -116,8 +116,12 @@ def shape_of(config, d_model: Optional[int]) -> Dict[str, Any]:
 
 # --- writing ----------------------------------------------------------------------------------
 def save_pretrained(path, model, config, *, llm_identity: dict, data: Dict[str, Any], passages: Iterable[str],
-                    questions: Iterable[str], training: Dict[str, Any], fingerprint: Optional[str] = None) -> Path:
-    """Write the artifact of ``model`` (trained by ``config``'s pretraining) at ``path``, atomically."""
+                    questions: Iterable[str], training: Dict[str, Any], fingerprint: Optional[str] = None,
+                    started_from: Optional[Dict[str, Any]] = None) -> Path:
+    """Write the artifact of ``model`` (trained by ``config``'s pretraining) at ``path``, atomically.
+    ``started_from``: the artifact this pretraining started from (``load_pretrained``'s record); its
+    pretraining data is this one's too, so its contents are joined to this artifact's (a run is then refused
+    an artifact whose ancestor read its evaluation), and the manifest names it."""
     reader = config.pretrain.reader
     tensors: Dict[str, torch.Tensor] = {}
     for name, param in model.llm.named_parameters():
@@ -129,17 +133,25 @@ def save_pretrained(path, model, config, *, llm_identity: dict, data: Dict[str, 
         for name, tensor in shaping_state(model.z_to_embedding, model.doc_vectors.shape[1]).items():
             tensors[f"projection.{name}"] = tensor
     tensors = {k: v.float().contiguous().cpu() for k, v in tensors.items()}
+    passages, questions = {text_hash(t) for t in passages}, {text_hash(t) for t in questions}
+    base = None
+    if started_from and started_from.get("path"):
+        inherited = json.loads((Path(started_from["path"]) / CONTENTS).read_text())
+        passages |= set(inherited.get("passages", ()))
+        questions |= set(inherited.get("questions", ()))
+        base = {k: started_from.get(k) for k in ("path", "manifest_sha256", "reader", "fewer_slots")
+                if started_from.get(k) is not None}
     d_model = model.llm.get_input_embeddings().weight.shape[1]
     manifest = {
         "format": FORMAT, "reader": reader, "llm": llm_identity, "shape": shape_of(config, int(d_model)),
         "data": data, "training": training, "fingerprint": fingerprint,
+        **({"started_from": base} if base else {}),
         "made": {"pqa": _version("pqa"), "torch": torch.__version__, "transformers": _version("transformers"),
                  "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     }
     with atomic_directory(path) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"))
-        (tmp / CONTENTS).write_text(json.dumps({"passages": sorted({text_hash(t) for t in passages}),
-                                                "questions": sorted({text_hash(t) for t in questions})}))
+        (tmp / CONTENTS).write_text(json.dumps({"passages": sorted(passages), "questions": sorted(questions)}))
         manifest["files"] = {f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
                              for f in sorted(tmp.iterdir()) if f.is_file()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
@@ -230,11 +242,14 @@ def _short(identity) -> str:
 
 def check_disjoint(config, manifest: Dict[str, Any], eval_questions, passages_of) -> None:
     """The run's evaluation questions, and the passages they are about, must be absent from the artifact's
-    pretraining data (``passages_of(question)``: the texts of its gold passages)."""
+    pretraining data (``passages_of(question)``: the texts of its gold passages). A pretraining that goes on
+    from an artifact is held to its questions only: its held-out questions are about the passages it trains
+    on, by design (as the artifact's own were), and its artifact inherits the first one's data."""
     contents = json.loads((Path(manifest["path"]) / CONTENTS).read_text())
     seen_q, seen_p = set(contents.get("questions", ())), set(contents.get("passages", ()))
     questions = [q for q in eval_questions if text_hash(q.question) in seen_q]
-    passages = {text_hash(t) for q in eval_questions for t in passages_of(q)} & seen_p
+    passages = set() if "pretrain" in config.phases else \
+        {text_hash(t) for q in eval_questions for t in passages_of(q)} & seen_p
     if questions or passages:
         example = f"e.g. question {questions[0].id!r}" if questions else "e.g. a gold passage"
         raise UsageError(f"model.pretrained={config.model.pretrained!r}: its pretraining data overlaps this run's "
