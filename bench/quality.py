@@ -552,6 +552,21 @@ def _cell(metrics: dict, name: str) -> str:
     return f"{metrics[name]:.1f} [{metrics[f'{name}_ci95_low']:.1f}, {metrics[f'{name}_ci95_high']:.1f}]"
 
 
+def soft_prompt_tokens(row: dict, rows: dict, k: int, profile_overrides: dict | None = None):
+    """A pqa row's prompt tokens per question: k x m soft tokens (m: the row's, else the profile's, else the
+    default) plus the question as a closed-book reader reads it (the same prompt around it); None without a
+    closed-book row to take the question's length from."""
+    from pqa_core.config import PQAConfig
+
+    question = next((r["metrics"].get("prompt_tokens_per_question") for label, r in rows.items()
+                     if label.startswith("closed_book") and r["metrics"].get("prompt_tokens_per_question")), None)
+    if question is None:
+        return None
+    model = {**(profile_overrides or {}).get("model", {}), **(row.get("overrides") or {}).get("model", {})}
+    config = PQAConfig.from_dict({"model": model})
+    return k * config.model.num_memory_tokens + question
+
+
 def markdown(result: dict) -> str:
     p, d, rows, k = result["params"], result["data"], result["rows"], result["params"]["top_k"]
     headers = ["system", "EM", "F1 [95% CI]", "substring", f"Recall@{k}", "prompt tokens/q", "minutes", "peak GiB",
@@ -560,6 +575,8 @@ def markdown(result: dict) -> str:
     for name, row in rows.items():
         m, n = row["metrics"], row["new"]["metrics"]
         tokens = m.get("prompt_tokens_per_question")
+        if tokens is None and name in p["pqa_variants"]:
+            tokens = soft_prompt_tokens(row, rows, k, p.get("overrides"))
         table.append([f"**{name}**" if name in p["pqa_variants"] else name, f"{m['EM']:.1f}", _cell(m, "F1"),
                       f"{m['substring']:.1f}", f"{m[f'Recall@{k}']:.0f}", "" if tokens is None else f"{tokens:.0f}",
                       f"{(row['seconds'] + row['new']['seconds']) / 60:.1f}",

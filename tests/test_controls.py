@@ -228,6 +228,12 @@ def test_bench_quality_and_latency_scripts_run(tmp_path):
     assert len(q["rows"]["oracle (trained reader)"]["reader_losses"]) == 1
     assert "pqa vs closed_book (trained reader) [question split]" in q["comparisons"]
     assert "no write phase" in quality.markdown(q)  # a variant without a write phase renders
+    closed = q["rows"]["closed_book (trained reader)"]["metrics"]["prompt_tokens_per_question"]
+    soft = q["params"]["top_k"] * q["params"]["overrides"]["model"]["num_memory_tokens"]
+    line = next(x for x in quality.markdown(q).splitlines() if x.startswith("| **pqa** |"))
+    assert f"| {q['rows']['pqa']['metrics']['Recall@3']:.0f} | {soft + closed:.0f} |" in line, line
+    assert quality.soft_prompt_tokens(q["rows"]["pqa"], q["rows"], q["params"]["top_k"],
+                                      q["params"]["overrides"]) == soft + closed  # k x m + the question
     curve = q["rows"]["pqa"]["new"]["curve"]  # F1 before and after each write epoch of the new documents
     assert [c["write_steps"] for c in curve][0] == 0 and len(curve) == 3
     assert {"oracle", "above_closed_book", "rag_ratio", "above_closed_book_article", "rag_ratio_article"} <= set(q["goals"])
