@@ -15,7 +15,8 @@ Timing does not depend on training, but answer length does, so every answer is f
 prefill), ``G=8`` a short answer (SQuAD gold answers average about 4 SmolLM2 tokens, plus EOS), ``G=24``
 the evaluation's ``max_new_tokens``. The goals: answers per second at batch 16, G=8, and the time to the
 first token at batch 1. ``--m`` sets pqa's soft tokens per document (the setting (a) found best per
-token; ``--quality-row`` then names the (a) row measured at that m, whose F1 the speedups are paired with,
+token; several (``--m 32 16 8``) time a pqa of each m side by side in the same rounds, the first being
+``pqa``, the one the goals are read on, the others ``pqa m=N``; ``--quality-row`` then names the (a) row measured at that m, whose F1 the speedups are paired with,
 instead of (a)'s best pqa row). The model is untrained and has no LoRA (a trained pqa model merges its LoRA into the weights to
 serve, so both sides run the same weights). Rounds are interleaved (order reversed every other round);
 medians, with the per-round spread of the ratios. The goal pairs the speedup with quality: F1 comes
@@ -72,7 +73,16 @@ class FixedLengthTokenizer:
         return len(self._tokenizer)
 
 
-def _setup(params: dict, tmp: Path):
+def memory_sizes(params: dict) -> list:
+    """The m of each timed pqa: ``params["m"]``, one or several (the first is the goals' ``pqa``)."""
+    return [int(m) for m in params["m"]] if isinstance(params["m"], (list, tuple)) else [int(params["m"])]
+
+
+def pqa_systems(params: dict) -> list:
+    return ["pqa"] + [f"pqa m={m}" for m in memory_sizes(params)[1:]]
+
+
+def _setup(params: dict, tmp: Path, m: int):
     from pqa_core.config import PQAConfig
     from pqa_core.data.loading import ReadPhaseDataset
     from pqa_core.pipeline import Pipeline
@@ -81,7 +91,7 @@ def _setup(params: dict, tmp: Path):
     data = {key: paths[key] for key in ("corpus", "qa", "eval_qa")}
     config = PQAConfig.from_dict({"seed": 0, "output_dir": str(tmp / "run"), "phases": [],
                                   "model": {"llm": params["llm"], "device": "cpu", "lora": {"enabled": False},
-                                            "num_memory_tokens": params["m"]},
+                                            "num_memory_tokens": m},
                                   "data": data, "read": {"top_k": params["top_k"]}})
     pipeline = Pipeline(config)
     examples = pipeline.eval_qa[:max(b["questions"] for b in params["batches"])]
@@ -122,12 +132,21 @@ def run(profile: str = "full", command: str | None = None, threads: int | None =
     bench = common.Bench(NAME, profile, PROFILES, overrides, threads, command)
     params = bench.params
     k = params["top_k"]
+    sizes, pqas = memory_sizes(params), pqa_systems(params)
+    systems = [*pqas, *SYSTEMS[1:]]
+    models = {}
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        config, pipeline, examples, dataset, about = _setup(params, Path(tmp))
-    model, prompt = pipeline.model.eval(), config.data.prompt
+        for name, m in zip(pqas, sizes):
+            torch.manual_seed(0)
+            config, pipeline, examples, dataset, about = _setup(params, Path(tmp) / f"m{m}", m)
+            models[name] = pipeline.model.eval()
+            if name == "pqa":
+                first_config, first_pipeline = config, pipeline
+    config, pipeline = first_config, first_pipeline
+    model, prompt = models["pqa"], config.data.prompt
     real_tokenizer = model.tokenizer
-    model.tokenizer = FixedLengthTokenizer(real_tokenizer)
+    for each in models.values():
+        each.tokenizer = FixedLengthTokenizer(real_tokenizer)
     controls = {name: build_control({"name": name}, pipeline.corpus, real_tokenizer) for name in ("bm25", "closed_book")}
     outputs = {}
 
@@ -142,8 +161,8 @@ def run(profile: str = "full", command: str | None = None, threads: int | None =
         size = batch["batch"]
 
         def call():
-            if name == "pqa":
-                outputs[name, size, new_tokens] = evaluate_qa(model, parts[size], top_k=k, batch_size=size,
+            if name in models:
+                outputs[name, size, new_tokens] = evaluate_qa(models[name], parts[size], top_k=k, batch_size=size,
                                                               max_new_tokens=new_tokens, with_cost=True)
             else:
                 outputs[name, size, new_tokens] = evaluate_control(
@@ -153,28 +172,32 @@ def run(profile: str = "full", command: str | None = None, threads: int | None =
 
     try:
         fns = {f"{name}@B={b['batch']},G={g}": system(name, b, g)
-               for b in params["batches"] for g in b["new_tokens"] for name in SYSTEMS}
+               for b in params["batches"] for g in b["new_tokens"] for name in systems}
         warm = examples[:1]  # first calls pay one-off costs (allocations, lazy imports): one question each
-        evaluate_qa(model, type(dataset)(warm, real_tokenizer, encoder_tokenizer=dataset.encoder_tokenizer,
-                                         prompt=prompt), top_k=k, batch_size=1, max_new_tokens=2)
+        for each in models.values():
+            evaluate_qa(each, type(dataset)(warm, real_tokenizer, encoder_tokenizer=dataset.encoder_tokenizer,
+                                            prompt=prompt), top_k=k, batch_size=1, max_new_tokens=2)
         for control in controls.values():
             evaluate_control(model, control, warm, top_k=k, batch_size=1, max_new_tokens=2, prompt=prompt)
         times = common.interleaved(fns, rounds=params["rounds"], warmup=0)
     finally:
-        model.tokenizer = real_tokenizer
+        for each in models.values():
+            each.tokenizer = real_tokenizer
     rows = []
     for b in params["batches"]:
         size, n = b["batch"], b["questions"]
         for g in b["new_tokens"]:
             key = lambda s: f"{s}@B={size},G={g}"  # noqa: E731
             row = {"batch": size, "new_tokens": g, "questions": n,
-                   "seconds": {s: times[key(s)] for s in SYSTEMS},
-                   "ms_per_question": {s: 1000 * common.median(times[key(s)]) / n for s in SYSTEMS},
-                   "answers_per_second": {s: n / common.median(times[key(s)]) for s in SYSTEMS},
-                   "prompt_tokens_per_question": {s: outputs[s, size, g]["prompt_tokens_per_question"] for s in SYSTEMS},
-                   f"Recall@{k}": {s: outputs[s, size, g][f"Recall@{k}"] for s in SYSTEMS}}
-            for other in ("bm25", "closed_book"):
+                   "seconds": {s: times[key(s)] for s in systems},
+                   "ms_per_question": {s: 1000 * common.median(times[key(s)]) / n for s in systems},
+                   "answers_per_second": {s: n / common.median(times[key(s)]) for s in systems},
+                   "prompt_tokens_per_question": {s: outputs[s, size, g]["prompt_tokens_per_question"] for s in systems},
+                   f"Recall@{k}": {s: outputs[s, size, g][f"Recall@{k}"] for s in systems}}
+            for other in systems[1:]:
                 row[f"{other}_over_pqa"] = common.ratio_stats(times[key(other)], times[key("pqa")])
+            for other in pqas[1:]:  # text RAG against each further m, as the goals read it against pqa
+                row[f"bm25_over_{other}"] = common.ratio_stats(times[key("bm25")], times[key(other)])
             rows.append(row)
     gold_tokens = [len(ids) for ids in real_tokenizer([ex.answers[0] for ex in pipeline.eval_qa],
                                                       add_special_tokens=False)["input_ids"]]
@@ -192,7 +215,8 @@ def run(profile: str = "full", command: str | None = None, threads: int | None =
         goals["first_token"] = {"metric": f"bm25 text RAG / pqa time to the first token, batch 1, k={k}",
                                 "target": f">= {FIRST_TOKEN_GOAL}", "value": value, "met": value >= FIRST_TOKEN_GOAL}
     return with_quality(bench.finish({
-        "data": about, "rows": rows, "memory_tokens": config.model.num_memory_tokens,
+        "data": about, "rows": rows, "memory_tokens": config.model.num_memory_tokens, "systems": systems,
+        "memory_sizes": dict(zip(pqas, sizes)),
         "mean_gold_answer_tokens": sum(gold_tokens) / max(len(gold_tokens), 1), "goals": goals,
     }), quality_json, quality_row)
 
@@ -219,8 +243,9 @@ def markdown(result: dict) -> str:
     p, d, goals = result["params"], result["data"], result["goals"]
     k = p["top_k"]
     table_rows = []
+    systems = result.get("systems", SYSTEMS)
     for r in result["rows"]:
-        for s in SYSTEMS:
+        for s in systems:
             ratio = r.get(f"{s}_over_pqa")
             per_second = r.get("answers_per_second", {}).get(s, 1000 / r["ms_per_question"][s])
             table_rows.append([
@@ -242,6 +267,14 @@ def markdown(result: dict) -> str:
                f"{fq['pqa_substring'] / fq['bm25_substring'] if fq['bm25_substring'] else float('nan'):.2f})")
     speed = [f"{goal['metric']}: **{goal['value']:.1f}x** (goal {goal['target']}x: **{common.verdict(goal['met'])}**)"
              for name in ("throughput", "first_token", "speedup") for goal in [goals.get(name)] if goal]
+    largest = max(r.get("batch", 1) for r in result["rows"])
+    throughput, first = _row(result["rows"], min(largest, THROUGHPUT_BATCH), ANSWER_TOKENS), _row(result["rows"], 1, 1)
+    for other in [s for s in systems if s.startswith("pqa m=")]:
+        parts = [f"{what} **{row[f'bm25_over_{other}']['ratio_of_medians']:.1f}x**"
+                 for what, row in (("answers per second", throughput), ("time to the first token", first))
+                 if row and f"bm25_over_{other}" in row]
+        if parts:
+            speed.append(f"with `{other}` (timed in the same rounds): bm25 / {other} " + ", ".join(parts))
     batch_one = {r["new_tokens"]: r for r in result["rows"] if r.get("batch", 1) == 1}
     decode = ""
     if len(batch_one) >= 2:
@@ -261,7 +294,9 @@ def markdown(result: dict) -> str:
     return common.section(
         "(b) Answer latency and prompt tokens: pqa vs text RAG, same k", result,
         f"Held-out questions of the (a) subset ({d['passages']} passages): {sizes}. LLM `{p['llm']}` without LoRA "
-        f"on both sides, k={k}; pqa reads k x {result.get('memory_tokens', 4)} soft tokens + the question, bm25 "
+        f"on both sides, k={k}; pqa reads k x {result.get('memory_tokens', 4)} soft tokens + the question"
+        + "".join(f" (`{name}`: k x {m})" for name, m in result.get("memory_sizes", {}).items() if name != "pqa")
+        + ", bm25 "
         f"reads `Context: <k whole passages>` + the question. Every answer is forced to exactly G new tokens "
         f"(G=1: selection + prefill, the time to the first token; the held-out gold answers average "
         f"{result['mean_gold_answer_tokens']:.1f} tokens, so G={ANSWER_TOKENS} is a short answer with its EOS). "
@@ -274,13 +309,15 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     def add_arguments(parser):
         parser.add_argument("--quality-json", default=None, help="F1 source (default bench/results/quality.json)")
-        parser.add_argument("--m", type=int, default=None, help="pqa's soft tokens per document (default 32)")
+        parser.add_argument("--m", type=int, nargs="+", default=None,
+                            help="pqa's soft tokens per document (default 32); several: each timed in the same "
+                                 "rounds, the goals read on the first")
         parser.add_argument("--quality-row", default=None,
                             help="the (a) pqa row whose F1 the speedups are paired with (the one measured at --m; "
                                  "default the best pqa row)")
 
     def run_kwargs(args, out):
-        return {"quality_json": args.quality_json, "quality_row": args.quality_row, **({"m": args.m} if args.m else {})}
+        return {"quality_json": args.quality_json, "quality_row": args.quality_row, **({"m": args.m if len(args.m) > 1 else args.m[0]} if args.m else {})}
 
     def refresh(result, args):
         if args.quality_json or args.quality_row:

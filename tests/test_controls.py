@@ -244,7 +244,7 @@ def test_bench_quality_and_latency_scripts_run(tmp_path):
     assert list(alone["rows"]) == ["pqa, no write phase"]  # ... is the row of the whole run, answer for answer
     assert alone["rows"]["pqa, no write phase"]["per_question"] == q["rows"]["pqa, no write phase"]["per_question"]
     (tmp_path / "quality.json").write_text(json.dumps(q, default=str))
-    lat = latency.run("smoke", command="pytest smoke", quality_json=str(tmp_path / "quality.json"))
+    lat = latency.run("smoke", command="pytest smoke", quality_json=str(tmp_path / "quality.json"), m=[32, 4])
     assert [(r["batch"], r["new_tokens"], r["questions"]) for r in lat["rows"]] == [(1, 1, 2), (1, 8, 2), (2, 1, 4),
                                                                                   (2, 8, 4)]
     row = lat["rows"][0]
@@ -252,7 +252,14 @@ def test_bench_quality_and_latency_scripts_run(tmp_path):
     assert lat["f1_from_quality"]["bm25"] == q["rows"]["bm25 (trained reader)"]["metrics"]["F1"]
     assert lat["f1_from_quality"]["pqa"] == q["rows"][best]["metrics"]["F1"]  # the best pqa row of (a)
     assert "batch 2" in lat["goals"]["throughput"]["metric"] and "first token" in lat["goals"]["first_token"]["metric"]
-    assert lat["memory_tokens"] == 32
+    assert lat["memory_tokens"] == 32 and lat["systems"] == ["pqa", "pqa m=4", "bm25", "closed_book"]
+    # a second m timed in the same rounds: 3 x 28 fewer soft tokens, text RAG's ratio against it too
+    assert row["prompt_tokens_per_question"]["pqa"] - row["prompt_tokens_per_question"]["pqa m=4"] == 3 * 28
+    assert "bm25_over_pqa m=4" in row and "pqa m=4_over_pqa" in row
+    assert "with `pqa m=4` (timed in the same rounds): bm25 / pqa m=4" in latency.markdown(lat)
+    named = latency.with_quality(lat, str(tmp_path / "quality.json"), "pqa, no write phase")
+    assert named["f1_from_quality"]["pqa"] == q["rows"]["pqa, no write phase"]["metrics"]["F1"]
+    assert named["goals"]["f1"]["metric"].startswith("pqa F1 / bm25 F1 from (a) (rows pqa, no write phase,")
     # (a) measured again after (b): --render-only --quality-json reads its F1 again, the timings kept
     (tmp_path / "lat").mkdir()
     (tmp_path / "lat" / "latency.json").write_text(json.dumps(lat, default=str))
