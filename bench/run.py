@@ -261,6 +261,15 @@ NOTES = [
     "Levers, from these numbers: a reader trained on more questions, a write objective that trains z for "
     "questions (`distill`, built, not measured to completion here), and many more write steps per document "
     "(three epochs are three Adam steps per row; greedy reconstruction stays at 2%).",
+    "- (a) soft tokens per document: the shipped encoder (pretrained at m = 32) read with its first 16 or 8 "
+    "memory slots (`model.pretrained_slots=first`; a slot reads the passage and the slots before it, so the "
+    "first ones are what they were at m = 32) scores 26.2 and 20.6 against 31.2 at m = 32 (-5.1 [-8.3, -2.0], "
+    "p = 0.002; -10.6 [-14.3, -7.0], p = 0.0001). Pretraining 60 steps more at each m from the shipped "
+    "artifact (a fresh optimizer) brings m = 16 to within 2.6 [-0.7, +5.7] of m = 32 (p = 0.11), but both "
+    "end below the artifact they started from (m = 32: 27.7, -3.6 [-6.3, -1.0], p = 0.006), although the "
+    "pretraining's own held-out F1 rose (14.9 to 16.7 and 15.9): that held-out score is no guide to bench "
+    "(a). Per soft token the small m buy more over closed-book (+6.2 F1 for 24 tokens, +11.8 for 48, +16.8 "
+    "for 96), but only m = 32 clears +15; on the new articles no m differs significantly from another.",
     "- (f) the pooled measure is strict: one passage that goes wrong early caps everyone's capacity (the "
     "default `mlp2x_gelu` rebuilt 3 of 4 passages exactly, the fourth went wrong at token 4, so its capacity "
     "is 5). `direct` m=16 and `hybrid` m=4 reached this test's ceiling (64 tokens + eos); longer passages are "
