@@ -75,7 +75,10 @@ class FixedLengthTokenizer:
 
 def memory_sizes(params: dict) -> list:
     """The m of each timed pqa: ``params["m"]``, one or several (the first is the goals' ``pqa``)."""
-    return [int(m) for m in params["m"]] if isinstance(params["m"], (list, tuple)) else [int(params["m"])]
+    sizes = [int(m) for m in params["m"]] if isinstance(params["m"], (list, tuple)) else [int(params["m"])]
+    if len(set(sizes)) != len(sizes) or min(sizes) < 1:
+        raise SystemExit(f"--m {' '.join(map(str, sizes))}: each m once, each >= 1")
+    return sizes
 
 
 def pqa_systems(params: dict) -> list:
@@ -110,8 +113,8 @@ def _f1_from_quality(path: Path = common.DEFAULT_OUT / "quality.json", row: str 
         result = json.loads(path.read_text(encoding="utf-8"))
         rows = result["rows"]
         rag = quality.best_text_rag(rows)
-        if row is not None and row not in rows:
-            raise SystemExit(f"--quality-row {row!r}: no such row in {path}; its pqa rows: "
+        if row is not None and (row not in rows or row not in result["params"]["pqa_variants"]):
+            raise SystemExit(f"--quality-row {row!r}: no such pqa row in {path}; its pqa rows: "
                              f"{', '.join(repr(v) for v in result['params']['pqa_variants'] if v in rows)}")
         best = row or quality.best_pqa(rows, result["params"]["pqa_variants"])
         pqa, text = rows[best]["metrics"], rows[rag]["metrics"]
@@ -132,6 +135,9 @@ def run(profile: str = "full", command: str | None = None, threads: int | None =
     bench = common.Bench(NAME, profile, PROFILES, overrides, threads, command)
     params = bench.params
     k = params["top_k"]
+    memory_sizes(params)  # a wrong --m or --quality-row stops here, before the rounds are timed
+    if quality_row is not None:
+        _f1_from_quality(Path(quality_json) if quality_json else common.DEFAULT_OUT / "quality.json", quality_row)
     sizes, pqas = memory_sizes(params), pqa_systems(params)
     systems = [*pqas, *SYSTEMS[1:]]
     models = {}

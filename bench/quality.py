@@ -562,9 +562,10 @@ def soft_prompt_tokens(row: dict, rows: dict, k: int, profile_overrides: dict | 
                      if label.startswith("closed_book") and r["metrics"].get("prompt_tokens_per_question")), None)
     if question is None:
         return None
-    model = {**(profile_overrides or {}).get("model", {}), **(row.get("overrides") or {}).get("model", {})}
-    config = PQAConfig.from_dict({"model": model})
-    return k * config.model.num_memory_tokens + question
+    sections = {name: {**(profile_overrides or {}).get(name, {}), **(row.get("overrides") or {}).get(name, {})}
+                for name in ("model", "read", "eval")}
+    config = PQAConfig.from_dict({**sections, "read": {"top_k": k, **sections["read"]}})
+    return config.eval_top_k * config.model.num_memory_tokens + question
 
 
 def markdown(result: dict) -> str:

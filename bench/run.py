@@ -263,7 +263,8 @@ NOTES = [
     "(three epochs are three Adam steps per row; greedy reconstruction stays at 2%).",
     "- (a) soft tokens per document: the shipped encoder (pretrained at m = 32) read with its first 16 or 8 "
     "memory slots (`model.pretrained_slots=first`; a slot reads the passage and the slots before it, so the "
-    "first ones are what they were at m = 32) scores 26.2 and 20.6 against 31.2 at m = 32 (-5.1 [-8.3, -2.0], "
+    "first ones compute as at m = 32 but for their anchors, the passage's 16 or 8 most salient words) scores "
+    "26.2 and 20.6 against 31.2 at m = 32 (-5.1 [-8.3, -2.0], "
     "p = 0.002; -10.6 [-14.3, -7.0], p = 0.0001). Pretraining 60 steps more at each m from the shipped "
     "artifact (a fresh optimizer) brings m = 16 to within 2.6 [-0.7, +5.7] of m = 32 (p = 0.11), but both "
     "end below the artifact they started from (m = 32: 27.7, -3.6 [-6.3, -1.0], p = 0.006), although the "

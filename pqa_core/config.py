@@ -85,9 +85,10 @@ class ModelSettings:
                                               "from it")
     pretrained_slots: str = setting("exact", "exact: model.pretrained must have been made with this m; first: an "
                                              "artifact made with more soft tokens per document starts a run with "
-                                             "fewer, each m-row tensor (the encoder's memory slots) keeping its "
-                                             "first m rows (a slot reads the passage and the slots before it, so "
-                                             "the later ones never shaped it)", choices=("exact", "first"))
+                                             "fewer, keeping what belongs to its first m soft tokens (the "
+                                             "encoder's first m memory slots, a projection's first m output "
+                                             "blocks); the encoder's anchor words are the run's own m",
+                                    choices=("exact", "first"))
     keyword_scoring: str = setting("tfidf_names", "which words are a passage's keywords: tfidf_names (frequent "
                                                   "here, rare elsewhere, names and numbers first), idf (the rarest)",
                                    choices=KEYWORD_SCORINGS)

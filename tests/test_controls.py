@@ -257,6 +257,9 @@ def test_bench_quality_and_latency_scripts_run(tmp_path):
     assert row["prompt_tokens_per_question"]["pqa"] - row["prompt_tokens_per_question"]["pqa m=4"] == 3 * 28
     assert "bm25_over_pqa m=4" in row and "pqa m=4_over_pqa" in row
     assert "with `pqa m=4` (timed in the same rounds): bm25 / pqa m=4" in latency.markdown(lat)
+    for bad in (dict(m=[4, 4]), dict(quality_row="bm25 (trained reader)")):  # refused before any round is timed
+        with pytest.raises(SystemExit):
+            latency.run("smoke", command="pytest smoke", quality_json=str(tmp_path / "quality.json"), **bad)
     named = latency.with_quality(lat, str(tmp_path / "quality.json"), "pqa, no write phase")
     assert named["f1_from_quality"]["pqa"] == q["rows"]["pqa, no write phase"]["metrics"]["F1"]
     assert named["goals"]["f1"]["metric"].startswith("pqa F1 / bm25 F1 from (a) (rows pqa, no write phase,")

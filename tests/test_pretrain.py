@@ -283,6 +283,25 @@ def test_an_artifact_of_more_slots_starts_a_run_of_fewer_only_when_asked(artifac
     assert pipeline.run()["questions"] > 0
 
 
+def test_fewer_slots_keep_a_projections_first_token_blocks(split, tmp_path):
+    """A projection whose output layer makes m x d_model values (linear) keeps the rows of its first m tokens."""
+    made = pretrain_config(split, tmp_path / "linear", max_steps=1)
+    made.projection, made.writer = {"name": "linear"}, {"name": "keywords"}  # z: a MiniLM key, not soft tokens
+    Pipeline(made).run()
+    run = run_config(split, tmp_path / "run", str(tmp_path / "linear"), num_memory_tokens=1, pretrained_slots="first")
+    run.projection, run.writer = {"name": "linear"}, {"name": "keywords"}
+    logger = RecordingLogger()
+    pipeline = Pipeline(run, logger)
+    saved = load_file(str(tmp_path / "linear" / "pretrained" / "model.safetensors"))
+    weight, bias = (pipeline.model.z_to_embedding.state_dict()[n] for n in ("proj.weight", "proj.bias"))
+    d_model = pipeline.model.llm.get_input_embeddings().weight.shape[1]
+    assert weight.shape[0] == d_model and saved["projection.proj.weight"].shape[0] == 2 * d_model
+    assert torch.equal(weight, saved["projection.proj.weight"][:d_model])
+    assert torch.equal(bias, saved["projection.proj.bias"][:d_model])
+    assert sorted(logger.info["pretrained"]["fewer_slots"]["tensors"]) == ["projection.proj.bias",
+                                                                           "projection.proj.weight"]
+
+
 def test_pretraining_goes_on_from_an_artifact_and_inherits_its_data(artifact, split, tmp_path):
     """A pretraining started from an artifact (here at fewer slots) on other passages: its held-out questions
     are checked against the artifact's questions only, and its own artifact names the first and holds the

@@ -13,9 +13,13 @@ An artifact is a folder::
 run's LLM and reader when there is one (``pqa demo``), else none. A run refuses, in one line and before it
 exists, an artifact of another LLM, m, LoRA shape, writer or projection, of another reader than it
 needs, or one whose pretraining data holds any of the run's evaluation questions or their passages.
-``model.pretrained_slots=first`` lets an artifact of a larger m start a run with a smaller one: a tensor
-with one row per soft token (the encoder writer's memory slots) keeps its first m rows; the run records
-which tensors were cut (``info.pretrained.fewer_slots``).
+``model.pretrained_slots=first`` lets an artifact of a larger m start a run with a smaller one: a writer
+tensor with one row per soft token (the encoder's memory slots) keeps its first m rows, a projection tensor
+with one block of d_model rows per soft token (the output layer of ``linear``, ``mlp2x_gelu``: their output
+is laid out token by token) its first m blocks; the run records which tensors were cut
+(``info.pretrained.fewer_slots``). A slot reads the passage and the slots before it, so the first m compute
+what they did at the larger m, but for their anchor words: the encoder anchors on the run's own m most
+salient words.
 """
 from __future__ import annotations
 
@@ -136,7 +140,11 @@ def save_pretrained(path, model, config, *, llm_identity: dict, data: Dict[str, 
     passages, questions = {text_hash(t) for t in passages}, {text_hash(t) for t in questions}
     base = None
     if started_from and started_from.get("path"):
-        inherited = json.loads((Path(started_from["path"]) / CONTENTS).read_text())
+        first = read_manifest(str(started_from["path"]))  # its files verified against its manifest
+        if sha256_file(Path(first["path"]) / MANIFEST) != started_from.get("manifest_sha256"):
+            raise CheckpointError(f"{started_from['path']}: the artifact this pretraining started from changed "
+                                  f"since it was loaded; its data cannot be vouched for")
+        inherited = json.loads((Path(first["path"]) / CONTENTS).read_text())
         passages |= set(inherited.get("passages", ()))
         questions |= set(inherited.get("questions", ()))
         base = {k: started_from.get(k) for k in ("path", "manifest_sha256", "reader", "fewer_slots")
@@ -213,7 +221,8 @@ def check_fits_run(config, manifest: Dict[str, Any], llm_identity: dict, d_model
             continue
         if saved.get(key) != current.get(key):
             hint = ""
-            if key == "num_memory_tokens" and config.model.pretrained_slots == "first":
+            if key == "num_memory_tokens" and config.model.pretrained_slots == "first" and \
+                    isinstance(saved.get(key), int):
                 hint = " (model.pretrained_slots=first keeps the first slots: m can only shrink)"
             elif key == "num_memory_tokens" and isinstance(saved.get(key), int) and current.get(key) < saved[key]:
                 hint = " (model.pretrained_slots=first would keep its first slots)"
@@ -227,12 +236,16 @@ def fewer_slots_allowed(config, saved_m) -> bool:
             and config.model.num_memory_tokens <= saved_m)
 
 
-def fit_slots(key: str, tensor: torch.Tensor, target: torch.Tensor, saved_m, m: int) -> Optional[torch.Tensor]:
-    """The first ``m`` rows of a writer tensor with one row per soft token of the artifact (``saved_m``), when
-    the run's tensor has one per soft token of the run; None where the shapes differ otherwise."""
-    if (key.startswith("writer.") and tensor.dim() >= 1 and target.dim() == tensor.dim() and saved_m != m
-            and tensor.shape[0] == saved_m and target.shape[0] == m and tensor.shape[1:] == target.shape[1:]):
-        return tensor[:m]
+def fit_slots(key: str, tensor: torch.Tensor, target: torch.Tensor, saved_m, m: int,
+              d_model: int) -> Optional[torch.Tensor]:
+    """What belongs to the first ``m`` soft tokens of an artifact tensor made for ``saved_m``: a writer
+    tensor's first m rows (one per soft token), a projection tensor's first m x d_model rows (one block per
+    soft token); None where the run's tensor differs from it otherwise."""
+    rows = {"writer": (saved_m, m), "projection": (saved_m * d_model, m * d_model)}.get(key.partition(".")[0])
+    if (rows is not None and saved_m != m and tensor.dim() >= 1 and target.dim() == tensor.dim()
+            and tuple(tensor.shape[:1]) == rows[:1] and tuple(target.shape[:1]) == rows[1:]
+            and tensor.shape[1:] == target.shape[1:]):
+        return tensor[:rows[1]]
     return None
 
 
@@ -248,7 +261,7 @@ def check_disjoint(config, manifest: Dict[str, Any], eval_questions, passages_of
     contents = json.loads((Path(manifest["path"]) / CONTENTS).read_text())
     seen_q, seen_p = set(contents.get("questions", ())), set(contents.get("passages", ()))
     questions = [q for q in eval_questions if text_hash(q.question) in seen_q]
-    passages = set() if "pretrain" in config.phases else \
+    passages = set() if set(config.phases) == {"pretrain"} else \
         {text_hash(t) for q in eval_questions for t in passages_of(q)} & seen_p
     if questions or passages:
         example = f"e.g. question {questions[0].id!r}" if questions else "e.g. a gold passage"
@@ -299,13 +312,15 @@ def load_pretrained(config, model) -> Dict[str, Any]:
         part, _, name = key.partition(".")
         target = targets.get(part, {}).get(name)
         if target is not None and fewer_slots_allowed(config, saved_m):
-            first = fit_slots(key, tensor, target, saved_m, m)
+            first = fit_slots(key, tensor, target, saved_m, m, d_model)
             if first is not None:
                 tensor = first
                 cut.append(key)
         if target is None or tuple(target.shape) != tuple(tensor.shape):
             raise CheckpointError(f"{file}: tensor {key!r} {tuple(tensor.shape)} fits nothing in this model"
-                                  + (f" (it has {tuple(target.shape)})" if target is not None else ""))
+                                  + (f" (it has {tuple(target.shape)})" if target is not None else "")
+                                  + (f"; model.pretrained_slots=first cuts only a writer's per-slot rows and a "
+                                     f"projection's per-token blocks" if saved_m != m else ""))
         if not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"{file}: tensor {key!r} holds NaN or inf")
         with torch.no_grad():
@@ -315,7 +330,7 @@ def load_pretrained(config, model) -> Dict[str, Any]:
                if targets[part] and part not in loaded and manifest.get("reader") == "pqa"]
     if missing:
         raise CheckpointError(f"{file}: holds no {' or '.join(missing)} tensors for this model")
-    return {"path": manifest["path"], "reader": manifest.get("reader"), "manifest_sha256":
+    return {"path": str(Path(manifest["path"]).resolve()), "reader": manifest.get("reader"), "manifest_sha256":
             sha256_file(Path(manifest["path"]) / MANIFEST), "tensors": loaded,
             "data": manifest.get("data"), "training": manifest.get("training"),
             **({"fewer_slots": {"from": saved_m, "to": m, "tensors": cut}}
