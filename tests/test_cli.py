@@ -176,6 +176,8 @@ def test_pip_installed_plugin_is_listed_and_usable_by_name(tmp_path, db_url, out
                                                     "auto, writer, keywords, zero"),
     (["with", "smoke", "projection.name=mlp2x_gelu", "model.content_init=keywords"],
      "model.content_init='keywords' needs z to hold num_memory_tokens x d_model"),
+    (["with", "smoke", "writer.name=encoder", "projection.name=linear"],
+     "writer.name='encoder' writes each document's soft tokens into z, but projection 'linear'"),
     (["with", "smoke", "eval.index=annoy"], "config key 'eval.index' = 'annoy': must be one of exact, "
                                             "faiss_flat, faiss_ivf, faiss_hnsw"),
 ])

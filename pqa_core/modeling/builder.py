@@ -69,11 +69,21 @@ def _needed_d_z(config: PQAConfig):
 
 def check_content_init(config: PQAConfig, d_model: Optional[int]) -> None:
     """Pre-flight: ``model.content_init=writer`` (or ``keywords``) needs a projection whose z holds the soft tokens
-    (one that sizes z itself, ``needed_d_z``: hybrid, direct) at the size it asks for."""
-    if config.model.content_init not in ("keywords", "writer") or d_model is None:
+    (one that sizes z itself, ``needed_d_z``: hybrid, direct) at the size it asks for. So does a writer other
+    than the default ``keywords``, named on purpose: with a projection that maps z (linear, mlp2x_gelu) it
+    would write nothing in a run (``auto`` leaves z alone) and fail a pretraining's first step."""
+    if d_model is None:
         return
     needed = _own_needed_d_z(config)
-    if needed is None or config.model.d_z not in (0, _sized_z(config, d_model, needed)):
+    holds = needed is not None and config.model.d_z in (0, _sized_z(config, d_model, needed))
+    writer = config.writer.get("name", "keywords")
+    if writer != "keywords" and not holds:
+        raise UsageError(f"writer.name={writer!r} writes each document's soft tokens into z, but projection "
+                         f"{config.projection['name']!r} with model.d_z={config.model.d_z} maps z and holds none: "
+                         f"use projection.name=hybrid or direct (model.d_z=0)")
+    if config.model.content_init not in ("keywords", "writer"):
+        return
+    if not holds:
         raise UsageError(f"model.content_init={config.model.content_init!r} needs z to hold num_memory_tokens x d_model free floats "
                          f"(projection direct or hybrid, model.d_z=0); projection {config.projection['name']!r} "
                          f"with model.d_z={config.model.d_z} does not: use model.content_init=auto or zero")
