@@ -16,9 +16,10 @@ prefill), ``G=8`` a short answer (SQuAD gold answers average about 4 SmolLM2 tok
 the evaluation's ``max_new_tokens``. The goals: answers per second at batch 16, G=8, and the time to the
 first token at batch 1. ``--m`` sets pqa's soft tokens per document (the setting (a) found best per
 token; several (``--m 32 16 8``) time a pqa of each m side by side in the same rounds, the first being
-``pqa``, the one the goals are read on, the others ``pqa m=N``; ``--quality-row`` then names the (a) row measured at that m, whose F1 the speedups are paired with,
-instead of (a)'s best pqa row). The model is untrained and has no LoRA (a trained pqa model merges its LoRA into the weights to
-serve, so both sides run the same weights). Rounds are interleaved (order reversed every other round);
+``pqa``, the one the goals are read on, the others ``pqa m=N``; ``--quality-row`` then names the (a) row
+measured at that m, whose F1 the speedups are paired with, instead of (a)'s best pqa row). The model is
+untrained and has no LoRA (a trained pqa model merges its LoRA into the weights to serve, so both sides run
+the same weights). Rounds are interleaved (order reversed every other round);
 medians, with the per-round spread of the ratios. The goal pairs the speedup with quality: F1 comes
 from ``bench/results/quality.json`` (run (a) first): its best pqa row against its best text-RAG row.
 """
@@ -81,10 +82,6 @@ def memory_sizes(params: dict) -> list:
     return sizes
 
 
-def pqa_systems(params: dict) -> list:
-    return ["pqa"] + [f"pqa m={m}" for m in memory_sizes(params)[1:]]
-
-
 def _setup(params: dict, tmp: Path, m: int):
     from pqa_core.config import PQAConfig
     from pqa_core.data.loading import ReadPhaseDataset
@@ -106,9 +103,11 @@ def _setup(params: dict, tmp: Path, m: int):
     return config, pipeline, examples, dataset, about
 
 
-def _f1_from_quality(path: Path = common.DEFAULT_OUT / "quality.json", row: str | None = None):
+def _f1_from_quality(quality_json: str | None = None, row: str | None = None):
     """F1 and substring of the best pqa row (or ``row``) and of the best text RAG row of (a) (readers trained
-    alike). The latency side is timed with BM25; dense retrieval (MiniLM) costs about as much per question."""
+    alike), from ``quality_json`` or bench/results/quality.json. The latency side is timed with BM25; dense
+    retrieval (MiniLM) costs about as much per question."""
+    path = Path(quality_json) if quality_json else common.DEFAULT_OUT / "quality.json"
     try:
         result = json.loads(path.read_text(encoding="utf-8"))
         rows = result["rows"]
@@ -135,20 +134,18 @@ def run(profile: str = "full", command: str | None = None, threads: int | None =
     bench = common.Bench(NAME, profile, PROFILES, overrides, threads, command)
     params = bench.params
     k = params["top_k"]
-    memory_sizes(params)  # a wrong --m or --quality-row stops here, before the rounds are timed
+    sizes = memory_sizes(params)  # a wrong --m or --quality-row stops here, before the rounds are timed
     if quality_row is not None:
-        _f1_from_quality(Path(quality_json) if quality_json else common.DEFAULT_OUT / "quality.json", quality_row)
-    sizes, pqas = memory_sizes(params), pqa_systems(params)
+        _f1_from_quality(quality_json, quality_row)
+    pqas = ["pqa"] + [f"pqa m={m}" for m in sizes[1:]]
     systems = [*pqas, *SYSTEMS[1:]]
-    models = {}
+    setups = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, m in zip(pqas, sizes):
             torch.manual_seed(0)
-            config, pipeline, examples, dataset, about = _setup(params, Path(tmp) / f"m{m}", m)
-            models[name] = pipeline.model.eval()
-            if name == "pqa":
-                first_config, first_pipeline = config, pipeline
-    config, pipeline = first_config, first_pipeline
+            setups[name] = _setup(params, Path(tmp) / f"m{m}", m)
+    models = {name: setup[1].model.eval() for name, setup in setups.items()}
+    config, pipeline, examples, dataset, about = setups["pqa"]
     model, prompt = models["pqa"], config.data.prompt
     real_tokenizer = model.tokenizer
     for each in models.values():
@@ -198,7 +195,8 @@ def run(profile: str = "full", command: str | None = None, threads: int | None =
                    "seconds": {s: times[key(s)] for s in systems},
                    "ms_per_question": {s: 1000 * common.median(times[key(s)]) / n for s in systems},
                    "answers_per_second": {s: n / common.median(times[key(s)]) for s in systems},
-                   "prompt_tokens_per_question": {s: outputs[s, size, g]["prompt_tokens_per_question"] for s in systems},
+                   "prompt_tokens_per_question": {s: outputs[s, size, g]["prompt_tokens_per_question"]
+                                                  for s in systems},
                    f"Recall@{k}": {s: outputs[s, size, g][f"Recall@{k}"] for s in systems}}
             for other in systems[1:]:
                 row[f"{other}_over_pqa"] = common.ratio_stats(times[key(other)], times[key("pqa")])
@@ -207,9 +205,7 @@ def run(profile: str = "full", command: str | None = None, threads: int | None =
             rows.append(row)
     gold_tokens = [len(ids) for ids in real_tokenizer([ex.answers[0] for ex in pipeline.eval_qa],
                                                       add_special_tokens=False)["input_ids"]]
-    largest = max(b["batch"] for b in params["batches"])
-    throughput = _row(rows, min(largest, THROUGHPUT_BATCH), ANSWER_TOKENS)
-    first = _row(rows, 1, 1)
+    throughput, first = goal_rows(rows)
     goals = {}
     if throughput:
         value = throughput["bm25_over_pqa"]["ratio_of_medians"]
@@ -232,7 +228,7 @@ def with_quality(result: dict, quality_json: str | None = None, quality_row: str
     its best text RAG (``quality_json``, or bench/results/quality.json): the quality the speed goals are
     paired with. (a) may be measured after (b): ``--render-only --quality-json FILE`` reads it again."""
     row = quality_row or result.get("quality_row")
-    f1 = _f1_from_quality(Path(quality_json) if quality_json else common.DEFAULT_OUT / "quality.json", row)
+    f1 = _f1_from_quality(quality_json, row)
     ratio = f1["pqa"] / f1["bm25"] if f1 and f1.get("bm25") else None
     which = "pqa" if row else "best pqa"
     goal = {"metric": f"{which} F1 / bm25 F1 from (a) (rows {f1['pqa_row'] if f1 else '?'}, "
@@ -243,6 +239,13 @@ def with_quality(result: dict, quality_json: str | None = None, quality_row: str
 
 def _row(rows, batch, new_tokens):
     return next((r for r in rows if r.get("batch", 1) == batch and r["new_tokens"] == new_tokens), None)
+
+
+def goal_rows(rows):
+    """The rows the goals are read on: answers per second at the throughput batch (or the largest measured)
+    and G new tokens, and the first token at batch 1."""
+    largest = max(r.get("batch", 1) for r in rows)
+    return _row(rows, min(largest, THROUGHPUT_BATCH), ANSWER_TOKENS), _row(rows, 1, 1)
 
 
 def markdown(result: dict) -> str:
@@ -273,8 +276,7 @@ def markdown(result: dict) -> str:
                f"{fq['pqa_substring'] / fq['bm25_substring'] if fq['bm25_substring'] else float('nan'):.2f})")
     speed = [f"{goal['metric']}: **{goal['value']:.1f}x** (goal {goal['target']}x: **{common.verdict(goal['met'])}**)"
              for name in ("throughput", "first_token", "speedup") for goal in [goals.get(name)] if goal]
-    largest = max(r.get("batch", 1) for r in result["rows"])
-    throughput, first = _row(result["rows"], min(largest, THROUGHPUT_BATCH), ANSWER_TOKENS), _row(result["rows"], 1, 1)
+    throughput, first = goal_rows(result["rows"])
     for other in [s for s in systems if s.startswith("pqa m=")]:
         parts = [f"{what} **{row[f'bm25_over_{other}']['ratio_of_medians']:.1f}x**"
                  for what, row in (("answers per second", throughput), ("time to the first token", first))
@@ -323,7 +325,8 @@ def main(argv=None) -> int:
                                  "default the best pqa row)")
 
     def run_kwargs(args, out):
-        return {"quality_json": args.quality_json, "quality_row": args.quality_row, **({"m": args.m if len(args.m) > 1 else args.m[0]} if args.m else {})}
+        m = (args.m if len(args.m) > 1 else args.m[0]) if args.m else None
+        return {"quality_json": args.quality_json, "quality_row": args.quality_row, **({"m": m} if m else {})}
 
     def refresh(result, args):
         if args.quality_json or args.quality_row:

@@ -243,8 +243,7 @@ def fit_slots(key: str, tensor: torch.Tensor, target: torch.Tensor, saved_m, m: 
     soft token); None where the run's tensor differs from it otherwise."""
     rows = {"writer": (saved_m, m), "projection": (saved_m * d_model, m * d_model)}.get(key.partition(".")[0])
     if (rows is not None and saved_m != m and tensor.dim() >= 1 and target.dim() == tensor.dim()
-            and tuple(tensor.shape[:1]) == rows[:1] and tuple(target.shape[:1]) == rows[1:]
-            and tensor.shape[1:] == target.shape[1:]):
+            and (tensor.shape[0], target.shape[0]) == rows and tensor.shape[1:] == target.shape[1:]):
         return tensor[:rows[1]]
     return None
 
