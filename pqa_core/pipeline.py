@@ -21,7 +21,8 @@ from pqa_core.training import distributed
 from pqa_core.storage import fingerprint
 from pqa_core.components.plugins import components_of_run
 from pqa_core.modeling.builder import build_component, build_losses, build_model
-from pqa_core.storage.checkpoints import MANIFEST, load_checkpoint
+from pqa_core.storage.checkpoints import MANIFEST, load_checkpoint, save_checkpoint
+from pqa_core.storage.tensor_files import check_mapped
 from pqa_core.config import PHASES, TRAINED_PHASES, PQAConfig, check_choice
 from pqa_core.data.loading import ReadPhaseDataset, WritePhaseDataset, load_corpus, load_qa, sample_data_path, split_passages
 from pqa_core.errors import CheckpointError, UsageError
@@ -261,10 +262,11 @@ class Pipeline:
 
     def run_write(self) -> Dict[str, float]:
         w = self.config.write
-        if w.epochs == 0:  # z stays as the writer wrote it
-            log.info("write phase: write.epochs=0, z as the writer wrote it")
-            return {}
         if self._finished("write") is not None:
+            return {}
+        if w.epochs == 0:  # z stays as the writer wrote it: kept as the phase's final checkpoint all the same
+            log.info("write phase: write.epochs=0, z as the writer wrote it")
+            self.save_written()
             return {}
         rows = self.new_rows if check_choice("write.documents", w.documents) == "new" else None
         if rows is not None and not rows:
@@ -283,6 +285,16 @@ class Pipeline:
 
         return trainer.fit(self.write_dataset, seed=self.config.seed, checkpoint_root=self.checkpoint_root("write"),
                            config_dict=self.config_dict, logger=self.logger, rows=rows, epoch_end_fn=answer_quality)
+
+    def save_written(self) -> None:
+        """The write phase's final checkpoint at step 0: documents written in one pass and not refined are
+        what a later run's ``init_from`` (or this run's resume) starts from, as a refined table is; the run
+        record's ``write_checkpoint`` names it. Only the main process writes it."""
+        if not self.group.is_main:
+            return
+        check_mapped()
+        save_checkpoint(self.checkpoint_root("write") / "final", self.model, step=0, epoch=0,
+                        config=self.config_dict, phase="write", seconds=0.0)
 
     def evaluate_eval_questions(self, predictions_path: Optional[str] = None) -> Dict[str, float]:
         """EM/F1/substring/Recall@k (with intervals) of the model as it is, on the eval questions."""

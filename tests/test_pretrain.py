@@ -265,6 +265,32 @@ def test_a_run_starts_from_the_artifact_and_records_it(artifact, split, tmp_path
     assert result["questions"] == len(load_qa(split["eval_qa"], load_corpus(split["corpus"])))
 
 
+def test_documents_written_without_refinement_are_kept_for_a_later_run(artifact, split, tmp_path):
+    """write.epochs=0 with no read phase: the encoder's z, written in one pass, are still the write phase's
+    final checkpoint, the one the run record names, so a later run starts from them (init_from) and a
+    resume loads them instead of writing again."""
+    out, _, _ = artifact
+    written = run_config(split, tmp_path / "written", str(out))
+    written.phases = ["write", "eval"]
+    logger = RecordingLogger()
+    first = Pipeline(written, logger)
+    first.run()
+    final = tmp_path / "written" / "checkpoints" / "write" / "final"
+    assert logger.info["write_checkpoint"] == str(final.resolve()) and (final / "MANIFEST.json").exists()
+    assert json.loads((final / "state.json").read_text())["step"] == 0
+    later = run_config(split, tmp_path / "later", None)
+    # no artifact: its untrained encoder would write other z, and the checkpoint's must win
+    later.init_from, later.phases = str(tmp_path / "written"), ["eval"]
+    assert torch.equal(Pipeline(later, RecordingLogger()).model.doc_vectors, first.model.doc_vectors)
+    stamp = (final / "MANIFEST.json").stat().st_ino, (final / "MANIFEST.json").stat().st_mtime_ns
+    resumed = run_config(split, tmp_path / "ignored", str(out))
+    resumed.phases, resumed.resume = ["write", "eval"], str(tmp_path / "written")
+    resumed_logger = RecordingLogger()
+    Pipeline(resumed, resumed_logger).run()
+    assert stamp == ((final / "MANIFEST.json").stat().st_ino, (final / "MANIFEST.json").stat().st_mtime_ns)
+    assert resumed_logger.info["write_checkpoint"] == str(final.resolve())
+
+
 def test_an_artifact_of_more_slots_starts_a_run_of_fewer_only_when_asked(artifact, split, tmp_path):
     """model.pretrained_slots=first: the m=2 artifact starts an m=1 run with its first memory slot, the rest
     of its tensors as saved, and the run records the cut; without it the same run is refused."""
