@@ -21,8 +21,7 @@ from pqa_core.training import distributed
 from pqa_core.storage import fingerprint
 from pqa_core.components.plugins import components_of_run
 from pqa_core.modeling.builder import build_component, build_losses, build_model
-from pqa_core.storage.checkpoints import MANIFEST, load_checkpoint, save_checkpoint
-from pqa_core.storage.tensor_files import check_mapped
+from pqa_core.storage.checkpoints import MANIFEST, load_checkpoint
 from pqa_core.config import PHASES, TRAINED_PHASES, PQAConfig, check_choice
 from pqa_core.data.loading import ReadPhaseDataset, WritePhaseDataset, load_corpus, load_qa, sample_data_path, split_passages
 from pqa_core.errors import CheckpointError, UsageError
@@ -34,7 +33,7 @@ from pqa_core.modeling.llm import llm_identity, load_llm
 from pqa_core.training.read_phase import ReadPhaseTrainer
 from pqa_core.modeling.selection_index import build_index, describe
 from pqa_core.storage.run_lock import output_folder_lock
-from pqa_core.training.loop import RunLogger, seed_everything
+from pqa_core.training.loop import EpochLoop, RunLogger, seed_everything
 from pqa_core.training.write_phase import WritePhaseTrainer
 
 log = logging.getLogger(__name__)
@@ -264,9 +263,13 @@ class Pipeline:
         w = self.config.write
         if self._finished("write") is not None:
             return {}
-        if w.epochs == 0:  # z stays as the writer wrote it: kept as the phase's final checkpoint all the same
+        if w.epochs == 0:  # z stays as the writer wrote it, and is still the phase's final checkpoint: what a
+            # later run's init_from or this run's resume starts from, and what the record's write_checkpoint names
             log.info("write phase: write.epochs=0, z as the writer wrote it")
-            self.save_written()
+            # the checkpoint any trained phase ends with, written by the same loop (main process only)
+            loop = EpochLoop(self.model, None, phase="write", checkpoint_root=self.checkpoint_root("write"),
+                             config_dict=self.config_dict, logger=self.logger, checkpoint_every=0)
+            loop.save(loop.final_dir, step=0, epoch=0, step_in_epoch=0)
             return {}
         rows = self.new_rows if check_choice("write.documents", w.documents) == "new" else None
         if rows is not None and not rows:
@@ -285,16 +288,6 @@ class Pipeline:
 
         return trainer.fit(self.write_dataset, seed=self.config.seed, checkpoint_root=self.checkpoint_root("write"),
                            config_dict=self.config_dict, logger=self.logger, rows=rows, epoch_end_fn=answer_quality)
-
-    def save_written(self) -> None:
-        """The write phase's final checkpoint at step 0: documents written in one pass and not refined are
-        what a later run's ``init_from`` (or this run's resume) starts from, as a refined table is; the run
-        record's ``write_checkpoint`` names it. Only the main process writes it."""
-        if not self.group.is_main:
-            return
-        check_mapped()
-        save_checkpoint(self.checkpoint_root("write") / "final", self.model, step=0, epoch=0,
-                        config=self.config_dict, phase="write", seconds=0.0)
 
     def evaluate_eval_questions(self, predictions_path: Optional[str] = None) -> Dict[str, float]:
         """EM/F1/substring/Recall@k (with intervals) of the model as it is, on the eval questions."""
