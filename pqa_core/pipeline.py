@@ -140,7 +140,8 @@ class Pipeline:
 
         p, data = self.config.pretrain, self.config.data
         metrics: Dict[str, float] = {}
-        finished = self._finished("pretrain", planned=self.pretrain_steps())
+        finished = self._finished("pretrain", planned=self.pretrain_steps(),
+                                  budget="pretrain.epochs, pretrain.max_steps")
         if finished is not None:  # the artifact keeps the training's averages and time
             metrics, seconds = dict(finished.get("metrics") or {}), finished.get("seconds")
         else:
@@ -232,18 +233,17 @@ class Pipeline:
         steps = -(-len(self.train_qa) // p.batch_size) * p.epochs
         return min(steps, p.max_steps) if p.max_steps else steps
 
-    def _finished(self, phase: str, planned: Optional[int] = None) -> Optional[Dict[str, Any]]:
+    def _finished(self, phase: str, planned: Optional[int] = None, epochs: Optional[int] = None,
+                  budget: str = "") -> Optional[Dict[str, Any]]:
         """``phase``'s final checkpoint, loaded: its verified state.json (step, the training's last
-        metrics), or None when it has none. A final checkpoint that stopped at a step budget (``planned``:
-        the steps this run takes) short of this run's is none: the run goes on from the step checkpoint
-        written at that stop."""
+        metrics), or None when it has none or it goes on to this run's budget (``planned`` steps, or
+        ``epochs``; ``budget`` names the config key): ``check_budget``."""
         final = self.checkpoint_root(phase) / "final"
         if not (final / "MANIFEST.json").exists():
             return None
-        if planned is not None:
-            done = int(json.loads((final / "state.json").read_text()).get("step") or 0)
-            if done < planned:
-                log.info("%s phase stopped at step %d of %d in %s: going on", phase, done, planned, final)
+        if planned is not None or epochs is not None:
+            unit, asked = ("steps", planned) if planned is not None else ("epochs", epochs)
+            if check_budget(self.output_dir, self.config.phases, phase, unit, asked, budget):
                 return None
         state = load_checkpoint(final, self.model, config=self.config_dict, restore_rng=True)
         log.info("%s phase already finished in %s: loaded it", phase, final)
@@ -261,7 +261,7 @@ class Pipeline:
 
     def run_write(self) -> Dict[str, float]:
         w = self.config.write
-        if self._finished("write") is not None:
+        if self._finished("write", epochs=w.epochs, budget="write.epochs") is not None:
             return {}
         if w.epochs == 0:  # z stays as the writer wrote it, and is still the phase's final checkpoint: what a
             # later run's init_from or this run's resume starts from, and what the record's write_checkpoint names
@@ -303,9 +303,9 @@ class Pipeline:
                                   index=self.index)
 
     def run_read(self) -> Dict[str, float]:
-        if self._finished("read") is not None:
-            return {}
         r = self.config.read
+        if self._finished("read", epochs=r.epochs, budget="read.epochs") is not None:
+            return {}
         trainer = ReadPhaseTrainer(self.model, r, retrieval_loss=self.retrieval_loss,
                                    generation_loss=self.generation_loss, teacher_llm=self.teacher_llm)
         k = self.config.eval_top_k
@@ -351,9 +351,9 @@ class Pipeline:
         questions, with the read phase's settings: a reader of its own, as pqa's read phase gives pqa one."""
         from pqa_core.training.controls import ControlReaderDataset, ControlReaderTrainer
 
-        if self._finished("control_read") is not None:
-            return {}
         r, data = self.config.read, self.config.data
+        if self._finished("control_read", epochs=r.epochs, budget="read.epochs") is not None:
+            return {}
         dataset = ControlReaderDataset(self.control(), self.train_qa, self.tokenizer, top_k=self.config.eval_top_k,
                                        prompt=data.prompt, max_answer_tokens=data.max_answer_tokens)
         return ControlReaderTrainer(self.model, r).fit(dataset, seed=self.config.seed,
@@ -467,8 +467,51 @@ def check_output_dir(config: PQAConfig, run_fingerprint: Dict[str, Any], output_
         fingerprint.check_fresh(output_dir)
         return []
     own = [c for c in checkpoints_to_load(config) if Path(config.resume) in c.parents]
-    return fingerprint.check_resume(own, run_fingerprint, config.force_resume, f"resume={config.resume}",
-                                    defaults=config_defaults(config))
+    forced = fingerprint.check_resume(own, run_fingerprint, config.force_resume, f"resume={config.resume}",
+                                      defaults=config_defaults(config))
+    check_budgets(config, output_dir)
+    return forced
+
+
+EPOCH_BUDGETS = {"write": "write.epochs", "read": "read.epochs", "control_read": "read.epochs"}
+
+
+def check_budget(output_dir: Path, phases, phase: str, unit: str, asked: int, budget: str) -> bool:
+    """Whether ``phase``'s final checkpoint in ``output_dir`` goes on: it trained fewer ``unit`` (steps or
+    epochs) than this run asks (``budget`` names the config key). Nothing depends on a budget but where
+    training stops, so going on ends with the weights of a run that asked for it from the start. Refused
+    (one line): a final checkpoint beyond the budget (the run would report less training than its
+    weights had), or one that goes on under a later phase of ``phases`` that already trained on it (a
+    resume would load that phase's checkpoint over the continued weights)."""
+    final = output_dir / "checkpoints" / phase / "final"
+    try:
+        done = int(json.loads((final / "state.json").read_text()).get("step" if unit == "steps" else "epoch") or 0)
+    except (OSError, ValueError, AttributeError):  # torn: loading it refuses it, naming the file
+        return False
+    if done > asked:
+        raise UsageError(f"resume={output_dir}: the {phase} phase already trained {done} {unit} ({final}) and "
+                         f"this run asks for {asked} ({budget}): a finished phase is not cut back; ask for at "
+                         f"least {done}, or start a new run (init_from={final})")
+    if done == asked:
+        return False
+    for later in TRAINED_PHASES[TRAINED_PHASES.index(phase) + 1:]:
+        root = output_dir / "checkpoints" / later
+        if later in phases and any(root.glob("*/MANIFEST.json")):
+            raise UsageError(f"resume={output_dir}: {budget} continues the {phase} phase ({done} of {asked} "
+                             f"{unit}), but the {later} phase already trained on its result ({root}); continue "
+                             f"a run's last trained phase only, or start a new run (init_from={final})")
+    log.info("%s phase stopped at %d of %d %s in %s: going on", phase, done, asked, unit, final)
+    return True
+
+
+def check_budgets(config: PQAConfig, output_dir: Path) -> None:
+    """The epoch budgets of a resume, checked before the run exists (a step budget needs the data:
+    ``Pipeline.run_pretrain`` checks it)."""
+    for phase, key in EPOCH_BUDGETS.items():
+        final = output_dir / "checkpoints" / phase / "final"
+        if phase in config.phases and (final / MANIFEST).exists():
+            section, _, leaf = key.partition(".")
+            check_budget(output_dir, config.phases, phase, "epochs", getattr(getattr(config, section), leaf), key)
 
 
 def config_defaults(config: PQAConfig) -> Dict[str, Any]:

@@ -117,6 +117,35 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, crash):
     phase = crash[0].split(".")[0]
     assert f"{phase}_resumed_from" in logger.info
 
+def test_a_finished_phase_asked_for_more_epochs_goes_on_to_the_weights_of_a_longer_run(tmp_path):
+    """read.epochs is a budget, not a recipe: a finished run resumed with more epochs trains only the ones
+    added, from its final checkpoint, and ends bit-identical to a run that asked for them from the start.
+    Asking a finished phase for fewer epochs, or for more of a phase that a later one already trained on,
+    is one line, nothing trained."""
+    from pqa_core.errors import UsageError
+
+    longer = Pipeline(short_config(tmp_path, "longer", **{"read.epochs": 2}), RecordingLogger())
+    reference = longer.run()
+    Pipeline(short_config(tmp_path, "short"), RecordingLogger()).run()
+    final = tmp_path / "short" / "checkpoints" / "read" / "final"
+    logger = RecordingLogger()
+    grown = Pipeline(short_config(tmp_path, "ignored", resume=str(tmp_path / "short"), **{"read.epochs": 2}), logger)
+    assert grown.run() == reference
+    for (name, a), (_, b) in zip(grown.model.named_parameters(), longer.model.named_parameters()):
+        assert torch.equal(a, b), name
+    assert logger.info["read_resumed_from"] == str(final) and "write_resumed_from" not in logger.info
+    assert len(epoch_series(logger, "read.epoch_total_loss")) == 1  # the added epoch only
+    assert json.loads((final / "state.json").read_text())["epoch"] == 2
+    with pytest.raises(UsageError, match=r"the read phase already trained 2 epochs .* asks for 1 \(read\.epochs\)"):
+        Pipeline(short_config(tmp_path, "ignored", resume=str(tmp_path / "short")), RecordingLogger()).run()
+    more_writing = short_config(tmp_path, "ignored", resume=str(tmp_path / "short"), **{"read.epochs": 2,
+                                                                                         "write.epochs": 3})
+    with pytest.raises(UsageError, match=r"write\.epochs continues the write phase \(2 of 3 epochs\), but the read "
+                                         r"phase already trained on its result"):
+        Pipeline(more_writing, RecordingLogger()).run()
+    assert json.loads((final / "state.json").read_text())["epoch"] == 2
+
+
 def test_a_checkpoint_written_before_a_key_existed_resumes_while_the_key_keeps_its_default(tmp_path):
     """pqa adds config keys whose default is what it did before; a checkpoint written before the key existed
     holds no value for it. It resumes when the run leaves the key at its default, and is refused otherwise

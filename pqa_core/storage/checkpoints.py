@@ -428,5 +428,10 @@ def latest_checkpoint(root) -> Optional[Path]:
     return candidates[-1] if candidates else None
 
 
+def checkpoint_step(path) -> int:
+    """The global step a checkpoint folder was written at (its state.json)."""
+    return int(json.loads((Path(path) / "state.json").read_text()).get("step") or 0)
+
+
 def step_dir(root, step: int) -> Path:
     return Path(root) / f"step-{step:07d}"

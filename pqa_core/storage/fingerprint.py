@@ -46,6 +46,9 @@ NOT_WEIGHTS: Dict[str, str] = {
     "read.checkpoint_every": "when checkpoints are written",
     "pretrain.checkpoint_every": "when checkpoints are written",
     "pretrain.max_steps": "where training stops, not what a step does (the artifact records its steps)",
+    "pretrain.epochs": "how long pretraining goes on, not what a step does (no schedule depends on it)",
+    "write.epochs": "how long the write phase goes on (no schedule depends on it): resume with more to train on",
+    "read.epochs": "how long the read phase goes on (no schedule depends on it): resume with more to train on",
     "threads": "how many CPU threads compute the same steps (float rounding may differ)",
     "model.device": "which device computes the same steps (float rounding may differ)",
 }
@@ -145,12 +148,14 @@ def saved_fingerprint(checkpoint: Path) -> Optional[Dict[str, Any]]:
 
 def differences(saved: Mapping[str, Any], current: Mapping[str, Any], defaults: Mapping[str, Any]) -> List[str]:
     """The keys whose values differ, less a key the saved fingerprint lacks (added to pqa later) that the
-    run leaves at its default: it cannot have changed the weights."""
+    run leaves at its default, and a key a checkpoint recorded before it joined ``NOT_WEIGHTS``: neither
+    can have changed the weights."""
     def added_at_default(key):
         return key not in saved and key in defaults and current.get(key, _MISSING) == defaults[key]
 
     return sorted(k for k in set(saved) | set(current)
-                  if saved.get(k, _MISSING) != current.get(k, _MISSING) and not added_at_default(k))
+                  if saved.get(k, _MISSING) != current.get(k, _MISSING) and not added_at_default(k)
+                  and k not in NOT_WEIGHTS)  # not excluded(): data.corpus.sha256 is the file's content
 
 
 def describe_differences(saved: Mapping[str, Any], current: Mapping[str, Any], keys: List[str], most: int = 6) -> str:

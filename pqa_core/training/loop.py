@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from pqa_core.errors import NonFiniteError
 from pqa_core.training import distributed
-from pqa_core.storage.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, step_dir
+from pqa_core.storage.checkpoints import (MANIFEST, checkpoint_step, latest_checkpoint, load_checkpoint,
+                                         save_checkpoint, step_dir)
 from pqa_core.storage.tensor_files import check_mapped
 from pqa_core.modeling.device import pin_batches
 from pqa_core.training.optim import clip_grad_norm
@@ -122,8 +123,13 @@ class EpochLoop:
 
     def resume_point(self) -> tuple:
         """(epoch, step_in_epoch, global_step, the epoch's metric sums so far, steps summed) to start
-        from, loading the latest checkpoint if any; the sums keep a resumed epoch's averages exact."""
+        from, loading the latest checkpoint if any; the sums keep a resumed epoch's averages exact. A final
+        checkpoint beyond every step checkpoint is the latest: a finished phase asked for more epochs goes on
+        from its end (``Pipeline._finished``)."""
         latest = latest_checkpoint(self.root)
+        if (self.final_dir / MANIFEST).exists() and (latest is None or checkpoint_step(self.final_dir)
+                                                     > checkpoint_step(latest)):
+            latest = self.final_dir
         if latest is None:
             return 0, 0, 0, {}, 0
         state = load_checkpoint(latest, self.model, self.optimizer, config=self.config_dict)
