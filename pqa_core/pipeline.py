@@ -21,7 +21,8 @@ from pqa_core.training import distributed
 from pqa_core.storage import fingerprint
 from pqa_core.components.plugins import components_of_run
 from pqa_core.modeling.builder import build_component, build_losses, build_model
-from pqa_core.storage.checkpoints import MANIFEST, load_checkpoint
+from pqa_core.storage.checkpoints import (MANIFEST, checkpoint_position, latest_checkpoint, load_checkpoint,
+                                         resume_checkpoint)
 from pqa_core.config import PHASES, TRAINED_PHASES, PQAConfig, check_choice
 from pqa_core.data.loading import ReadPhaseDataset, WritePhaseDataset, load_corpus, load_qa, sample_data_path, split_passages
 from pqa_core.errors import CheckpointError, UsageError
@@ -140,8 +141,7 @@ class Pipeline:
 
         p, data = self.config.pretrain, self.config.data
         metrics: Dict[str, float] = {}
-        finished = self._finished("pretrain", planned=self.pretrain_steps(),
-                                  budget="pretrain.epochs, pretrain.max_steps")
+        finished = self._finished("pretrain", "steps", self.pretrain_steps(), PRETRAIN_BUDGET)
         if finished is not None:  # the artifact keeps the training's averages and time
             metrics, seconds = dict(finished.get("metrics") or {}), finished.get("seconds")
         else:
@@ -228,23 +228,15 @@ class Pipeline:
         return self.output_dir / "checkpoints" / phase
 
     def pretrain_steps(self) -> int:
-        """The steps pretraining takes: every batch of its epochs, or ``pretrain.max_steps`` when fewer."""
-        p = self.config.pretrain
-        steps = -(-len(self.train_qa) // p.batch_size) * p.epochs
-        return min(steps, p.max_steps) if p.max_steps else steps
+        return pretrain_steps(self.config, len(self.train_qa))
 
-    def _finished(self, phase: str, planned: Optional[int] = None, epochs: Optional[int] = None,
-                  budget: str = "") -> Optional[Dict[str, Any]]:
-        """``phase``'s final checkpoint, loaded: its verified state.json (step, the training's last
-        metrics), or None when it has none or it goes on to this run's budget (``planned`` steps, or
-        ``epochs``; ``budget`` names the config key): ``check_budget``."""
-        final = self.checkpoint_root(phase) / "final"
-        if not (final / "MANIFEST.json").exists():
+    def _finished(self, phase: str, unit: str, asked: int, budget: str) -> Optional[Dict[str, Any]]:
+        """``phase``'s final checkpoint, loaded (its verified state.json: step, the training's last
+        metrics) when it ends where this run's budget does (``asked`` steps or epochs, ``unit``; ``budget``
+        names the config key), else None: the phase runs, going on from its checkpoints (``check_budget``)."""
+        if not check_budget(self.output_dir, self.config.phases, phase, unit, asked, budget):
             return None
-        if planned is not None or epochs is not None:
-            unit, asked = ("steps", planned) if planned is not None else ("epochs", epochs)
-            if check_budget(self.output_dir, self.config.phases, phase, unit, asked, budget):
-                return None
+        final = self.checkpoint_root(phase) / "final"
         state = load_checkpoint(final, self.model, config=self.config_dict, restore_rng=True)
         log.info("%s phase already finished in %s: loaded it", phase, final)
         return state
@@ -261,7 +253,7 @@ class Pipeline:
 
     def run_write(self) -> Dict[str, float]:
         w = self.config.write
-        if self._finished("write", epochs=w.epochs, budget="write.epochs") is not None:
+        if self._finished("write", "epochs", w.epochs, "write.epochs") is not None:
             return {}
         if w.epochs == 0:  # z stays as the writer wrote it, and is still the phase's final checkpoint: what a
             # later run's init_from or this run's resume starts from, and what the record's write_checkpoint names
@@ -304,7 +296,7 @@ class Pipeline:
 
     def run_read(self) -> Dict[str, float]:
         r = self.config.read
-        if self._finished("read", epochs=r.epochs, budget="read.epochs") is not None:
+        if self._finished("read", "epochs", r.epochs, "read.epochs") is not None:
             return {}
         trainer = ReadPhaseTrainer(self.model, r, retrieval_loss=self.retrieval_loss,
                                    generation_loss=self.generation_loss, teacher_llm=self.teacher_llm)
@@ -352,7 +344,7 @@ class Pipeline:
         from pqa_core.training.controls import ControlReaderDataset, ControlReaderTrainer
 
         r, data = self.config.read, self.config.data
-        if self._finished("control_read", epochs=r.epochs, budget="read.epochs") is not None:
+        if self._finished("control_read", "epochs", r.epochs, "read.epochs") is not None:
             return {}
         dataset = ControlReaderDataset(self.control(), self.train_qa, self.tokenizer, top_k=self.config.eval_top_k,
                                        prompt=data.prompt, max_answer_tokens=data.max_answer_tokens)
@@ -440,6 +432,12 @@ def checkpoints_to_load(config: PQAConfig) -> List[Path]:
             steps = sorted(root.glob("step-*"))
             if (root / "final").exists():
                 found.append(root / "final")
+                # a step checkpoint further (a finished phase that went on, then was killed): a resume goes
+                # on from it (resume_checkpoint); one as far was written with the final, by the same run
+                latest = latest_checkpoint(root)
+                at_final, at_latest = checkpoint_position(root / "final"), latest and checkpoint_position(latest)
+                if at_final and at_latest and at_latest["step"] > at_final["step"]:
+                    found.append(latest)
             elif steps:
                 found.append(steps[-1])
     return found
@@ -474,44 +472,62 @@ def check_output_dir(config: PQAConfig, run_fingerprint: Dict[str, Any], output_
 
 
 EPOCH_BUDGETS = {"write": "write.epochs", "read": "read.epochs", "control_read": "read.epochs"}
+PRETRAIN_BUDGET = "pretrain.epochs, pretrain.max_steps"
+
+
+def pretrain_steps(config: PQAConfig, questions: int) -> int:
+    """The steps pretraining takes: every batch of its epochs, or ``pretrain.max_steps`` when fewer."""
+    p = config.pretrain
+    steps = -(-questions // p.batch_size) * p.epochs
+    return min(steps, p.max_steps) if p.max_steps else steps
 
 
 def check_budget(output_dir: Path, phases, phase: str, unit: str, asked: int, budget: str) -> bool:
-    """Whether ``phase``'s final checkpoint in ``output_dir`` goes on: it trained fewer ``unit`` (steps or
-    epochs) than this run asks (``budget`` names the config key). Nothing depends on a budget but where
-    training stops, so going on ends with the weights of a run that asked for it from the start. Refused
-    (one line): a final checkpoint beyond the budget (the run would report less training than its
-    weights had), or one that goes on under a later phase of ``phases`` that already trained on it (a
-    resume would load that phase's checkpoint over the continued weights)."""
-    final = output_dir / "checkpoints" / phase / "final"
-    try:
-        done = int(json.loads((final / "state.json").read_text()).get("step" if unit == "steps" else "epoch") or 0)
-    except (OSError, ValueError, AttributeError):  # torn: loading it refuses it, naming the file
+    """Whether ``phase``'s checkpoints in ``output_dir`` end where this run's budget does (``asked`` steps or
+    epochs, ``unit``; ``budget`` names the config key): its final checkpoint is the phase, finished. Short of
+    it the phase goes on from them (nothing depends on a budget but where training stops, so it ends with
+    the weights of a run that asked for it from the start). Refused (one line): checkpoints beyond the
+    budget (the run would report less training than its weights had), or a finished phase going on under a
+    later phase of ``phases`` that already trained on it (a resume would load that phase's checkpoint over
+    the continued weights)."""
+    root = output_dir / "checkpoints" / phase
+    furthest = resume_checkpoint(root)
+    at = checkpoint_position(furthest) if furthest is not None else None
+    if at is None:  # nothing here (a torn checkpoint: loading it refuses it, naming the file)
         return False
+    final = root / "final"
+    if unit == "steps":
+        done, trained = at["step"], f"{at['step']} steps"
+    else:  # a step checkpoint is inside an epoch it has begun
+        done = at["epoch"] + (1 if at["step_in_epoch"] else 0)
+        trained = f"{at['epoch']} epochs" + (f" and {at['step_in_epoch']} steps of the next" if at["step_in_epoch"] else "")
     if done > asked:
-        raise UsageError(f"resume={output_dir}: the {phase} phase already trained {done} {unit} ({final}) and "
-                         f"this run asks for {asked} ({budget}): a finished phase is not cut back; ask for at "
-                         f"least {done}, or start a new run (init_from={final})")
-    if done == asked:
+        raise UsageError(f"resume={output_dir}: the {phase} phase already trained {trained} ({furthest}) and this "
+                         f"run asks for {asked} {unit} ({budget}): a phase is not cut back; ask for at least {done}, "
+                         f"or start a new run (init_from={furthest})")
+    if furthest != final:
         return False
+    if done == asked:
+        return True
     for later in TRAINED_PHASES[TRAINED_PHASES.index(phase) + 1:]:
-        root = output_dir / "checkpoints" / later
-        if later in phases and any(root.glob("*/MANIFEST.json")):
-            raise UsageError(f"resume={output_dir}: {budget} continues the {phase} phase ({done} of {asked} "
-                             f"{unit}), but the {later} phase already trained on its result ({root}); continue "
-                             f"a run's last trained phase only, or start a new run (init_from={final})")
+        if later in phases and any((output_dir / "checkpoints" / later).glob(f"*/{MANIFEST}")):
+            raise UsageError(f"resume={output_dir}: {budget} continues the {phase} phase ({done} of {asked} {unit}), "
+                             f"but the {later} phase already trained on its result ({output_dir / 'checkpoints' / later}"
+                             f"); continue a run's last trained phase only, or start a new run (init_from={final})")
     log.info("%s phase stopped at %d of %d %s in %s: going on", phase, done, asked, unit, final)
-    return True
+    return False
 
 
 def check_budgets(config: PQAConfig, output_dir: Path) -> None:
-    """The epoch budgets of a resume, checked before the run exists (a step budget needs the data:
-    ``Pipeline.run_pretrain`` checks it)."""
+    """A resume's budgets, checked before the run exists (``check_budget``)."""
     for phase, key in EPOCH_BUDGETS.items():
-        final = output_dir / "checkpoints" / phase / "final"
-        if phase in config.phases and (final / MANIFEST).exists():
+        if phase in config.phases:
             section, _, leaf = key.partition(".")
             check_budget(output_dir, config.phases, phase, "epochs", getattr(getattr(config, section), leaf), key)
+    if "pretrain" in config.phases and resume_checkpoint(output_dir / "checkpoints" / "pretrain") is not None:
+        questions = len(load_qa(resolve_data_path(config.data.qa), load_corpus(resolve_data_path(config.data.corpus))))
+        check_budget(output_dir, config.phases, "pretrain", "steps", pretrain_steps(config, questions),
+                     PRETRAIN_BUDGET)
 
 
 def config_defaults(config: PQAConfig) -> Dict[str, Any]:

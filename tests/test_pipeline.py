@@ -128,15 +128,21 @@ def test_a_finished_phase_asked_for_more_epochs_goes_on_to_the_weights_of_a_long
     reference = longer.run()
     Pipeline(short_config(tmp_path, "short"), RecordingLogger()).run()
     final = tmp_path / "short" / "checkpoints" / "read" / "final"
+    more = {"read.epochs": 2, "read.checkpoint_every": 16}  # 14 steps an epoch
+    crashed = CrashAt("read.total_loss", 17)  # killed while going on, past a step checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(short_config(tmp_path, "ignored", resume=str(tmp_path / "short"), **more), crashed).run()
+    assert crashed.info["read_resumed_from"] == str(final) and "write_resumed_from" not in crashed.info
     logger = RecordingLogger()
-    grown = Pipeline(short_config(tmp_path, "ignored", resume=str(tmp_path / "short"), **{"read.epochs": 2}), logger)
+    grown = Pipeline(short_config(tmp_path, "ignored", resume=str(tmp_path / "short"), **more), logger)
     assert grown.run() == reference
     for (name, a), (_, b) in zip(grown.model.named_parameters(), longer.model.named_parameters()):
         assert torch.equal(a, b), name
-    assert logger.info["read_resumed_from"] == str(final) and "write_resumed_from" not in logger.info
+    assert logger.info["read_resumed_from"] == str(final.parent / "step-0000016")
+    assert "read.epoch_total_loss" not in crashed.scalars
     assert len(epoch_series(logger, "read.epoch_total_loss")) == 1  # the added epoch only
     assert json.loads((final / "state.json").read_text())["epoch"] == 2
-    with pytest.raises(UsageError, match=r"the read phase already trained 2 epochs .* asks for 1 \(read\.epochs\)"):
+    with pytest.raises(UsageError, match=r"the read phase already trained 2 epochs .* asks for 1 epochs \(read\.epochs\)"):
         Pipeline(short_config(tmp_path, "ignored", resume=str(tmp_path / "short")), RecordingLogger()).run()
     more_writing = short_config(tmp_path, "ignored", resume=str(tmp_path / "short"), **{"read.epochs": 2,
                                                                                          "write.epochs": 3})
@@ -144,6 +150,21 @@ def test_a_finished_phase_asked_for_more_epochs_goes_on_to_the_weights_of_a_long
                                          r"phase already trained on its result"):
         Pipeline(more_writing, RecordingLogger()).run()
     assert json.loads((final / "state.json").read_text())["epoch"] == 2
+
+
+def test_a_phase_that_crashed_past_a_smaller_budget_is_refused_before_anything_runs(tmp_path):
+    """A read phase killed inside its second epoch (14 steps an epoch) cannot be resumed as a 1-epoch run:
+    its weights hold more than that, and a final checkpoint would say 1 epoch."""
+    from pqa_core.errors import UsageError
+
+    overrides = {"read.epochs": 2, "read.checkpoint_every": 16}
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(short_config(tmp_path, "crashed", **overrides), CrashAt("read.total_loss", 17)).run()
+    step = tmp_path / "crashed" / "checkpoints" / "read" / "step-0000016"
+    with pytest.raises(UsageError, match=r"the read phase already trained 1 epochs and 2 steps of the next "
+                                         rf"\({step}\) and this run asks for 1 epochs \(read\.epochs\)"):
+        Pipeline(short_config(tmp_path, "ignored", resume=str(tmp_path / "crashed")), RecordingLogger())
+    assert not (step.parent / "final").exists()
 
 
 def test_a_checkpoint_written_before_a_key_existed_resumes_while_the_key_keeps_its_default(tmp_path):

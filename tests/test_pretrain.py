@@ -148,6 +148,12 @@ def test_a_step_budget_ends_pretraining_early_and_the_artifact_says_so(split, tm
     stopped = json.loads((tmp_path / "run" / "checkpoints" / "pretrain" / "step-0000004" / "state.json").read_text())
     assert 0 < stopped["seconds"] <= first["seconds"]
     assert went_on["seconds"] > stopped["seconds"]  # the step checkpoint's time and the second process's, summed
+    # a smaller budget than the weights had is refused before the run: the artifact would say 4 steps
+    smaller = pretrain_config(split, tmp_path / "run", max_steps=4, checkpoint_every=0)
+    smaller.resume = str(tmp_path / "run")
+    with pytest.raises(UsageError, match=r"the pretrain phase already trained 6 steps .* asks for 4 steps "
+                                         r"\(pretrain\.epochs, pretrain\.max_steps\)"):
+        Pipeline(smaller)
 
 
 def test_a_finished_pretraining_resumed_is_loaded_not_trained_again(split, tmp_path):

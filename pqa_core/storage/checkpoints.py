@@ -428,9 +428,33 @@ def latest_checkpoint(root) -> Optional[Path]:
     return candidates[-1] if candidates else None
 
 
-def checkpoint_step(path) -> int:
-    """The global step a checkpoint folder was written at (its state.json)."""
-    return int(json.loads((Path(path) / "state.json").read_text()).get("step") or 0)
+def checkpoint_position(path) -> Optional[Dict[str, int]]:
+    """Where a checkpoint folder was written (its state.json): ``step`` (global), ``epoch`` and
+    ``step_in_epoch``; None when it cannot be read (torn: loading it refuses it, naming the file)."""
+    try:
+        state = json.loads((Path(path) / "state.json").read_text())
+        return {key: int(state.get(key) or 0) for key in ("step", "epoch", "step_in_epoch")}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def resume_checkpoint(root, batches_per_epoch: Optional[int] = None) -> Optional[Path]:
+    """What a phase under ``root`` goes on from: its latest complete ``step-*`` checkpoint, or its ``final``
+    when that is further (a finished phase asked for more), or as far and at the end of an epoch
+    (``batches_per_epoch``; else either): a final written where a step budget stopped mid-epoch counts
+    that epoch as done, so the step checkpoint beside it is the exact place."""
+    root = Path(root)
+    latest = latest_checkpoint(root)
+    final = root / "final"
+    if not (final / MANIFEST).exists():
+        return latest
+    at_final, at_latest = checkpoint_position(final), checkpoint_position(latest) if latest else None
+    if at_latest is None or at_final is None:
+        return final if at_latest is None else latest
+    if at_final["step"] > at_latest["step"] or (at_final["step"] == at_latest["step"] and (
+            batches_per_epoch is None or at_latest["step_in_epoch"] >= batches_per_epoch)):
+        return final
+    return latest
 
 
 def step_dir(root, step: int) -> Path:

@@ -21,8 +21,7 @@ from tqdm.auto import tqdm
 
 from pqa_core.errors import NonFiniteError
 from pqa_core.training import distributed
-from pqa_core.storage.checkpoints import (MANIFEST, checkpoint_step, latest_checkpoint, load_checkpoint,
-                                         save_checkpoint, step_dir)
+from pqa_core.storage.checkpoints import load_checkpoint, resume_checkpoint, save_checkpoint, step_dir
 from pqa_core.storage.tensor_files import check_mapped
 from pqa_core.modeling.device import pin_batches
 from pqa_core.training.optim import clip_grad_norm
@@ -121,15 +120,12 @@ class EpochLoop:
     def final_dir(self) -> Path:
         return self.root / "final"
 
-    def resume_point(self) -> tuple:
+    def resume_point(self, batches_per_epoch: int) -> tuple:
         """(epoch, step_in_epoch, global_step, the epoch's metric sums so far, steps summed) to start
-        from, loading the latest checkpoint if any; the sums keep a resumed epoch's averages exact. A final
-        checkpoint beyond every step checkpoint is the latest: a finished phase asked for more epochs goes on
-        from its end (``Pipeline._finished``)."""
-        latest = latest_checkpoint(self.root)
-        if (self.final_dir / MANIFEST).exists() and (latest is None or checkpoint_step(self.final_dir)
-                                                     > checkpoint_step(latest)):
-            latest = self.final_dir
+        from, loading the checkpoint a resume goes on from (``checkpoints.resume_checkpoint``: a finished
+        phase asked for more epochs goes on from its final) if any; the sums keep a resumed epoch's
+        averages exact."""
+        latest = resume_checkpoint(self.root, batches_per_epoch)
         if latest is None:
             return 0, 0, 0, {}, 0
         state = load_checkpoint(latest, self.model, self.optimizer, config=self.config_dict)
@@ -152,10 +148,10 @@ class EpochLoop:
     def run(self, dataset, *, epochs: int, batch_size: int, seed: int, step_fn: Callable[[dict], dict],
             epoch_end_fn: Optional[Callable[[int, int], dict]] = None, max_steps: int = 0) -> Dict[str, float]:
         """``max_steps`` > 0 ends the loop after that many steps in all (within an epoch, which then counts)."""
-        epoch, skip, step, resumed_sums, resumed_count = self.resume_point()
+        batches_per_epoch = (len(dataset) + batch_size - 1) // batch_size
+        epoch, skip, step, resumed_sums, resumed_count = self.resume_point(batches_per_epoch)
         self._started = time.perf_counter()
         self.steps_done = step
-        batches_per_epoch = (len(dataset) + batch_size - 1) // batch_size
         total = epochs * batches_per_epoch if not max_steps else min(max_steps, epochs * batches_per_epoch)
         last: Dict[str, float] = {}
         bar = tqdm(total=total, initial=step, desc=f"{self.phase} phase",
