@@ -5,8 +5,9 @@ them (by default all 16 that are left: 685 passages, 3,285 questions), holds out
 questions (by question, seeded) to score each artifact, and runs one tracked ``pqa run pretrain`` per
 reader: ``pqa`` (the encoder writer, the reader LoRA, the projection), ``closed_book`` and optionally
 ``text`` (the controls' readers, trained with the same steps and learning rate). Each run is resumable:
-run the same command again after an interruption, or with a larger ``--max-steps`` to go on from where a
-step budget stopped it. With ``--ship`` the artifacts are copied into
+run the same command again after an interruption, or with a larger ``--max-steps`` or ``--epochs`` to go
+on from where a budget stopped it (a smaller one than an output folder's training is refused: another
+``--out``). With ``--ship`` the artifacts are copied into
 ``pqa_core/pretrained/<llm>/<reader>/`` (what ``pqa demo`` starts from), beside a README saying how they
 were made.
 

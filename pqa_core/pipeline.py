@@ -432,11 +432,13 @@ def checkpoints_to_load(config: PQAConfig) -> List[Path]:
             steps = sorted(root.glob("step-*"))
             if (root / "final").exists():
                 found.append(root / "final")
-                # a step checkpoint further (a finished phase that went on, then was killed): a resume goes
-                # on from it (resume_checkpoint); one as far was written with the final, by the same run
+                # a step checkpoint further (a finished phase that went on, then was killed) is what a resume
+                # goes on from (resume_checkpoint), and one as far where a step budget (pretraining's) may
+                # have stopped mid-epoch; an epoch phase's final wins a tie
                 latest = latest_checkpoint(root)
                 at_final, at_latest = checkpoint_position(root / "final"), latest and checkpoint_position(latest)
-                if at_final and at_latest and at_latest["step"] > at_final["step"]:
+                if at_final and at_latest and (at_latest["step"] > at_final["step"] or (
+                        phase not in EPOCH_BUDGETS and at_latest["step"] == at_final["step"])):
                     found.append(latest)
             elif steps:
                 found.append(steps[-1])

@@ -156,6 +156,33 @@ def test_a_step_budget_ends_pretraining_early_and_the_artifact_says_so(split, tm
         Pipeline(smaller)
 
 
+def test_pretraining_killed_at_its_budget_before_the_final_checkpoint_ends_that_epoch_once(split, tmp_path):
+    """Killed between the step checkpoint at a budget's stop (the end of the first epoch: 13 batches) and the
+    final one: resumed, it writes the final with the epoch's averages and trains nothing; a larger budget
+    then goes on to the artifact a run with that budget from the start makes, no epoch trained twice."""
+    Pipeline(pretrain_config(split, tmp_path / "run", max_steps=13, checkpoint_every=0)).run()
+    final = tmp_path / "run" / "checkpoints" / "pretrain" / "final"
+    written = json.loads((final / "state.json").read_text())
+    shutil.rmtree(final)
+    again = pretrain_config(split, tmp_path / "run", max_steps=13, checkpoint_every=0)
+    again.resume = str(tmp_path / "run")
+    logger = RecordingLogger()
+    Pipeline(again, logger).run()
+    assert "pretrain.answer_loss" not in logger.scalars
+    rewritten = json.loads((final / "state.json").read_text())
+    assert (rewritten["step"], rewritten["epoch"]) == (written["step"], written["epoch"]) == (13, 1)
+    assert rewritten["metrics"] == written["metrics"] and "epoch_answer_loss" in written["metrics"]
+    grown = pretrain_config(split, tmp_path / "run", max_steps=15, checkpoint_every=0)
+    grown.resume = str(tmp_path / "run")
+    logger = RecordingLogger()
+    Pipeline(grown, logger).run()
+    assert [step for step, _ in logger.scalars["pretrain.answer_loss"]] == [14, 15]
+    Pipeline(pretrain_config(split, tmp_path / "straight", max_steps=15, checkpoint_every=0)).run()
+    went_on = load_file(str(tmp_path / "run" / "pretrained" / "model.safetensors"))
+    straight = load_file(str(tmp_path / "straight" / "pretrained" / "model.safetensors"))
+    assert all(torch.equal(went_on[k], straight[k]) for k in straight)
+
+
 def test_a_finished_pretraining_resumed_is_loaded_not_trained_again(split, tmp_path):
     """Its final checkpoint holds every step (state.json's step): no step after the last periodic checkpoint
     is redone."""

@@ -157,7 +157,9 @@ class EpochLoop:
         bar = tqdm(total=total, initial=step, desc=f"{self.phase} phase",
                    disable=not show_progress(), dynamic_ncols=True, leave=False)
         stopped = bool(max_steps) and step >= max_steps
-        while epoch < epochs and not stopped:
+        # resumed where a step budget stopped, before the final checkpoint was written: that epoch's end
+        # (its averages, its evaluation) is all that is left of it
+        while epoch < epochs and (not stopped or skip):
             sums: Dict[str, float] = resumed_sums
             count = resumed_count
             resumed_sums, resumed_count = {}, 0
@@ -165,6 +167,8 @@ class EpochLoop:
             for i, batch in enumerate(epoch_loader(dataset, batch_size, seed, epoch, pin_memory=pin)):
                 if i < skip:
                     continue
+                if stopped:
+                    break
                 check_mapped()  # a mapped table cut short would be a SIGBUS in this step
                 try:
                     metrics = step_fn(batch)
