@@ -127,6 +127,20 @@ def test_pretraining_resumed_after_a_crash_ends_with_the_same_artifact(artifact,
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)
 
 
+def grow_to_straight(split, tmp_path, done: int, steps: int) -> None:
+    """Resume ``tmp_path/run`` (stopped at ``done`` steps) with a budget of ``steps``: it trains only the steps
+    added and ends with the artifact a run with that budget from the start makes."""
+    grown = pretrain_config(split, tmp_path / "run", max_steps=steps, checkpoint_every=0)
+    grown.resume = str(tmp_path / "run")
+    logger = RecordingLogger()
+    Pipeline(grown, logger).run()
+    assert [step for step, _ in logger.scalars["pretrain.answer_loss"]] == list(range(done + 1, steps + 1))
+    Pipeline(pretrain_config(split, tmp_path / "straight", max_steps=steps, checkpoint_every=0)).run()
+    went_on = load_file(str(tmp_path / "run" / "pretrained" / "model.safetensors"))
+    straight = load_file(str(tmp_path / "straight" / "pretrained" / "model.safetensors"))
+    assert all(torch.equal(went_on[k], straight[k]) for k in straight)
+
+
 def test_a_step_budget_ends_pretraining_early_and_the_artifact_says_so(split, tmp_path):
     logger = RecordingLogger()
     Pipeline(pretrain_config(split, tmp_path / "run", max_steps=4, checkpoint_every=0), logger).run()
@@ -134,15 +148,7 @@ def test_a_step_budget_ends_pretraining_early_and_the_artifact_says_so(split, tm
     first = artifacts.read_manifest(str(tmp_path / "run"))["training"]
     assert first["steps"] == 4 and first["seconds"] > 0
     # a larger budget goes on from where the first stopped, to the artifact a run with it from the start makes
-    grown = pretrain_config(split, tmp_path / "run", max_steps=6, checkpoint_every=0)
-    grown.resume = str(tmp_path / "run")
-    logger = RecordingLogger()
-    Pipeline(grown, logger).run()
-    assert [step for step, _ in logger.scalars["pretrain.answer_loss"]] == [5, 6]
-    Pipeline(pretrain_config(split, tmp_path / "straight", max_steps=6, checkpoint_every=0)).run()
-    went_on = load_file(str(tmp_path / "run" / "pretrained" / "model.safetensors"))
-    straight = load_file(str(tmp_path / "straight" / "pretrained" / "model.safetensors"))
-    assert all(torch.equal(went_on[k], straight[k]) for k in straight)
+    grow_to_straight(split, tmp_path, 4, 6)
     went_on = artifacts.read_manifest(str(tmp_path / "run"))["training"]
     assert went_on["steps"] == 6
     stopped = json.loads((tmp_path / "run" / "checkpoints" / "pretrain" / "step-0000004" / "state.json").read_text())
@@ -172,15 +178,7 @@ def test_pretraining_killed_at_its_budget_before_the_final_checkpoint_ends_that_
     rewritten = json.loads((final / "state.json").read_text())
     assert (rewritten["step"], rewritten["epoch"]) == (written["step"], written["epoch"]) == (13, 1)
     assert rewritten["metrics"] == written["metrics"] and "epoch_answer_loss" in written["metrics"]
-    grown = pretrain_config(split, tmp_path / "run", max_steps=15, checkpoint_every=0)
-    grown.resume = str(tmp_path / "run")
-    logger = RecordingLogger()
-    Pipeline(grown, logger).run()
-    assert [step for step, _ in logger.scalars["pretrain.answer_loss"]] == [14, 15]
-    Pipeline(pretrain_config(split, tmp_path / "straight", max_steps=15, checkpoint_every=0)).run()
-    went_on = load_file(str(tmp_path / "run" / "pretrained" / "model.safetensors"))
-    straight = load_file(str(tmp_path / "straight" / "pretrained" / "model.safetensors"))
-    assert all(torch.equal(went_on[k], straight[k]) for k in straight)
+    grow_to_straight(split, tmp_path, 13, 15)
 
 
 def test_a_finished_pretraining_resumed_is_loaded_not_trained_again(split, tmp_path):
