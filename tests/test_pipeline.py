@@ -10,7 +10,7 @@ import torch
 
 from pqa_core.storage.checkpoints import config_signature, load_checkpoint, model_signature, save_checkpoint
 from pqa_core.config import PQAConfig
-from pqa_core.errors import CheckpointError, DataError
+from pqa_core.errors import CheckpointError, DataError, UsageError
 from pqa_core.pipeline import Pipeline
 from pqa_core.training.loop import RecordingLogger, param_groups
 
@@ -117,13 +117,12 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, crash):
     phase = crash[0].split(".")[0]
     assert f"{phase}_resumed_from" in logger.info
 
+
 def test_a_finished_phase_asked_for_more_epochs_goes_on_to_the_weights_of_a_longer_run(tmp_path):
     """read.epochs is a budget, not a recipe: a finished run resumed with more epochs trains only the ones
     added, from its final checkpoint, and ends bit-identical to a run that asked for them from the start.
     Asking a finished phase for fewer epochs, or for more of a phase that a later one already trained on,
     is one line, nothing trained."""
-    from pqa_core.errors import UsageError
-
     longer = Pipeline(short_config(tmp_path, "longer", **{"read.epochs": 2}), RecordingLogger())
     reference = longer.run()
     Pipeline(short_config(tmp_path, "short"), RecordingLogger()).run()
@@ -155,8 +154,6 @@ def test_a_finished_phase_asked_for_more_epochs_goes_on_to_the_weights_of_a_long
 def test_a_phase_that_crashed_past_a_smaller_budget_is_refused_before_anything_runs(tmp_path):
     """A read phase killed inside its second epoch (14 steps an epoch) cannot be resumed as a 1-epoch run:
     its weights hold more than that, and a final checkpoint would say 1 epoch."""
-    from pqa_core.errors import UsageError
-
     overrides = {"read.epochs": 2, "read.checkpoint_every": 16}
     with pytest.raises(KeyboardInterrupt):
         Pipeline(short_config(tmp_path, "crashed", **overrides), CrashAt("read.total_loss", 17)).run()
@@ -372,8 +369,6 @@ def test_hybrid_projection_keys_retrieval_on_minilm_and_write_phase_leaves_it(tm
 def test_minilm_init_with_a_key_of_the_wrong_size_is_a_usage_error(tmp_path):
     from pqa_core.modeling.builder import build_model
     from pqa_core.data.loading import load_corpus, sample_data_path
-    from pqa_core.errors import UsageError
-
     config = tiny_config(tmp_path, model={"llm": "tiny", "doc_init": "minilm", "num_memory_tokens": 2, "d_z": 128,
                                           "lora": {"enabled": False}}, projection={"name": "direct"})
     with pytest.raises(UsageError, match="needs a 384-float retrieval key; got model.d_z=128 with projection 'direct'"):
