@@ -9,7 +9,7 @@ run the same command again after an interruption, or with a larger ``--max-steps
 on from where a budget stopped it (a smaller one than an output folder's training is refused: another
 ``--out``). With ``--ship`` the artifacts are copied into
 ``pqa_core/pretrained/<llm>/<reader>/`` (what ``pqa demo`` starts from), beside a README saying how they
-were made.
+were made; ``--ship-variant NAME`` ships ``<reader>-NAME`` beside them instead of replacing them.
 
     # the shipped artifacts bench (a) uses (about 3 h + 20 min on this 2-core machine; 160 steps: 45 + 8 min):
     python bench/pretrain.py --readers pqa --questions 1600 --held-out 200 --epochs 2 --max-steps 400 \
@@ -95,8 +95,17 @@ def writer_parameters(name: str) -> dict:
     return plugins.component_defaults("writer", name)
 
 
-def ship(llm: str, reader: str, artifact: Path, data: dict, command: list, seconds: float) -> Path:
-    target = SHIPPED / llm / reader
+def shipped_name(reader: str, variant: str) -> str:
+    """The folder under ``pqa_core/pretrained/<llm>/``: the reader's name (what ``model.pretrained=auto``
+    takes), or ``<reader>-<variant>`` beside it (named by ``model.pretrained=shipped:<llm>/<reader>-<variant>``)."""
+    if variant and not all(part.isalnum() for part in variant.split("-")):
+        raise SystemExit(f"--ship-variant {variant!r}: letters, digits and single dashes only (e.g. keywords-m64)")
+    return f"{reader}-{variant}" if variant else reader
+
+
+def ship(llm: str, reader: str, artifact: Path, data: dict, command: list, seconds: float, variant: str = "") -> Path:
+    name = shipped_name(reader, variant)
+    target = SHIPPED / llm / name
     if target.exists():
         shutil.rmtree(target)
     shutil.copytree(artifact, target)
@@ -105,7 +114,13 @@ def ship(llm: str, reader: str, artifact: Path, data: dict, command: list, secon
     took = (f"{trained / 60:.0f} min of training" if trained is not None
             else f"{seconds / 60:.0f} min for this command, which resumed an earlier run")
     about = data["about"]
-    (target / "README.md").write_text(f"""# {llm} — pretrained {reader} reader
+    shape = manifest["shape"]
+    writer = (shape.get("writer") or {}).get("name")
+    use = " ".join([f"model.pretrained=shipped:{llm}/{name}", f"model.num_memory_tokens={shape['num_memory_tokens']}",
+                    *([f"writer.name={writer}"] if writer else [])])
+    (target / "README.md").write_text(f"""# {llm} — pretrained {reader} reader{f" ({variant})" if variant else ""}
+
+Start a run from it: `{use}`{" (what `model.pretrained=auto` takes)" if not variant else ""}.
 
 Made by `python bench/pretrain.py` with: `{shlex.join(command)}` ({took} on this project's
 2-core CPU machine). Files: `model.safetensors` (tensors), `contents.json` (hashes of the pretraining passages
@@ -150,7 +165,12 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("outputs/pretrain"))
     parser.add_argument("--ship", action="store_true", help="copy the artifacts into pqa_core/pretrained/")
+    parser.add_argument("--ship-variant", default="", metavar="NAME",
+                        help="with --ship: ship as pqa_core/pretrained/<llm>/<reader>-NAME beside the default "
+                             "artifacts (model.pretrained=shipped:<llm>/<reader>-NAME) instead of replacing them")
     args = parser.parse_args(argv)
+    if args.ship_variant:
+        shipped_name("pqa", args.ship_variant)  # refused before hours of training, not after
     data = build_data(args.out / "data", args.questions, args.held_out)
     print(json.dumps(data["about"]), file=sys.stderr)
     for reader in args.readers:
@@ -162,7 +182,7 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - start
         print(f"{reader}: {seconds / 60:.1f} min -> {out / 'pretrained'}", file=sys.stderr)
         if args.ship:
-            print(f"shipped: {ship(args.llm, reader, out / 'pretrained', data, command, seconds)}", file=sys.stderr)
+            print(f"shipped: {ship(args.llm, reader, out / 'pretrained', data, command, seconds, args.ship_variant)}", file=sys.stderr)
     return 0
 
 

@@ -604,7 +604,8 @@ def test_shipped_artifacts_verify_and_are_disjoint_from_the_sample():
         folder = manifest_file.parent
         assert (folder / "README.md").exists() and "CC BY-SA 4.0" in (folder / "README.md").read_text()
         manifest = artifacts.read_manifest(str(folder))  # every file's sha256 as listed
-        assert manifest["llm"]["name"] == "smollm2-135m" and folder.name == manifest["reader"]
+        assert manifest["llm"]["name"] == "smollm2-135m"
+        assert folder.name == manifest["reader"] or folder.name.startswith(manifest["reader"] + "-")  # a variant
         config = PQAConfig.from_dict({"model": {"pretrained": f"shipped:{folder.parent.name}/{folder.name}"}})
         artifacts.check_disjoint(config, manifest, questions, lambda q: [corpus[r].text for r in q.gold_rows])
     # and they fit the runs `pqa demo` makes (its named config; the closed-book control its own reader)
@@ -617,6 +618,31 @@ def test_shipped_artifacts_verify_and_are_disjoint_from_the_sample():
         config = PQAConfig.from_dict(values)
         manifest = artifacts.read_manifest(str(artifacts.SHIPPED_DIR / config.model.llm / reader))
         artifacts.check_fits_run(config, manifest, llm_identity(config.model.llm), 576)
+
+
+def test_a_shipped_variant_goes_beside_the_default_artifact_and_a_run_names_it(artifact, tmp_path, monkeypatch):
+    """``bench/pretrain.py --ship --ship-variant NAME`` ships ``<reader>-NAME`` beside the artifact
+    ``model.pretrained=auto`` takes, leaving that one as it was; its README says how to start a run from it."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench import pretrain as script
+
+    out, _, _ = artifact
+    shipped = tmp_path / "pretrained"
+    monkeypatch.setattr(script, "SHIPPED", shipped)
+    monkeypatch.setattr(artifacts, "SHIPPED_DIR", shipped)
+    data = {"about": {"articles": ["A", "B"], "passages": 28, "train_questions": 104, "held_out_questions": 8}}
+    default = script.ship("tiny", "pqa", out / "pretrained", data, ["pretrain"], 1.0)
+    before = {f.name: f.read_bytes() for f in default.iterdir()}
+    variant = script.ship("tiny", "pqa", out / "pretrained", data, ["pretrain", "--m", "2"], 1.0, "encoder-m2")
+    assert variant == shipped / "tiny" / "pqa-encoder-m2" and default == shipped / "tiny" / "pqa"
+    assert {f.name: f.read_bytes() for f in default.iterdir()} == before  # not replaced
+    readme = (variant / "README.md").read_text()
+    assert "`model.pretrained=shipped:tiny/pqa-encoder-m2 model.num_memory_tokens=2 writer.name=encoder`" in readme
+    assert "model.pretrained=auto" not in readme and "model.pretrained=auto" in (default / "README.md").read_text()
+    config = PQAConfig.from_dict({"model": {**TINY, "pretrained": "shipped:tiny/pqa-encoder-m2"}, "writer": ENCODER})
+    assert artifacts.artifact_path(config) == variant and artifacts.read_manifest(str(variant))["reader"] == "pqa"
+    with pytest.raises(SystemExit, match="--ship-variant"):
+        script.shipped_name("pqa", "../elsewhere")
 
 
 def test_an_artifact_made_before_a_parameter_existed_loads_with_what_it_was_made_with():
