@@ -2,6 +2,8 @@
 
 - ``keywords``: the input embeddings of the passage's most salient words (``pqa_core.modeling.keywords``);
   nothing to train.
+- ``sentences``: the input embeddings of the passage's most salient sentences, cut to m tokens: readable
+  text (extractive compression); nothing to train.
 - ``encoder``: ICAE/PISCO-style. The LLM's first ``layers`` transformer layers, with a LoRA of the
   writer's own, read the passage followed by m learned memory slots; the slots' last hidden states,
   through a small map (LayerNorm + Linear), are the m soft tokens. One batched forward pass writes
@@ -35,12 +37,14 @@ class KeywordsWriter(Writer):
     """The passage's ``num_tokens`` most salient words (tf-idf over the documents written together, names
     and numbers first: ``scoring``), as the LLM's input embeddings, in text order; zero where fewer."""
 
+    name, unit = "keywords", "words"  # unit: what is selected (pqa_core.modeling.keywords.SELECTIONS)
+
     def __init__(self, llm, tokenizer, num_tokens: int, keyword_scoring: str = "tfidf_names"):
         super().__init__()
         from pqa_core.modeling.keywords import SCORINGS
 
         if keyword_scoring not in SCORINGS:
-            raise ValueError(f"keywords writer: scoring {keyword_scoring!r}; available: {', '.join(SCORINGS)}")
+            raise ValueError(f"{self.name} writer: scoring {keyword_scoring!r}; available: {', '.join(SCORINGS)}")
         self._llm = [llm]  # referenced, not owned: its weights are not the writer's
         self.tokenizer, self.num_tokens, self.scoring = tokenizer, int(num_tokens), keyword_scoring
 
@@ -48,7 +52,16 @@ class KeywordsWriter(Writer):
         from pqa_core.modeling.keywords import salient_embeddings
 
         weight = self._llm[0].get_input_embeddings().weight.detach().float().cpu()
-        return salient_embeddings(texts, self.tokenizer, weight, self.num_tokens, self.scoring)
+        return salient_embeddings(texts, self.tokenizer, weight, self.num_tokens, self.scoring, unit=self.unit)
+
+
+class SentencesWriter(KeywordsWriter):
+    """The passage's most salient sentences (``salient_sentence_ids``: tf-idf of their words per token,
+    ``scoring``), cut to ``num_tokens`` tokens, as the LLM's input embeddings, in text order; zero where
+    shorter. Readable text where ``keywords`` gives a bag of words: the extractive-compression start a
+    learned writer should beat at the same number of soft tokens."""
+
+    name, unit = "sentences", "sentences"
 
 
 class LoraLinear(nn.Module):
@@ -241,4 +254,5 @@ class EncoderWriter(Writer):
 @hookimpl
 def pqa_register_writers(register):
     register("keywords", KeywordsWriter)
+    register("sentences", SentencesWriter)
     register("encoder", EncoderWriter)

@@ -53,3 +53,49 @@ def test_every_scoring_keeps_the_budget_text_order_and_no_stop_word(tokenizer):
 def test_an_unknown_scoring_is_refused_by_name(tokenizer):
     with pytest.raises(ValueError, match="keyword scoring must be one of tfidf_names, idf, got 'bm25'"):
         salient_token_ids(PASSAGES, tokenizer, 4, "bm25")
+
+
+# only the middle sentence holds a word that is not a stop word
+STORY = "It was what it was. Halvorsen sailed the Zorbic to Osterby in 1712. And so it is, as it was before."
+
+
+def test_sentences_keep_the_most_salient_whole_sentences_in_text_order(tokenizer):
+    from pqa_core.modeling.keywords import salient_sentence_ids, sentences
+
+    parts = sentences(STORY)
+    assert parts == ["It was what it was.", "Halvorsen sailed the Zorbic to Osterby in 1712.",
+                     "And so it is, as it was before."]
+    texts = [STORY, *PASSAGES]
+    ids = [tokenizer(p if i == 0 else " " + p, add_special_tokens=False)["input_ids"] for i, p in enumerate(parts)]
+    # room for the salient sentence alone: it is kept whole, not the first one
+    names = salient_sentence_ids(texts, tokenizer, len(ids[1]))[0]
+    assert names == ids[1]
+    # room for two: the salient one and then, of the two equally bare, the earlier; in text order
+    assert salient_sentence_ids(texts, tokenizer, len(ids[0]) + len(ids[1]))[0] == ids[0] + ids[1]
+    # a budget ending inside a sentence keeps its beginning, and never more than the budget
+    assert salient_sentence_ids(texts, tokenizer, len(ids[1]) + 3)[0] == ids[0][:3] + ids[1]
+    whole = salient_sentence_ids(texts, tokenizer, 10_000)[0]
+    assert " ".join(tokenizer.decode(whole).split()) == " ".join(STORY.split())  # all of it, in order
+    with pytest.raises(ValueError, match="keyword scoring must be one of"):
+        salient_sentence_ids(texts, tokenizer, 4, "bm25")
+
+
+def test_the_sentences_writer_writes_the_embeddings_of_its_sentences(tokenizer):
+    import torch
+
+    from pqa_core.components import plugins
+    from pqa_core.modeling.keywords import salient_sentence_ids
+    from pqa_core.modeling.llm import load_llm
+
+    llm, tok = load_llm("tiny")
+    plugins.load_plugins()
+    texts = [STORY, *PASSAGES]
+    writer = plugins.build("writer", "sentences", {}, {"llm": llm, "tokenizer": tok, "num_tokens": 12,
+                                                       "keyword_scoring": "tfidf_names", "d_model": None})
+    written = writer.write_documents(texts, [[]] * len(texts))
+    weight = llm.get_input_embeddings().weight.detach().float()
+    for row, ids in zip(written, salient_sentence_ids(texts, tok, 12)):
+        assert torch.equal(row[:len(ids)], weight[ids]) and not row[len(ids):].any()
+    keywords = plugins.build("writer", "keywords", {}, {"llm": llm, "tokenizer": tok, "num_tokens": 12,
+                                                        "keyword_scoring": "tfidf_names", "d_model": None})
+    assert not torch.equal(keywords.write_documents(texts, [[]] * len(texts)), written)  # another selection

@@ -1,4 +1,4 @@
-"""Salient tokens of a passage: its most informative words, kept in text order.
+"""Salient tokens of a passage: its most informative words (or sentences), kept in text order.
 
 What ``model.content_init=keywords`` starts a document's soft tokens from: the input embeddings of
 the words questions ask about, as prompt tuning starts soft prompts from vocabulary embeddings. The
@@ -84,14 +84,64 @@ def salient_token_ids(texts: Sequence[str], tokenizer, budget: int, scoring: str
     return out
 
 
+SENTENCE_BREAK = re.compile(r"(?<=[.!?])[\"'’”)\]]*\s+(?=[\"'“(\[]?[A-Z0-9])")
+
+
+def sentences(text: str) -> List[str]:
+    """``text`` cut after ``.``, ``!`` or ``?`` (and closing quotes or brackets) where the next word opens
+    with a capital or a digit; an abbreviation such as "U.S. Army" is cut too, which costs only a
+    sentence's rank."""
+    return [part.strip() for part in SENTENCE_BREAK.split(text) if part.strip()]
+
+
+def salient_sentence_ids(texts: Sequence[str], tokenizer, budget: int, scoring: str = "tfidf_names",
+                         frequencies: Optional[Tuple[Counter, int]] = None) -> List[List[int]]:
+    """Per text, the LLM token ids of its most salient sentences, at most ``budget`` tokens, in text order:
+    readable text, not a bag of words. A sentence's salience is the summed score (``SCORINGS``, idf as in
+    ``salient_token_ids``) of its distinct content words per token, so a short sentence dense in names
+    comes before a long one; sentences are kept best first and the one that does not fit is cut to the
+    tokens left (its beginning). Ties go to the earlier sentence."""
+    if scoring not in SCORINGS:
+        raise ValueError(f"keyword scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
+    score = SCORINGS[scoring]
+    words = [_content_words(text) for text in texts]
+    df, n = frequencies or _frequencies(words)
+    out = []
+    for text, text_words in zip(texts, words):
+        tf = Counter(m.group(0).lower() for m in text_words)
+        best: Dict[str, float] = {}
+        for match in text_words:
+            word = match.group(0).lower()
+            value = score(math.log((n + 1) / (1 + df[word])), tf[word], match.group(0), match.start(), text)
+            best[word] = max(best.get(word, value), value)
+        ranked = []
+        for index, sentence in enumerate(sentences(text)):
+            ids = tokenizer(sentence if index == 0 else " " + sentence, add_special_tokens=False)["input_ids"]
+            salience = sum(best.get(w, 0.0) for w in {m.group(0).lower() for m in _content_words(sentence)})
+            ranked.append((-salience / max(1, len(ids)), index, ids))
+        kept, used = [], 0
+        for _, index, ids in sorted(ranked, key=lambda r: (r[0], r[1])):
+            if used == budget:
+                break
+            kept.append((index, ids[:budget - used]))
+            used += len(kept[-1][1])
+        out.append([t for _, ids in sorted(kept) for t in ids])
+    return out
+
+
+SELECTIONS = {"words": salient_token_ids, "sentences": salient_sentence_ids}
+"""What a passage's soft tokens start from: its salient words (``keywords``) or sentences (``sentences``)."""
+
+
 def salient_embeddings(texts: Sequence[str], tokenizer, weight, budget: int, scoring: str = "tfidf_names",
-                       frequencies: Optional[Tuple[Counter, int]] = None):
+                       frequencies: Optional[Tuple[Counter, int]] = None, unit: str = "words"):
     """``[N, budget, d]`` float32 on ``weight``'s device: each text's salient words (``salient_token_ids``)
-    as rows of ``weight`` (the LLM's input embeddings), in text order; zero where a text has fewer."""
+    or sentences (``unit="sentences"``: ``salient_sentence_ids``) as rows of ``weight`` (the LLM's input
+    embeddings), in text order; zero where a text has fewer."""
     import torch
 
     out = torch.zeros(len(texts), budget, weight.shape[1], device=weight.device)
-    for i, ids in enumerate(salient_token_ids(list(texts), tokenizer, budget, scoring, frequencies)):
+    for i, ids in enumerate(SELECTIONS[unit](list(texts), tokenizer, budget, scoring, frequencies)):
         if ids:
             out[i, :len(ids)] = weight[torch.tensor(ids, device=weight.device)].detach().float()
     return out
