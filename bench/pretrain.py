@@ -103,6 +103,32 @@ def shipped_name(reader: str, variant: str) -> str:
     return f"{reader}-{variant}" if variant else reader
 
 
+def run_settings(llm: str, name: str, manifest: dict) -> list:
+    """The ``KEY=VALUE`` settings a run starts from shipped artifact ``name`` with: the LLM, the artifact,
+    and every setting its shape (``check_fits_run``) differs from the defaults in: m, LoRA, writer and
+    projection parameters for a pqa reader; the control for a closed-book or text reader."""
+    from pqa_core.config import PQAConfig
+    from pqa_core.storage.pretrained import saved_shape, shape_of
+
+    shape, reader = saved_shape(manifest), manifest["reader"]
+    settings = [f"model.llm={llm}", f"model.pretrained=shipped:{llm}/{name}"]
+    if reader != "pqa":  # a text reader fits any control that reads text: oracle is one
+        settings.append("control.name=" + ("closed_book" if reader == "closed_book" else "oracle"))
+    sections = {kind: {"name": shape[kind]["name"]} for kind in ("writer", "projection")
+                if reader == "pqa" and isinstance(shape.get(kind), dict)}
+    default = shape_of(PQAConfig.from_dict({"model": {"llm": llm}, **sections}), shape.get("d_model"))
+    if reader == "pqa" and shape["num_memory_tokens"] != default["num_memory_tokens"]:
+        settings.append(f"model.num_memory_tokens={shape['num_memory_tokens']}")
+    for key, value in (shape.get("lora") or {}).items():
+        if value != (default["lora"] or {}).get(key):
+            settings.append(f"model.lora.{key}={json.dumps(value)}")
+    for kind, section in sections.items():
+        for key, value in shape[kind].items():
+            if key == "name" or value != default[kind].get(key):
+                settings.append(f"{kind}.{key}={value if isinstance(value, str) else json.dumps(value)}")
+    return settings
+
+
 def ship(llm: str, reader: str, artifact: Path, data: dict, command: list, seconds: float, variant: str = "") -> Path:
     name = shipped_name(reader, variant)
     target = SHIPPED / llm / name
@@ -114,10 +140,7 @@ def ship(llm: str, reader: str, artifact: Path, data: dict, command: list, secon
     took = (f"{trained / 60:.0f} min of training" if trained is not None
             else f"{seconds / 60:.0f} min for this command, which resumed an earlier run")
     about = data["about"]
-    shape = manifest["shape"]
-    writer = (shape.get("writer") or {}).get("name")
-    use = " ".join([f"model.pretrained=shipped:{llm}/{name}", f"model.num_memory_tokens={shape['num_memory_tokens']}",
-                    *([f"writer.name={writer}"] if writer else [])])
+    use = shlex.join(run_settings(llm, name, manifest))
     (target / "README.md").write_text(f"""# {llm} — pretrained {reader} reader{f" ({variant})" if variant else ""}
 
 Start a run from it: `{use}`{" (what `model.pretrained=auto` takes)" if not variant else ""}.
@@ -169,8 +192,10 @@ def main(argv=None) -> int:
                         help="with --ship: ship as pqa_core/pretrained/<llm>/<reader>-NAME beside the default "
                              "artifacts (model.pretrained=shipped:<llm>/<reader>-NAME) instead of replacing them")
     args = parser.parse_args(argv)
-    if args.ship_variant:
-        shipped_name("pqa", args.ship_variant)  # refused before hours of training, not after
+    if args.ship_variant:  # refused before hours of training, not after
+        if not args.ship:
+            parser.error("--ship-variant names what --ship ships: give both")
+        shipped_name("pqa", args.ship_variant)
     data = build_data(args.out / "data", args.questions, args.held_out)
     print(json.dumps(data["about"]), file=sys.stderr)
     for reader in args.readers:

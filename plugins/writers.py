@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 
 
 class KeywordsWriter(Writer):
-    """The passage's ``num_tokens`` most salient words (tf-idf over the documents written together, names
-    and numbers first: ``scoring``), as the LLM's input embeddings, in text order; zero where fewer."""
+    """The passage's ``num_tokens`` most salient words (tf-idf over the corpus, names and numbers first:
+    ``scoring``), as the LLM's input embeddings, in text order; zero where fewer."""
 
     name, unit = "keywords", "words"  # unit: what is selected (pqa_core.modeling.keywords.SELECTIONS)
 
@@ -47,17 +47,25 @@ class KeywordsWriter(Writer):
             raise ValueError(f"{self.name} writer: scoring {keyword_scoring!r}; available: {', '.join(SCORINGS)}")
         self._llm = [llm]  # referenced, not owned: its weights are not the writer's
         self.tokenizer, self.num_tokens, self.scoring = tokenizer, int(num_tokens), keyword_scoring
+        self.frequencies = None  # the corpus's word counts (prepare); else those of the passages written together
+
+    def prepare(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> None:
+        """The corpus's idf: a passage's words are the same whichever block of rows it is written in."""
+        from pqa_core.modeling.keywords import document_frequencies
+
+        self.frequencies = document_frequencies(texts)
 
     def write_documents(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
         from pqa_core.modeling.keywords import salient_embeddings
 
         weight = self._llm[0].get_input_embeddings().weight.detach().float().cpu()
-        return salient_embeddings(texts, self.tokenizer, weight, self.num_tokens, self.scoring, unit=self.unit)
+        return salient_embeddings(texts, self.tokenizer, weight, self.num_tokens, self.scoring, self.frequencies,
+                                  unit=self.unit)
 
 
 class SentencesWriter(KeywordsWriter):
-    """The passage's most salient sentences (``salient_sentence_ids``: tf-idf of their words per token,
-    ``scoring``), cut to ``num_tokens`` tokens, as the LLM's input embeddings, in text order; zero where
+    """The passage's most salient sentences (``salient_sentence_ids``: tf-idf over the corpus of their words
+    per token, ``scoring``), cut to ``num_tokens`` tokens, as the LLM's input embeddings, in text order; zero where
     shorter. Readable text where ``keywords`` gives a bag of words: the extractive-compression start a
     learned writer should beat at the same number of soft tokens."""
 

@@ -89,8 +89,9 @@ class ModelSettings:
                                              "encoder's first m memory slots, a projection's first m output "
                                              "blocks); the encoder's anchor words are the run's own m",
                                     choices=("exact", "first"))
-    keyword_scoring: str = setting("tfidf_names", "which words are a passage's keywords: tfidf_names (frequent "
-                                                  "here, rare elsewhere, names and numbers first), idf (the rarest)",
+    keyword_scoring: str = setting("tfidf_names", "which words are a passage's keywords (and so its salient "
+                                                  "sentences): tfidf_names (frequent here, rare elsewhere, names "
+                                                  "and numbers first), idf (the rarest)",
                                    choices=KEYWORD_SCORINGS)
     lora: LoraSettings = setting(help="the reader's LoRA", factory=LoraSettings)
     device: str = setting("auto", "where the run computes: auto, cpu, cuda, cuda:N, mps")

@@ -25,7 +25,7 @@ def pqa_register_projections(register):
 
 @hookspec
 def pqa_register_writers(register):
-    """Register writers: a document's text -> the soft-token part of its z (keywords, an encoder)."""
+    """Register writers: a document's text -> the soft-token part of its z (keywords, sentences, an encoder)."""
 
 
 @hookspec

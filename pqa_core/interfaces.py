@@ -114,7 +114,7 @@ class Writer(nn.Module):
     ids, no eos) without gradient; the run calls it once when the model is built, and the write phase
     may refine what it wrote. A writer with trainable parameters (``trainable = True``) also implements
     ``forward(token_ids) -> [B, m, d_model]`` with gradient: ``pqa run pretrain`` trains it through the
-    reader (ICAE/PISCO-style). One without (``keywords``) has nothing to pretrain.
+    reader (ICAE/PISCO-style). One without (``keywords``, ``sentences``) has nothing to pretrain.
     """
 
     trainable = False

@@ -74,6 +74,14 @@ def test_sentences_keep_the_most_salient_whole_sentences_in_text_order(tokenizer
     assert salient_sentence_ids(texts, tokenizer, len(ids[0]) + len(ids[1]))[0] == ids[0] + ids[1]
     # a budget ending inside a sentence keeps its beginning, and never more than the budget
     assert salient_sentence_ids(texts, tokenizer, len(ids[1]) + 3)[0] == ids[0][:3] + ids[1]
+    # closing quotes and brackets stay with their sentence; nothing but whitespace is lost
+    said = 'He said: "Go!" Then (at dawn.) Évian left… 1712 came? ‘Next’ one. U.S. Army met e.g. them.'
+    assert sentences(said) == ['He said: "Go!"', "Then (at dawn.)", "Évian left…", "1712 came?", "‘Next’ one.",
+                               "U.S.", "Army met e.g. them."]
+    assert sentences("") == sentences("  \n ") == [] and sentences("no stop here") == ["no stop here"]
+    assert salient_sentence_ids(["", "no stop here"], tokenizer, 0) == [[], []]
+    longest = tokenizer("no stop here", add_special_tokens=False)["input_ids"]
+    assert salient_sentence_ids(["no stop here", *PASSAGES], tokenizer, 2)[0] == longest[:2]  # its beginning
     whole = salient_sentence_ids(texts, tokenizer, 10_000)[0]
     assert " ".join(tokenizer.decode(whole).split()) == " ".join(STORY.split())  # all of it, in order
     with pytest.raises(ValueError, match="keyword scoring must be one of"):
@@ -99,3 +107,31 @@ def test_the_sentences_writer_writes_the_embeddings_of_its_sentences(tokenizer):
     keywords = plugins.build("writer", "keywords", {}, {"llm": llm, "tokenizer": tok, "num_tokens": 12,
                                                         "keyword_scoring": "tfidf_names", "d_model": None})
     assert not torch.equal(keywords.write_documents(texts, [[]] * len(texts)), written)  # another selection
+
+
+def test_the_sentences_writer_keeps_the_writer_contract():
+    from pqa_core.testing import check_plugin
+
+    check_plugin("writer", "sentences")
+
+
+@pytest.mark.parametrize("name", ["keywords", "sentences"])
+def test_a_passage_is_written_with_the_corpus_idf_whichever_block_holds_it(name):
+    """Prepared with the corpus, a writer writes a passage alone as it writes it among all the others
+    (a table larger than one block of rows is written block by block)."""
+    import torch
+
+    from pqa_core.components import plugins
+    from pqa_core.modeling.llm import load_llm
+
+    llm, tok = load_llm("tiny")
+    plugins.load_plugins()
+    texts = [STORY, *PASSAGES]
+    writer = plugins.build("writer", name, {}, {"llm": llm, "tokenizer": tok, "num_tokens": 6,
+                                                "keyword_scoring": "idf", "d_model": None})
+    unprepared = writer.write_documents(texts[1:2], [[]])
+    writer.prepare(texts, [[]] * len(texts))
+    together, alone = writer.write_documents(texts, [[]] * len(texts)), writer.write_documents(texts[1:2], [[]])
+    assert torch.equal(together[1], alone[0])
+    if name == "keywords":  # alone, its own idf chooses other words (the passage is one sentence: the same)
+        assert not torch.equal(unprepared[0], alone[0])

@@ -4,6 +4,7 @@ trains and writes a batch of documents in one pass."""
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -637,10 +638,28 @@ def test_a_shipped_variant_goes_beside_the_default_artifact_and_a_run_names_it(a
     assert variant == shipped / "tiny" / "pqa-encoder-m2" and default == shipped / "tiny" / "pqa"
     assert {f.name: f.read_bytes() for f in default.iterdir()} == before  # not replaced
     readme = (variant / "README.md").read_text()
-    assert "`model.pretrained=shipped:tiny/pqa-encoder-m2 model.num_memory_tokens=2 writer.name=encoder`" in readme
     assert "model.pretrained=auto" not in readme and "model.pretrained=auto" in (default / "README.md").read_text()
-    config = PQAConfig.from_dict({"model": {**TINY, "pretrained": "shipped:tiny/pqa-encoder-m2"}, "writer": ENCODER})
-    assert artifacts.artifact_path(config) == variant and artifacts.read_manifest(str(variant))["reader"] == "pqa"
+    # the settings its README gives start a run it fits (every one its shape differs from the defaults in)
+    line = readme.split("Start a run from it: `")[1].split("`")[0]
+    assert "model.pretrained=shipped:tiny/pqa-encoder-m2" in line and "writer.layers=1" in line
+    values = {}
+    for setting in shlex.split(line):
+        key, _, value = setting.partition("=")
+        *path, leaf = key.split(".")
+        node = values
+        for part in path:
+            node = node.setdefault(part, {})
+        try:
+            node[leaf] = json.loads(value)
+        except ValueError:
+            node[leaf] = value
+    config = PQAConfig.from_dict(values)
+    manifest = artifacts.read_manifest(str(variant))
+    assert artifacts.artifact_path(config) == variant
+    artifacts.check_fits_run(config, manifest, manifest["llm"], manifest["shape"]["d_model"])
+    config.writer["layers"] = 2  # and the check does look at them
+    with pytest.raises(UsageError, match="made for writer="):
+        artifacts.check_fits_run(config, manifest, manifest["llm"], manifest["shape"]["d_model"])
     with pytest.raises(SystemExit, match="--ship-variant"):
         script.shipped_name("pqa", "../elsewhere")
 

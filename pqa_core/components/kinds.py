@@ -32,7 +32,8 @@ CONTEXT_DOCS = {
     "input_std": "std of the initial doc vectors z (MiniLM or random init)",
     "pad_token_id": "the LLM tokenizer's pad token id",
     "tokenizer": "the LLM's tokenizer (writers only)",
-    "keyword_scoring": "`model.keyword_scoring`: which words are a passage's keywords (writers only)",
+    "keyword_scoring": "`model.keyword_scoring`: which words are a passage's keywords, and so its salient sentences "
+                       "(writers only)",
     "lora_target_modules": "`model.lora.target_modules`: the module names a LoRA adapts (writers only)",
 }
 """What each ``MODEL_CONTEXT`` parameter means (the README's table of them; a test keeps the two equal)."""

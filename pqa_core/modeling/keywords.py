@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 WORD = re.compile(r"[\w'’\-]+")
 SENTENCE_END = re.compile(r"[.!?:;\"'“”()\[\]]\s*$")
@@ -53,11 +53,11 @@ def _frequencies(words: list) -> Tuple[Counter, int]:
     return Counter(w for found in words for w in {m.group(0).lower() for m in found}), len(words)
 
 
-def salient_token_ids(texts: Sequence[str], tokenizer, budget: int, scoring: str = "tfidf_names",
-                      frequencies: Optional[Tuple[Counter, int]] = None) -> List[List[int]]:
-    """Per text, the LLM token ids of its highest-scoring distinct words (idf over ``texts``, or over the
-    corpus ``frequencies`` describe; English stop words never count), at most ``budget`` tokens, in the
-    order the words appear; ties go to the earlier word. ``scoring``: a name of ``SCORINGS``."""
+def scored_words(texts: Sequence[str], scoring: str = "tfidf_names",
+                 frequencies: Optional[Tuple[Counter, int]] = None) -> List[Dict[str, Tuple[float, int, Any]]]:
+    """Per text, each distinct lower-cased content word -> (its score at its first occurrence, that
+    occurrence's index among the text's content words, its match): idf over ``texts``, or over the
+    corpus ``frequencies`` describe; English stop words never count. ``scoring``: a name of ``SCORINGS``."""
     if scoring not in SCORINGS:
         raise ValueError(f"keyword scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
     score = SCORINGS[scoring]
@@ -66,14 +66,23 @@ def salient_token_ids(texts: Sequence[str], tokenizer, budget: int, scoring: str
     out = []
     for text, text_words in zip(texts, words):
         tf = Counter(m.group(0).lower() for m in text_words)
-        unique = {}
+        first = {}
         for index, match in enumerate(text_words):
-            unique.setdefault(match.group(0).lower(), (index, match))
-        ranked = sorted(unique.items(), key=lambda kv: (
-            -score(math.log((n + 1) / (1 + df[kv[0]])), tf[kv[0]], kv[1][1].group(0), kv[1][1].start(), text),
-            kv[1][0]))
+            first.setdefault(match.group(0).lower(), (index, match))
+        out.append({word: (score(math.log((n + 1) / (1 + df[word])), tf[word], match.group(0), match.start(), text),
+                           index, match) for word, (index, match) in first.items()})
+    return out
+
+
+def salient_token_ids(texts: Sequence[str], tokenizer, budget: int, scoring: str = "tfidf_names",
+                      frequencies: Optional[Tuple[Counter, int]] = None) -> List[List[int]]:
+    """Per text, the LLM token ids of its highest-scoring distinct words (``scored_words``), at most
+    ``budget`` tokens, in the order the words appear; ties go to the earlier word."""
+    out = []
+    for scored in scored_words(texts, scoring, frequencies):
+        ranked = sorted(scored.values(), key=lambda entry: (-entry[0], entry[1]))
         kept, used = [], 0
-        for _, (index, match) in ranked:
+        for _, index, match in ranked:
             ids = tokenizer(" " + match.group(0), add_special_tokens=False)["input_ids"]
             if used + len(ids) <= budget:
                 kept.append((index, ids))
@@ -84,40 +93,38 @@ def salient_token_ids(texts: Sequence[str], tokenizer, budget: int, scoring: str
     return out
 
 
-SENTENCE_BREAK = re.compile(r"(?<=[.!?])[\"'’”)\]]*\s+(?=[\"'“(\[]?[A-Z0-9])")
+SENTENCE_END_AT = re.compile(r"[.!?…]+[\"'’”»)\]]*(?=\s+[\"'‘“«(\[¿¡]*\w)")
 
 
 def sentences(text: str) -> List[str]:
-    """``text`` cut after ``.``, ``!`` or ``?`` (and closing quotes or brackets) where the next word opens
-    with a capital or a digit; an abbreviation such as "U.S. Army" is cut too, which costs only a
-    sentence's rank."""
-    return [part.strip() for part in SENTENCE_BREAK.split(text) if part.strip()]
+    """``text`` cut after ``.``, ``!``, ``?`` or ``…`` (closing quotes and brackets stay with the sentence
+    they close) where the next word opens with a capital or a digit; every character but the whitespace
+    between sentences is kept. Written for text that separates sentences with spaces (not Chinese or
+    Japanese); an abbreviation such as "U.S. Army" is cut too, which costs only a sentence's rank."""
+    out, start = [], 0
+    for end in SENTENCE_END_AT.finditer(text):
+        following = text[end.end():].lstrip().lstrip("\"'‘“«([¿¡")
+        if following[:1].isupper() or following[:1].isdigit():
+            out.append(text[start:end.end()])
+            start = end.end()
+    out.append(text[start:])
+    return [part.strip() for part in out if part.strip()]
 
 
 def salient_sentence_ids(texts: Sequence[str], tokenizer, budget: int, scoring: str = "tfidf_names",
                          frequencies: Optional[Tuple[Counter, int]] = None) -> List[List[int]]:
     """Per text, the LLM token ids of its most salient sentences, at most ``budget`` tokens, in text order:
-    readable text, not a bag of words. A sentence's salience is the summed score (``SCORINGS``, idf as in
-    ``salient_token_ids``) of its distinct content words per token, so a short sentence dense in names
-    comes before a long one; sentences are kept best first and the one that does not fit is cut to the
-    tokens left (its beginning). Ties go to the earlier sentence."""
-    if scoring not in SCORINGS:
-        raise ValueError(f"keyword scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
-    score = SCORINGS[scoring]
-    words = [_content_words(text) for text in texts]
-    df, n = frequencies or _frequencies(words)
+    readable text, not a bag of words. A sentence's salience is the summed score of its distinct content
+    words (``scored_words``, as ``salient_token_ids`` scores them) per token, so a short sentence dense in
+    names comes before a long one; sentences are kept best first and the one that does not fit is cut to
+    the tokens left (its beginning: a low-ranked sentence's first words may fill the last few). Ties go to
+    the earlier sentence."""
     out = []
-    for text, text_words in zip(texts, words):
-        tf = Counter(m.group(0).lower() for m in text_words)
-        best: Dict[str, float] = {}
-        for match in text_words:
-            word = match.group(0).lower()
-            value = score(math.log((n + 1) / (1 + df[word])), tf[word], match.group(0), match.start(), text)
-            best[word] = max(best.get(word, value), value)
+    for text, scored in zip(texts, scored_words(texts, scoring, frequencies)):
         ranked = []
         for index, sentence in enumerate(sentences(text)):
             ids = tokenizer(sentence if index == 0 else " " + sentence, add_special_tokens=False)["input_ids"]
-            salience = sum(best.get(w, 0.0) for w in {m.group(0).lower() for m in _content_words(sentence)})
+            salience = sum(scored.get(w, (0.0,))[0] for w in {m.group(0).lower() for m in _content_words(sentence)})
             ranked.append((-salience / max(1, len(ids)), index, ids))
         kept, used = [], 0
         for _, index, ids in sorted(ranked, key=lambda r: (r[0], r[1])):
@@ -140,6 +147,8 @@ def salient_embeddings(texts: Sequence[str], tokenizer, weight, budget: int, sco
     embeddings), in text order; zero where a text has fewer."""
     import torch
 
+    if unit not in SELECTIONS:
+        raise ValueError(f"salient unit must be one of {', '.join(SELECTIONS)}, got {unit!r}")
     out = torch.zeros(len(texts), budget, weight.shape[1], device=weight.device)
     for i, ids in enumerate(SELECTIONS[unit](list(texts), tokenizer, budget, scoring, frequencies)):
         if ids:
