@@ -178,7 +178,9 @@ class ReadSettings:
     """``read``: the read phase trains selection and answering together, ``L_gen + λ·L_retrieval``."""
     epochs: int = setting(2, "read-phase epochs", range=COUNT)
     batch_size: int = setting(8, "questions per step", range=COUNT)
-    lr_z: float = setting(1e-2, "learning rate of z", range=RATE)
+    lr_z: float = setting(1e-2, "learning rate of z; 0: the read phase leaves z as written, keys included "
+                                "(bench (a): soft tokens that are text, writer=sentences, are read far better so)",
+                          range=WEIGHT)
     lr_lora: float = setting(3e-4, "learning rate of the LoRA", range=RATE)
     lr_selector: float = setting(1e-4, "learning rate of the selector", range=RATE)
     lr_query_encoder: Optional[float] = setting(None, "learning rate of the query encoder; null = 0.1 x lr_lora",

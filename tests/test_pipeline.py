@@ -366,6 +366,25 @@ def test_hybrid_projection_keys_retrieval_on_minilm_and_write_phase_leaves_it(tm
     assert torch.equal(model.score_documents(ids["input_ids"], ids["attention_mask"]).detach(), before)
 
 
+def test_read_lr_z_zero_leaves_z_as_written_while_the_reader_learns(tmp_path):
+    """``read.lr_z=0``: no row of z moves in the read phase, not even the keys the retrieval loss pulls on,
+    while the LoRA, the projection and the query side train."""
+    config = tiny_config(tmp_path, phases=["write", "read"], **{"write.epochs": 1, "read.epochs": 1, "read.lr_z": 0.0})
+    pipeline = Pipeline(config, RecordingLogger())
+    pipeline.run_write()
+    written = pipeline.model.doc_vectors.detach().clone()
+    lora = [p.detach().clone() for p in pipeline.model.lora_parameters()]
+    pipeline.run_read()
+    assert torch.equal(pipeline.model.doc_vectors.detach(), written)
+    assert any(not torch.equal(p.detach(), q) for p, q in zip(pipeline.model.lora_parameters(), lora))
+    moving = Pipeline(tiny_config(tmp_path / "moving", phases=["write", "read"],
+                                  **{"write.epochs": 1, "read.epochs": 1}), RecordingLogger())
+    moving.run_write()
+    before = moving.model.doc_vectors.detach().clone()
+    moving.run_read()
+    assert not torch.equal(moving.model.doc_vectors.detach(), before)  # the default moves them
+
+
 def test_minilm_init_with_a_key_of_the_wrong_size_is_a_usage_error(tmp_path):
     from pqa_core.modeling.builder import build_model
     from pqa_core.data.loading import load_corpus, sample_data_path

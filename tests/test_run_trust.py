@@ -105,7 +105,7 @@ def test_a_pickle_config_file_is_refused_unread(user, tmp_path, command):
     ("unknown.yaml", "read_phase:\n  top_k: 3\n  topk: 4\n",
      "unknown config key 'read.topk'; did you mean 'read.top_k'? known keys under read: "),
     ("range.json", '{"read": {"epochs": 0}}', "config key 'read.epochs' = 0: must be an integer >= 1"),
-    ("nan.json", '{"read": {"lr_z": NaN}}', "config key 'read.lr_z' = nan: must be a finite number > 0"),
+    ("nan.json", '{"read": {"lr_lora": NaN}}', "config key 'read.lr_lora' = nan: must be a finite number > 0"),
 ])
 @pytest.mark.parametrize("command", [["print_config"], []], ids=["print_config", "run"])
 def test_a_bad_config_file_is_one_line_naming_it(user, tmp_path, name, text, message, command):
