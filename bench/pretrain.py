@@ -23,9 +23,13 @@ were made; ``--ship-variant NAME`` ships ``<reader>-NAME`` beside them instead o
     python bench/pretrain.py --readers pqa --questions 1600 --held-out 200 --epochs 2 --max-steps 160 \
         --reconstruct-only-steps 100 --distill 1.0 --teacher outputs/pretrain/text --out outputs/pretrain_taught
     python bench/pretrain.py --readers pqa --writer keywords --questions 1600 --held-out 200 --epochs 2 --max-steps 60
-    # the shipped variant pqa-keywords-m64 (86 min): the best row on bench (a)'s new articles
+    # the shipped variant pqa-keywords-m64 (86 min): with its write phase and read.lr_z=0, the best row on
+    # bench (a)'s new articles
     python bench/pretrain.py --readers pqa --writer keywords --questions 1600 --held-out 200 --epochs 2 \
         --max-steps 200 --m 64 --ship --ship-variant keywords-m64
+    # the shipped variant pqa-sentences-m64 (57 min): with read.lr_z=0, the best row on the question split
+    python bench/pretrain.py --readers pqa --writer sentences --questions 1600 --held-out 200 --epochs 2 \
+        --max-steps 120 --m 64 --ship --ship-variant sentences-m64
     # the text reader (oracle, text RAG): about 70 s a step of 8 questions here, 160 steps ~3 h
     python bench/pretrain.py --readers text --questions 1600 --held-out 200 --epochs 2 --max-steps 160 --ship
 

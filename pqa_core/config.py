@@ -179,7 +179,8 @@ class ReadSettings:
     epochs: int = setting(2, "read-phase epochs", range=COUNT)
     batch_size: int = setting(8, "questions per step", range=COUNT)
     lr_z: float = setting(1e-2, "learning rate of z; 0: the read phase leaves z as written, keys included "
-                                "(bench (a): soft tokens that are text, writer=sentences, are read far better so)",
+                                "(bench (a): soft tokens that are the LLM's embeddings, writer=keywords or "
+                                "sentences, are read far better so; the encoder's are read better moving)",
                           range=WEIGHT)
     lr_lora: float = setting(3e-4, "learning rate of the LoRA", range=RATE)
     lr_selector: float = setting(1e-4, "learning rate of the selector", range=RATE)

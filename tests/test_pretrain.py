@@ -595,7 +595,26 @@ def test_the_anchored_encoder_starts_as_the_keywords_and_learns_what_it_adds():
         plugins.build("writer", "encoder", {"anchor": "keywords"}, {**context, "tokenizer": None})
 
 
+def config_in_readme(readme: str) -> PQAConfig:
+    """The run a shipped artifact's README says to start from it (its ``Start a run from it:`` settings)."""
+    line = readme.split("Start a run from it: `")[1].split("`")[0]
+    values = {}
+    for setting in shlex.split(line):
+        key, _, value = setting.partition("=")
+        *path, leaf = key.split(".")
+        node = values
+        for part in path:
+            node = node.setdefault(part, {})
+        try:
+            node[leaf] = json.loads(value)
+        except ValueError:
+            node[leaf] = value
+    return PQAConfig.from_dict(values)
+
+
 def test_shipped_artifacts_verify_and_are_disjoint_from_the_sample():
+    from pqa_core.modeling.llm import llm_identity
+
     shipped = sorted(artifacts.SHIPPED_DIR.rglob("MANIFEST.json"))
     if not shipped:
         pytest.skip("no artifact shipped in this checkout")
@@ -609,9 +628,12 @@ def test_shipped_artifacts_verify_and_are_disjoint_from_the_sample():
         assert folder.name == manifest["reader"] or folder.name.startswith(manifest["reader"] + "-")  # a variant
         config = PQAConfig.from_dict({"model": {"pretrained": f"shipped:{folder.parent.name}/{folder.name}"}})
         artifacts.check_disjoint(config, manifest, questions, lambda q: [corpus[r].text for r in q.gold_rows])
+        if folder.name != manifest["reader"]:  # a variant: the run its README gives is one it fits
+            advertised = config_in_readme((folder / "README.md").read_text())
+            assert artifacts.artifact_path(advertised) == folder
+            artifacts.check_fits_run(advertised, manifest, llm_identity(advertised.model.llm), 576)
     # and they fit the runs `pqa demo` makes (its named config; the closed-book control its own reader)
     from pqa_experiments.tracking.experiments import NAMED_CONFIGS
-    from pqa_core.modeling.llm import llm_identity
 
     demo = NAMED_CONFIGS["demo"]
     runs = {"pqa": demo, "closed_book": {**demo, **NAMED_CONFIGS["train_reader"], "control": {"name": "closed_book"}}}
@@ -642,18 +664,7 @@ def test_a_shipped_variant_goes_beside_the_default_artifact_and_a_run_names_it(a
     # the settings its README gives start a run it fits (every one its shape differs from the defaults in)
     line = readme.split("Start a run from it: `")[1].split("`")[0]
     assert "model.pretrained=shipped:tiny/pqa-encoder-m2" in line and "writer.layers=1" in line
-    values = {}
-    for setting in shlex.split(line):
-        key, _, value = setting.partition("=")
-        *path, leaf = key.split(".")
-        node = values
-        for part in path:
-            node = node.setdefault(part, {})
-        try:
-            node[leaf] = json.loads(value)
-        except ValueError:
-            node[leaf] = value
-    config = PQAConfig.from_dict(values)
+    config = config_in_readme(readme)
     manifest = artifacts.read_manifest(str(variant))
     assert artifacts.artifact_path(config) == variant
     artifacts.check_fits_run(config, manifest, manifest["llm"], manifest["shape"]["d_model"])
