@@ -596,20 +596,14 @@ def test_the_anchored_encoder_starts_as_the_keywords_and_learns_what_it_adds():
 
 
 def config_in_readme(readme: str) -> PQAConfig:
-    """The run a shipped artifact's README says to start from it (its ``Start a run from it:`` settings)."""
+    """The run a shipped artifact's README says to start from it (its ``Start a run from it:`` settings, read
+    as ``pqa run ... with`` reads them)."""
+    from pqa_experiments.tracking.engine import parse_updates
+
     line = readme.split("Start a run from it: `")[1].split("`")[0]
-    values = {}
-    for setting in shlex.split(line):
-        key, _, value = setting.partition("=")
-        *path, leaf = key.split(".")
-        node = values
-        for part in path:
-            node = node.setdefault(part, {})
-        try:
-            node[leaf] = json.loads(value)
-        except ValueError:
-            node[leaf] = value
-    return PQAConfig.from_dict(values)
+    updates, named_configs = parse_updates(shlex.split(line))
+    assert not named_configs, f"the README's settings hold a bare word: {named_configs}"
+    return PQAConfig.from_dict(updates)
 
 
 def test_shipped_artifacts_verify_and_are_disjoint_from_the_sample():
