@@ -125,6 +125,10 @@ def truncated_decoder(llm, layers: int):
     return copy_, layers
 
 
+ANCHORS = {"keywords": KeywordsWriter.unit, "sentences": SentencesWriter.unit, "none": None}
+"""The encoder's ``anchor`` -> the unit its slots start from: that writer's (``pqa_core.modeling.keywords.SELECTIONS``)."""
+
+
 class EncoderWriter(Writer):
     """The LLM's first ``layers`` layers with a LoRA (``lora_r``, ``lora_alpha``, on ``lora_target_modules``)
     read ``[passage][m memory slots]``; the slots' last hidden states -> LayerNorm -> Linear = the soft tokens.
@@ -136,24 +140,26 @@ class EncoderWriter(Writer):
     ``anchor=keywords`` (default): slot j starts as the passage's j-th salient word (the ``keywords``
     writer's tokens, idf over the run's corpus) and the soft token is that word's embedding plus the map
     of the slot's hidden state, the map starting at zero: the writer starts exactly where ``keywords``
-    is and learns only what it adds. Measured why: slots that start as shared noise (``anchor=none``)
-    learned one prefix for every passage (reconstruction with another passage's tokens was as good,
-    bench/RESULTS.md (l))."""
+    is and learns only what it adds. ``anchor=sentences``: the same from the ``sentences`` writer's tokens
+    (a passage's most salient sentences, cut to m tokens), whose m = 64 hold the answer of 56% of bench
+    (a)'s held-out questions: the slots also read the rest of the passage. Measured why anchors: slots
+    that start as shared noise (``anchor=none``) learned one prefix for every passage (reconstruction
+    with another passage's tokens was as good, bench/RESULTS.md (l))."""
 
     trainable = True
 
     def __init__(self, llm, d_model: int, num_tokens: int, embedding_std: float, pad_token_id: int,
                  lora_target_modules: Optional[List[str]] = None, layers: int = 4, lora_r: int = 8,
                  lora_alpha: float = 16.0, max_tokens: int = 256, batch_size: int = 16,
-                 anchor: Literal["keywords", "none"] = "keywords", tokenizer=None,
+                 anchor: Literal["keywords", "sentences", "none"] = "keywords", tokenizer=None,
                  keyword_scoring: str = "tfidf_names", precision: Literal["model", "bf16", "fp32"] = "model"):
         super().__init__()
         if layers < 1 or lora_r < 1 or max_tokens < 1 or batch_size < 1 or not lora_alpha > 0:
             raise ValueError(f"encoder writer: layers, lora_r, max_tokens, batch_size must be >= 1 and lora_alpha "
                              f"> 0; got {layers}, {lora_r}, {max_tokens}, {batch_size}, {lora_alpha}")
-        if anchor not in ("keywords", "none") or (anchor == "keywords" and tokenizer is None):
-            raise ValueError(f"encoder writer: anchor must be keywords (needs the LLM's tokenizer) or none, "
-                             f"got {anchor!r}")
+        if anchor not in ANCHORS or (anchor != "none" and tokenizer is None):
+            raise ValueError(f"encoder writer: anchor must be keywords or sentences (both need the LLM's tokenizer) "
+                             f"or none, got {anchor!r}")
         self.anchor, self.tokenizer, self.scoring, self.precision = anchor, tokenizer, keyword_scoring, precision
         self.frequencies = None  # the corpus's word counts (prepare); else those of the passages written together
         self.d_model, self.num_tokens, self.pad_token_id = int(d_model), int(num_tokens), int(pad_token_id or 0)
@@ -171,7 +177,7 @@ class EncoderWriter(Writer):
             raise ValueError(f"encoder writer: no linear layer named {sorted(targets)} in the LLM's first layers")
         object.__setattr__(self, "decoder", decoder)  # frozen and rebuilt from the LLM: not the writer's state
         self.adapters = nn.ModuleList(adapters)
-        anchored = anchor == "keywords"
+        anchored = anchor != "none"
         self.memory = nn.Parameter(torch.zeros(self.num_tokens, self.d_model) if anchored
                                    else torch.randn(self.num_tokens, self.d_model) * float(embedding_std))
         self.norm = nn.LayerNorm(self.d_model, elementwise_affine=False)
@@ -184,19 +190,19 @@ class EncoderWriter(Writer):
         it is written with the others or alone inside a training step."""
         from pqa_core.modeling.keywords import document_frequencies
 
-        if self.anchor == "keywords":
+        if self.anchor != "none":
             self.frequencies = document_frequencies(texts)
 
     def anchors(self, rows: Sequence[Sequence[int]], device) -> torch.Tensor:
-        """``[B, m, d_model]``: each passage's salient words' input embeddings in text order (zero where
-        fewer), or zeros without an anchor. No gradient: the embeddings are the LLM's."""
-        if self.anchor != "keywords":
+        """``[B, m, d_model]``: each passage's salient words' (or sentences') input embeddings in text order
+        (zero where fewer), or zeros without an anchor. No gradient: the embeddings are the LLM's."""
+        if self.anchor == "none":
             return torch.zeros(len(rows), self.num_tokens, self.d_model, device=device)
         from pqa_core.modeling.keywords import salient_embeddings
 
         texts = [self.tokenizer.decode(list(row)) for row in rows]
         return salient_embeddings(texts, self.tokenizer, self.decoder.embed_tokens.weight, self.num_tokens,
-                                  self.scoring, self.frequencies).to(device)
+                                  self.scoring, self.frequencies, unit=ANCHORS[self.anchor]).to(device)
 
     def _apply(self, fn, *args, **kwargs):
         self.decoder._apply(fn, *args, **kwargs)

@@ -87,7 +87,7 @@ class ModelSettings:
                                              "artifact made with more soft tokens per document starts a run with "
                                              "fewer, keeping what belongs to its first m soft tokens (the "
                                              "encoder's first m memory slots, a projection's first m output "
-                                             "blocks); the encoder's anchor words are the run's own m",
+                                             "blocks); the encoder's anchors are the run's own m tokens",
                                     choices=("exact", "first"))
     keyword_scoring: str = setting("tfidf_names", "which words are a passage's keywords (and so its salient "
                                                   "sentences): tfidf_names (frequent here, rare elsewhere, names "

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from pqa_core.config import PQAConfig
-from pqa_core.errors import UsageError
+from pqa_core.errors import CheckpointError, UsageError
 from pqa_core.data.loading import load_corpus, load_qa, sample_data_path
 from pqa_core.pipeline import Pipeline
 from pqa_core.storage import pretrained as artifacts
@@ -570,29 +570,31 @@ def test_the_encoder_writes_in_the_precision_it_is_given_and_an_artifact_fits_an
     assert shape_of(bf16, 64) == shape_of(fp32, 64) == saved_shape({"shape": shape_of(bf16, 64)})
 
 
-def test_the_anchored_encoder_starts_as_the_keywords_and_learns_what_it_adds():
-    """anchor=keywords (the default): before training the soft tokens are exactly the keywords writer's
+@pytest.mark.parametrize("anchor", ["keywords", "sentences"])
+def test_the_anchored_encoder_starts_as_its_anchor_writer_and_learns_what_it_adds(anchor):
+    """anchor=keywords (the default) or sentences: before training the soft tokens are exactly that writer's
     (idf over the corpus the run prepares it with, alone or in a batch); the map gets gradient first."""
     from pqa_core.components import plugins
     from pqa_core.modeling.llm import load_llm
 
     llm, tokenizer = load_llm("tiny")
-    context = {"llm": llm, "d_model": 64, "num_tokens": 3, "embedding_std": 0.02, "tokenizer": tokenizer,
+    context = {"llm": llm, "d_model": 64, "num_tokens": 12, "embedding_std": 0.02, "tokenizer": tokenizer,
                "pad_token_id": tokenizer.pad_token_id, "lora_target_modules": ["q_proj", "v_proj"]}
-    encoder = plugins.build("writer", "encoder", {"layers": 2}, context)
-    keywords = plugins.build("writer", "keywords", {}, context)
-    texts = [f"Passage {i} says the {w} tower of Berlin is {i * 7} metres tall."
+    encoder = plugins.build("writer", "encoder", {"layers": 2, "anchor": anchor}, context)
+    writer = plugins.build("writer", anchor, {}, context)
+    texts = [f"Passage {i} is short. It says the {w} tower of Berlin is {i * 7} metres tall. Nothing else."
              for i, w in enumerate(["red", "old", "new", "tall", "blue", "grey"])]
     tokens = tokenizer(texts, add_special_tokens=False)["input_ids"]
     encoder.prepare(texts, tokens)
+    writer.prepare(texts, tokens)
     started = encoder.write_documents(texts, tokens)
-    assert torch.allclose(started, keywords.write_documents(texts, tokens))
+    assert torch.allclose(started, writer.write_documents(texts, tokens))
     assert started.abs().sum() > 0 and not torch.allclose(started[0], started[1])  # each passage its own words
     assert torch.allclose(encoder.write_documents(texts[2:3], tokens[2:3])[0], started[2])  # the corpus's idf
     encoder(tokens[:2]).pow(2).sum().backward()
     assert encoder.map.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="anchor"):
-        plugins.build("writer", "encoder", {"anchor": "keywords"}, {**context, "tokenizer": None})
+        plugins.build("writer", "encoder", {"anchor": anchor}, {**context, "tokenizer": None})
 
 
 def config_in_readme(readme: str) -> PQAConfig:
@@ -633,7 +635,10 @@ def test_shipped_artifacts_verify_and_are_disjoint_from_the_sample():
     runs = {"pqa": demo, "closed_book": {**demo, **NAMED_CONFIGS["train_reader"], "control": {"name": "closed_book"}}}
     for reader, values in runs.items():
         config = PQAConfig.from_dict(values)
-        manifest = artifacts.read_manifest(str(artifacts.SHIPPED_DIR / config.model.llm / reader))
+        path = artifacts.artifact_path(config)  # model.pretrained=auto: the one of its reader that fits it
+        assert path is not None and path.parent == artifacts.SHIPPED_DIR / config.model.llm
+        manifest = artifacts.read_manifest(str(path))
+        assert manifest["reader"] == reader
         artifacts.check_fits_run(config, manifest, llm_identity(config.model.llm), 576)
 
 
@@ -667,6 +672,53 @@ def test_a_shipped_variant_goes_beside_the_default_artifact_and_a_run_names_it(a
         artifacts.check_fits_run(config, manifest, manifest["llm"], manifest["shape"]["d_model"])
     with pytest.raises(SystemExit, match="--ship-variant"):
         script.shipped_name("pqa", "../elsewhere")
+
+
+def test_auto_takes_the_shipped_artifact_of_the_run_s_reader_that_fits_its_shape(tmp_path, monkeypatch):
+    """``model.pretrained=auto`` looks among the artifacts shipped for the LLM: the reader's own when it fits,
+    else the one variant that does (``pqa demo`` names a shape, not a folder); two that fit are refused."""
+    monkeypatch.setattr(artifacts, "SHIPPED_DIR", tmp_path)
+
+    def run(m=2, writer="encoder", **more):
+        return PQAConfig.from_dict({"model": {**TINY, "num_memory_tokens": m, "pretrained": "auto"},
+                                    "writer": {**ENCODER, "name": writer} if writer == "encoder" else {"name": writer},
+                                    **more})
+
+    def ship(name, reader, config):
+        folder = tmp_path / "tiny" / name
+        folder.mkdir(parents=True)
+        (folder / "MANIFEST.json").write_text(json.dumps({"reader": reader, "llm": {"name": "tiny"},
+                                                             "shape": artifacts.shape_of(config, 64)}))
+        return folder
+
+    assert artifacts.artifact_path(run()) is None  # nothing shipped for the LLM: the run starts untrained
+    default = ship("pqa", "pqa", run())
+    sentences = ship("pqa-sentences-m4", "pqa", run(4, "sentences"))
+    closed_book = ship("closed_book", "closed_book", run())
+    assert artifacts.artifact_path(run()) == default
+    assert artifacts.artifact_path(run(4, "sentences")) == sentences
+    assert artifacts.artifact_path(run(4, "sentences", phases=["control_read", "control"],
+                                       control={"name": "closed_book"})) == closed_book
+    assert artifacts.artifact_path(run(4, "keywords")) == default  # none fits: the reader's own, refused by name
+    with pytest.raises(UsageError, match="made for num_memory_tokens=2, this run has num_memory_tokens=4"):
+        artifacts.check_fits_run(run(4, "keywords"), json.loads((default / "MANIFEST.json").read_text()),
+                                 {"name": "tiny"}, 64)
+    # pretrained_slots=first lets a larger m fit too: the artifact made with the run's own m comes first
+    larger = ship("pqa-sentences-m8", "pqa", run(8, "sentences"))
+    assert artifacts.artifact_path(run(4, "sentences", model={**TINY, "num_memory_tokens": 4, "pretrained": "auto",
+                                                              "pretrained_slots": "first"})) == sentences
+    with pytest.raises(UsageError, match=r"2 shipped artifacts fit this run \(pqa-sentences-m4, pqa-sentences-m8\)"):
+        artifacts.artifact_path(run(3, "sentences", model={**TINY, "num_memory_tokens": 3, "pretrained": "auto",
+                                                           "pretrained_slots": "first"}))
+    shutil.rmtree(larger)
+    ship("pqa-sentences-m4-again", "pqa", run(4, "sentences"))
+    with pytest.raises(UsageError, match=r"2 shipped artifacts fit this run \(pqa-sentences-m4, "
+                                         r"pqa-sentences-m4-again\); name one"):
+        artifacts.artifact_path(run(4, "sentences"))
+    assert artifacts.artifact_path(run()) == default
+    (default / "MANIFEST.json").write_text("{torn")  # a broken shipped artifact is named, never skipped
+    with pytest.raises(CheckpointError, match=r"pqa/MANIFEST.json: a shipped artifact's manifest cannot be read"):
+        artifacts.artifact_path(run())
 
 
 def test_an_artifact_made_before_a_parameter_existed_loads_with_what_it_was_made_with():

@@ -3,7 +3,8 @@
 Two tracked runs on the same questions: pqa (write, read, eval) and closed-book with its own reader
 trained the same way (``train_reader``: the same epochs, batch size and learning rate), each reader
 starting from the artifact shipped for the LLM (``model.pretrained=auto``: ``pqa_core/pretrained/``,
-pretrained on SQuAD articles disjoint from the sample; pqa's documents written by its encoder). Then the paired
+pretrained on SQuAD articles disjoint from the sample: for pqa the reader of 64 tokens of each document's
+most salient sentences, the shape the ``demo`` config sets). Then the paired
 comparison of the two on every held-out question, and where to look next. Both runs take the
 ``demo`` named config, so ``pqa demo with read.epochs=8`` changes them alike.
 """

@@ -10,7 +10,7 @@ An artifact is a folder::
 
 ``model.pretrained`` names one: a folder, a run's output folder (its ``pretrained/``), ``shipped:NAME``
 (``pqa_core/pretrained/NAME``, made by ``bench/pretrain.py``), or ``auto``: the shipped artifact for the
-run's LLM and reader when there is one (``pqa demo``), else none. A run refuses, in one line and before it
+run's LLM and reader that fits its shape (``pqa demo``), else none. A run refuses, in one line and before it
 exists, an artifact of another LLM, m, LoRA shape, writer or projection, of another reader than it
 needs, or one whose pretraining data holds any of the run's evaluation questions or their passages.
 ``model.pretrained_slots=first`` lets an artifact of a larger m start a run with a smaller one: a writer
@@ -18,8 +18,8 @@ tensor with one row per soft token (the encoder's memory slots) keeps its first 
 with one block of d_model rows per soft token (the output layer of ``linear``, ``mlp2x_gelu``: their output
 is laid out token by token) its first m blocks; the run records which tensors were cut
 (``info.pretrained.fewer_slots``). A slot reads the passage and the slots before it, so the first m compute
-what they did at the larger m, but for their anchor words: the encoder anchors on the run's own m most
-salient words.
+what they did at the larger m, but for their anchors: the encoder anchors on the run's own m most salient
+words (or sentences cut to m tokens).
 """
 from __future__ import annotations
 
@@ -51,9 +51,43 @@ def artifact_path(config) -> Optional[Path]:
     if not spec:
         return None
     if spec == "auto":
-        path = SHIPPED_DIR / config.model.llm / reader_needed(config)
-        return path if (path / MANIFEST).exists() else None
+        return shipped_for(config)
     return resolve(spec)
+
+
+def shipped_for(config) -> Optional[Path]:
+    """The artifact ``auto`` takes: of those shipped for the run's LLM and reader, the one that fits the run's
+    shape (m, writer, projection, LoRA), so ``writer.name=sentences model.num_memory_tokens=64`` picks
+    ``pqa-sentences-m64``. The one named after the reader comes first, then one made with the run's own m
+    (``model.pretrained_slots=first`` lets a larger m fit too); two that fit alike are refused, naming them.
+    With none that fits, the reader's own (else its first variant by name), whose refusal names the
+    difference; with none for the reader, None."""
+    folder, needed = SHIPPED_DIR / config.model.llm, reader_needed(config)
+    manifests = {file.parent: _shipped_manifest(file) for file in sorted(folder.glob(f"*/{MANIFEST}"))}
+    ours = [path for path, manifest in manifests.items() if manifest.get("reader") == needed]
+    fitting = [path for path in ours if shape_mismatch(config, manifests[path], None) is None]
+    if folder / needed in fitting:
+        return folder / needed
+    exact = [path for path in fitting
+             if saved_shape(manifests[path]).get("num_memory_tokens") == config.model.num_memory_tokens]
+    best = exact or fitting
+    if len(best) > 1:
+        raise UsageError(f"model.pretrained='auto': {len(best)} shipped artifacts fit this run "
+                         f"({', '.join(p.name for p in best)}); name one: model.pretrained=shipped:"
+                         f"{config.model.llm}/{best[0].name}")
+    if best:
+        return best[0]
+    return folder / needed if folder / needed in ours else (ours[0] if ours else None)
+
+
+def _shipped_manifest(file: Path) -> Dict[str, Any]:
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{file}: a shipped artifact's manifest cannot be read ({exc}); reinstall pqa") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{file}: a shipped artifact's manifest is not a JSON object; reinstall pqa")
+    return manifest
 
 
 def resolve(spec: str) -> Path:
@@ -95,7 +129,7 @@ reproduces what those artifacts were made with (the encoder had no anchor before
 
 def saved_shape(manifest: Dict[str, Any]) -> Dict[str, Any]:
     """The artifact's shape as today's parameters name it (``MADE_BEFORE`` fills what it predates)."""
-    saved = dict(manifest.get("shape", {}))
+    saved = dict(manifest.get("shape") or {})
     for kind in ("writer", "projection"):
         if isinstance(saved.get(kind), dict):
             section = {k: v for k, v in saved[kind].items() if k not in SPEED_ONLY}
@@ -205,6 +239,8 @@ def read_manifest(spec: str, path: Optional[Path] = None) -> Dict[str, Any]:
 def check_fits_run(config, manifest: Dict[str, Any], llm_identity: dict, d_model: Optional[int]) -> None:
     """An artifact made for another LLM, shape, writer, projection or reader is refused, naming the difference."""
     spec = config.model.pretrained
+    if spec == "auto" and manifest.get("path"):  # say which shipped artifact auto took
+        spec = f"auto ({manifest['path']})"
     needed = reader_needed(config)
     if manifest.get("reader") != needed:
         raise UsageError(f"model.pretrained={spec!r}: a {manifest.get('reader')!r} reader; this run needs a "
@@ -212,22 +248,31 @@ def check_fits_run(config, manifest: Dict[str, Any], llm_identity: dict, d_model
     if manifest.get("llm") != llm_identity:
         raise UsageError(f"model.pretrained={spec!r}: made for LLM {_short(manifest.get('llm'))}, this run has "
                          f"{_short(llm_identity)}")
+    mismatch = shape_mismatch(config, manifest, d_model)
+    if mismatch is not None:
+        key, saved, current = mismatch
+        hint = ""
+        if key == "num_memory_tokens" and config.model.pretrained_slots == "first" and isinstance(saved, int):
+            hint = " (model.pretrained_slots=first keeps the first slots: m can only shrink)"
+        elif key == "num_memory_tokens" and isinstance(saved, int) and current < saved:
+            hint = " (model.pretrained_slots=first would keep its first slots)"
+        raise UsageError(f"model.pretrained={spec!r}: made for {key}={saved!r}, this run has {key}={current!r}{hint}")
+
+
+def shape_mismatch(config, manifest: Dict[str, Any], d_model: Optional[int]):
+    """The first part of the shape the artifact and the run differ in, as (key, saved, run's), or None
+    (``d_model`` None: not compared)."""
     saved, current = saved_shape(manifest), shape_of(config, d_model)
-    keys = ["d_model", "lora"] + (["num_memory_tokens", "writer", "projection"] if needed == "pqa" else [])
+    keys = ["d_model", "lora"] + (["num_memory_tokens", "writer", "projection"] if manifest.get("reader") == "pqa"
+                                  else [])
     for key in keys:
         if key == "d_model" and d_model is None:
             continue
         if key == "num_memory_tokens" and fewer_slots_allowed(config, saved.get(key)):
             continue
         if saved.get(key) != current.get(key):
-            hint = ""
-            if key == "num_memory_tokens" and config.model.pretrained_slots == "first" and \
-                    isinstance(saved.get(key), int):
-                hint = " (model.pretrained_slots=first keeps the first slots: m can only shrink)"
-            elif key == "num_memory_tokens" and isinstance(saved.get(key), int) and current.get(key) < saved[key]:
-                hint = " (model.pretrained_slots=first would keep its first slots)"
-            raise UsageError(f"model.pretrained={spec!r}: made for {key}={saved.get(key)!r}, this run has "
-                             f"{key}={current.get(key)!r}{hint}")
+            return key, saved.get(key), current.get(key)
+    return None
 
 
 def fewer_slots_allowed(config, saved_m) -> bool:
