@@ -27,9 +27,12 @@ were made; ``--ship-variant NAME`` ships ``<reader>-NAME`` beside them instead o
     # bench (a)'s new articles
     python bench/pretrain.py --readers pqa --writer keywords --questions 1600 --held-out 200 --epochs 2 \
         --max-steps 200 --m 64 --ship --ship-variant keywords-m64
-    # the shipped variant pqa-sentences-m64 (57 min): with read.lr_z=0, the best row on the question split
+    # the shipped variant pqa-sentences-m64 (84 min): with read.lr_z=0, the best row on the question split
     python bench/pretrain.py --readers pqa --writer sentences --questions 1600 --held-out 200 --epochs 2 \
-        --max-steps 120 --m 64 --ship --ship-variant sentences-m64
+        --max-steps 200 --m 64 --ship --ship-variant sentences-m64
+    # the encoder anchored on those sentence tokens (learns what they leave out of the passage)
+    python bench/pretrain.py --readers pqa --writer encoder --questions 1600 --held-out 200 --epochs 2 \
+        --max-steps 200 --m 64 --set writer.anchor=sentences --out outputs/pretrain_encoder_sentences
     # the text reader (oracle, text RAG): about 70 s a step of 8 questions here, 160 steps ~3 h
     python bench/pretrain.py --readers text --questions 1600 --held-out 200 --epochs 2 --max-steps 160 --ship
 

@@ -201,3 +201,33 @@ def test_carry_pairs_own_and_other_soft_tokens_over_the_same_passages():
     with pytest.raises(ValueError, match="nothing precedes the target"):
         ids = torch.tensor([targets[0]])
         model.continuation_logits(None, ids[:, :0], ids[:, :0], ids, torch.ones_like(ids))
+
+
+def test_coverage_counts_an_answer_only_where_the_kept_text_holds_it():
+    """(m): an answer counts when it is a phrase of a gold passage's kept text (any of its rows, normalised as
+    SQuAD does); the whole passage holds every answer, and a sentence budget keeps more as it grows."""
+    from types import SimpleNamespace
+
+    from bench import coverage
+
+    question = lambda answers, gold: SimpleNamespace(answers=answers, gold_rows=gold)  # noqa: E731
+    kept = ["The tower is 300 metres tall.", "Built in 1889 by Eiffel.", "Paris is in France."]
+    rows = [[0, 1], [2]]  # passage 0 (the tower) was cut into two rows
+    held = coverage.answer_held(kept, [question(["the Eiffel"], [0]), question(["1889 by"], [0]),
+                                       question(["France"], [0]), question(["France", "x"], [1]),
+                                       question(["metres tall"], [1]), question(["tower is 300"], [0])], rows)
+    assert held == [1.0, 1.0, 0.0, 1.0, 0.0, 1.0]  # "the Eiffel": articles dropped; France is not the tower's
+    result = coverage.run("smoke", command="pytest smoke")
+    for split in ("question", "article"):
+        cells = result["answer_held"][split]
+        assert cells["whole passage"]["percent"] == 100.0
+        sentences = [cells[f"sentences m={m}"]["percent"] for m in result["params"]["m"]]
+        assert sentences == sorted(sentences) and sentences[0] < sentences[-1] < 100.0
+    assert "| sentences m=32 |" in coverage.markdown(result)
+    # (a)'s rows split by coverage: each group's own mean, a row missing a question left out of that split
+    quality = {"rows": {"pqa": {"per_question": {"a": {"f1": 1.0}, "b": {"f1": 0.5}, "c": {"f1": 0.0}},
+                                "new": {"per_question": {"x": {"f1": 1.0}}}},
+                        "partial": {"per_question": {"a": {"f1": 1.0}}}}}
+    by = coverage.f1_by_coverage(quality, {"question": {"a": 1.0, "b": 0.0, "c": 0.0}, "article": {"x": 0.0}})
+    assert by == {"pqa": {"question": {"held": {"n": 1, "F1": 100.0}, "not held": {"n": 2, "F1": 25.0}},
+                          "article": {"held": {"n": 0, "F1": None}, "not held": {"n": 1, "F1": 100.0}}}}
