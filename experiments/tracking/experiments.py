@@ -56,7 +56,8 @@ NAMED_CONFIGS: Dict[str, Dict[str, Any]] = {
     # artifacts for the LLM (model.pretrained=auto: pretrained on SQuAD articles disjoint from the sample; for
     # pqa the one of this shape, pqa-sentences-m64), pqa's documents written as 64 tokens of their most salient
     # sentences, kept as written (write.epochs=0, read.lr_z=0: what that reader was pretrained on), then 2 read
-    # epochs on the sample's 108 training questions, no evaluation between epochs (1 epoch: F1 66.0; 2: 69.0)
+    # epochs on the sample's 108 training questions, no evaluation between epochs (F1 67.0 in 4 min 2 s for
+    # both runs; the 120-step reader shipped before: 69.0 after 2 epochs, 66.0 after 1)
     "demo": {"model": {"pretrained": "auto", "num_memory_tokens": 64}, "writer": {"name": "sentences"},
              "write": {"epochs": 0}, "read": {"epochs": 2, "eval_every": 0, "lr_z": 0.0}},
     # the encoder writer (pretrain it first: `pqa run pretrain`, or start from an artifact)
