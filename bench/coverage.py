@@ -20,6 +20,7 @@ what a system reads where the answer is there, and where it is not.
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -76,8 +77,6 @@ def run(profile: str = "full", command: str | None = None, threads: int | None =
     from pqa_core.modeling.keywords import SELECTIONS, document_frequencies
     from pqa_core.modeling.llm import load_tokenizer
     from plugins.writers import KeywordsWriter, SentencesWriter
-
-    import json
 
     bench = common.Bench(NAME, profile, PROFILES, overrides, threads, command)
     p = bench.params
