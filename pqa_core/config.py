@@ -87,8 +87,10 @@ class ModelSettings:
                                              "artifact made with more soft tokens per document starts a run with "
                                              "fewer, keeping what belongs to its first m soft tokens (the "
                                              "encoder's first m memory slots, a projection's first m output "
-                                             "blocks); the encoder's anchors are the run's own m tokens",
-                                    choices=("exact", "first"))
+                                             "blocks); the encoder's anchors are the run's own m tokens; any: "
+                                             "as first, and a larger m too where the artifact holds nothing per "
+                                             "soft token (a reader of extractive tokens: only its LoRA)",
+                                    choices=("exact", "first", "any"))
     keyword_scoring: str = setting("tfidf_names", "which words are a passage's keywords (and so its salient "
                                                   "sentences): tfidf_names (frequent here, rare elsewhere, names "
                                                   "and numbers first), idf (the rarest)",

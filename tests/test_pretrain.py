@@ -361,6 +361,35 @@ def test_fewer_slots_keep_a_projections_first_token_blocks(split, tmp_path):
                                                                            "projection.proj.weight"]
 
 
+def test_a_reader_of_extractive_tokens_starts_a_run_of_more_only_under_any(artifact, split, tmp_path):
+    """model.pretrained_slots=any: a sentences reader (its LoRA alone, nothing per soft token) made at m=2 reads
+    m=3 with its LoRA as saved, and the run records it; exact and first refuse the same run, naming the way
+    out; the encoder's artifact (a memory row per slot) is refused a larger m even under any."""
+    made = pretrain_config(split, tmp_path / "sentences", max_steps=1)
+    made.writer = {"name": "sentences"}
+    Pipeline(made).run()
+
+    def run(out, slots, writer):
+        config = run_config(split, tmp_path / f"run-{slots}-{writer['name']}", str(out), num_memory_tokens=3,
+                            pretrained_slots=slots)
+        config.writer = writer
+        return config
+
+    for slots, hint in (("exact", "pretrained_slots=any lets m grow"), ("first", "m can only shrink")):
+        with pytest.raises(UsageError, match=rf"num_memory_tokens=2, this run has num_memory_tokens=3.*{hint}"):
+            Pipeline(run(tmp_path / "sentences", slots, {"name": "sentences"}))
+    logger = RecordingLogger()
+    pipeline = Pipeline(run(tmp_path / "sentences", "any", {"name": "sentences"}), logger)
+    saved = load_file(str(tmp_path / "sentences" / "pretrained" / "model.safetensors"))
+    lora = dict(pipeline.model.llm.named_parameters())
+    assert saved and all(torch.equal(lora[k.partition(".")[2]], v) for k, v in saved.items() if k.startswith("lora."))
+    assert logger.info["pretrained"]["more_slots"] == {"from": 2, "to": 3}
+    assert pipeline.model.doc_vectors.shape[0] == pipeline.model.num_docs
+    out, _, _ = artifact
+    with pytest.raises(UsageError, match=r"'writer.memory' holds one part per soft token: m can only shrink"):
+        Pipeline(run(out, "any", ENCODER))
+
+
 def test_pretraining_goes_on_from_an_artifact_and_inherits_its_data(artifact, split, tmp_path):
     """A pretraining started from an artifact (here at fewer slots) on other passages: its held-out questions
     are checked against the artifact's questions only, and its own artifact names the first and holds the

@@ -17,7 +17,9 @@ needs, or one whose pretraining data holds any of the run's evaluation questions
 tensor with one row per soft token (the encoder's memory slots) keeps its first m rows, a projection tensor
 with one block of d_model rows per soft token (the output layer of ``linear``, ``mlp2x_gelu``: their output
 is laid out token by token) its first m blocks; the run records which tensors were cut
-(``info.pretrained.fewer_slots``). A slot reads the passage and the slots before it, so the first m compute
+(``info.pretrained.fewer_slots``). ``model.pretrained_slots=any`` also lets a run of a larger m start from
+an artifact that holds nothing per soft token (the ``sentences`` or ``keywords`` writer's reader: its LoRA
+alone, m only how many tokens it learnt to read); one that does is refused. A slot reads the passage and the slots before it, so the first m compute
 what they did at the larger m, but for their anchors: the encoder anchors on the run's own m most salient
 words (or sentences cut to m tokens).
 """
@@ -253,10 +255,20 @@ def check_fits_run(config, manifest: Dict[str, Any], llm_identity: dict, d_model
         key, saved, current = mismatch
         hint = ""
         if key == "num_memory_tokens" and config.model.pretrained_slots == "first" and isinstance(saved, int):
-            hint = " (model.pretrained_slots=first keeps the first slots: m can only shrink)"
+            hint = (" (model.pretrained_slots=first keeps the first slots: m can only shrink; "
+                    "model.pretrained_slots=any lets it grow for an artifact with nothing per soft token)")
         elif key == "num_memory_tokens" and isinstance(saved, int) and current < saved:
             hint = " (model.pretrained_slots=first would keep its first slots)"
+        elif key == "num_memory_tokens" and isinstance(saved, int):
+            hint = " (model.pretrained_slots=any lets m grow for an artifact with nothing per soft token)"
         raise UsageError(f"model.pretrained={spec!r}: made for {key}={saved!r}, this run has {key}={current!r}{hint}")
+    saved_m = saved_shape(manifest).get("num_memory_tokens")
+    if isinstance(saved_m, int) and config.model.num_memory_tokens > saved_m and manifest.get("path") and d_model:
+        per_slot = per_slot_tensors(Path(manifest["path"]) / "model.safetensors", saved_m, d_model)
+        if per_slot:
+            raise UsageError(f"model.pretrained={spec!r}: made for num_memory_tokens={saved_m}, this run has "
+                             f"num_memory_tokens={config.model.num_memory_tokens}, and its {per_slot[0]!r} holds "
+                             f"one part per soft token: m can only shrink (model.pretrained_slots=first)")
 
 
 def shape_mismatch(config, manifest: Dict[str, Any], d_model: Optional[int]):
@@ -268,7 +280,7 @@ def shape_mismatch(config, manifest: Dict[str, Any], d_model: Optional[int]):
     for key in keys:
         if key == "d_model" and d_model is None:
             continue
-        if key == "num_memory_tokens" and fewer_slots_allowed(config, saved.get(key)):
+        if key == "num_memory_tokens" and other_slots_allowed(config, saved.get(key)):
             continue
         if saved.get(key) != current.get(key):
             return key, saved.get(key), current.get(key)
@@ -276,9 +288,29 @@ def shape_mismatch(config, manifest: Dict[str, Any], d_model: Optional[int]):
 
 
 def fewer_slots_allowed(config, saved_m) -> bool:
-    """``model.pretrained_slots=first`` and this run's m is at most the artifact's."""
-    return (config.model.pretrained_slots == "first" and isinstance(saved_m, int)
+    """``model.pretrained_slots=first`` (or ``any``) and this run's m is at most the artifact's."""
+    return (config.model.pretrained_slots in ("first", "any") and isinstance(saved_m, int)
             and config.model.num_memory_tokens <= saved_m)
+
+
+def other_slots_allowed(config, saved_m) -> bool:
+    """m may differ from the artifact's: fewer under ``first``, any under ``any`` (a larger m is then held to
+    an artifact with no per-slot tensors: ``per_slot_tensors``)."""
+    return fewer_slots_allowed(config, saved_m) or (config.model.pretrained_slots == "any" and isinstance(saved_m, int))
+
+
+def per_slot_tensors(file: Path, saved_m: int, d_model: int) -> list:
+    """The names of ``file``'s writer and projection tensors laid out one part per soft token (``fit_slots``'s
+    rule: saved_m rows, or saved_m x d_model), read from the safetensors header alone."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as opened:
+            shapes = {key: opened.get_slice(key).get_shape() for key in opened.keys()}
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{file}: not a valid safetensors file ({exc})") from None
+    return sorted(key for key, shape in shapes.items() if key.partition(".")[0] in ("writer", "projection")
+                  and shape and shape[0] in (saved_m, saved_m * d_model))
 
 
 def fit_slots(key: str, tensor: torch.Tensor, target: torch.Tensor, saved_m, m: int,
@@ -364,7 +396,8 @@ def load_pretrained(config, model) -> Dict[str, Any]:
             raise CheckpointError(f"{file}: tensor {key!r} {tuple(tensor.shape)} fits nothing in this model"
                                   + (f" (it has {tuple(target.shape)})" if target is not None else "")
                                   + (f"; model.pretrained_slots=first cuts only a writer's per-slot rows and a "
-                                     f"projection's per-token blocks" if saved_m != m else ""))
+                                     f"projection's per-token blocks, and m can grow only where there are none"
+                                     if saved_m != m else ""))
         if not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"{file}: tensor {key!r} holds NaN or inf")
         with torch.no_grad():
@@ -378,7 +411,9 @@ def load_pretrained(config, model) -> Dict[str, Any]:
             sha256_file(Path(manifest["path"]) / MANIFEST), "tensors": loaded,
             "data": manifest.get("data"), "training": manifest.get("training"),
             **({"fewer_slots": {"from": saved_m, "to": m, "tensors": cut}}
-               if saved_m != m and manifest.get("reader") == "pqa" else {})}
+               if isinstance(saved_m, int) and m < saved_m and manifest.get("reader") == "pqa" else {}),
+            **({"more_slots": {"from": saved_m, "to": m}}
+               if isinstance(saved_m, int) and m > saved_m and manifest.get("reader") == "pqa" else {})}
 
 
 def data_summary(corpus_path: Path, qa_path: Path, passages: int, questions: int) -> Dict[str, Any]:
