@@ -231,3 +231,30 @@ def test_coverage_counts_an_answer_only_where_the_kept_text_holds_it():
     by = coverage.f1_by_coverage(quality, {"question": {"a": 1.0, "b": 0.0, "c": 0.0}, "article": {"x": 0.0}})
     assert by == {"pqa": {"question": {"held": {"n": 1, "F1": 100.0}, "not held": {"n": 2, "F1": 25.0}},
                           "article": {"held": {"n": 0, "F1": None}, "not held": {"n": 1, "F1": 100.0}}}}
+
+
+def test_the_text_rag_ratio_goal_is_read_with_its_paired_interval():
+    """(a)'s 0.8-of-text-RAG goal carries a paired-bootstrap interval of the ratio on each split: tight where
+    pqa scores a steady share of text RAG's F1 on every question, wide where its scores scatter."""
+    from bench import quality
+
+    steady = {f"q{i}": {"f1": 0.4 + 0.1 * (i % 2)} for i in range(200)}
+    rag = {f"q{i}": {"f1": 0.5 + 0.125 * (i % 2)} for i in range(200)}  # pqa = 0.8 x rag on each question
+    scattered = {f"n{i}": {"f1": float(i % 3 == 0)} for i in range(60)}
+    rag_new = {f"n{i}": {"f1": 0.5} for i in range(60)}
+
+    def row(per_question, new):
+        mean = lambda pq: 100 * sum(r["f1"] for r in pq.values()) / len(pq)  # noqa: E731
+        return {"metrics": {"F1": mean(per_question)}, "per_question": per_question,
+                "new": {"metrics": {"F1": mean(new)}, "per_question": new}}
+
+    rows = {"pqa": row(steady, scattered), "dense_minilm (trained reader)": row(rag, rag_new)}
+    goals = quality.goals_of(rows, {}, ["pqa"])
+    question, article = goals["rag_ratio"], goals["rag_ratio_article"]
+    assert question["value"] == pytest.approx(0.8) and question["high"] - question["low"] < 0.02
+    assert question["low"] <= 0.8 <= question["high"] and "[0.80, 0.80]" in question["metric"]
+    assert article["value"] == pytest.approx(2 / 3, abs=0.01) and article["high"] - article["low"] > 0.3
+    rows["dense_minilm (trained reader)"]["per_question"] = {q: {"f1": 0.0} for q in rag}  # nothing to divide by
+    rows["dense_minilm (trained reader)"]["metrics"]["F1"] = 0.0
+    nothing = quality.goals_of(rows, {}, ["pqa"])["rag_ratio"]
+    assert nothing["value"] is None and nothing["low"] is None and "interval" not in nothing["metric"]

@@ -240,6 +240,7 @@ def test_bench_quality_and_latency_scripts_run(tmp_path):
     best = max(["pqa", "pqa, no write phase"], key=lambda n: q["rows"][n]["metrics"]["F1"])
     assert quality.best_pqa(q["rows"], q["params"]["pqa_variants"]) == best  # goals read on pqa's best variant
     assert q["goals"]["rag_ratio"]["metric"].startswith(best + " F1")
+    assert {"low", "high"} <= set(q["goals"]["rag_ratio"])  # the ratio's interval (tests/test_bench_smoke.py)
     alone = quality.run("smoke", command="pytest alone", rows=["pqa, no write phase"])  # a row measured apart
     assert list(alone["rows"]) == ["pqa, no write phase"]  # ... is the row of the whole run, answer for answer
     assert alone["rows"]["pqa, no write phase"]["per_question"] == q["rows"]["pqa, no write phase"]["per_question"]

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from pqa_core.errors import DataError
-from pqa_core.evaluation.stats import bootstrap_interval, compare_predictions, format_interval, intervals, paired_comparison
+from pqa_core.evaluation.stats import (bootstrap_interval, compare_predictions, format_interval, intervals, paired_comparison,
+                                       ratio_interval)
 
 
 def test_bootstrap_interval_of_a_proportion_matches_the_binomial_interval():
@@ -20,6 +21,23 @@ def test_bootstrap_interval_of_a_proportion_matches_the_binomial_interval():
     half = 1.959964 * math.sqrt(p * (1 - p) / n)  # Wald interval
     assert mean == pytest.approx(p)
     assert low == pytest.approx(p - half, abs=0.006) and high == pytest.approx(p + half, abs=0.006)
+
+
+def test_a_ratio_interval_resamples_the_same_questions_for_both_systems():
+    """Paired: where A scores half of B on every question the ratio is 0.5 in every resample; resampled apart,
+    the same scores would give a wide interval. On noisy scores the interval holds the ratio, is seeded, and
+    a zero denominator gives NaN, not an error."""
+    rng = np.random.default_rng(2)
+    b = rng.random(300)
+    ratio, low, high = ratio_interval((0.5 * b).tolist(), b.tolist())
+    assert ratio == pytest.approx(0.5) and low == pytest.approx(0.5) and high == pytest.approx(0.5)
+    a = np.clip(0.8 * b + rng.normal(0, 0.2, 300), 0, 1)
+    ratio, low, high = ratio_interval(a.tolist(), b.tolist(), seed=1)
+    assert ratio == pytest.approx(a.mean() / b.mean()) and low < ratio < high and high - low < 0.2
+    assert ratio_interval(a.tolist(), b.tolist(), seed=1) == (ratio, low, high)
+    assert all(math.isnan(x) for x in ratio_interval([0.5, 1.0], [0.0, 0.0]))
+    with pytest.raises(ValueError, match="equal-length"):
+        ratio_interval([1.0], [1.0, 0.5])
 
 
 def test_bootstrap_is_seeded_and_narrows_with_more_questions():

@@ -92,6 +92,27 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], *, metric: str = "
                             (extreme + 1) / (resamples + 1))
 
 
+def ratio_interval(a: Sequence[float], b: Sequence[float], *, resamples: int = RESAMPLES, seed: int = 0,
+                   confidence: float = CONFIDENCE) -> Tuple[float, float, float]:
+    """(mean(a) / mean(b), and its paired-bootstrap interval): the same questions resampled for both, so a
+    goal such as "0.8 of text RAG's F1" is read with its uncertainty. NaN where b's mean is zero."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1 or x.size == 0:
+        raise ValueError(f"a ratio interval needs two equal-length, non-empty lists; got {x.shape} and {y.shape}")
+    if y.mean() == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    ratios = np.empty(resamples)
+    for start in range(0, resamples, 1000):  # bounded memory for large n
+        size = min(1000, resamples - start)
+        picks = rng.integers(0, x.size, size=(size, x.size))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios[start:start + size] = x[picks].mean(axis=1) / y[picks].mean(axis=1)
+    tail = (1 - confidence) / 2
+    ratios = ratios[np.isfinite(ratios)]
+    return float(x.mean() / y.mean()), float(np.quantile(ratios, tail)), float(np.quantile(ratios, 1 - tail))
+
+
 def intervals(per_question: Mapping[str, Sequence[float]], *, seed: int = 0, scale: float = 100.0) -> Dict[str, float]:
     """``{metric: mean, metric_ci95_low: ..., metric_ci95_high: ...}`` in percent, for each metric's
     per-question values (fractions)."""
