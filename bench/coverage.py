@@ -33,7 +33,7 @@ NAME = "coverage"
 PROFILES = {
     "smoke": dict(llm="tiny", splits="smoke", m=[2, 8, 32], max_doc_tokens=256, at="sentences:32"),
     "quick": dict(llm="smollm2-135m", splits="quick", m=[16, 32, 64, 128], max_doc_tokens=256, at="sentences:64"),
-    "full": dict(llm="smollm2-135m", splits="full", m=[8, 16, 32, 64, 128, 256], max_doc_tokens=256,
+    "full": dict(llm="smollm2-135m", splits="full", m=[8, 16, 32, 64, 96, 128, 256], max_doc_tokens=256,
                  at="sentences:64"),
 }
 SPLITS = {"question": ("corpus", "eval_qa"), "article": ("grown_corpus", "new_eval_qa")}  # bench (a)'s files

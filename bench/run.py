@@ -362,6 +362,23 @@ NOTES = [
     "pqa answers 2.8x as many questions per second as BM25 text RAG at m = 64, 4.9x at m = 32 (4.3x in the "
     "run before, without a part beside it), 7.2x at m = 16 and 9.0x at m = 8; the first token at batch 1 "
     "comes 1.8x, 2.8x, 4.0x and 5.2x sooner. The 5x goal is met from m = 16 down, where F1 is lower.",
+    "- (a) 2026-12-07, fifth session (1 thread a part, two side by side): the same sentence reader (200 steps "
+    "at m = 64) reads more of each passage with `model.pretrained_slots=any` (its artifact is its LoRA alone, "
+    "so m is only how many tokens it reads). At m = 96 it scores **48.0 [43.7, 52.4]** on the question split "
+    "and **40.4 [31.7, 49.4]** on the new articles: **0.87 [0.80, 0.95] and 0.83 [0.66, 1.03] of text RAG** "
+    "(ratios with 95% paired-bootstrap intervals; the first goal of 0.8 met on both splits, the article "
+    "split's interval still reaching below it), +8.0 [+4.0, +11.9] and +9.3 [+3.3, +15.8] over m = 64 "
+    "(p = 0.0001, 0.004), +33.6 and +24.2 over closed-book (p = 0.0001). At m = 128, 53.2 [48.8, 57.6] and "
+    "46.4 [37.5, 55.5]: 0.96 and 0.95 of text RAG, not different from it (-2.0, p = 0.35; -2.3, p = 0.59). "
+    "Parts peaked at 7.1 and 8.8 GB. (m) predicted it: 96 sentence tokens hold 75% and 60% of the answers, "
+    "128 hold 89% and 78% (64: 56% and 44%); where 64 tokens lack the answer, the m = 96 reader reaches 33.9 "
+    "(15.1 at m = 64). The price is (b)'s speed: an extractive writer trades one for the other, token for "
+    "token.",
+    "- (b) 2026-12-07, fifth session, at the quality reached (m = 96) with m = 128, 64 and 32 in the same "
+    "rounds (1 thread, nothing beside it): pqa answers 2.0x as many questions per second as BM25 text RAG at "
+    "batch 16 (G = 8) at m = 96, 1.2x at m = 128, 2.5x at m = 64 and 5.0x at m = 32; the first token at batch 1 "
+    "comes 1.7x, 1.1x, 2.1x and 2.8x sooner. So, on this CPU, 0.8 of text RAG's F1 costs all but 2x of the "
+    "speed goal's 5x: both together need soft tokens that carry more than one passage token each.",
     "- (f) the pooled measure is strict: one passage that goes wrong early caps everyone's capacity (the "
     "default `mlp2x_gelu` rebuilt 3 of 4 passages exactly, the fourth went wrong at token 4, so its capacity "
     "is 5). `direct` m=16 and `hybrid` m=4 reached this test's ceiling (64 tokens + eos); longer passages are "
