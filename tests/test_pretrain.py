@@ -502,6 +502,8 @@ def _run_args(split, out, *extra):
 
 @pytest.mark.parametrize("change, named", [("model.num_memory_tokens=3", "num_memory_tokens"),
                                            ("model.num_memory_tokens=3 model.pretrained_slots=first", "only shrink"),
+                                           ("model.num_memory_tokens=3 model.pretrained_slots=any",
+                                            "'writer.memory' holds one part per soft token"),
                                            ("writer.layers=2", "writer"), ("model.lora.r=2", "lora")])
 def test_a_mismatched_artifact_is_refused_before_the_run_exists(artifact, split, tmp_path, change, named):
     out, _, _ = artifact

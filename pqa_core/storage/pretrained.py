@@ -17,11 +17,11 @@ needs, or one whose pretraining data holds any of the run's evaluation questions
 tensor with one row per soft token (the encoder's memory slots) keeps its first m rows, a projection tensor
 with one block of d_model rows per soft token (the output layer of ``linear``, ``mlp2x_gelu``: their output
 is laid out token by token) its first m blocks; the run records which tensors were cut
-(``info.pretrained.fewer_slots``). ``model.pretrained_slots=any`` also lets a run of a larger m start from
-an artifact that holds nothing per soft token (the ``sentences`` or ``keywords`` writer's reader: its LoRA
-alone, m only how many tokens it learnt to read); one that does is refused. A slot reads the passage and the slots before it, so the first m compute
+(``info.pretrained.fewer_slots``). A slot reads the passage and the slots before it, so the first m compute
 what they did at the larger m, but for their anchors: the encoder anchors on the run's own m most salient
-words (or sentences cut to m tokens).
+words (or sentences cut to m tokens). ``model.pretrained_slots=any`` also lets a run of a larger m start from
+an artifact that holds nothing per soft token (the ``sentences`` or ``keywords`` writer's reader: its LoRA
+alone, m only how many tokens it learnt to read; ``info.pretrained.more_slots``); one that does is refused.
 """
 from __future__ import annotations
 
@@ -263,8 +263,9 @@ def check_fits_run(config, manifest: Dict[str, Any], llm_identity: dict, d_model
             hint = " (model.pretrained_slots=any lets m grow for an artifact with nothing per soft token)"
         raise UsageError(f"model.pretrained={spec!r}: made for {key}={saved!r}, this run has {key}={current!r}{hint}")
     saved_m = saved_shape(manifest).get("num_memory_tokens")
-    if isinstance(saved_m, int) and config.model.num_memory_tokens > saved_m and manifest.get("path") and d_model:
-        per_slot = per_slot_tensors(Path(manifest["path"]) / "model.safetensors", saved_m, d_model)
+    width = d_model or saved_shape(manifest).get("d_model")  # pre-flight has no model: the artifact's own
+    if isinstance(saved_m, int) and config.model.num_memory_tokens > saved_m and manifest.get("path") and width:
+        per_slot = per_slot_tensors(Path(manifest["path"]) / "model.safetensors", saved_m, int(width))
         if per_slot:
             raise UsageError(f"model.pretrained={spec!r}: made for num_memory_tokens={saved_m}, this run has "
                              f"num_memory_tokens={config.model.num_memory_tokens}, and its {per_slot[0]!r} holds "
