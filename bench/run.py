@@ -374,6 +374,13 @@ NOTES = [
     "128 hold 89% and 78% (64: 56% and 44%); where 64 tokens lack the answer, the m = 96 reader reaches 33.9 "
     "(15.1 at m = 64). The price is (b)'s speed: an extractive writer trades one for the other, token for "
     "token.",
+    "- (a) 2026-12-07, fifth session, a probe (not a row of the table): dense MiniLM text RAG whose reader "
+    "reads each passage cut to its first 96 LLM tokens (`control.max_passage_tokens=96`, a trained reader as "
+    "the dense row's, the rest of (a)'s protocol; 43 min at 1 thread beside CI, 4.1 GB) scores 47.0 [42.7, 51.5] and 40.5 "
+    "[31.7, 49.5]: **the same as pqa's 96 sentence tokens** (pqa +1.0 [-3.6, +5.6], p = 0.67; -0.0, p = 1.0), "
+    "and -8.1 against the whole passage (p = 0.0001). So at m = 96 pqa's `sentences` soft tokens are worth "
+    "what 96 tokens of the passage as text are, no more: the salience selection gains nothing over the "
+    "passage's beginning here, and the bar for a learned writer is this truncation at the same m.",
     "- (b) 2026-12-07, fifth session, at the quality reached (m = 96) with m = 128, 64 and 32 in the same "
     "rounds (1 thread, nothing beside it): pqa answers 2.0x as many questions per second as BM25 text RAG at "
     "batch 16 (G = 8) at m = 96, 1.2x at m = 128, 2.5x at m = 64 and 5.0x at m = 32; the first token at batch 1 "
