@@ -30,17 +30,22 @@ def bootstrap_interval(values: Sequence[float], *, confidence: float = CONFIDENC
     x = np.asarray(values, dtype=np.float64)
     if x.size == 0:
         raise ValueError("no values to bootstrap")
-    means = _resampled_means(x, resamples, seed)
+    [means] = _resampled_means(x, resamples=resamples, seed=seed)
     tail = (1 - confidence) / 2
     return float(x.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
-def _resampled_means(x: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+def _resampled_means(*columns: np.ndarray, resamples: int, seed: int) -> List[np.ndarray]:
+    """Bootstrap means of each of ``columns`` (per-question values of equal length), ``[resamples]`` per
+    column; the columns are resampled on the same questions (paired)."""
     rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
+    n = columns[0].size
+    means = [np.empty(resamples) for _ in columns]
     for start in range(0, resamples, 1000):  # bounded memory for large n
         size = min(1000, resamples - start)
-        means[start:start + size] = x[rng.integers(0, x.size, size=(size, x.size))].mean(axis=1)
+        picks = rng.integers(0, n, size=(size, n))
+        for column, out in zip(columns, means):
+            out[start:start + size] = column[picks].mean(axis=1)
     return means
 
 
@@ -78,7 +83,7 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], *, metric: str = "
     if x.shape != y.shape or x.ndim != 1 or x.size == 0:
         raise ValueError(f"paired comparison needs two equal-length, non-empty lists; got {x.shape} and {y.shape}")
     d = x - y
-    means = _resampled_means(d, resamples, seed)
+    [means] = _resampled_means(d, resamples=resamples, seed=seed)
     tail = (1 - confidence) / 2
     observed = abs(d.mean())
     rng = np.random.default_rng(seed + 1)
@@ -101,13 +106,9 @@ def ratio_interval(a: Sequence[float], b: Sequence[float], *, resamples: int = R
         raise ValueError(f"a ratio interval needs two equal-length, non-empty lists; got {x.shape} and {y.shape}")
     if y.mean() == 0:
         return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    ratios = np.empty(resamples)
-    for start in range(0, resamples, 1000):  # bounded memory for large n
-        size = min(1000, resamples - start)
-        picks = rng.integers(0, x.size, size=(size, x.size))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratios[start:start + size] = x[picks].mean(axis=1) / y[picks].mean(axis=1)
+    numerators, denominators = _resampled_means(x, y, resamples=resamples, seed=seed)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = numerators / denominators
     tail = (1 - confidence) / 2
     ratios = ratios[np.isfinite(ratios)]
     return float(x.mean() / y.mean()), float(np.quantile(ratios, tail)), float(np.quantile(ratios, 1 - tail))

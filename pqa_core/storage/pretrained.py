@@ -262,8 +262,9 @@ def check_fits_run(config, manifest: Dict[str, Any], llm_identity: dict, d_model
         elif key == "num_memory_tokens" and isinstance(saved, int):
             hint = " (model.pretrained_slots=any lets m grow for an artifact with nothing per soft token)"
         raise UsageError(f"model.pretrained={spec!r}: made for {key}={saved!r}, this run has {key}={current!r}{hint}")
-    saved_m = saved_shape(manifest).get("num_memory_tokens")
-    width = d_model or saved_shape(manifest).get("d_model")  # pre-flight has no model: the artifact's own
+    made = saved_shape(manifest)
+    saved_m = made.get("num_memory_tokens")
+    width = d_model or made.get("d_model")  # pre-flight has no model: the artifact's own
     if isinstance(saved_m, int) and config.model.num_memory_tokens > saved_m and manifest.get("path") and width:
         per_slot = per_slot_tensors(Path(manifest["path"]) / "model.safetensors", saved_m, int(width))
         if per_slot:
